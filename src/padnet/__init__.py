@@ -1,0 +1,28 @@
+"""padnet: partially dynamic networks (PAD-Net) for PyTorch.
+
+Convert a model (:func:`dynamize_`), partition its modes (:func:`partition_`),
+count its deployable size (:func:`count_parameters`), ship it small
+(:func:`compact_`, :func:`save`, :func:`load`).
+"""
+
+__version__ = "0.1.0"
+
+from .analysis.counting import ParameterCount, count_parameters, layer_counts  # noqa: E402
+from .analysis.flops import count_flops  # noqa: E402
+from .config import PadConfig  # noqa: E402
+from .convert import dynamize_  # noqa: E402
+from .export.compact import compact_  # noqa: E402
+from .serialization import CheckpointError, load, save  # noqa: E402
+
+__all__ = [
+    "PadConfig",
+    "dynamize_",
+    "count_parameters",
+    "layer_counts",
+    "ParameterCount",
+    "count_flops",
+    "compact_",
+    "save",
+    "load",
+    "CheckpointError",
+]

@@ -1,0 +1,19 @@
+"""PAD layers: dynamic convolution and mixture-of-experts with mode masks."""
+
+from .dynamic_conv import CompactDynamicConv2d, DynamicConv2d
+from .moe import CompactMoEFeedForward, MoEFeedForward, collect_aux_loss
+from .modes import ModeGroup, PackedModeGroup, ScaleFactors, is_compact_layer, is_pad_layer, pad_layers
+
+__all__ = [
+    "DynamicConv2d",
+    "CompactDynamicConv2d",
+    "MoEFeedForward",
+    "CompactMoEFeedForward",
+    "collect_aux_loss",
+    "ModeGroup",
+    "PackedModeGroup",
+    "ScaleFactors",
+    "is_pad_layer",
+    "is_compact_layer",
+    "pad_layers",
+]

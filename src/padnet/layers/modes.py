@@ -1,0 +1,256 @@
+"""Mode masks and scale factors shared by every PAD layer.
+
+A PAD layer owns one or more *mode groups*. A mode group is a triple
+
+    dynamic  [K, *shape]   K dynamic factors (kernels or experts)
+    static   [*shape]      one static copy
+    mask     [*shape]      float buffer, 1 = dynamic entry, 0 = static entry
+
+combined (DESIGN.md section 1) as
+
+    W_hat = lambda_d * M * sum_k pi_k W_k + lambda_s * (1 - M) * W_s
+
+with lambda_d = 2 * sigmoid(phi), lambda_s = 2 - lambda_d and one scalar phi per
+layer. Partitioning, counting, compaction and saving reach layers only through
+this module: ``mode_groups()``, ``scales()`` and ``set_mode_mask()``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import Tensor, nn
+
+SCALE_MODES = ("learned", "none")
+
+
+@dataclass(frozen=True)
+class ModeGroup:
+    """One maskable tensor family of a PAD layer.
+
+    Attributes:
+        name: group name, e.g. ``"weight"``, ``"bias"``, ``"in"``, ``"out"``.
+        dynamic: ``[K, *shape]`` dynamic factors.
+        static: ``[*shape]`` static copy.
+        mask: ``[*shape]`` float buffer, 1 = dynamic, 0 = static.
+        channel_dim: axis of ``shape`` that indexes output channels (structured
+            granularity groups entries along it), or ``None`` for vectors.
+        kernel_dims: number of leading axes of ``shape`` that identify one
+            "kernel" (output x input pair); trailing axes are its spatial taps.
+    """
+
+    name: str
+    dynamic: Tensor
+    static: Tensor
+    mask: Tensor
+    channel_dim: int | None = 0
+    kernel_dims: int = 2
+
+    @property
+    def num_factors(self) -> int:
+        return self.dynamic.shape[0]
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.static.shape
+
+
+class ScaleFactors(nn.Module):
+    """Scale factors (lambda_s, lambda_d) with lambda_d = 2 sigmoid(phi).
+
+    ``mode="learned"`` learns one scalar phi initialised to 0 (both scales 1);
+    ``mode="none"`` fixes both at 1 and holds no parameter.
+    """
+
+    def __init__(self, mode: str = "learned", device=None, dtype=None) -> None:
+        super().__init__()
+        if mode not in SCALE_MODES:
+            raise ValueError(f"unknown scale mode {mode!r}; expected one of {SCALE_MODES}")
+        self.mode = mode
+        if mode == "learned":
+            self.phi = nn.Parameter(torch.zeros((), device=device, dtype=dtype))
+        else:
+            self.register_parameter("phi", None)
+            self.register_buffer("_one", torch.ones((), device=device, dtype=dtype), persistent=False)
+
+    def forward(self) -> tuple[Tensor, Tensor]:
+        """Return ``(lambda_s, lambda_d)`` as 0-d tensors."""
+        if self.phi is None:
+            return self._one, self._one
+        lambda_d = 2.0 * torch.sigmoid(self.phi)
+        return 2.0 - lambda_d, lambda_d
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode!r}"
+
+
+def validate_mask(mask: Tensor, shape: torch.Size, what: str) -> Tensor:
+    """Check a user-supplied mask: right shape, values in {0, 1}."""
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"{what}: mask must be a tensor, got {type(mask).__name__}")
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"{what}: mask has shape {tuple(mask.shape)}, expected {tuple(shape)}")
+    m = mask.detach()
+    if m.dtype == torch.bool:
+        return m
+    if not torch.all((m == 0) | (m == 1)):
+        raise ValueError(f"{what}: mask values must be 0 or 1")
+    return m
+
+
+def combine_factors(
+    dynamic: Tensor, static: Tensor, mask: Tensor, lambda_s: Tensor, lambda_d: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Fold mask and scales into the factors.
+
+    Returns ``(dyn, sta)`` with ``dyn = lambda_d * M * W_k`` (``[K, *shape]``)
+    and ``sta = lambda_s * (1 - M) * W_s`` (``[*shape]``), so that
+    ``W_hat = sum_k pi_k dyn_k + sta``. Dead entries get exactly zero gradient.
+    """
+    dyn = dynamic * (lambda_d * mask)
+    sta = static * (lambda_s * (1.0 - mask))
+    return dyn, sta
+
+
+class PadLayerMixin:
+    """Mode-group protocol shared by DynamicConv2d and MoEFeedForward.
+
+    Subclasses define ``_mode_group_specs``: a tuple of
+    ``(group, dynamic_attr, static_attr, mask_attr, channel_dim, kernel_dims)``
+    and own a ``scale`` (:class:`ScaleFactors`) submodule.
+    """
+
+    _mode_group_specs: tuple[tuple[str, str, str, str, int | None, int], ...] = ()
+    scale: ScaleFactors
+
+    def mode_groups(self) -> list[ModeGroup]:
+        groups = []
+        for name, dyn, sta, mask, channel_dim, kernel_dims in self._mode_group_specs:
+            d = getattr(self, dyn)
+            if d is None:
+                continue
+            groups.append(ModeGroup(name, d, getattr(self, sta), getattr(self, mask), channel_dim, kernel_dims))
+        return groups
+
+    def scales(self) -> tuple[Tensor, Tensor]:
+        """``(lambda_s, lambda_d)`` as 0-d tensors."""
+        return self.scale()
+
+    @property
+    def num_factors(self) -> int:
+        return self.mode_groups()[0].num_factors
+
+    def set_mode_mask(self, group: str, mask: Tensor) -> None:
+        """Replace one group's mask in place (values 0/1, the group's shape)."""
+        for g in self.mode_groups():
+            if g.name == group:
+                m = validate_mask(mask, g.shape, f"{type(self).__name__}.{group}")
+                with torch.no_grad():
+                    g.mask.copy_(m.to(g.mask.dtype))
+                return
+        names = [g.name for g in self.mode_groups()]
+        raise KeyError(f"{type(self).__name__} has no mode group {group!r}; groups: {names}")
+
+    def set_all_modes(self, dynamic: bool) -> None:
+        """Make every entry dynamic (``True``) or static (``False``)."""
+        with torch.no_grad():
+            for g in self.mode_groups():
+                g.mask.fill_(1.0 if dynamic else 0.0)
+
+    def dynamic_ratio(self) -> float:
+        """Fraction of maskable entries that are dynamic (kappa)."""
+        total = sum(g.mask.numel() for g in self.mode_groups())
+        live = sum(float(g.mask.sum()) for g in self.mode_groups())
+        return live / max(total, 1)
+
+
+def is_pad_layer(module: nn.Module) -> bool:
+    return isinstance(module, PadLayerMixin)
+
+
+def pad_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Yield ``(qualified_name, layer)`` for every PAD layer in ``model``."""
+    for name, module in model.named_modules():
+        if is_pad_layer(module):
+            yield name, module
+
+
+def register_mask(module: nn.Module, name: str, shape, device=None, dtype=None) -> None:
+    """Register an all-dynamic (ones) float mask buffer."""
+    module.register_buffer(name, torch.ones(shape, device=device, dtype=dtype or torch.float32))
+
+
+class PackedModeGroup(nn.Module):
+    """Deploy form of a mode group: only live entries, scales folded in.
+
+    Stores ``static_values`` ``[n_static]`` (= lambda_s * W_s where M = 0) and
+    ``dynamic_values`` ``[K, n_dynamic]`` (= lambda_d * W_k where M = 1) plus a
+    bool ``mask`` buffer of the group's shape. Dead entries are not stored.
+    """
+
+    def __init__(self, mask: Tensor, num_factors: int, device=None, dtype=None) -> None:
+        super().__init__()
+        mask = mask.detach().to(device=device).bool()
+        self.register_buffer("mask", mask)
+        self.group_name: str | None = None  # the PAD layer's mode group this packs
+        n_dyn = int(mask.sum())
+        self.static_values = nn.Parameter(torch.zeros(mask.numel() - n_dyn, device=mask.device, dtype=dtype))
+        self.dynamic_values = nn.Parameter(torch.zeros(num_factors, n_dyn, device=mask.device, dtype=dtype))
+
+    @classmethod
+    def from_group(cls, group: ModeGroup, lambda_s: Tensor, lambda_d: Tensor) -> "PackedModeGroup":
+        mask = group.mask.detach() > 0.5
+        packed = cls(mask, group.num_factors, device=group.static.device, dtype=group.static.dtype)
+        packed.group_name = group.name
+        with torch.no_grad():
+            packed.static_values.copy_((lambda_s * group.static)[~mask])
+            packed.dynamic_values.copy_((lambda_d * group.dynamic)[:, mask])
+        return packed
+
+    @property
+    def num_factors(self) -> int:
+        return self.dynamic_values.shape[0]
+
+    @property
+    def all_static(self) -> bool:
+        return self.dynamic_values.shape[1] == 0
+
+    @property
+    def all_dynamic(self) -> bool:
+        return self.static_values.numel() == 0
+
+    def materialize(self) -> tuple[Tensor, Tensor]:
+        """Return ``(dyn [K, *shape], sta [*shape])`` with zeros at dead entries."""
+        shape = self.mask.shape
+        k = self.num_factors
+        if self.all_dynamic:
+            return self.dynamic_values.reshape(k, *shape), self.dynamic_values.new_zeros(shape)
+        if self.all_static:
+            return self.static_values.new_zeros(k, *shape), self.static_values.reshape(shape)
+        sta = self.static_values.new_zeros(shape).masked_scatter(~self.mask, self.static_values)
+        flat_mask = self.mask.reshape(-1)
+        dyn = self.dynamic_values.new_zeros(k, flat_mask.numel())
+        dyn = _scatter_columns(dyn, flat_mask, self.dynamic_values)
+        return dyn.reshape(k, *shape), sta
+
+    def extra_repr(self) -> str:
+        return f"shape={tuple(self.mask.shape)}, K={self.num_factors}, dynamic={self.dynamic_values.shape[1]}"
+
+
+def _scatter_columns(dst: Tensor, column_mask: Tensor, values: Tensor) -> Tensor:
+    """Out-of-place ``dst[:, column_mask] = values`` that keeps autograd to ``values``."""
+    index = column_mask.nonzero().squeeze(1).expand(dst.shape[0], -1)
+    return dst.scatter(1, index, values)
+
+
+class CompactLayerMixin:
+    """Marker + protocol for deploy forms: ``packed_groups()`` lists PackedModeGroups."""
+
+    def packed_groups(self) -> list[PackedModeGroup]:
+        return [m for m in self.children() if isinstance(m, PackedModeGroup)]  # type: ignore[attr-defined]
+
+
+def is_compact_layer(module: nn.Module) -> bool:
+    return isinstance(module, CompactLayerMixin)

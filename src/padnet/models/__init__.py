@@ -1,0 +1,22 @@
+"""Model zoo: torchvision-compatible ResNets and MobileNetV2, plus a name registry."""
+
+from .mobilenetv2 import InvertedResidual, MobileNetV2, mobilenet_v2
+from .registry import MODEL_REGISTRY, create_model, list_models, register_model
+from .resnet import BasicBlock, Bottleneck, ResNet, resnet10, resnet18, resnet34, resnet50
+
+__all__ = [
+    "MODEL_REGISTRY",
+    "create_model",
+    "list_models",
+    "register_model",
+    "resnet10",
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "mobilenet_v2",
+    "ResNet",
+    "BasicBlock",
+    "Bottleneck",
+    "MobileNetV2",
+    "InvertedResidual",
+]

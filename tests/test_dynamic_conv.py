@@ -1,0 +1,206 @@
+"""DynamicConv2d against a plain per-sample reference computation."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from padnet.layers import CompactDynamicConv2d, DynamicConv2d
+
+
+def reference(layer: DynamicConv2d, x: torch.Tensor) -> torch.Tensor:
+    """Per-sample loop, formula written out from the raw parameters (DESIGN.md 1)."""
+    logits = layer.attention.fc2(F.relu(layer.attention.fc1(x.mean(dim=(2, 3)))))
+    z = logits / layer.temperature
+    pi = torch.softmax(z, -1) if layer.routing == "softmax" else torch.sigmoid(z)
+    if layer.scale.phi is None:
+        lam_d = lam_s = torch.tensor(1.0, dtype=x.dtype)
+    else:
+        lam_d = 2 * torch.sigmoid(layer.scale.phi)
+        lam_s = 2 - lam_d
+    M = layer.mode_mask
+    outs = []
+    for b in range(x.shape[0]):
+        mixed = sum(pi[b, k] * layer.weight_dynamic[k] for k in range(layer.num_kernels))
+        w = lam_d * M * mixed + lam_s * (1 - M) * layer.weight_static
+        bias = None
+        if layer.bias_dynamic is not None:
+            mb = layer.bias_mode_mask
+            bmix = sum(pi[b, k] * layer.bias_dynamic[k] for k in range(layer.num_kernels))
+            bias = lam_d * mb * bmix + lam_s * (1 - mb) * layer.bias_static
+        outs.append(F.conv2d(x[b : b + 1], w, bias, layer.stride, layer.padding, layer.dilation, layer.groups))
+    return torch.cat(outs)
+
+
+def make_layer(groups=1, bias=False, mask="random", phi=0.4, routing="softmax", scale="learned", **kw):
+    torch.manual_seed(0)
+    cin, cout = (8, 8) if groups == 8 else (8, 12)
+    layer = DynamicConv2d(cin, cout, 3, padding=1, groups=groups, bias=bias, routing=routing, scale=scale, **kw)
+    layer = layer.double()
+    with torch.no_grad():
+        for g in layer.mode_groups():
+            if mask == "random":
+                g.mask.copy_((torch.rand_like(g.mask) < 0.4).double())
+            else:
+                g.mask.fill_(1.0 if mask == "ones" else 0.0)
+        if layer.scale.phi is not None:
+            layer.scale.phi.fill_(phi)
+    return layer
+
+
+CASES = [
+    dict(groups=1, bias=False),
+    dict(groups=2, bias=True),
+    dict(groups=8, bias=True),  # depthwise
+    dict(groups=1, bias=True, routing="sigmoid"),
+    dict(groups=1, bias=False, scale="none"),
+    dict(groups=1, bias=False, stride=2, dilation=2),
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("backend", ["weight", "output"])
+@pytest.mark.parametrize("batch", [1, 5])
+def test_matches_per_sample_reference(case, backend, batch):
+    layer = make_layer(backend=backend, **case)
+    layer.temperature = 3.0
+    x = torch.randn(batch, 8, 9, 9, dtype=torch.double)
+    torch.testing.assert_close(layer(x), reference(layer, x), rtol=1e-10, atol=1e-10)
+
+
+def test_all_dynamic_mask_is_plain_dynamic_conv():
+    layer = make_layer(mask="ones", phi=0.0)
+    x = torch.randn(3, 8, 6, 6, dtype=torch.double)
+    pi = layer.routing_weights(x)
+    expected = torch.cat([
+        F.conv2d(x[b : b + 1], torch.einsum("k,k...->...", pi[b], layer.weight_dynamic), padding=1) for b in range(3)
+    ])
+    torch.testing.assert_close(layer(x), expected)
+
+
+def test_all_static_mask_is_static_conv_with_lambda_s():
+    layer = make_layer(mask="zeros", phi=0.7, bias=True)
+    x = torch.randn(3, 8, 6, 6, dtype=torch.double)
+    lam_s = 2 - 2 * torch.sigmoid(torch.tensor(0.7, dtype=torch.double))
+    expected = F.conv2d(x, lam_s * layer.weight_static, lam_s * layer.bias_static, padding=1)
+    torch.testing.assert_close(layer(x), expected)
+
+
+def test_scales_start_at_one_and_sum_to_two():
+    layer = DynamicConv2d(4, 4, 3)
+    lam_s, lam_d = layer.scales()
+    assert lam_s.item() == 1.0 and lam_d.item() == 1.0
+    with torch.no_grad():
+        layer.scale.phi.fill_(1.3)
+    lam_s, lam_d = layer.scales()
+    assert torch.isclose(lam_s + lam_d, torch.tensor(2.0))
+
+
+def test_dead_entries_get_zero_gradient_and_live_ones_do():
+    layer = make_layer(bias=True)
+    # per-channel offsets so the pooled routing input is far from zero (ReLU units active)
+    x = torch.randn(4, 8, 7, 7, dtype=torch.double) + 3 * torch.randn(4, 8, 1, 1, dtype=torch.double)
+    layer(x).square().sum().backward()
+    M = layer.mode_mask.bool()
+    assert torch.all(layer.weight_dynamic.grad[:, ~M] == 0)
+    assert torch.all(layer.weight_static.grad[M] == 0)
+    assert torch.all(layer.weight_dynamic.grad[:, M] != 0)
+    assert torch.all(layer.weight_static.grad[~M] != 0)
+    mb = layer.bias_mode_mask.bool()
+    assert torch.all(layer.bias_dynamic.grad[:, ~mb] == 0) and torch.all(layer.bias_static.grad[mb] == 0)
+    assert layer.scale.phi.grad is not None and layer.scale.phi.grad != 0
+    for p in layer.attention.parameters():
+        assert p.grad is not None and torch.any(p.grad != 0)
+
+
+def test_routing_weights_shape_and_temperature():
+    layer = DynamicConv2d(6, 6, 1, num_kernels=5)
+    x = torch.randn(3, 6, 4, 4)
+    pi = layer.routing_weights(x)
+    assert pi.shape == (3, 5)
+    torch.testing.assert_close(pi.sum(-1), torch.ones(3))
+    layer.temperature = 1e4
+    torch.testing.assert_close(layer.routing_weights(x), torch.full((3, 5), 0.2), atol=1e-3, rtol=0)
+
+
+def test_channels_last_input():
+    layer = make_layer(bias=True).float()
+    x = torch.randn(4, 8, 9, 9)
+    y = layer(x)
+    y_cl = layer(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(y_cl, y, rtol=1e-5, atol=1e-5)
+    assert y_cl.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_low_precision_close_to_float64(dtype):
+    layer = make_layer(bias=True)
+    x = torch.randn(4, 8, 9, 9, dtype=torch.double)
+    ref = layer(x)
+    out = layer.to(dtype)(x.to(dtype))
+    assert out.dtype == dtype
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol * ref.abs().max().item())
+
+
+def test_from_conv_inherits_weights():
+    torch.manual_seed(1)
+    conv = torch.nn.Conv2d(4, 6, 3, padding=1, bias=True)
+    layer = DynamicConv2d.from_conv(conv, num_kernels=3, noise_std=0.0)
+    torch.testing.assert_close(layer.weight_static, conv.weight)
+    for k in range(3):
+        torch.testing.assert_close(layer.weight_dynamic[k], conv.weight)
+    x = torch.randn(2, 4, 5, 5)
+    torch.testing.assert_close(layer(x), conv(x), rtol=1e-5, atol=1e-6)  # pi sums to 1, all kernels equal
+    noisy = DynamicConv2d.from_conv(conv, num_kernels=3, noise_std=0.05)
+    assert not torch.equal(noisy.weight_dynamic[0], noisy.weight_dynamic[1])
+    torch.testing.assert_close(noisy.weight_static, conv.weight)
+
+
+def test_compact_matches_and_stores_only_live_entries():
+    layer = make_layer(bias=True).float()
+    x = torch.randn(4, 8, 9, 9)
+    compact = CompactDynamicConv2d(layer)
+    y, yc = layer(x), compact(x)
+    assert ((yc - y).norm() / y.norm()) <= 1e-5
+    M = layer.mode_mask
+    stored = compact.weight.static_values.numel() + compact.weight.dynamic_values.numel()
+    assert stored == int((1 - M).sum() + layer.num_kernels * M.sum())
+
+
+def test_state_dict_round_trip():
+    layer = make_layer(bias=True)
+    fresh = DynamicConv2d(8, 12, 3, padding=1, bias=True).double()
+    fresh.load_state_dict(layer.state_dict())
+    x = torch.randn(2, 8, 5, 5, dtype=torch.double)
+    torch.testing.assert_close(fresh(x), layer(x))
+    assert "mode_mask" in layer.state_dict() and "bias_mode_mask" in layer.state_dict()
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(num_kernels=0), "num_kernels"),
+        (dict(groups=3), "groups"),
+        (dict(routing="relu"), "routing"),
+        (dict(scale="half"), "scale"),
+        (dict(temperature=0.0), "temperature"),
+        (dict(backend="cuda-magic"), "backend"),
+    ],
+)
+def test_bad_construction(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        DynamicConv2d(8, 8, 3, **kwargs)
+
+
+def test_bad_input_shape_and_mask():
+    layer = DynamicConv2d(8, 8, 3)
+    with pytest.raises(ValueError, match="expects 8 input channels, got 5"):
+        layer(torch.randn(2, 5, 6, 6))
+    with pytest.raises(ValueError, match=r"\[B, C, H, W\]"):
+        layer(torch.randn(8, 6, 6))
+    with pytest.raises(ValueError, match="shape"):
+        layer.set_mode_mask("weight", torch.ones(3, 3))
+    with pytest.raises(ValueError, match="0 or 1"):
+        layer.set_mode_mask("weight", torch.full_like(layer.mode_mask, 0.5))
+    with pytest.raises(KeyError, match="no mode group"):
+        layer.set_mode_mask("bias", torch.ones(8))
