@@ -1,0 +1,175 @@
+"""``padnet partition``: mode partition (IMP) of a saved or zoo model.
+
+    padnet partition MODEL_PATH --ratio 0.3 --dry-run --output pad.safetensors
+    padnet partition --model resnet18 --small-input --width 0.5 --dry-run --report-json r.json
+
+``MODEL_PATH`` is a file written by :func:`padnet.save`; ``--model`` builds a zoo
+model and dynamizes it on the fly. Data criteria (``taylor`` ...) need batches:
+:func:`data_source` provides them (``--dry-run``: random images and labels);
+data-free criteria (``magnitude``, ``random``, ``set``) need none.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import PadConfig, check_ratio
+from ..convert import dynamize_
+from ..partition import GRANULARITIES, SCOPES, get_criterion, get_schedule, list_criteria, list_schedules, partition_
+from .common import add_model_args, zoo_model
+
+DEFAULT_RATIO = 0.3
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "partition",
+        help="partition the modes of a PAD model (Iterative Mode Partition and other criteria)",
+        description="Decide which entries of every PAD layer stay dynamic (PAD-Net IMP by default) and print "
+                    "the report. Give a file written by padnet.save, or --model to build and dynamize a zoo model.",
+    )
+    p.add_argument("model_path", nargs="?", metavar="MODEL_PATH", help="model file written by padnet.save")
+    add_model_args(p, default_model=None)
+    p.add_argument("--num-kernels", type=int, default=4, help="K when dynamizing a zoo --model")
+    p.add_argument("--ratio", type=float, default=None,
+                   help=f"dynamic ratio kappa in (0, 1] (default: the model's PadConfig, else {DEFAULT_RATIO})")
+    p.add_argument("--criterion", default="taylor", help=f"one of {', '.join(list_criteria())}")
+    p.add_argument("--iterations", type=int, default=5, help="IMP iterations T")
+    p.add_argument("--schedule", default="exponential", help=f"one of {', '.join(list_schedules())}")
+    p.add_argument("--scope", default="global", choices=SCOPES)
+    p.add_argument("--granularity", default="element", choices=GRANULARITIES)
+    p.add_argument("--seed", type=int, default=0, help="seed of random criteria, dry-run data and dynamize_")
+    data = p.add_argument_group("data (for data criteria such as taylor)")
+    data.add_argument("--dry-run", action="store_true", help="random images and labels instead of a dataset")
+    data.add_argument("--image-size", type=int, default=32, help="dry-run image size")
+    data.add_argument("--batches", type=int, default=2, help="batches per iteration")
+    data.add_argument("--batch-size", type=int, default=8, help="dry-run batch size")
+    p.add_argument("--output", default=None, help="save the partitioned model here (padnet.save)")
+    p.add_argument("--report-json", default=None, help="write the report as JSON here")
+    p.add_argument("--progress", action="store_true", help="one line per iteration on stderr")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.set_defaults(func=run)
+
+
+# --------------------------------------------------------------------------------------------
+# model and data sources
+# --------------------------------------------------------------------------------------------
+
+
+def load_model(args: argparse.Namespace) -> nn.Module:
+    """The model to partition: ``padnet.load(MODEL_PATH)`` or a dynamized zoo ``--model``."""
+    if args.model_path and args.model:
+        raise ValueError("give either MODEL_PATH or --model, not both")
+    if args.model_path:
+        from ..serialization import load
+
+        return load(args.model_path)
+    if not args.model:
+        raise ValueError("give a model: MODEL_PATH (a file written by padnet.save) or --model NAME (zoo)")
+    model = zoo_model(args)
+    ratio = DEFAULT_RATIO if args.ratio is None else args.ratio
+    dynamize_(model, PadConfig(num_kernels=args.num_kernels, dynamic_ratio=check_ratio(ratio), seed=args.seed))
+    return model
+
+
+def model_in_chans(model: nn.Module, default: int) -> int:
+    spec = getattr(model, "padnet_model_spec", None) or {}
+    return int(spec.get("kwargs", {}).get("in_chans", default))
+
+
+def random_batches(model: nn.Module, in_chans: int, image_size: int, num_batches: int, batch_size: int,
+                   seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``num_batches`` random ``(images, labels)`` pairs; labels cover the model's output classes."""
+    if image_size < 1 or num_batches < 1 or batch_size < 1:
+        raise ValueError(f"--image-size, --batches and --batch-size must be >= 1, got "
+                         f"{image_size}, {num_batches}, {batch_size}")
+    g = torch.Generator().manual_seed(seed)
+    param = next(model.parameters())
+    images = [torch.randn(batch_size, in_chans, image_size, image_size, generator=g) for _ in range(num_batches)]
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        num_classes = model(images[0][:1].to(param)).shape[-1]
+    model.train(was_training)
+    return [(x.to(param), torch.randint(0, num_classes, (batch_size,), generator=g)) for x in images]
+
+
+def data_source(args: argparse.Namespace, model: nn.Module) -> tuple[Iterable | None, Callable | None]:
+    """``(batches, loss_fn)`` for the partition; ``(None, None)`` for data-free criteria.
+
+    The one place that decides where data comes from, so a dataset / recipe
+    source can be swapped in (``--dry-run``: random images and labels).
+    """
+    if not get_criterion(args.criterion).needs_data:
+        return None, None
+    recipe = getattr(args, "recipe", None)
+    if recipe is not None:
+        raise ValueError("--recipe data is not available for partition yet; use --dry-run")
+    if not args.dry_run:
+        raise ValueError(
+            f"criterion {args.criterion!r} needs data: pass --dry-run (random images) or use a data-free "
+            f"criterion (magnitude, random, set)"
+        )
+    in_chans = model_in_chans(model, args.in_chans)
+    batches = random_batches(model, in_chans, args.image_size, args.batches, args.batch_size, args.seed)
+    return batches, F.cross_entropy
+
+
+def _resolve_ratio(args: argparse.Namespace, model: nn.Module) -> float:
+    if args.ratio is not None:
+        return check_ratio(args.ratio, "--ratio")
+    cfg = getattr(model, "padnet_config", None)
+    return check_ratio(cfg.dynamic_ratio if cfg is not None else DEFAULT_RATIO, "ratio")
+
+
+# --------------------------------------------------------------------------------------------
+# the verb
+# --------------------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> int:
+    # validate cheap things before building the model
+    get_criterion(args.criterion)
+    get_schedule(args.schedule)
+    if args.ratio is not None:
+        check_ratio(args.ratio, "--ratio")
+    if args.iterations < 1:
+        raise ValueError(f"--iterations must be >= 1, got {args.iterations}")
+    model = load_model(args)
+    ratio = _resolve_ratio(args, model)
+    batches, loss_fn = data_source(args, model)
+    report = partition_(
+        model, batches, loss_fn, ratio=ratio, criterion=args.criterion, iterations=args.iterations,
+        schedule=args.schedule, scope=args.scope, granularity=args.granularity, seed=args.seed,
+        progress=args.progress,
+    )
+    source = args.model_path or f"{args.model} (dynamized, K={args.num_kernels})"
+    print(f"{source}: {'dry run, random data' if batches is not None else 'data-free criterion'}")
+    print(report)
+    if args.report_json:
+        report.to_json(args.report_json)
+        print(f"report written to {args.report_json}")
+    if args.output:
+        from ..serialization import save
+
+        cfg = getattr(model, "padnet_config", None)
+        if isinstance(cfg, PadConfig):
+            model.padnet_config = dataclasses.replace(cfg, dynamic_ratio=ratio)
+        save(model, args.output, extra={"partition": _summary(report.to_dict())})
+        print(f"partitioned model saved to {args.output}")
+    sys.stdout.flush()
+    return 0
+
+
+def _summary(report: dict[str, Any]) -> dict[str, Any]:
+    """Report without per-layer rows, small enough for the file header."""
+    keep = ("criterion", "schedule", "scope", "granularity", "iterations", "target_ratio", "ratio",
+            "entries", "dynamic_entries", "num_batches", "size_before", "size_after")
+    return {k: report[k] for k in keep}
