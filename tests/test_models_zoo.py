@@ -180,8 +180,9 @@ def test_create_model_records_spec():
 
 
 def test_registry_listing_and_unknown_name():
-    assert list_models() == sorted(ALL_NAMES)
-    assert set(MODEL_REGISTRY) == set(ALL_NAMES)
+    # the vision zoo is registered (text models register themselves too)
+    assert list_models() == sorted(MODEL_REGISTRY)
+    assert set(ALL_NAMES) <= set(MODEL_REGISTRY)
     with pytest.raises(ValueError, match="unknown model 'resnet99'") as info:
         create_model("resnet99")
     for name in ALL_NAMES:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
-from .conv_functional import BACKENDS, dynamic_conv2d
+from .conv_functional import BACKENDS, channel_split_conv2d, dynamic_conv2d, is_exporting, mix_bias
 from .modes import CompactLayerMixin, PackedModeGroup, PadLayerMixin, ScaleFactors, combine_factors, register_mask
 
 ROUTINGS = ("softmax", "sigmoid")
@@ -234,7 +234,187 @@ class DynamicConv2d(_ConvGeometry, PadLayerMixin, nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         pi = self.routing_weights(x)
-        return self._conv(x, pi, *self.combined_factors())
+        if self.backend != "auto" or is_exporting() or self._masks_require_grad():
+            # An explicit backend is honoured literally (FLOP counting relies on "weight"); a mask that
+            # requires grad (mode partition scoring dL/dM) must stay in the graph via combine_factors.
+            return self._conv(x, pi, *self.combined_factors())
+        structure = self.mask_structure()
+        if not _inference_cache_ok(self):
+            self.__dict__.pop("_inference_cache", None)  # training: free what inference cached
+        if structure.kind == "element":
+            if _inference_cache_ok(self):
+                factors = _cached(self, "combined", self._factor_tensors(),
+                                  lambda: _fold_static_into_dynamic(*self.combined_factors(), self.routing))
+            else:
+                factors = self.combined_factors()
+            return self._conv(x, pi, *factors)
+        return self._structured_forward(x, pi, structure)
+
+    def _factor_tensors(self) -> tuple[Tensor, ...]:
+        """Every tensor the combined factors depend on (cache key material)."""
+        tensors = [self.weight_dynamic, self.weight_static, self.mode_mask]
+        if self.scale.phi is not None:
+            tensors.append(self.scale.phi)
+        if self.bias_dynamic is not None:
+            tensors += [self.bias_dynamic, self.bias_static, self.bias_mode_mask]
+        return tuple(tensors)
+
+    def _masks_require_grad(self) -> bool:
+        return self.mode_mask.requires_grad or (self.bias_mode_mask is not None and self.bias_mode_mask.requires_grad)
+
+    def mask_structure(self) -> "MaskStructure":
+        """How the weight mask is structured (cached until the mask changes); see :class:`MaskStructure`."""
+        mask = self.mode_mask
+        key = (mask._version, mask.data_ptr(), str(mask.device), self.groups)
+        cached = self.__dict__.get("_mask_structure_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, MaskStructure.from_mask(mask, self.groups, self.in_channels))
+            self.__dict__["_mask_structure_cache"] = cached
+        return cached[1]
+
+    def _structured_forward(self, x: Tensor, pi: Tensor, st: "MaskStructure") -> Tensor:
+        """Fast paths for all-dynamic, all-static and channel-structured masks.
+
+        Same function (and the same gradients, dead entries included: they get
+        exact zeros) as the general path, without materialising the masked factors.
+        """
+        lambda_s, lambda_d = self.scales()
+        bias_dyn = bias_sta = None
+        if self.bias_dynamic is not None:
+            bias_dyn, bias_sta = combine_factors(
+                self.bias_dynamic, self.bias_static, self.bias_mode_mask, lambda_s, lambda_d
+            )
+        bias = mix_bias(pi, bias_dyn, bias_sta)
+        dead: list[Tensor] = []
+        if st.kind == "ones":
+            y = dynamic_conv2d(x, pi * lambda_d.to(pi.dtype), self.weight_dynamic, None, None, None, self.stride,
+                               self.padding, self.dilation, self.groups, "auto")
+            dead.append(self.weight_static)
+            if bias is not None:
+                y = y + bias[:, :, None, None]
+        elif st.kind == "zeros":
+            y = F.conv2d(x, self.weight_static * lambda_s, None, self.stride, self.padding, self.dilation, self.groups)
+            dead += [self.weight_dynamic, pi]
+            if bias is not None:
+                y = y + bias[:, :, None, None]
+        else:  # channel-structured: static conv on static channels + dynamic conv on the others
+            def rows():
+                return (self.weight_dynamic.index_select(1, st.dynamic_index) * lambda_d,
+                        self.weight_static.index_select(0, st.static_index) * lambda_s)
+
+            if _inference_cache_ok(self):
+                dyn_rows, sta_rows = _cached(self, "rows", self._factor_tensors(), rows)
+            else:
+                dyn_rows, sta_rows = rows()
+            y = channel_split_conv2d(
+                x, pi, dyn_rows, sta_rows, st.order, bias, self.stride, self.padding, self.dilation, self.groups,
+                "auto", st.static_index, st.dynamic_index,
+            )
+        if torch.is_grad_enabled():
+            y = _attach_zero_grads(y, dead)
+        return y
+
+
+def _fold_static_into_dynamic(dyn, sta, bias_dyn=None, bias_sta=None, routing="softmax"):
+    """Softmax routing weights sum to one, so ``sum_k pi_k (W_k + W_s) = sum_k pi_k W_k + W_s``.
+
+    Folding the static part into every dynamic factor (inference only) turns a
+    PAD layer into a plain K-kernel dynamic conv: the output-space backend then
+    runs K convs instead of K + 1, and weight space skips the static add.
+    """
+    if routing != "softmax" or sta is None or dyn is None:
+        return dyn, sta, bias_dyn, bias_sta
+    return dyn + sta, None, bias_dyn, bias_sta
+
+
+def _inference_cache_ok(module: nn.Module) -> bool:
+    """Derived weights may be cached: no autograd, not tracing for export, caching not switched off."""
+    return getattr(module, "cache_weights", True) and not torch.is_grad_enabled() and not is_exporting()
+
+
+def _cached(module: nn.Module, name: str, tensors: tuple[Tensor, ...], compute):
+    """``compute()`` cached on ``module`` under ``name`` until any of ``tensors`` changes.
+
+    The key holds each tensor's version counter (bumped by every in-place
+    update: optimizer steps, ``load_state_dict``, ``set_mode_mask``), storage
+    pointer, dtype and device. The cache is a plain attribute: never saved.
+    """
+    key = tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in tensors)
+    store = module.__dict__.setdefault("_inference_cache", {})
+    hit = store.get(name)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    store.clear()  # one derived form at a time: the mask kind may have changed
+    value = compute()
+    store[name] = (key, value)
+    return value
+
+
+class MaskStructure:
+    """Structure of a conv weight mask ``[O, C/groups, kh, kw]`` (1 = dynamic).
+
+    ``kind``: ``"ones"`` (fully dynamic), ``"zeros"`` (fully static),
+    ``"channel"`` (every output channel entirely dynamic or entirely static;
+    only for ``groups == 1`` or depthwise) or ``"element"`` (anything else).
+    For ``"channel"``: ``static_index`` / ``dynamic_index`` (long) list the
+    static / dynamic output channels and ``order`` maps output channel ``o``
+    to its column in ``cat([static_out, dynamic_out])``.
+    """
+
+    def __init__(self, kind: str, static_index: Tensor | None = None, dynamic_index: Tensor | None = None,
+                 order: Tensor | None = None) -> None:
+        self.kind = kind
+        self.static_index = static_index
+        self.dynamic_index = dynamic_index
+        self.order = order
+
+    @classmethod
+    def from_mask(cls, mask: Tensor, groups: int = 1, in_channels: int | None = None) -> "MaskStructure":
+        m = (mask.detach() > 0.5).flatten(1)
+        row_dyn = m.all(dim=1)
+        row_sta = ~m.any(dim=1)
+        if bool(row_dyn.all()):
+            return cls("ones")
+        if bool(row_sta.all()):
+            return cls("zeros")
+        out_channels = m.shape[0]
+        depthwise = groups > 1 and groups == out_channels and in_channels == out_channels
+        if not bool((row_dyn | row_sta).all()) or not (groups == 1 or depthwise):
+            return cls("element")
+        static_index = row_sta.nonzero().squeeze(1)
+        dynamic_index = row_dyn.nonzero().squeeze(1)
+        order = torch.empty(out_channels, dtype=torch.long, device=mask.device)
+        order[static_index] = torch.arange(static_index.numel(), device=mask.device)
+        order[dynamic_index] = torch.arange(dynamic_index.numel(), device=mask.device) + static_index.numel()
+        return cls("channel", static_index, dynamic_index, order)
+
+    def __repr__(self) -> str:
+        if self.kind != "channel":
+            return f"MaskStructure({self.kind!r})"
+        return f"MaskStructure('channel', static={self.static_index.numel()}, dynamic={self.dynamic_index.numel()})"
+
+
+class _ZeroGradLink(torch.autograd.Function):
+    """Identity on ``y`` that hands exact zero gradients to ``tensors``.
+
+    The fast paths skip multiplying dead factors by a zero mask; this keeps
+    their ``.grad`` a zero tensor (not ``None``), exactly like the general path,
+    so optimizers (weight decay, momentum) treat them identically.
+    """
+
+    @staticmethod
+    def forward(ctx, y, *tensors):
+        ctx.specs = [(t.shape, t.dtype, t.device) for t in tensors]
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, gy):
+        return (gy, *[torch.zeros(s, dtype=d, device=dev) for s, d, dev in ctx.specs])
+
+
+def _attach_zero_grads(y: Tensor, tensors: list[Tensor]) -> Tensor:
+    live = [t for t in tensors if t.requires_grad]
+    return _ZeroGradLink.apply(y, *live) if live else y
 
 
 class CompactDynamicConv2d(_ConvGeometry, CompactLayerMixin, nn.Module):
@@ -243,6 +423,24 @@ class CompactDynamicConv2d(_ConvGeometry, CompactLayerMixin, nn.Module):
     Stores static entries once and dynamic entries K times
     (``weight``: :class:`PackedModeGroup`), the attention network, and the bias
     group if any. Same outputs as the source layer.
+
+    The forward path follows the mask (with ``backend="auto"``):
+
+    - all static: one plain ``F.conv2d`` on a zero-copy view of the packed
+      static values (no routing at all unless the bias has dynamic entries);
+    - all dynamic: the dynamic conv on a zero-copy view of the packed factors;
+    - channel-structured (whole output channels static or dynamic): the packed
+      static values *are* the static channels' conv weight and the packed
+      dynamic values the dynamic channels' kernels (zero-copy views), so a
+      plain conv runs on the static channels and a dynamic conv on the others;
+    - element masks: dense ``(dyn, sta)`` rebuilt from the packed values and
+      the fastest weight/output-space backend. Without autograd (inference)
+      the dense factors are cached until the packed values change
+      (``cache_weights=False`` disables; the cache is never saved).
+
+    ``bias_shift`` (``[O]`` or ``None``) is an extra static bias, set by
+    :meth:`fold_batchnorm_` when a folded BatchNorm's shift cannot go into the
+    static bias (sigmoid routing with a dynamic bias, or no bias group).
     """
 
     def __init__(self, layer: DynamicConv2d) -> None:
@@ -255,18 +453,196 @@ class CompactDynamicConv2d(_ConvGeometry, CompactLayerMixin, nn.Module):
         self.weight = PackedModeGroup.from_group(groups["weight"], lambda_s, lambda_d)
         self.bias = PackedModeGroup.from_group(groups["bias"], lambda_s, lambda_d) if "bias" in groups else None
         self.attention = copy.deepcopy(layer.attention)
-        self._static_only = self.weight.all_static and (self.bias is None or self.bias.all_static)
+        self.register_parameter("bias_shift", None)
+        self.cache_weights = True
+        self.mask_structure()  # analyse the mask now (host syncs happen here, not in the first forward)
 
+    # ---- structure and weights -------------------------------------------------------------
+    @property
+    def _static_only(self) -> bool:
+        return self.weight.all_static and (self.bias is None or self.bias.all_static)
+
+    def mask_structure(self) -> MaskStructure:
+        """:class:`MaskStructure` of the packed weight mask (cached until the mask changes)."""
+        mask = self.weight.mask
+        cached = self.__dict__.get("_mask_structure_cache")
+        if is_exporting() and cached is not None:
+            return cached[1]
+        key = (mask._version, mask.data_ptr(), str(mask.device), self.groups)
+        if cached is None or cached[0] != key:
+            cached = (key, MaskStructure.from_mask(mask, self.groups, self.in_channels))
+            self.__dict__["_mask_structure_cache"] = cached
+        return cached[1]
+
+    def _kernel_shape(self) -> tuple[int, ...]:
+        return tuple(self.weight.mask.shape)
+
+    def dense_factors(self) -> tuple[Tensor | None, Tensor | None]:
+        """``(dyn [K, *shape] | None, sta [*shape] | None)`` rebuilt from the packed values.
+
+        ``None`` stands for an all-zero part. Uses ``masked_scatter`` (static
+        shapes, no ``nonzero``), so it also traces for export.
+        """
+        return _packed_dense(self.weight)
+
+    def _cached_dense_factors(self) -> tuple[Tensor | None, Tensor | None]:
+        """Dense factors for the element plan: cached for inference, index scatter with autograd."""
+        packed = self.weight
+        if is_exporting():
+            return self.dense_factors()
+        grad = torch.is_grad_enabled() and (packed.static_values.requires_grad or packed.dynamic_values.requires_grad)
+        if not grad and self.cache_weights:
+            with torch.no_grad():
+                return _cached(self, "dense", (packed.static_values, packed.dynamic_values, packed.mask),
+                               lambda: _fold_static_into_dynamic(*self.dense_factors(), routing=self.routing)[:2])
+        self.__dict__.get("_inference_cache", {}).pop("dense", None)  # training: free the inference copy
+        if packed.all_static or packed.all_dynamic:
+            return self.dense_factors()
+        # autograd: index_copy (its backward is a parallel index_select; masked_scatter's is serial)
+        sta_index, dyn_index = _cached(self, "index", (packed.mask,), lambda: (
+            (~packed.mask).flatten().nonzero().squeeze(1), packed.mask.flatten().nonzero().squeeze(1)))
+        shape = self._kernel_shape()
+        k = packed.num_factors
+        sv, dv = packed.static_values, packed.dynamic_values
+        sta = sv.new_zeros(sta_index.numel() + dyn_index.numel()).index_copy(0, sta_index, sv).view(shape)
+        dyn = dv.new_zeros(k, sta.numel()).index_copy(1, dyn_index, dv).view(k, *shape)
+        return dyn, sta
+
+    def _bias_parts(self) -> tuple[Tensor | None, Tensor | None]:
+        """``(bias_dyn [K, O] | None, bias_sta [O] | None)`` including ``bias_shift``."""
+        bias_dyn = bias_sta = None
+        if self.bias is not None:
+            bias_dyn, bias_sta = _packed_dense(self.bias)
+        if self.bias_shift is not None:
+            bias_sta = self.bias_shift if bias_sta is None else bias_sta + self.bias_shift
+        return bias_dyn, bias_sta
+
+    # ---- forward ----------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
-        if self._static_only:  # no routing needed at all: a plain convolution
-            sta = self.weight.materialize()[1]
-            bias = self.bias.materialize()[1] if self.bias is not None else None
-            return F.conv2d(x, sta, bias, self.stride, self.padding, self.dilation, self.groups)
+        bias_dyn, bias_sta = self._bias_parts()
+        if self.backend != "auto":  # explicit backend: the literal dense computation (FLOP counting)
+            dyn, sta = self.dense_factors()
+            pi = self.routing_weights(x)
+            if dyn is None:
+                dyn = sta.new_zeros((self.num_kernels, *sta.shape))
+            return self._conv(x, pi, dyn, sta, bias_dyn, bias_sta)
+        st = self.mask_structure()
+        shape = self._kernel_shape()
+        if st.kind == "zeros":  # a plain convolution (routing only for a dynamic bias)
+            sta = self.weight.static_values.view(shape)
+            if bias_dyn is None:
+                return F.conv2d(x, sta, bias_sta, self.stride, self.padding, self.dilation, self.groups)
+            y = F.conv2d(x, sta, None, self.stride, self.padding, self.dilation, self.groups)
+            return y + mix_bias(self.routing_weights(x), bias_dyn, bias_sta)[:, :, None, None]
         pi = self.routing_weights(x)
-        dyn, sta = self.weight.materialize()
-        bias_dyn, bias_sta = self.bias.materialize() if self.bias is not None else (None, None)
+        if st.kind == "channel":
+            k = self.weight.num_factors
+            n_dyn = st.dynamic_index.numel()
+            dyn_rows = self.weight.dynamic_values.view(k, n_dyn, *shape[1:])
+            sta_rows = self.weight.static_values.view(shape[0] - n_dyn, *shape[1:])
+            bias = mix_bias(pi, bias_dyn, bias_sta) if bias_dyn is not None else bias_sta
+            return channel_split_conv2d(
+                x, pi, dyn_rows, sta_rows, st.order, bias, self.stride, self.padding, self.dilation, self.groups,
+                "auto", st.static_index, st.dynamic_index,
+            )
+        dyn, sta = self._cached_dense_factors()
         return self._conv(x, pi, dyn, sta, bias_dyn, bias_sta)
+
+    # ---- BatchNorm folding ------------------------------------------------------------------
+    @torch.no_grad()
+    def fold_batchnorm_(self, bn: nn.BatchNorm2d) -> "CompactDynamicConv2d":
+        """Fold an eval-mode BatchNorm that directly follows this layer into it, in place.
+
+        ``BN(y) = a * y + c`` with ``a = gamma / sqrt(var + eps)`` and
+        ``c = beta - a * mean`` per output channel. Every factor (static and the K
+        dynamic ones, weights and biases) is scaled by ``a`` along its output
+        channel -- exact for any routing, as the conv is linear in its kernel.
+        The shift ``c`` goes into the static bias where that entry is static; for
+        a dynamic bias entry it is added to all K dynamic values, which is exact
+        only because softmax routing weights sum to one; with sigmoid routing (or
+        without a bias group) it goes into the separate static ``bias_shift``.
+        """
+        if not isinstance(bn, nn.BatchNorm2d):
+            raise TypeError(f"fold_batchnorm_ expects nn.BatchNorm2d, got {type(bn).__name__}")
+        if bn.num_features != self.out_channels:
+            raise ValueError(f"BatchNorm has {bn.num_features} features, the conv {self.out_channels} channels")
+        if bn.training or bn.running_mean is None or bn.running_var is None:
+            raise ValueError("BatchNorm folding needs an eval-mode BatchNorm with running statistics "
+                             "(call model.eval() first)")
+        var = bn.running_var.double()
+        a = torch.rsqrt(var + bn.eps)
+        if bn.weight is not None:
+            a = a * bn.weight.double()
+        c = -a * bn.running_mean.double()
+        if bn.bias is not None:
+            c = c + bn.bias.double()
+        dtype = self.weight.static_values.dtype
+        device = self.weight.mask.device
+        a, c = a.to(device), c.to(device)
+
+        mask = self.weight.mask
+        channel = torch.arange(self.out_channels, device=device).view(-1, *([1] * (mask.dim() - 1))).expand_as(mask)
+        sv, dv = self.weight.static_values, self.weight.dynamic_values
+        sv.copy_((sv.double() * a[channel[~mask]]).to(dtype))
+        dv.copy_((dv.double() * a[channel[mask]].unsqueeze(0)).to(dtype))
+
+        shift = c
+        if self.bias is not None:
+            bm = self.bias.mask
+            bsv, bdv = self.bias.static_values, self.bias.dynamic_values
+            new_static = bsv.double() * a[~bm] + c[~bm]
+            new_dynamic = bdv.double() * a[bm].unsqueeze(0)
+            shift = torch.zeros_like(c)
+            if self.routing == "softmax":
+                new_dynamic = new_dynamic + c[bm].unsqueeze(0)  # exact: sum_k pi_k = 1
+            else:
+                shift[bm] = c[bm]  # sigmoid weights do not sum to one: keep it static
+            bsv.copy_(new_static.to(dtype))
+            bdv.copy_(new_dynamic.to(dtype))
+        if self.bias_shift is not None:
+            shift = self.bias_shift.double() * a + shift
+        if self._needs_bias_shift() or self.bias_shift is not None:
+            # created from the structure alone (not the values), so a folded model rebuilds the same way
+            self.bias_shift = nn.Parameter(shift.to(dtype))
+        self.__dict__.pop("_inference_cache", None)
+        return self
+
+    def _needs_bias_shift(self) -> bool:
+        """Folding a BN shift needs a separate static bias: no bias group, or sigmoid with dynamic bias entries."""
+        if self.bias is None:
+            return True
+        return self.routing != "softmax" and not self.bias.all_static
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "bias_shift"
+        if key in state_dict and self.bias_shift is None:  # a BN-folded checkpoint
+            ref = self.weight.static_values
+            self.bias_shift = nn.Parameter(torch.zeros(self.out_channels, dtype=ref.dtype, device=ref.device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", mask={self.mask_structure().kind!r}"
+
+
+def _packed_dense(packed: PackedModeGroup) -> tuple[Tensor | None, Tensor | None]:
+    """``(dyn [K, *shape] | None, sta [*shape] | None)`` of a packed group; ``None`` = all zero.
+
+    Zero-copy views when the group is all static or all dynamic; otherwise
+    ``masked_scatter`` (static shapes, no ``nonzero``: traceable for export).
+    """
+    shape = tuple(packed.mask.shape)
+    k = packed.num_factors
+    if packed.all_dynamic:
+        return packed.dynamic_values.view(k, *shape), None
+    if packed.all_static:
+        return None, packed.static_values.view(shape)
+    mask = packed.mask
+    sta = packed.static_values.new_zeros(shape).masked_scatter(~mask, packed.static_values)
+    dyn = packed.dynamic_values.new_zeros((k, *shape)).masked_scatter(
+        mask.unsqueeze(0).expand(k, *shape), packed.dynamic_values
+    )
+    return dyn, sta
 
 
 def _inherit(static: Tensor, dynamic: Tensor, source: Tensor, noise_std: float, generator) -> None:

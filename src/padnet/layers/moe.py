@@ -49,6 +49,7 @@ __all__ = [
     "CompactMoEFeedForward",
     "collect_aux_loss",
     "moe_dispatch",
+    "DISPATCH_IMPLS",
     "route_tokens",
     "switch_load_balancing_loss",
     "resolve_activation",
@@ -155,6 +156,9 @@ def switch_load_balancing_loss(probs: Tensor, counts: Tensor, top_k: int) -> Ten
     return num_experts * torch.sum(f * p)
 
 
+DISPATCH_IMPLS = ("auto", "sorted", "dense")
+
+
 def moe_dispatch(
     x: Tensor,
     topk_idx: Tensor,
@@ -165,8 +169,9 @@ def moe_dispatch(
     b_out: Tensor | None,
     activation: Callable[[Tensor], Tensor],
     counts: Tensor | None = None,
+    impl: str = "auto",
 ) -> Tensor:
-    """Dropless sorted dispatch of routed tokens through effective expert weights.
+    """Dropless dispatch of routed tokens through effective expert weights.
 
     Args:
         x: ``[N, H]`` tokens.
@@ -176,29 +181,50 @@ def moe_dispatch(
         w_out: ``[E, H, I]`` effective output projections; ``b_out``: ``[E, H]`` or None.
         activation: elementwise callable.
         counts: optional precomputed ``bincount(topk_idx, minlength=E)``.
+        impl: ``"sorted"`` (default eager path), ``"dense"`` (export path) or
+            ``"auto"`` (``"dense"`` while exporting / tracing, else ``"sorted"``).
 
     Returns:
         ``[N, H]``: ``sum_j gate[n, j] * FFN_{idx[n, j]}(x[n])``.
 
-    The (token, slot) pairs are stably sorted by expert id; each expert then runs
-    two GEMMs on its contiguous slice (one Python loop over experts, never over
-    tokens) and the gated results are scattered back with ``index_add``
-    (accumulated in at least float32).
+    ``"sorted"``: the (token, slot) pairs are stably sorted by expert id; each
+    expert runs two GEMMs (bias fused via ``addmm``) on its contiguous slice --
+    one Python loop over experts (one host sync for the counts), never over
+    tokens. Slot outputs are then un-permuted with one gather and combined per
+    token as ``sum_j gate * y`` in at least float32 (no scatter-add). Without
+    autograd the expert outputs are written straight into one preallocated
+    buffer. (``torch._grouped_mm`` exists on CPU in torch 2.13 but measured
+    slower here, and it has no float64 or bias support; see docs/benchmarks.md.)
+
+    ``"dense"``: every expert processes every token and the outputs are gated
+    with the top-k mask (zero gates elsewhere): ``E / k`` times the expert FLOPs
+    but no data-dependent shapes, so it exports (torch.export, ONNX) with a
+    dynamic token axis. Same numbers up to float rounding.
     """
+    if impl not in DISPATCH_IMPLS:
+        raise ValueError(f"unknown MoE dispatch impl {impl!r}; expected one of {DISPATCH_IMPLS}")
+    if impl == "auto":
+        from .conv_functional import is_exporting
+
+        impl = "dense" if is_exporting() else "sorted"
+    if impl == "dense":
+        return _dense_dispatch(x, topk_idx, topk_gates, w_in, b_in, w_out, b_out, activation)
     n, h = x.shape
     num_experts = w_in.shape[0]
     k = topk_idx.shape[1]
     acc_dtype = torch.promote_types(x.dtype, torch.float32)
-    out = torch.zeros(n, w_out.shape[1], device=x.device, dtype=acc_dtype)
     if n == 0:
-        return out.to(x.dtype)
+        return torch.zeros(n, w_out.shape[1], device=x.device, dtype=x.dtype)
     flat_expert = topk_idx.reshape(-1)
     if counts is None:
         counts = torch.bincount(flat_expert, minlength=num_experts)
     order = torch.argsort(flat_expert, stable=True)
-    token_idx = torch.div(order, k, rounding_mode="floor")
-    gates = topk_gates.reshape(-1)[order]
-    x_sorted = x.index_select(0, token_idx)
+    x_sorted = x.index_select(0, torch.div(order, k, rounding_mode="floor"))
+    track = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, topk_gates, w_in, b_in, w_out, b_out)
+    )
+    out_features = w_out.shape[1]
+    y_sorted = None if track else x.new_empty(n * k, out_features)
     pieces = []
     start = 0
     for e, c in enumerate(counts.tolist()):  # one host sync; loop over experts only
@@ -206,10 +232,40 @@ def moe_dispatch(
             continue
         xe = x_sorted[start : start + c]
         hidden = activation(F.linear(xe, w_in[e], None if b_in is None else b_in[e]))
-        pieces.append(F.linear(hidden, w_out[e], None if b_out is None else b_out[e]))
+        if track:
+            pieces.append(F.linear(hidden, w_out[e], None if b_out is None else b_out[e]))
+        elif b_out is None:
+            torch.mm(hidden, w_out[e].t(), out=y_sorted[start : start + c])
+        else:
+            torch.addmm(b_out[e], hidden, w_out[e].t(), out=y_sorted[start : start + c])
         start += c
-    y = torch.cat(pieces, dim=0) * gates.unsqueeze(1)
-    out = out.index_add(0, token_idx, y.to(acc_dtype))
+    if track:
+        y_sorted = torch.cat(pieces, dim=0)
+    # un-permute: slot j of token t sits at position inverse[t * k + j]
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(n * k, device=order.device))
+    y_slots = y_sorted.index_select(0, inverse).view(n, k, out_features)
+    gates = topk_gates.to(acc_dtype).unsqueeze(1)  # [N, 1, k]
+    if y_slots.dtype == acc_dtype:
+        out = torch.bmm(gates, y_slots).squeeze(1)
+    else:
+        out = torch.bmm(gates, y_slots.to(acc_dtype)).squeeze(1)
+    return out.to(x.dtype)
+
+
+def _dense_dispatch(x, topk_idx, topk_gates, w_in, b_in, w_out, b_out, activation) -> Tensor:
+    """All experts on all tokens, gated by the (sparse) top-k gates: export-friendly, E/k x FLOPs."""
+    num_experts = w_in.shape[0]
+    acc_dtype = torch.promote_types(x.dtype, torch.float32)
+    gates = torch.zeros(x.shape[0], num_experts, device=x.device, dtype=acc_dtype)
+    gates = gates.scatter(1, topk_idx, topk_gates.to(acc_dtype))  # [N, E], zero for unchosen experts
+    hidden = torch.matmul(x.unsqueeze(0), w_in.transpose(1, 2))  # [E, N, I]
+    if b_in is not None:
+        hidden = hidden + b_in.unsqueeze(1)
+    hidden = activation(hidden)
+    y = torch.matmul(hidden, w_out.transpose(1, 2))  # [E, N, H]
+    if b_out is not None:
+        y = y + b_out.unsqueeze(1)
+    out = torch.einsum("ne,enh->nh", gates, y.to(acc_dtype))
     return out.to(x.dtype)
 
 

@@ -1,0 +1,119 @@
+"""Render benchmarks/results/*.json as the markdown tables of docs/benchmarks.md.
+
+    python benchmarks/render_results.py > /tmp/tables.md
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def load(name):
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def geomean(values):
+    values = [v for v in values if v and v > 0]
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")
+
+
+def fmt(v, digits=2):
+    return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+
+
+def machine_line(payload):
+    m, a = payload["machine"], payload.get("machine_after", {})
+    return (f"_load (1-min avg) {m['load_1m']} before, {a.get('load_1m', '?')} after; "
+            f"{m['torch_threads']} threads, torch {m['torch']}_")
+
+
+def backends_table(payload, grad=False):
+    rows = payload["rows"]
+    cols = ["weight", "bmm", "output"] + ([] if grad else ["aggregate_only"])
+    out = [machine_line(payload), "",
+           "| shape | batch | static ms | " + " | ".join(cols) + " | auto picks |",
+           "|---|---|---|" + "---|" * len(cols) + "---|"]
+    for r in rows:
+        best = min(("weight", "bmm", "output"), key=lambda c: r[c])
+        cells = [(f"**{r[c]:.2f}**" if c == best else f"{r[c]:.2f}") for c in cols]
+        out.append(f"| {r['shape']} | {r['batch']} | {r['static_ms']:.1f} | " + " | ".join(cells)
+                   + f" | {r['auto_picks']} |")
+    return "\n".join(out)
+
+
+def layers_tables(payload):
+    rows = payload["rows"]
+    variants = ["naive_grouped", "dynamic", "dynamic_bmm", "dynamic_output", "pad_element", "compact_element",
+                "pad_channel", "compact_channel"]
+    out = [machine_line(payload)]
+    for batch in sorted({r["batch"] for r in rows}, reverse=True):
+        for mode in ("fwd", "fwd+bwd"):
+            sel = [r for r in rows if r["batch"] == batch and r["mode"] == mode]
+            if not sel:
+                continue
+            out += ["", f"**batch {batch}, {mode}** (time / static conv; CPU-time ratio in parentheses)", "",
+                    "| shape | static ms | " + " | ".join(variants) + " |",
+                    "|---|---|" + "---|" * len(variants)]
+            shapes = []
+            for r in sel:
+                if r["shape"] not in shapes:
+                    shapes.append(r["shape"])
+            for shape in shapes:
+                by = {r["variant"]: r for r in sel if r["shape"] == shape}
+                cells = [f"{by[v]['ratio']:.2f} ({by[v]['cpu_ratio']:.2f})" for v in variants if v in by]
+                out.append(f"| {shape} | {by['static']['ms']:.1f} | " + " | ".join(cells) + " |")
+            gm = [geomean(r["ratio"] for r in sel if r["variant"] == v) for v in variants]
+            gmc = [geomean(r["cpu_ratio"] for r in sel if r["variant"] == v) for v in variants]
+            out.append("| **geomean** | | " + " | ".join(f"**{a:.2f}** ({b:.2f})" for a, b in zip(gm, gmc)) + " |")
+    return "\n".join(out)
+
+
+def moe_table(payload):
+    rows = payload["rows"]
+    out = [machine_line(payload), "", "| tokens | mode | variant | ms | time / dense FFN | CPU-time ratio |",
+           "|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['tokens']} | {r['mode']} | {r['variant']} | {r['ms']:.1f} | {r['ratio']:.2f} | "
+                   f"{r['cpu_ratio']:.2f} |")
+    return "\n".join(out)
+
+
+def models_table(payload):
+    rows = payload["rows"]
+    keys = [k for k in rows[0] if k.endswith("_ratio") and not k.endswith("cpu_ratio")]
+    out = [machine_line(payload), "",
+           "| variant | params (M) | images/s (B=32) | " + " | ".join(k.replace("_ratio", " / static") for k in keys)
+           + " | peak fwd memory MiB |",
+           "|---|---|---|" + "---|" * len(keys) + "---|"]
+    for r in rows:
+        out.append(f"| {r['variant']} | {r['params_M']:.1f} | {r['images_per_s']:.1f} | "
+                   + " | ".join(f"{r[k]:.2f} ({r[k.replace('_ratio', '_cpu_ratio')]:.2f})" for k in keys)
+                   + f" | {r.get('peak_mem_fwd_MiB', float('nan')):.0f} |")
+    if rows and "mem_method" in rows[0]:
+        out.append(f"\nmemory: {rows[0]['mem_method']}")
+    return "\n".join(out)
+
+
+def main() -> None:
+    for title, name, render in [
+        ("backends (functional, forward)", "backends", backends_table),
+        ("backends (functional, forward+backward)", "backends_grad", lambda p: backends_table(p, grad=True)),
+        ("conv layers", "conv_layers", layers_tables),
+        ("MoE", "moe", moe_table),
+        ("models", "models", models_table),
+    ]:
+        payload = load(name)
+        if payload is None:
+            continue
+        print(f"### {title}\n")
+        print(render(payload))
+        print()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""``padnet`` console script: one sub-command per verb.
+
+Each verb lives in its own module exposing ``register(subparsers)``, which adds
+its parser and sets ``func`` (``args -> int`` exit code). Errors a user can fix
+(bad input, missing data) print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# verb -> module implementing it (imported lazily so `padnet --help` stays fast).
+COMMANDS = {
+    "count": "padnet.commands.count",
+    "partition": "padnet.commands.partition",
+    "demo": "padnet.commands.demo",
+    "train": "padnet.commands.train",
+    "evaluate": "padnet.commands.evaluate",
+    "compare": "padnet.commands.compare",
+    "bench": "padnet.commands.bench",
+    "export": "padnet.commands.export",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="padnet", description="Partially dynamic networks (PAD-Net) for PyTorch."
+    )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"padnet {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers.required = True
+    for module_name in COMMANDS.values():
+        importlib.import_module(module_name).register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, KeyError, TypeError) as exc:
+        if getattr(args, "debug", False):
+            raise
+        print(f"padnet {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

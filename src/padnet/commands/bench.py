@@ -1,0 +1,79 @@
+"""``padnet bench``: layer / MoE / model latency suites (ratios vs static in the same run)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+SUITES = ("layers", "moe", "models", "all")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("bench", help="benchmark dynamic layers and models against static baselines")
+    p.add_argument("--suite", default="layers", choices=SUITES)
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    p.add_argument("--repeats", type=int, default=7, help="interleaved rounds per measurement (median)")
+    p.add_argument("--batches", default="1,32", help="layer suite batch sizes")
+    p.add_argument("--shapes", default="64@32,128@16,256@8,512@4", help="layer suite shapes C@HW")
+    p.add_argument("--modes", default="fwd,fwd+bwd", help="fwd and/or fwd+bwd")
+    p.add_argument("--tokens", default="512,4096", help="MoE suite token counts")
+    p.add_argument("--variants", default=None, help="comma list: only these variants (static always included)")
+    p.add_argument("--no-memory", action="store_true", help="model suite: skip peak memory")
+    p.add_argument("--batch", type=int, default=32, help="model suite batch size")
+    p.add_argument("--width", type=float, default=1.0, help="model suite ResNet-18 width multiplier")
+    p.add_argument("--json", default=None, help="also write the rows as JSON here")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.set_defaults(func=run)
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..analysis import latency
+
+    torch.set_num_threads(args.threads)
+    info = latency.machine_info()
+    print(f"machine: {info}")
+    include = args.variants.split(",") if args.variants else None
+    modes = tuple(m for m in args.modes.split(",") if m)
+    results = {"machine_before": info}
+    suites = ("layers", "moe", "models") if args.suite == "all" else (args.suite,)
+    for suite in suites:
+        if suite == "layers":
+            shapes = []
+            for item in args.shapes.split(","):
+                c, hw = item.split("@")
+                shapes.append((int(c), int(hw)))
+            batches = tuple(int(b) for b in args.batches.split(","))
+            rows = latency.conv_layer_suite(shapes, batches, modes, repeats=args.repeats, include=include, log=_log)
+            print("\n## conv layers (ratio = time / static conv, same run)\n")
+            print(latency.format_rows(rows, ["shape", "batch", "mode", "variant", "ms", "ratio", "cpu_ratio", "load"]))
+            for batch in batches:
+                for mode in modes:
+                    sel = [r for r in rows if r["batch"] == batch and r["mode"] == mode]
+                    names = sorted({r["variant"] for r in sel if r["variant"] != "static"})
+                    gm = {n: latency.geomean(r["ratio"] for r in sel if r["variant"] == n) for n in names}
+                    print(f"\ngeomean B={batch} {mode}: " + ", ".join(f"{n} {v:.2f}x" for n, v in gm.items()))
+        elif suite == "moe":
+            tokens = tuple(int(t) for t in args.tokens.split(","))
+            rows = latency.moe_suite(tokens, modes=modes, repeats=args.repeats, log=_log)
+            print("\n## MoE (ratio = time / dense FFN with 2*I intermediate, same run)\n")
+            print(latency.format_rows(rows, ["tokens", "mode", "variant", "ms", "ratio", "cpu_ratio", "load"]))
+        else:
+            rows = latency.model_suite(batch=args.batch, repeats=max(1, args.repeats - 2), include=include,
+                                       memory=not args.no_memory, train_step="fwd+bwd" in modes, log=_log,
+                                       width=args.width)
+            print("\n## ResNet-18 (small input, 32x32, batch 32; ratio = time / static, same run)\n")
+            print(latency.format_rows(rows))
+        results[suite] = rows
+    results["machine_after"] = latency.machine_info()
+    print(f"\nmachine after: {results['machine_after']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return 0

@@ -1,0 +1,440 @@
+"""Dynamic-conv backends, structured fast paths, deploy-form plans and MoE dispatch paths.
+
+Every backend against a per-sample reference in float64 (outputs and
+gradients); no timing assertions.
+"""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from padnet.layers import CompactDynamicConv2d, DynamicConv2d, MoEFeedForward
+from padnet.layers import conv_functional as cf
+from padnet.layers.dynamic_conv import MaskStructure
+from padnet.layers.moe import moe_dispatch, route_tokens
+
+BACKENDS = ["weight", "bmm", "output"]
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread is faster and immune to a busy shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+
+def per_sample_reference(x, pi, dyn, sta, stride, padding, dilation, groups):
+    outs = []
+    for b in range(x.shape[0]):
+        w = torch.einsum("k,k...->...", pi[b], dyn)
+        if sta is not None:
+            w = w + sta
+        outs.append(F.conv2d(x[b : b + 1], w, None, stride, padding, dilation, groups))
+    return torch.cat(outs)
+
+
+GEOMETRIES = [
+    dict(cin=6, cout=10, groups=1, kernel=3, stride=1, padding=1, dilation=1),
+    dict(cin=6, cout=10, groups=2, kernel=3, stride=2, padding=1, dilation=1),
+    dict(cin=6, cout=6, groups=6, kernel=3, stride=1, padding=1, dilation=1),  # depthwise
+    dict(cin=6, cout=10, groups=1, kernel=3, stride=2, padding=2, dilation=2),
+    dict(cin=6, cout=10, groups=1, kernel=1, stride=1, padding=0, dilation=1),
+    dict(cin=6, cout=10, groups=1, kernel=1, stride=2, padding=0, dilation=1),
+    dict(cin=6, cout=10, groups=1, kernel=(3, 2), stride=1, padding="same", dilation=(1, 2)),
+]
+
+
+@pytest.fixture
+def tiny_tiles(monkeypatch):
+    monkeypatch.setitem(cf.TILE_BUDGET, "weights", 256)
+    monkeypatch.setitem(cf.TILE_BUDGET, "cols", 512)
+
+
+CASES = [(g, s, False) for g in GEOMETRIES for s in (True, False)] + [(g, True, True) for g in GEOMETRIES[:4]]
+
+
+@pytest.mark.parametrize("geom, with_static, tiled", CASES,
+                         ids=lambda v: f"g{v['groups']}k{v['kernel']}s{v['stride']}p{v['padding']}"
+                         if isinstance(v, dict) else str(v))
+def test_backends_match_per_sample_reference_with_gradients(geom, with_static, tiled, request):
+    if tiled:
+        request.getfixturevalue("tiny_tiles")
+    torch.manual_seed(0)
+    kernel = geom["kernel"] if isinstance(geom["kernel"], tuple) else (geom["kernel"],) * 2
+    cg = geom["cin"] // geom["groups"]
+    args = (geom["stride"], geom["padding"], geom["dilation"], geom["groups"])
+    for batch in (1, 4):
+        x = torch.randn(batch, geom["cin"], 7, 8, dtype=torch.double, requires_grad=True)
+        pi = torch.softmax(torch.randn(batch, 3, dtype=torch.double), -1).requires_grad_()
+        dyn = torch.randn(3, geom["cout"], cg, *kernel, dtype=torch.double, requires_grad=True)
+        sta = torch.randn(geom["cout"], cg, *kernel, dtype=torch.double, requires_grad=True) if with_static else None
+        leaves = [t for t in (x, pi, dyn, sta) if t is not None]
+        ref = per_sample_reference(x, pi, dyn, sta, *args)
+        gy = torch.randn_like(ref)
+        ref_grads = torch.autograd.grad(ref, leaves, gy)
+        for backend in BACKENDS:
+            y = cf.dynamic_conv2d(x, pi, dyn, sta, None, None, *args, backend=backend)
+            torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10, msg=f"{backend} forward")
+            grads = torch.autograd.grad(y, leaves, gy)
+            for g, r in zip(grads, ref_grads):
+                torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-9, msg=f"{backend} gradient")
+            with torch.no_grad():
+                y_nograd = cf.dynamic_conv2d(x, pi, dyn, sta, None, None, *args, backend=backend)
+            torch.testing.assert_close(y_nograd, ref, rtol=1e-10, atol=1e-10)
+
+
+def test_bias_and_auto_backend():
+    torch.manual_seed(1)
+    x = torch.randn(5, 4, 6, 6, dtype=torch.double)
+    pi = torch.softmax(torch.randn(5, 3, dtype=torch.double), -1)
+    dyn = torch.randn(3, 8, 4, 3, 3, dtype=torch.double)
+    sta = torch.randn(8, 4, 3, 3, dtype=torch.double)
+    bd, bs = torch.randn(3, 8, dtype=torch.double), torch.randn(8, dtype=torch.double)
+    ref = per_sample_reference(x, pi, dyn, sta, 1, 1, 1, 1) + (pi @ bd + bs)[:, :, None, None]
+    for backend in ["auto", *BACKENDS]:
+        y = cf.dynamic_conv2d(x, pi, dyn, sta, bd, bs, 1, 1, 1, 1, backend=backend)
+        torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
+    y = cf.dynamic_conv2d(x, pi, dyn, sta, None, bs, 1, 1, 1, 1)
+    torch.testing.assert_close(y, per_sample_reference(x, pi, dyn, sta, 1, 1, 1, 1) + bs[:, None, None])
+    with pytest.raises(ValueError, match="backend"):
+        cf.dynamic_conv2d(x, pi, dyn, sta, backend="magic")
+
+
+def test_im2col_col2im_are_adjoint():
+    torch.manual_seed(2)
+    for kernel, stride, padding, dilation in [((3, 3), 1, 1, 1), ((3, 2), 2, 1, (1, 2)), ((1, 1), 2, 0, 1)]:
+        geom = cf._Geometry(kernel, stride, padding, dilation, 1)
+        x = torch.randn(2, 3, 7, 6, dtype=torch.double)
+        cols, _ = cf.im2col(x, geom)
+        torch.testing.assert_close(cols, F.unfold(x, kernel, dilation, padding, stride))
+        g = torch.randn_like(cols)
+        # <im2col(x), g> == <x, col2im(g)>
+        lhs = (cols * g).sum()
+        rhs = (x * cf.col2im(g, x.shape, geom)).sum()
+        torch.testing.assert_close(lhs, rhs)
+
+
+def test_select_backend_rule():
+    sel = cf.select_backend
+    assert sel("bmm", 32, 4, 64, 1) == "bmm"  # explicit passes through
+    assert sel("auto", 1, 4, 64, 1, out_pixels=16) == "weight"  # batch 1: plain conv on the aggregated kernel
+    assert sel("auto", 32, 4, 64, 64, out_pixels=256) == "weight"  # depthwise
+    assert sel("auto", 32, 4, 64, 1, out_pixels=cf._GROUPED_MIN_L) == "weight"  # small kernels, wide GEMMs
+    assert sel("auto", 32, 4, 512, 1, out_pixels=cf._OUTPUT_MAX_L + 1) == "bmm"
+    thin = dict(out_pixels=cf._OUTPUT_MAX_L, in_channels=512, kernel_numel=9)
+    assert sel("auto", 32, 4, 512, 1, **thin) == "output"  # thin GEMMs, 288 MiB of per-sample kernels
+    assert sel("auto", 8, 4, 512, 1, **thin) == "bmm"  # 72 MiB: weight space still wins
+    assert sel("auto", 32, 4, 512, 1, out_pixels=cf._OUTPUT_MAX_L) == "output"  # geometry unknown
+    assert sel("auto", 32, 4, 512, 1, requires_grad=True, **thin) == "bmm"
+    assert sel("auto", 32, 4, 512, 1, out_pixels=cf._GROUPED_MIN_L, device="cuda") == "weight"
+    for batch in (1, 32):
+        for groups, out in ((1, 64), (64, 64)):
+            assert sel("auto", batch, 4, out, groups, out_pixels=256, exporting=True) != "weight"
+
+
+def test_export_mode_never_uses_grouped_weight_backend():
+    x = torch.randn(3, 4, 5, 5)
+    pi = torch.softmax(torch.randn(3, 2), -1)
+    dyn = torch.randn(2, 4, 4, 3, 3)
+    assert cf.resolve_backend(x, pi, dyn, None, 1, 1, 1, 1, "weight") == "weight"
+    with cf.export_mode():
+        assert cf.is_exporting()
+        assert cf.resolve_backend(x, pi, dyn, None, 1, 1, 1, 1, "weight") in ("bmm", "output")
+        assert cf.resolve_backend(x, pi, dyn[:, :, :1], None, 1, 1, 1, 4, "auto") == "output"
+    assert not cf.is_exporting()
+
+
+def test_autotune_cache_is_keyed_and_optional(monkeypatch):
+    cf.clear_autotune_cache()
+    monkeypatch.delenv("PADNET_AUTOTUNE", raising=False)
+    assert not cf.autotune_enabled()
+    monkeypatch.setenv("PADNET_AUTOTUNE", "1")
+    assert cf.autotune_enabled()
+    cf.set_autotune(False)
+    try:
+        assert not cf.autotune_enabled()
+        cf.set_autotune(True)
+        x = torch.randn(4, 4, 6, 6, dtype=torch.double)
+        pi = torch.softmax(torch.randn(4, 2, dtype=torch.double), -1)
+        dyn = torch.randn(2, 6, 4, 3, 3, dtype=torch.double)
+        ref = per_sample_reference(x, pi, dyn, None, 1, 1, 1, 1)
+        with torch.no_grad():
+            torch.testing.assert_close(cf.dynamic_conv2d(x, pi, dyn, None, padding=1), ref)
+        torch.testing.assert_close(cf.dynamic_conv2d(x, pi, dyn, None, padding=1), ref)
+        cache = cf.autotune_cache()
+        assert len(cache) == 2  # grad-enabled and no-grad are separate keys
+        assert {key[-1] for key in cache} == {True, False}
+        assert set(cache.values()) <= set(cf.CONCRETE_BACKENDS)
+        cf.dynamic_conv2d(x, pi, dyn, None, padding=1)
+        assert len(cf.autotune_cache()) == 2  # cached: no new trial
+    finally:
+        cf.set_autotune(None)
+        cf.clear_autotune_cache()
+
+
+# --------------------------------------------------------------------------------------------
+# DynamicConv2d structured fast paths
+# --------------------------------------------------------------------------------------------
+
+
+def layer_reference(layer, x):
+    """DESIGN.md formula from the raw parameters, per sample."""
+    pi = layer.routing_weights(x)
+    lam_s, lam_d = layer.scales()
+    m = layer.mode_mask
+    outs = []
+    for b in range(x.shape[0]):
+        mixed = torch.einsum("k,k...->...", pi[b], layer.weight_dynamic)
+        w = lam_d * m * mixed + lam_s * (1 - m) * layer.weight_static
+        bias = None
+        if layer.bias_dynamic is not None:
+            mb = layer.bias_mode_mask
+            bias = lam_d * mb * (pi[b] @ layer.bias_dynamic) + lam_s * (1 - mb) * layer.bias_static
+        outs.append(F.conv2d(x[b : b + 1], w, bias, layer.stride, layer.padding, layer.dilation, layer.groups))
+    return torch.cat(outs)
+
+
+def make_masked_layer(kind, groups=1, bias=True, routing="softmax", seed=0):
+    torch.manual_seed(seed)
+    cin = cout = 8 if groups > 1 else None
+    layer = DynamicConv2d(cin or 6, cout or 10, 3, padding=1, groups=groups, bias=bias, routing=routing).double()
+    g = torch.Generator().manual_seed(seed)
+    shape = layer.mode_mask.shape
+    if kind == "ones":
+        mask = torch.ones(shape)
+    elif kind == "zeros":
+        mask = torch.zeros(shape)
+    elif kind == "channel":
+        rows = torch.zeros(shape[0])
+        rows[torch.randperm(shape[0], generator=g)[: max(1, shape[0] // 3)]] = 1
+        mask = rows.view(-1, 1, 1, 1).expand(shape).clone()
+    else:
+        mask = (torch.rand(shape, generator=g) < 0.3).double()
+    layer.set_mode_mask("weight", mask)
+    if bias:
+        layer.set_mode_mask("bias", (torch.rand(shape[0], generator=g) < 0.5).double())
+    with torch.no_grad():
+        layer.scale.phi.fill_(0.3)
+    return layer
+
+
+KINDS = ["ones", "zeros", "channel", "element"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("groups", [1, 8])
+@pytest.mark.parametrize("routing", ["softmax", "sigmoid"])
+def test_structured_paths_match_reference_and_general_gradients(kind, groups, routing):
+    layer = make_masked_layer(kind, groups=groups, routing=routing)
+    assert layer.mask_structure().kind == kind
+    x = torch.randn(4, layer.in_channels, 7, 7, dtype=torch.double) + torch.randn(4, layer.in_channels, 1, 1,
+                                                                                   dtype=torch.double)
+    torch.testing.assert_close(layer(x), layer_reference(layer, x), rtol=1e-10, atol=1e-10)
+    # gradients of the fast path == gradients of the literal general path (explicit backend)
+    general = copy.deepcopy(layer)
+    general.backend = "weight"
+    gy = torch.randn(4, layer.out_channels, 7, 7, dtype=torch.double)
+    layer(x).backward(gy)
+    general(x).backward(gy)
+    for (name, p), (_, q) in zip(layer.named_parameters(), general.named_parameters()):
+        assert p.grad is not None, f"{name} has no gradient (dead entries must get zeros, not None)"
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-10, msg=name)
+    m = layer.mode_mask.bool()
+    assert torch.all(layer.weight_dynamic.grad[:, ~m] == 0) and torch.all(layer.weight_static.grad[m] == 0)
+
+
+def test_training_form_inference_cache():
+    layer = make_masked_layer("element").eval()
+    x = torch.randn(2, 6, 5, 5, dtype=torch.double)
+    ref = layer_reference(layer, x)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), ref)
+        cached = layer.__dict__["_inference_cache"]["combined"][1][0]
+        layer(x)
+        assert layer.__dict__["_inference_cache"]["combined"][1][0] is cached  # reused
+        layer.weight_dynamic.mul_(1.5)  # optimizer-like in-place update invalidates
+        torch.testing.assert_close(layer(x), layer_reference(layer, x))
+        layer.set_mode_mask("weight", torch.ones_like(layer.mode_mask))
+        torch.testing.assert_close(layer(x), layer_reference(layer, x))
+    layer(x).sum().backward()  # autograd: no cache kept
+    assert "_inference_cache" not in layer.__dict__ and "_inference_cache" not in layer.state_dict()
+
+
+def test_mask_requiring_grad_keeps_the_mask_in_the_graph():
+    """Mode partition scores dL/dM: fast paths must fall back to combine_factors then."""
+    for kind in ("ones", "channel"):
+        layer = make_masked_layer(kind)
+        layer.mode_mask.requires_grad_(True)
+        x = torch.randn(2, 6, 5, 5, dtype=torch.double)
+        layer(x).sum().backward()
+        assert layer.mode_mask.grad is not None
+
+
+def test_mask_structure_cache_follows_mask_changes():
+    layer = make_masked_layer("ones")
+    assert layer.mask_structure().kind == "ones"
+    layer.set_all_modes(dynamic=False)
+    assert layer.mask_structure().kind == "zeros"
+    st = MaskStructure.from_mask(torch.tensor([[1.0, 1.0], [0.0, 0.0], [1.0, 0.0]]))
+    assert st.kind == "element"
+    st = MaskStructure.from_mask(torch.tensor([[1.0, 1.0], [0.0, 0.0], [1.0, 1.0]]))
+    assert st.kind == "channel" and st.static_index.tolist() == [1] and st.dynamic_index.tolist() == [0, 2]
+    assert st.order.tolist() == [1, 0, 2]
+    # grouped (not depthwise) convs use the element path
+    assert MaskStructure.from_mask(torch.ones(4, 2, 1, 1).index_fill(0, torch.tensor([1]), 0), groups=2,
+                                   in_channels=4).kind == "element"
+
+
+def test_channels_last_preserved_on_fast_paths():
+    for kind in KINDS:
+        layer = make_masked_layer(kind).float()
+        x = torch.randn(3, 6, 8, 8)
+        y = layer(x)
+        y_cl = layer(x.contiguous(memory_format=torch.channels_last))
+        torch.testing.assert_close(y_cl, y, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# deploy form plans
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("groups", [1, 8])
+@pytest.mark.parametrize("bias", [True, False])
+def test_compact_plans_match_pad_layer(kind, groups, bias):
+    layer = make_masked_layer(kind, groups=groups, bias=bias).eval()
+    compact = CompactDynamicConv2d(layer)
+    assert compact.mask_structure().kind == kind
+    x = torch.randn(3, layer.in_channels, 6, 6, dtype=torch.double)
+    ref = layer_reference(layer, x)
+    torch.testing.assert_close(compact(x), ref, rtol=1e-10, atol=1e-10)
+    with torch.no_grad():
+        torch.testing.assert_close(compact(x), ref, rtol=1e-10, atol=1e-10)
+    m = layer.mode_mask
+    stored = compact.weight.static_values.numel() + compact.weight.dynamic_values.numel()
+    assert stored == int((1 - m).sum() + layer.num_kernels * m.sum())
+    for backend in BACKENDS:  # explicit backends take the literal dense path
+        c2 = copy.deepcopy(compact)
+        c2.backend = backend
+        torch.testing.assert_close(c2(x), ref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("routing", ["softmax", "sigmoid"])
+def test_inference_static_folding_only_for_softmax(routing):
+    """Inference folds W_s into every W_k only when the routing weights sum to one."""
+    layer = make_masked_layer("element", routing=routing, bias=False).eval()
+    compact = CompactDynamicConv2d(layer)
+    x = torch.randn(3, 6, 5, 5, dtype=torch.double)
+    ref = layer_reference(layer, x)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), ref, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(compact(x), ref, rtol=1e-10, atol=1e-10)
+        dyn, sta = compact._cached_dense_factors()
+    assert (sta is None) == (routing == "softmax")
+
+
+def test_compact_dense_cache_reused_and_invalidated():
+    layer = make_masked_layer("element").eval()
+    compact = CompactDynamicConv2d(layer)
+    x = torch.randn(2, 6, 5, 5, dtype=torch.double)
+    with torch.no_grad():
+        y0 = compact(x)
+        first = compact._cached_dense_factors()
+        assert compact._cached_dense_factors()[0] is first[0]  # reused, not re-materialised
+        compact.weight.dynamic_values.mul_(2.0)  # in-place change bumps the version
+        assert compact._cached_dense_factors()[0] is not first[0]
+        y1 = compact(x)
+    assert not torch.allclose(y0, y1)
+    # with autograd the packed values get gradients (no stale cache involved), equal to the masked reference
+    compact.weight.dynamic_values.grad = None
+    y = compact(x)
+    torch.testing.assert_close(y, y1)
+    y.square().sum().backward()
+    ref = copy.deepcopy(compact)
+    ref.weight.dynamic_values.grad = ref.weight.static_values.grad = None
+    dyn, sta = ref.dense_factors()  # masked_scatter path
+    pi = ref.routing_weights(x)
+    bias_dyn, bias_sta = ref._bias_parts()
+    cf.dynamic_conv2d(x, pi, dyn, sta, bias_dyn, bias_sta, 1, 1, 1, 1).square().sum().backward()
+    torch.testing.assert_close(compact.weight.dynamic_values.grad, ref.weight.dynamic_values.grad)
+    torch.testing.assert_close(compact.weight.static_values.grad, ref.weight.static_values.grad)
+    state = compact.state_dict()
+    assert not any("cache" in k for k in state)
+
+
+def test_compact_channel_plan_uses_views_of_packed_values():
+    layer = make_masked_layer("channel", bias=False).eval()
+    compact = CompactDynamicConv2d(layer)
+    compact.weight.static_values.requires_grad_(True)
+    x = torch.randn(2, 6, 5, 5, dtype=torch.double)
+    compact(x).sum().backward()
+    assert compact.weight.static_values.grad.shape == compact.weight.static_values.shape
+
+
+# --------------------------------------------------------------------------------------------
+# MoE dispatch
+# --------------------------------------------------------------------------------------------
+
+
+def per_token_reference(x, idx, gates, w_in, b_in, w_out, b_out, act):
+    out = torch.zeros(x.shape[0], w_out.shape[1], dtype=x.dtype)
+    for n in range(x.shape[0]):
+        for j in range(idx.shape[1]):
+            e = int(idx[n, j])
+            h = act(w_in[e] @ x[n] + (0 if b_in is None else b_in[e]))
+            out[n] += gates[n, j] * (w_out[e] @ h + (0 if b_out is None else b_out[e]))
+    return out
+
+
+@pytest.mark.parametrize("impl", ["sorted", "dense", "auto"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_moe_dispatch_paths_match_per_token_reference(impl, bias):
+    torch.manual_seed(0)
+    n, h, i, e, k = 23, 6, 5, 4, 2
+    x = torch.randn(n, h, dtype=torch.double, requires_grad=True)
+    idx, gates, _ = route_tokens(torch.randn(n, e, dtype=torch.double), k)
+    idx[0] = torch.tensor([3, 1])  # make sure an expert sees few tokens
+    w_in = torch.randn(e, i, h, dtype=torch.double, requires_grad=True)
+    w_out = torch.randn(e, h, i, dtype=torch.double, requires_grad=True)
+    b_in = torch.randn(e, i, dtype=torch.double, requires_grad=True) if bias else None
+    b_out = torch.randn(e, h, dtype=torch.double, requires_grad=True) if bias else None
+    gates = gates.clone().requires_grad_(True)
+    ref = per_token_reference(x, idx, gates, w_in, b_in, w_out, b_out, torch.tanh)
+    y = moe_dispatch(x, idx, gates, w_in, b_in, w_out, b_out, torch.tanh, impl=impl)
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    leaves = [t for t in (x, gates, w_in, b_in, w_out, b_out) if t is not None]
+    gy = torch.randn_like(ref)
+    for g, r in zip(torch.autograd.grad(y, leaves, gy), torch.autograd.grad(ref, leaves, gy)):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
+    with torch.no_grad():
+        torch.testing.assert_close(moe_dispatch(x, idx, gates, w_in, b_in, w_out, b_out, torch.tanh, impl=impl),
+                                   ref, rtol=1e-12, atol=1e-12)
+
+
+def test_moe_dispatch_unused_expert_empty_and_bad_impl():
+    torch.manual_seed(1)
+    x = torch.randn(5, 4)
+    idx = torch.tensor([[0, 1]] * 5)  # experts 2, 3 unused
+    gates = torch.full((5, 2), 0.5)
+    w_in, w_out = torch.randn(4, 3, 4), torch.randn(4, 4, 3)
+    a = moe_dispatch(x, idx, gates, w_in, None, w_out, None, torch.relu)
+    b = moe_dispatch(x, idx, gates, w_in, None, w_out, None, torch.relu, impl="dense")
+    torch.testing.assert_close(a, b)
+    assert moe_dispatch(x[:0], idx[:0], gates[:0], w_in, None, w_out, None, torch.relu).shape == (0, 4)
+    with pytest.raises(ValueError, match="impl"):
+        moe_dispatch(x, idx, gates, w_in, None, w_out, None, torch.relu, impl="grouped")
+
+
+def test_moe_layer_uses_dense_path_when_exporting():
+    torch.manual_seed(0)
+    moe = MoEFeedForward(8, 16, num_experts=4, top_k=2).double().eval()
+    x = torch.randn(3, 5, 8, dtype=torch.double)
+    y = moe(x)
+    with cf.export_mode():
+        y_dense = moe(x)
+    torch.testing.assert_close(y_dense, y, rtol=1e-12, atol=1e-12)
