@@ -99,6 +99,18 @@ def models_table(payload):
     return "\n".join(out)
 
 
+def micro_table(payload):
+    rows = payload["rows"]
+    out = [machine_line(payload), ""]
+    for r in rows:
+        out.append(f"**{r['shape']}, batch {r['batch']}** (static {r['static_ms']:.1f} ms; "
+                   f"per-sample kernels {r['kernel_stream_MiB']:.0f} MiB, im2col {r['im2col_MiB']:.0f} MiB): "
+                   + ", ".join(f"{k} {v:.2f}x" for k, v in r.items()
+                               if k not in ("shape", "batch", "static_ms", "kernel_stream_MiB", "im2col_MiB")))
+        out.append("")
+    return "\n".join(out)
+
+
 def main() -> None:
     for title, name, render in [
         ("backends (functional, forward)", "backends", backends_table),
@@ -106,6 +118,7 @@ def main() -> None:
         ("conv layers", "conv_layers", layers_tables),
         ("MoE", "moe", moe_table),
         ("models", "models", models_table),
+        ("micro-measurements", "micro", micro_table),
     ]:
         payload = load(name)
         if payload is None:

@@ -10,3 +10,4 @@ python benchmarks/bench_backends.py --threads 2 --repeats 9 --batches 32 --grad 
 python benchmarks/bench_conv_layers.py --threads 2 --repeats 15 $WAIT
 python benchmarks/bench_moe.py --threads 2 --repeats 11 $WAIT
 python benchmarks/bench_models.py --threads 2 --repeats 9 $WAIT
+python benchmarks/bench_micro.py --threads 2 --repeats 9 $WAIT

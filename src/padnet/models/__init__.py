@@ -4,6 +4,9 @@ from .mobilenetv2 import InvertedResidual, MobileNetV2, mobilenet_v2
 from .registry import MODEL_REGISTRY, create_model, list_models, register_model
 from .resnet import BasicBlock, Bottleneck, ResNet, resnet10, resnet18, resnet34, resnet50
 
+# Text models register "minilm", "tiny_bert" and "bert" (transformers is imported lazily).
+from .bert import BertClassifier, bert_classifier, minilm_classifier, tiny_bert_classifier  # noqa: E402
+
 __all__ = [
     "MODEL_REGISTRY",
     "create_model",
@@ -19,4 +22,8 @@ __all__ = [
     "Bottleneck",
     "MobileNetV2",
     "InvertedResidual",
+    "BertClassifier",
+    "bert_classifier",
+    "minilm_classifier",
+    "tiny_bert_classifier",
 ]

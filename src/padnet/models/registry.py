@@ -55,5 +55,6 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
         known = ", ".join(list_models())
         raise ValueError(f"unknown model {name!r}; known models: {known}") from None
     model = fn(**kwargs)
-    model.padnet_model_spec = {"name": name, "kwargs": dict(kwargs)}
+    if not hasattr(model, "padnet_model_spec"):  # a factory may record a richer spec itself
+        model.padnet_model_spec = {"name": name, "kwargs": dict(kwargs)}
     return model
