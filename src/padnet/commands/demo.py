@@ -43,7 +43,9 @@ def register(subparsers) -> None:
     p.add_argument("--criterion", default="taylor")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--nproc", type=int, default=1)
-    p.add_argument("--threads", type=int, default=None, help="torch threads per process")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads per process (default 1: ~90 s even on a busy shared 2-core machine, where "
+                        "spin-waiting OpenMP threads made 2 threads many times slower; raise it on an idle machine)")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.set_defaults(func=run)
@@ -68,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     }
     if args.data_dir is not None:
         settings["data_dir"] = args.data_dir
-    if args.threads is not None:
+    if args.threads:
         settings["threads"] = args.threads
     cfg = resolve_config(settings)
     out = Path(cfg.output_dir)
