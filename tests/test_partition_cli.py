@@ -90,3 +90,18 @@ def test_random_batches_shapes():
     x, y = batches[0]
     assert x.shape == (4, 3, 8, 8) and y.shape == (4,) and int(y.max()) < 3
     assert torch.equal(batches[0][0], partition_cmd.random_batches(model, 3, 8, 2, 4, seed=1)[0][0])
+
+
+@pytest.mark.skipif(
+    not __import__("pathlib").Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").exists(),
+    reason="Fashion-MNIST (Debian package dataset-fashion-mnist) not installed",
+)
+def test_recipe_data_source(tmp_path, capsys):
+    rep = tmp_path / "report.json"
+    code = run(["--model", "resnet10", "--small-input", "--width", "0.125", "--num-classes", "10", "--in-chans", "1",
+                "--ratio", "0.3", "--iterations", "1", "--recipe", "fashion-mnist", "--batches", "2",
+                "--batch-size", "4", "--report-json", str(rep)])
+    assert code == 0
+    report = json.loads(rep.read_text())
+    assert report["num_batches"] == 2 and report["target_ratio"] == 0.3
+    assert "criterion=taylor" in capsys.readouterr().out

@@ -47,10 +47,12 @@ def register(subparsers) -> None:
     p.add_argument("--granularity", default="element", choices=GRANULARITIES)
     p.add_argument("--seed", type=int, default=0, help="seed of random criteria, dry-run data and dynamize_")
     data = p.add_argument_group("data (for data criteria such as taylor)")
+    data.add_argument("--recipe", default=None, help="take batches from this padnet train recipe's training data")
+    data.add_argument("--data-dir", default=None, help="dataset location for --recipe")
     data.add_argument("--dry-run", action="store_true", help="random images and labels instead of a dataset")
     data.add_argument("--image-size", type=int, default=32, help="dry-run image size")
     data.add_argument("--batches", type=int, default=2, help="batches per iteration")
-    data.add_argument("--batch-size", type=int, default=8, help="dry-run batch size")
+    data.add_argument("--batch-size", type=int, default=8, help="batch size (dry run and --recipe)")
     p.add_argument("--output", default=None, help="save the partitioned model here (padnet.save)")
     p.add_argument("--report-json", default=None, help="write the report as JSON here")
     p.add_argument("--progress", action="store_true", help="one line per iteration on stderr")
@@ -109,17 +111,41 @@ def data_source(args: argparse.Namespace, model: nn.Module) -> tuple[Iterable | 
     """
     if not get_criterion(args.criterion).needs_data:
         return None, None
-    recipe = getattr(args, "recipe", None)
-    if recipe is not None:
-        raise ValueError("--recipe data is not available for partition yet; use --dry-run")
+    if getattr(args, "recipe", None) is not None:
+        return recipe_batches(args)
     if not args.dry_run:
         raise ValueError(
-            f"criterion {args.criterion!r} needs data: pass --dry-run (random images) or use a data-free "
+            f"criterion {args.criterion!r} needs data: pass --recipe NAME (a training recipe's data), "
+            f"--dry-run (random images) or use a data-free "
             f"criterion (magnitude, random, set)"
         )
     in_chans = model_in_chans(model, args.in_chans)
     batches = random_batches(model, in_chans, args.image_size, args.batches, args.batch_size, args.seed)
     return batches, F.cross_entropy
+
+
+def recipe_batches(args: argparse.Namespace) -> tuple[list, Callable]:
+    """``args.batches`` seeded training batches of a ``padnet train`` recipe, with its loss."""
+    from torch.utils.data import DataLoader
+
+    from ..train.config import resolve_config
+    from ..train.recipes import get_recipe
+
+    settings = {"recipe": args.recipe}
+    if args.data_dir is not None:
+        settings["data_dir"] = args.data_dir
+    cfg = resolve_config(settings)
+    recipe = get_recipe(cfg.recipe)
+    data = recipe.build_data(cfg)
+    transform = recipe.batch_transform(cfg, train=False)
+    loader = DataLoader(data.train, batch_size=args.batch_size, shuffle=True, collate_fn=data.collate_fn,
+                        generator=torch.Generator().manual_seed(args.seed))
+    batches = []
+    for inputs, targets in loader:
+        batches.append((transform(inputs) if transform is not None else inputs, targets))
+        if len(batches) == args.batches:
+            break
+    return batches, recipe.loss(cfg)
 
 
 def _resolve_ratio(args: argparse.Namespace, model: nn.Module) -> float:
