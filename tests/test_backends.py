@@ -126,9 +126,8 @@ def test_select_backend_rule():
     assert sel("auto", 32, 4, 64, 1, out_pixels=cf._GROUPED_MIN_L) == "weight"  # small kernels, wide GEMMs
     assert sel("auto", 32, 4, 512, 1, out_pixels=cf._OUTPUT_MAX_L + 1) == "bmm"
     thin = dict(out_pixels=cf._OUTPUT_MAX_L, in_channels=512, kernel_numel=9)
-    assert sel("auto", 32, 4, 512, 1, **thin) == "output"  # thin GEMMs, 288 MiB of per-sample kernels
-    assert sel("auto", 8, 4, 512, 1, **thin) == "bmm"  # 72 MiB: weight space still wins
-    assert sel("auto", 32, 4, 512, 1, out_pixels=cf._OUTPUT_MAX_L) == "output"  # geometry unknown
+    assert sel("auto", 32, 4, 512, 1, **thin) == "output"  # thin per-sample GEMMs, wide K-fold conv
+    assert sel("auto", 8, 4, 512, 1, **thin) == "bmm"  # the K-fold conv would be too narrow
     assert sel("auto", 32, 4, 512, 1, requires_grad=True, **thin) == "bmm"
     assert sel("auto", 32, 4, 512, 1, out_pixels=cf._GROUPED_MIN_L, device="cuda") == "weight"
     for batch in (1, 32):
@@ -310,6 +309,9 @@ def test_compact_plans_match_pad_layer(kind, groups, bias):
     layer = make_masked_layer(kind, groups=groups, bias=bias).eval()
     compact = CompactDynamicConv2d(layer)
     assert compact.mask_structure().kind == kind
+    x1 = torch.randn(1, layer.in_channels, 6, 6, dtype=torch.double)  # batch 1 has its own plan details
+    torch.testing.assert_close(compact(x1), layer_reference(layer, x1), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(layer(x1), layer_reference(layer, x1), rtol=1e-10, atol=1e-10)
     x = torch.randn(3, layer.in_channels, 6, 6, dtype=torch.double)
     ref = layer_reference(layer, x)
     torch.testing.assert_close(compact(x), ref, rtol=1e-10, atol=1e-10)
@@ -365,6 +367,25 @@ def test_compact_dense_cache_reused_and_invalidated():
     torch.testing.assert_close(compact.weight.static_values.grad, ref.weight.static_values.grad)
     state = compact.state_dict()
     assert not any("cache" in k for k in state)
+
+
+@pytest.mark.parametrize("align", [None, 1, 4, 16])
+def test_channel_split_padding_alignment(align, monkeypatch):
+    monkeypatch.setattr(cf, "CHANNEL_ALIGN", 4)  # exercise static-part padding too
+    torch.manual_seed(3)
+    x = torch.randn(3, 5, 6, 6, dtype=torch.double)
+    pi = torch.softmax(torch.randn(3, 2, dtype=torch.double), -1)
+    dyn_rows = torch.randn(2, 3, 5, 3, 3, dtype=torch.double)
+    sta_rows = torch.randn(6, 5, 3, 3, dtype=torch.double)
+    order = torch.tensor([6, 0, 1, 7, 2, 3, 8, 4, 5])  # dynamic channels 0, 3, 6
+    bias = torch.randn(9, dtype=torch.double)
+    y = cf.channel_split_conv2d(x, pi, dyn_rows, sta_rows, order, bias, padding=1, align=align)
+    full_dyn = torch.zeros(2, 9, 5, 3, 3, dtype=torch.double)
+    full_sta = torch.zeros(9, 5, 3, 3, dtype=torch.double)
+    full_dyn[:, [0, 3, 6]] = dyn_rows
+    full_sta[[1, 2, 4, 5, 7, 8]] = sta_rows
+    ref = per_sample_reference(x, pi, full_dyn, full_sta, 1, 1, 1, 1) + bias[:, None, None]
+    torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
 
 
 def test_compact_channel_plan_uses_views_of_packed_values():

@@ -80,13 +80,18 @@ def release_workspace() -> None:
     """Free this thread's cached scratch buffers of the ``"bmm"`` backend."""
     _WORKSPACE.buffers = {}
 
-# Channel-split parts are padded to a multiple of this many output channels (CPU).
-CHANNEL_ALIGN = 16
+# Channel split (CPU): the dynamic part is padded with zero output channels to a
+# multiple of GROUPED_ALIGN when it runs as a grouped conv (19 -> 32 channels per group:
+# 2.4x faster forward+backward at 64@32). CHANNEL_ALIGN pads both parts; off (1) by
+# default: a plain conv with 90 vs 96 outputs measured neutral on a quiet machine
+# once the padding copy is paid (benchmarks/bench_micro.py).
+CHANNEL_ALIGN = 1
+GROUPED_ALIGN = 16
 
 # Cost-rule constants (CPU), see select_backend and docs/benchmarks.md.
 _GROUPED_MIN_L = 256  # output pixels per sample from which the grouped conv beats bmm
 _OUTPUT_MAX_L = 16  # per-sample GEMM width at or below which (K+1)x FLOPs beat streaming B kernels ...
-_OUTPUT_MIN_KERNEL_BYTES = 128 << 20  # ... once the B per-sample kernels exceed this many bytes
+_OUTPUT_MIN_COLUMNS = 256  # ... once the output-space conv has B * L >= this many columns to be efficient
 
 
 # --------------------------------------------------------------------------------------------
@@ -177,7 +182,6 @@ def select_backend(
     device: torch.device | str | None = None,
     exporting: bool = False,
     requires_grad: bool = False,
-    itemsize: int = 4,
 ) -> str:
     """Resolve ``"auto"`` to a concrete backend by a measured cost rule (explicit names pass through).
 
@@ -192,11 +196,13 @@ def select_backend(
       kernels; per-sample GEMMs of width 1 would starve ``bmm``).
     - ``L >= _GROUPED_MIN_L`` (256) or grouped convs: ``"weight"`` -- small
       kernels, wide GEMMs; the grouped conv avoids im2col traffic (9x the input).
-    - ``L <= _OUTPUT_MAX_L`` (16) and ``B * P`` kernel bytes >= 128 MiB, inference:
-      ``"output"`` -- GEMMs 16 wide run at a fraction of peak while the kernel
-      stream is largest; ``K`` convs win (512@4, batch 32). Smaller streams
-      (batch 8) stay in ``"bmm"``. With autograd ``"bmm"``: output space pays
-      ``K + 1`` convs again in both backward convs.
+    - ``L <= _OUTPUT_MAX_L`` (16) and ``B * L >= _OUTPUT_MIN_COLUMNS`` (256),
+      inference: ``"output"`` -- per-sample GEMMs 16 wide run at a fraction of
+      peak while streaming ``B * P`` kernels; ``K`` convs over ``B * L`` columns
+      win (512@4 at batch 32: 4.8x vs 6.4x a static conv; 30% of its channels:
+      1.3x vs 2.2x). At batch 8 the ``K``-fold conv is too narrow: ``"bmm"``
+      (4.9x vs 6.9x). With autograd ``"bmm"``: output space pays ``K + 1``
+      convs again in both backward convs.
     - Otherwise: ``"bmm"`` (cache-tiled per-sample GEMMs).
     - CUDA: ``"weight"`` (cuDNN grouped conv; not re-measured in this project).
     - Exporting: never ``"weight"`` (``groups = B`` would freeze the batch size):
@@ -219,10 +225,8 @@ def select_backend(
     if out_pixels <= _OUTPUT_MAX_L:
         if groups == 1 and requires_grad:
             return "bmm"
-        if groups == 1 and in_channels is not None and kernel_numel is not None:
-            kernel_bytes = batch_size * out_channels * (in_channels // groups) * kernel_numel * itemsize
-            if kernel_bytes < _OUTPUT_MIN_KERNEL_BYTES:
-                return "bmm"
+        if groups == 1 and batch_size * out_pixels < _OUTPUT_MIN_COLUMNS:
+            return "bmm"
         return "output"
     if out_pixels >= _GROUPED_MIN_L or groups > 1:
         return "weight"
@@ -290,7 +294,7 @@ def resolve_backend(x: Tensor, pi: Tensor, dyn: Tensor, sta: Tensor | None, stri
     return select_backend(
         "auto", int(x.shape[0]) if not exporting else 2, dyn.shape[0], dyn.shape[1], groups,
         in_channels=x.shape[1], kernel_numel=kh * kw, out_pixels=ho * wo, device=x.device, exporting=exporting,
-        requires_grad=requires_grad, itemsize=x.element_size(),
+        requires_grad=requires_grad,
     )
 
 
@@ -502,19 +506,35 @@ def channel_split_conv2d(
         groups: 1, or depthwise (``groups == C == O``); then
             ``static_in_index`` / ``dynamic_in_index`` select the input channel
             of each static / dynamic output channel.
-        align: pad both parts with zero output channels to a multiple of this
-            (``groups == 1``); default :data:`CHANNEL_ALIGN` on CPU, off when exporting.
+        align: pad the parts with zero output channels to a multiple of this
+            (``groups == 1``); default: :data:`GROUPED_ALIGN` for a dynamic part that
+            runs as a grouped conv on CPU, else :data:`CHANNEL_ALIGN`; off when exporting.
     """
+    if groups == 1 and x.shape[0] == 1 and not is_exporting():
+        # one sample: assemble its whole kernel (static rows + mixed dynamic rows) and run one conv
+        mixed = (pi @ dyn_rows.flatten(1)).view(dyn_rows.shape[1:])
+        weight = torch.cat([sta_rows, mixed], dim=0).index_select(0, order)
+        y = F.conv2d(x, weight, None, stride, padding, dilation)
+        if bias is not None:
+            y = y + (bias[:, None, None] if bias.dim() == 1 else bias[:, :, None, None])
+        return y
     if groups == 1:
         n_sta, n_dyn = sta_rows.shape[0], dyn_rows.shape[1]
         if align is None:
-            align = 0 if is_exporting() or x.device.type != "cpu" else CHANNEL_ALIGN
-        if align > 1 and (n_sta % align or n_dyn % align):
-            # oneDNN blocks output channels by 16: a conv with 90 outputs runs ~20% slower than
-            # one with 96 (docs/benchmarks.md). Zero rows are cheaper than the ragged tail.
-            pad_sta, pad_dyn = -n_sta % align, -n_dyn % align
+            align = 1
+            if not is_exporting() and x.device.type == "cpu":
+                align = CHANNEL_ALIGN
+                chosen = resolve_backend(x, pi, dyn_rows, None, stride, padding, dilation, 1, backend)
+                if chosen == "weight":
+                    align = max(align, GROUPED_ALIGN)
+                backend = chosen
+        if align > 1 and n_dyn % align:
+            # oneDNN's grouped conv blocks channels by 16: 19 channels per group ran 2.4x slower
+            # (forward+backward) than 32; zero rows are cheaper than the ragged tail.
+            dyn_rows = F.pad(dyn_rows, (0, 0) * (dyn_rows.dim() - 2) + (0, -n_dyn % align, 0, 0))
+        if align > 1 and n_sta % align and CHANNEL_ALIGN > 1:
+            pad_sta = -n_sta % align
             sta_rows = F.pad(sta_rows, (0, 0) * (sta_rows.dim() - 1) + (0, pad_sta))
-            dyn_rows = F.pad(dyn_rows, (0, 0) * (dyn_rows.dim() - 2) + (0, pad_dyn, 0, 0))
             order = order + (order >= n_sta).to(order.dtype) * pad_sta
         ys = F.conv2d(x, sta_rows, None, stride, padding, dilation)
         yd = dynamic_conv2d(x, pi, dyn_rows, None, stride=stride, padding=padding, dilation=dilation,
