@@ -19,10 +19,9 @@ from _common import base_parser, log, setup, write  # noqa: I001  (sets OMP_WAIT
 import torch
 import torch.nn.functional as F
 
-from padnet.analysis.latency import format_rows, time_interleaved
+from padnet.analysis.latency import RESNET18_SHAPES, format_rows, time_interleaved
 from padnet.layers import conv_functional as cf
 
-SHAPES = ((64, 32), (128, 16), (256, 8), (512, 4))
 
 
 def main() -> None:
@@ -32,7 +31,7 @@ def main() -> None:
     info = setup(args)
     rows = []
     b, k = args.batch, 4
-    for c, hw in SHAPES:
+    for c, hw in RESNET18_SHAPES:
         torch.manual_seed(0)
         x = torch.randn(b, c, hw, hw)
         w = torch.randn(c, c, 3, 3)

@@ -111,14 +111,42 @@ def micro_table(payload):
     return "\n".join(out)
 
 
+def channel_split_table(payload):
+    rows = payload["rows"]
+    parts = ["compact_channel", "routing", "static_part", "dynamic_part", "merge", "sum_of_parts"]
+    out = [machine_line(payload), "",
+           "| shape | batch | static ms | path | dynamic-part backend | dynamic channels | " + " | ".join(parts) + " |",
+           "|---|---|---|---|---|---|" + "---|" * len(parts)]
+    for r in rows:
+        out.append(f"| {r['shape']} | {r['batch']} | {r['static_ms']:.1f} | {r['path']} | {r['dynamic_backend']} | "
+                   f"{r['dynamic_channels']} | "
+                   + " | ".join(f"{r[p]:.2f}" for p in parts) + " |")
+    return "\n".join(out)
+
+
+def allocator_table(payload):
+    runs = payload["runs"]
+    variants = ["dynamic", "compact_element", "compact_channel"]
+    out = [machine_line(payload), "",
+           "| malloc | shape | static ms | " + " | ".join(f"{v} / static" for v in variants) + " |",
+           "|---|---|---|" + "---|" * len(variants)]
+    for label, rows in runs.items():
+        for r in rows:
+            out.append(f"| {label} | {r['shape']} | {r['static_ms']:.1f} | "
+                       + " | ".join(f"{r[v]:.2f}" for v in variants) + " |")
+    return "\n".join(out)
+
+
 def main() -> None:
     for title, name, render in [
+        ("allocator", "allocator", allocator_table),
         ("backends (functional, forward)", "backends", backends_table),
         ("backends (functional, forward+backward)", "backends_grad", lambda p: backends_table(p, grad=True)),
         ("conv layers", "conv_layers", layers_tables),
         ("MoE", "moe", moe_table),
         ("models", "models", models_table),
         ("micro-measurements", "micro", micro_table),
+        ("channel split: where the time goes", "channel_split", channel_split_table),
     ]:
         payload = load(name)
         if payload is None:

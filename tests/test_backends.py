@@ -227,16 +227,17 @@ KINDS = ["ones", "zeros", "channel", "element"]
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("groups", [1, 8])
 @pytest.mark.parametrize("routing", ["softmax", "sigmoid"])
-def test_structured_paths_match_reference_and_general_gradients(kind, groups, routing):
+@pytest.mark.parametrize("size", [7, 16])  # 16x16 = 256 output pixels: channel masks take the dense path
+def test_structured_paths_match_reference_and_general_gradients(kind, groups, routing, size):
     layer = make_masked_layer(kind, groups=groups, routing=routing)
     assert layer.mask_structure().kind == kind
-    x = torch.randn(4, layer.in_channels, 7, 7, dtype=torch.double) + torch.randn(4, layer.in_channels, 1, 1,
-                                                                                   dtype=torch.double)
+    x = torch.randn(4, layer.in_channels, size, size, dtype=torch.double) + torch.randn(
+        4, layer.in_channels, 1, 1, dtype=torch.double)
     torch.testing.assert_close(layer(x), layer_reference(layer, x), rtol=1e-10, atol=1e-10)
     # gradients of the fast path == gradients of the literal general path (explicit backend)
     general = copy.deepcopy(layer)
     general.backend = "weight"
-    gy = torch.randn(4, layer.out_channels, 7, 7, dtype=torch.double)
+    gy = torch.randn(4, layer.out_channels, size, size, dtype=torch.double)
     layer(x).backward(gy)
     general(x).backward(gy)
     for (name, p), (_, q) in zip(layer.named_parameters(), general.named_parameters()):
@@ -386,6 +387,27 @@ def test_channel_split_padding_alignment(align, monkeypatch):
     full_sta[[1, 2, 4, 5, 7, 8]] = sta_rows
     ref = per_sample_reference(x, pi, full_dyn, full_sta, 1, 1, 1, 1) + bias[:, None, None]
     torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("size, path", [(6, "split"), (16, "dense")])
+def test_channel_split_picks_dense_path_for_wide_outputs(size, path, monkeypatch):
+    """Many output pixels per sample (grouped-conv territory): one dynamic conv over all channels."""
+    layer = make_masked_layer("channel", bias=True).eval()
+    compact = CompactDynamicConv2d(layer)
+    calls = []
+    real = cf.dynamic_conv2d
+
+    def spy(x, pi, dyn, *args, **kwargs):
+        calls.append(dyn.shape[1])
+        return real(x, pi, dyn, *args, **kwargs)
+
+    monkeypatch.setattr(cf, "dynamic_conv2d", spy)
+    x = torch.randn(3, 6, size, size, dtype=torch.double)
+    with torch.no_grad():
+        y = compact(x)
+    torch.testing.assert_close(y, layer_reference(layer, x), rtol=1e-10, atol=1e-10)
+    n_dyn = int(layer.mode_mask[:, 0, 0, 0].sum())
+    assert calls[0] == (layer.out_channels if path == "dense" else n_dyn)
 
 
 def test_compact_channel_plan_uses_views_of_packed_values():

@@ -80,13 +80,10 @@ def release_workspace() -> None:
     """Free this thread's cached scratch buffers of the ``"bmm"`` backend."""
     _WORKSPACE.buffers = {}
 
-# Channel split (CPU): the dynamic part is padded with zero output channels to a
-# multiple of GROUPED_ALIGN when it runs as a grouped conv (19 -> 32 channels per group:
-# 2.4x faster forward+backward at 64@32). CHANNEL_ALIGN pads both parts; off (1) by
-# default: a plain conv with 90 vs 96 outputs measured neutral on a quiet machine
+# Channel split (CPU): CHANNEL_ALIGN pads both parts with zero output channels to a multiple of
+# it; off (1) by default: a plain conv with 90 vs 96 outputs measured neutral on a quiet machine
 # once the padding copy is paid (benchmarks/bench_micro.py).
 CHANNEL_ALIGN = 1
-GROUPED_ALIGN = 16
 
 # Cost-rule constants (CPU), see select_backend and docs/benchmarks.md.
 _GROUPED_MIN_L = 256  # output pixels per sample from which the grouped conv beats bmm
@@ -507,8 +504,14 @@ def channel_split_conv2d(
             ``static_in_index`` / ``dynamic_in_index`` select the input channel
             of each static / dynamic output channel.
         align: pad the parts with zero output channels to a multiple of this
-            (``groups == 1``); default: :data:`GROUPED_ALIGN` for a dynamic part that
-            runs as a grouped conv on CPU, else :data:`CHANNEL_ALIGN`; off when exporting.
+            (``groups == 1``); default :data:`CHANNEL_ALIGN` on CPU, off when exporting.
+
+    Where the dynamic part would run as a grouped conv of per-sample kernels
+    (``backend`` resolves to ``"weight"``: many output pixels per sample), the
+    split is not worth it: the grouped conv of the *whole* layer costs about a
+    static conv there, less than a static conv on 70 % of the channels plus a
+    dynamic one on 30 % (docs/benchmarks.md). Then the static rows are placed
+    into the dense factors and the whole layer runs as one dynamic conv.
     """
     if groups == 1 and x.shape[0] == 1 and not is_exporting():
         # one sample: assemble its whole kernel (static rows + mixed dynamic rows) and run one conv
@@ -520,21 +523,22 @@ def channel_split_conv2d(
         return y
     if groups == 1:
         n_sta, n_dyn = sta_rows.shape[0], dyn_rows.shape[1]
+        if not is_exporting():
+            backend = resolve_backend(x, pi, dyn_rows, None, stride, padding, dilation, 1, backend)
+            if backend == "weight":
+                dyn = torch.cat([dyn_rows.new_zeros((dyn_rows.shape[0], n_sta, *dyn_rows.shape[2:])), dyn_rows],
+                                dim=1).index_select(1, order)
+                sta = torch.cat([sta_rows, sta_rows.new_zeros((n_dyn, *sta_rows.shape[1:]))]).index_select(0, order)
+                y = dynamic_conv2d(x, pi, dyn, sta, None, None, stride, padding, dilation, 1, "weight")
+                if bias is not None:
+                    y = y + (bias[:, None, None] if bias.dim() == 1 else bias[:, :, None, None])
+                return y
         if align is None:
-            align = 1
-            if not is_exporting() and x.device.type == "cpu":
-                align = CHANNEL_ALIGN
-                chosen = resolve_backend(x, pi, dyn_rows, None, stride, padding, dilation, 1, backend)
-                if chosen == "weight":
-                    align = max(align, GROUPED_ALIGN)
-                backend = chosen
-        if align > 1 and n_dyn % align:
-            # oneDNN's grouped conv blocks channels by 16: 19 channels per group ran 2.4x slower
-            # (forward+backward) than 32; zero rows are cheaper than the ragged tail.
-            dyn_rows = F.pad(dyn_rows, (0, 0) * (dyn_rows.dim() - 2) + (0, -n_dyn % align, 0, 0))
-        if align > 1 and n_sta % align and CHANNEL_ALIGN > 1:
-            pad_sta = -n_sta % align
+            align = 1 if is_exporting() or x.device.type != "cpu" else CHANNEL_ALIGN
+        if align > 1 and (n_sta % align or n_dyn % align):
+            pad_sta, pad_dyn = -n_sta % align, -n_dyn % align
             sta_rows = F.pad(sta_rows, (0, 0) * (sta_rows.dim() - 1) + (0, pad_sta))
+            dyn_rows = F.pad(dyn_rows, (0, 0) * (dyn_rows.dim() - 2) + (0, pad_dyn, 0, 0))
             order = order + (order >= n_sta).to(order.dtype) * pad_sta
         ys = F.conv2d(x, sta_rows, None, stride, padding, dilation)
         yd = dynamic_conv2d(x, pi, dyn_rows, None, stride=stride, padding=padding, dilation=dilation,
