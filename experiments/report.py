@@ -170,7 +170,7 @@ def plot(runs) -> list[str]:
         ax.set_xlabel("deployable parameters (M)")
         ax.set_ylabel("Fashion-MNIST test accuracy (%)")
         ax.set_title("Accuracy vs deployable size")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="lower left")
         fig.tight_layout()
         fig.savefig(FIGURES / "accuracy_vs_params.png", dpi=120)
         plt.close(fig)
