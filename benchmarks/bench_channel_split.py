@@ -48,7 +48,7 @@ def main() -> None:
             backend = cf.resolve_backend(x, pi, dyn_rows, None, 1, 1, 1, 1, "auto")
             ys = F.conv2d(x, sta_rows, padding=1)
             yd = cf.dynamic_conv2d(x, pi, dyn_rows, None, padding=1, backend=backend)
-        path = "dense" if backend == "weight" else "split"
+        path = "dense" if cf.channel_split_runs_dense(x, pi, dyn_rows, 1, 1, 1, 1) else "split"
         fns = {
             "static": lambda: static(x),
             "compact_channel": lambda: compact(x),

@@ -105,12 +105,10 @@ def condition_table(runs, order, speed) -> list[str]:
         train_s = statistics.median(r["summary"]["train_seconds"] for r in recs)
         sp = speed.get("rows", {}).get(cond) if speed else None
         sp_text = f"{sp['batch_ratio']:.2f}x / {sp['batch1_ratio']:.2f}x" if sp else "–"
+        flops_text = f"{flops / 1e6:.1f} M" if flops else "–"
         rows.append(
             f"| {LABELS[cond]} | {len(recs)} | {fmt_pm([acc(r) for r in recs])} | {params['total'] / 1e6:.3f} M | "
-            f"{params['dynamic'] / 1e6:.3f} M | {flops / 1e6:.1f} M | {train_s:.0f} | {sp_text} |"
-            if flops else
-            f"| {LABELS[cond]} | {len(recs)} | {fmt_pm([acc(r) for r in recs])} | {params['total'] / 1e6:.3f} M | "
-            f"{params['dynamic'] / 1e6:.3f} M | – | {train_s:.0f} | {sp_text} |")
+            f"{params['dynamic'] / 1e6:.3f} M | {flops_text} | {train_s:.0f} | {sp_text} |")
     return rows
 
 

@@ -12,19 +12,13 @@ import torch.nn.functional as F
 
 from padnet.layers import CompactDynamicConv2d, DynamicConv2d, MoEFeedForward
 from padnet.layers import conv_functional as cf
+from padnet.layers import dynamic_conv as dynamic_conv_module
 from padnet.layers.dynamic_conv import MaskStructure
 from padnet.layers.moe import moe_dispatch, route_tokens
 
 BACKENDS = ["weight", "bmm", "output"]
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster and immune to a busy shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def per_sample_reference(x, pi, dyn, sta, stride, padding, dilation, groups):
@@ -402,12 +396,28 @@ def test_channel_split_picks_dense_path_for_wide_outputs(size, path, monkeypatch
         return real(x, pi, dyn, *args, **kwargs)
 
     monkeypatch.setattr(cf, "dynamic_conv2d", spy)
+    monkeypatch.setattr(dynamic_conv_module, "dynamic_conv2d", spy)  # the layer's own (cached-factor) dense call
     x = torch.randn(3, 6, size, size, dtype=torch.double)
+    n_dyn = int(layer.mode_mask[:, 0, 0, 0].sum())
+    expected = layer.out_channels if path == "dense" else n_dyn
     with torch.no_grad():
         y = compact(x)
     torch.testing.assert_close(y, layer_reference(layer, x), rtol=1e-10, atol=1e-10)
-    n_dyn = int(layer.mode_mask[:, 0, 0, 0].sum())
-    assert calls[0] == (layer.out_channels if path == "dense" else n_dyn)
+    assert calls[0] == expected
+    # the functional form takes the same decision
+    calls.clear()
+    st = compact.mask_structure()
+    k, shape = compact.weight.num_factors, compact._kernel_shape()
+    dyn_rows = compact.weight.dynamic_values.view(k, n_dyn, *shape[1:])
+    sta_rows = compact.weight.static_values.view(shape[0] - n_dyn, *shape[1:])
+    with torch.no_grad():
+        pi = compact.routing_weights(x)
+        bias_dyn, bias_sta = compact._bias_parts()
+        bias = cf.mix_bias(pi, bias_dyn, bias_sta) if bias_dyn is not None else bias_sta
+        y2 = cf.channel_split_conv2d(x, pi, dyn_rows, sta_rows, st.order, bias, 1, 1, 1, 1)
+    assert calls[0] == expected
+    assert cf.channel_split_runs_dense(x, pi, dyn_rows, 1, 1, 1, 1) == (path == "dense")
+    torch.testing.assert_close(y2, y, rtol=1e-10, atol=1e-10)
 
 
 def test_compact_channel_plan_uses_views_of_packed_values():

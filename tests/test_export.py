@@ -12,14 +12,7 @@ from padnet.export import compact_, export_onnx, export_program, find_conv_bn_pa
 from padnet.layers import CompactDynamicConv2d, DynamicConv2d, MoEFeedForward, pad_layers
 from padnet.models import create_model
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster and immune to a busy shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def set_masks_(model, kind, ratio=0.3, seed=0):

@@ -31,13 +31,7 @@ TINY = ["--width", "0.125", "--max-train-samples", "256", "--max-test-samples", 
         "--epochs", "1", "--quiet"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The test machine's 2 cores are shared: one intra-op thread is faster under contention."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------- recipes

@@ -20,19 +20,11 @@ from safetensors.torch import load_file
 from padnet.cli import main
 from padnet.data import DEFAULT_FASHION_MNIST_ROOT
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.skipif(
     not any((DEFAULT_FASHION_MNIST_ROOT / f).exists()
             for f in ("train-images-idx3-ubyte.gz", "train-images-idx3-ubyte")),
     reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)",
-)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+)]
 
 
 def _summary(out: Path) -> dict:

@@ -476,6 +476,25 @@ def _dispatch(backend, x, pi, dyn, sta, stride, padding, dilation, groups) -> Te
     raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
 
 
+def channel_split_runs_dense(x: Tensor, pi: Tensor, dyn_rows: Tensor, stride, padding, dilation, groups: int,
+                             backend: str = "auto") -> bool:
+    """Whether :func:`channel_split_conv2d` runs the whole layer as one dynamic conv instead of splitting.
+
+    True where the dynamic part would run as a grouped conv of per-sample kernels
+    (``groups == 1``, batch > 1, ``backend`` resolving to ``"weight"``, not exporting).
+    """
+    if groups != 1 or x.shape[0] == 1 or is_exporting():
+        return False
+    return resolve_backend(x, pi, dyn_rows, None, stride, padding, dilation, 1, backend) == "weight"
+
+
+def _add_channel_bias(y: Tensor, bias: Tensor | None) -> Tensor:
+    """``y [B, O, H, W]`` plus a ``[O]`` or per-sample ``[B, O]`` bias."""
+    if bias is None:
+        return y
+    return y + (bias[:, None, None] if bias.dim() == 1 else bias[:, :, None, None])
+
+
 def channel_split_conv2d(
     x: Tensor,
     pi: Tensor,
@@ -517,22 +536,15 @@ def channel_split_conv2d(
         # one sample: assemble its whole kernel (static rows + mixed dynamic rows) and run one conv
         mixed = (pi @ dyn_rows.flatten(1)).view(dyn_rows.shape[1:])
         weight = torch.cat([sta_rows, mixed], dim=0).index_select(0, order)
-        y = F.conv2d(x, weight, None, stride, padding, dilation)
-        if bias is not None:
-            y = y + (bias[:, None, None] if bias.dim() == 1 else bias[:, :, None, None])
-        return y
+        return _add_channel_bias(F.conv2d(x, weight, None, stride, padding, dilation), bias)
     if groups == 1:
         n_sta, n_dyn = sta_rows.shape[0], dyn_rows.shape[1]
-        if not is_exporting():
-            backend = resolve_backend(x, pi, dyn_rows, None, stride, padding, dilation, 1, backend)
-            if backend == "weight":
-                dyn = torch.cat([dyn_rows.new_zeros((dyn_rows.shape[0], n_sta, *dyn_rows.shape[2:])), dyn_rows],
-                                dim=1).index_select(1, order)
-                sta = torch.cat([sta_rows, sta_rows.new_zeros((n_dyn, *sta_rows.shape[1:]))]).index_select(0, order)
-                y = dynamic_conv2d(x, pi, dyn, sta, None, None, stride, padding, dilation, 1, "weight")
-                if bias is not None:
-                    y = y + (bias[:, None, None] if bias.dim() == 1 else bias[:, :, None, None])
-                return y
+        if channel_split_runs_dense(x, pi, dyn_rows, stride, padding, dilation, groups, backend):
+            dyn = torch.cat([dyn_rows.new_zeros((dyn_rows.shape[0], n_sta, *dyn_rows.shape[2:])), dyn_rows],
+                            dim=1).index_select(1, order)
+            sta = torch.cat([sta_rows, sta_rows.new_zeros((n_dyn, *sta_rows.shape[1:]))]).index_select(0, order)
+            y = dynamic_conv2d(x, pi, dyn, sta, None, None, stride, padding, dilation, 1, "weight")
+            return _add_channel_bias(y, bias)
         if align is None:
             align = 1 if is_exporting() or x.device.type != "cpu" else CHANNEL_ALIGN
         if align > 1 and (n_sta % align or n_dyn % align):
@@ -549,9 +561,7 @@ def channel_split_conv2d(
         ys = F.conv2d(xs, sta_rows, None, stride, padding, dilation, sta_rows.shape[0])
         yd = dynamic_conv2d(xd, pi, dyn_rows, None, stride=stride, padding=padding, dilation=dilation,
                             groups=dyn_rows.shape[1], backend=backend)
-    y = torch.cat([ys, yd], dim=1).index_select(1, order)
-    if bias is not None:
-        y = y + (bias[:, None, None] if bias.dim() == 1 else bias[:, :, None, None])
+    y = _add_channel_bias(torch.cat([ys, yd], dim=1).index_select(1, order), bias)
     if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
         y = y.contiguous(memory_format=torch.channels_last)
     return y

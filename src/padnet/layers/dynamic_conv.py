@@ -10,7 +10,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
-from .conv_functional import BACKENDS, channel_split_conv2d, dynamic_conv2d, is_exporting, mix_bias
+from .conv_functional import (
+    BACKENDS, channel_split_conv2d, channel_split_runs_dense, dynamic_conv2d, is_exporting, mix_bias,
+)
 from .modes import CompactLayerMixin, PackedModeGroup, PadLayerMixin, ScaleFactors, combine_factors, register_mask
 
 ROUTINGS = ("softmax", "sigmoid")
@@ -486,7 +488,7 @@ class CompactDynamicConv2d(_ConvGeometry, CompactLayerMixin, nn.Module):
         return _packed_dense(self.weight)
 
     def _cached_dense_factors(self) -> tuple[Tensor | None, Tensor | None]:
-        """Dense factors for the element plan: cached for inference, index scatter with autograd."""
+        """Dense factors (element plans, wide channel plans): cached for inference, index scatter with autograd."""
         packed = self.weight
         if is_exporting():
             return self.dense_factors()
@@ -540,12 +542,14 @@ class CompactDynamicConv2d(_ConvGeometry, CompactLayerMixin, nn.Module):
             k = self.weight.num_factors
             n_dyn = st.dynamic_index.numel()
             dyn_rows = self.weight.dynamic_values.view(k, n_dyn, *shape[1:])
-            sta_rows = self.weight.static_values.view(shape[0] - n_dyn, *shape[1:])
-            bias = mix_bias(pi, bias_dyn, bias_sta) if bias_dyn is not None else bias_sta
-            return channel_split_conv2d(
-                x, pi, dyn_rows, sta_rows, st.order, bias, self.stride, self.padding, self.dilation, self.groups,
-                "auto", st.static_index, st.dynamic_index,
-            )
+            if not channel_split_runs_dense(x, pi, dyn_rows, self.stride, self.padding, self.dilation, self.groups):
+                sta_rows = self.weight.static_values.view(shape[0] - n_dyn, *shape[1:])
+                bias = mix_bias(pi, bias_dyn, bias_sta) if bias_dyn is not None else bias_sta
+                return channel_split_conv2d(
+                    x, pi, dyn_rows, sta_rows, st.order, bias, self.stride, self.padding, self.dilation,
+                    self.groups, "auto", st.static_index, st.dynamic_index,
+                )
+            # wide outputs: one dynamic conv over all channels, from the (inference-cached) dense factors
         dyn, sta = self._cached_dense_factors()
         return self._conv(x, pi, dyn, sta, bias_dyn, bias_sta)
 
