@@ -26,7 +26,7 @@ import torch.nn.functional as F
 import padnet
 from padnet.layers import pad_layers
 from padnet.models import create_model, list_models
-from padnet.partition import partition_
+from padnet.transforms.partition import partition_
 
 
 def parse_args(argv=None):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from padnet.layers import DynamicConv2d, MoEFeedForward, pad_layers
-from padnet.partition import (
+from padnet.transforms.partition import (
     GroupStats,
     PartitionReport,
     SymmetricModesWarning,
@@ -21,7 +21,7 @@ from padnet.partition import (
     register_criterion,
     unregister_criterion,
 )
-from padnet.partition.units import round_half_up
+from padnet.transforms.partition.units import round_half_up
 
 
 # --------------------------------------------------------------------------------------------

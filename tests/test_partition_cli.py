@@ -10,7 +10,7 @@ import padnet
 from padnet.commands import partition as partition_cmd
 from padnet.layers import pad_layers
 from padnet.models import create_model
-from padnet.partition.units import round_half_up
+from padnet.transforms.partition.units import round_half_up
 
 ZOO = ["--model", "resnet10", "--small-input", "--width", "0.25", "--num-classes", "5"]
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from padnet.layers import DynamicConv2d, MoEFeedForward, pad_layers
-from padnet.partition import partition_
+from padnet.transforms.partition import partition_
 
 WORLD = 2
 

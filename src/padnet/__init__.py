@@ -12,7 +12,7 @@ from .analysis.flops import count_flops  # noqa: E402
 from .config import PadConfig  # noqa: E402
 from .convert import dynamize_  # noqa: E402
 from .export.compact import compact_  # noqa: E402
-from .partition import PartitionReport, SymmetricModesWarning, list_criteria, partition_, register_criterion  # noqa: E402
+from .transforms.partition import PartitionReport, SymmetricModesWarning, list_criteria, partition_, register_criterion  # noqa: E402
 from .serialization import CheckpointError, load, save  # noqa: E402
 
 __all__ = [

@@ -50,7 +50,7 @@ def resolve_ratio(variant: str, ratio: float | None, default: float = 0.3) -> fl
 
 def magnitude_partition_(model: nn.Module, ratio: float) -> None:
     """Data-free mode partition for size accounting (global magnitude criterion)."""
-    from ..partition import partition_
+    from ..transforms.partition import partition_
 
     partition_(model, None, None, ratio=ratio, criterion="magnitude", iterations=1)
 

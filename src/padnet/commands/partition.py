@@ -22,7 +22,7 @@ from torch import nn
 
 from ..config import PadConfig, check_ratio
 from ..convert import dynamize_
-from ..partition import GRANULARITIES, SCOPES, get_criterion, get_schedule, list_criteria, list_schedules, partition_
+from ..transforms.partition import GRANULARITIES, SCOPES, get_criterion, get_schedule, list_criteria, list_schedules, partition_
 from .common import add_model_args, zoo_model
 
 DEFAULT_RATIO = 0.3

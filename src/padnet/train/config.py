@@ -142,7 +142,7 @@ class TrainConfig:
         if not isinstance(self.pad_config, dict) or not isinstance(self.options, dict):
             raise ValueError("pad_config and options must be mappings")
         if self.variant == "pad":
-            from ..partition import SCOPES, GRANULARITIES, list_criteria, list_schedules
+            from ..transforms.partition import SCOPES, GRANULARITIES, list_criteria, list_schedules
 
             if self.criterion not in list_criteria():
                 raise ValueError(f"unknown criterion {self.criterion!r}; known: {', '.join(list_criteria())}")

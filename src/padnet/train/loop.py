@@ -2,7 +2,7 @@
 
 Variants: ``static`` trains the recipe's model as built; ``dynamic`` runs
 :meth:`Recipe.dynamize` (every target layer fully dynamic); ``pad`` also
-partitions the modes to ``cfg.ratio`` with :func:`padnet.partition.partition_`
+partitions the modes to ``cfg.ratio`` with :func:`padnet.transforms.partition.partition_`
 before the first step (``partition_warmup_steps = 0``) or after that many
 optimizer steps.
 
@@ -404,7 +404,7 @@ class Trainer:
 
     # ---------------------------------------------------------- partition
     def partition(self) -> dict[str, Any]:
-        from ..partition import get_criterion, partition_
+        from ..transforms.partition import get_criterion, partition_
 
         cfg, ctx = self.cfg, self.ctx
         if not get_criterion(cfg.criterion).needs_data:  # data-free (magnitude, random, ...)

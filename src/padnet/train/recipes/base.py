@@ -49,7 +49,7 @@ recipe-only settings in ``cfg.options``):
    The scheduler is stepped after **every optimizer step**.
 7. ``loss(cfg) -> loss_fn(outputs, targets) -> scalar`` (default:
    cross-entropy with ``cfg.label_smoothing`` on :meth:`logits` of the
-   outputs). The same ``loss_fn`` is handed to ``padnet.partition.partition_``.
+   outputs). The same ``loss_fn`` is handed to ``padnet.transforms.partition.partition_``.
 8. every step: ``batch_transform(cfg, train=True)`` (applied to the inputs
    *after* they are moved to the device: batched augmentation and
    normalisation; ``None`` for none), ``forward(model, inputs)``,

@@ -4,7 +4,7 @@ A criterion scores every entry of one mode group; **higher = keep dynamic**::
 
     fn(group: ModeGroup, stats: GroupStats, layer: nn.Module, **kwargs) -> Tensor  # group.shape
 
-``stats`` (:class:`GroupStats`) holds what :func:`padnet.partition.partition_`
+``stats`` (:class:`GroupStats`) holds what :func:`padnet.transforms.partition.partition_`
 accumulated for that group over the batches of the current iteration (under the
 current mask): ``mask_grad`` = sum_b dL_b/dM (signed), ``dynamic_grad`` =
 sum_b dL_b/dW_k (``[K, *shape]``), ``static_grad`` = sum_b dL_b/dW_s, the number
@@ -55,7 +55,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from ..layers.modes import ModeGroup
+from ...layers.modes import ModeGroup
 
 __all__ = [
     "STATS",

@@ -32,9 +32,9 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor, nn
 
-from ..analysis.counting import count_parameters
-from ..config import check_ratio
-from ..layers.modes import pad_layers
+from ...analysis.counting import count_parameters
+from ...config import check_ratio
+from ...layers.modes import pad_layers
 from .criteria import Criterion, GroupStats, get_criterion
 from .report import IterationRecord, LayerPartition, PartitionReport
 from .schedules import get_schedule

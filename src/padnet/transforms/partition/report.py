@@ -1,4 +1,4 @@
-"""``PartitionReport``: what one :func:`padnet.partition.partition_` call did."""
+"""``PartitionReport``: what one :func:`padnet.transforms.partition.partition_` call did."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ class PartitionReport:
     :func:`padnet.count_parameters` dicts (``static dynamic router other total``);
     ``history`` has one :class:`IterationRecord` per iteration;
     ``symmetric_layers`` lists layers whose modes were symmetric or whose scores
-    were all zero (see :class:`~padnet.partition.SymmetricModesWarning`).
+    were all zero (see :class:`~padnet.transforms.partition.SymmetricModesWarning`).
     """
 
     criterion: str

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..layers.modes import ModeGroup
+from ...layers.modes import ModeGroup
 
 GRANULARITIES = ("element", "kernel", "channel")
 
