@@ -46,7 +46,7 @@ def test_builtin_recipes_registered():
 
 
 def test_unknown_recipe_lists_known_ones(capsys):
-    with pytest.raises(ValueError, match="known recipes: .*fashion-mnist"):
+    with pytest.raises(ValueError, match="registered recipes: .*fashion-mnist"):
         get_recipe("mnist-but-wrong")
     assert main(["train", "--recipe", "nope", "--quiet"]) == 2
     err = capsys.readouterr().err

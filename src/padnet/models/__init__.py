@@ -1,7 +1,7 @@
 """Model zoo: torchvision-compatible ResNets and MobileNetV2, plus a name registry."""
 
 from .mobilenetv2 import InvertedResidual, MobileNetV2, mobilenet_v2
-from .registry import MODEL_REGISTRY, create_model, list_models, register_model
+from .registry import MODEL_REGISTRY, create_model, list_models, register_model, unregister_model
 from .resnet import BasicBlock, Bottleneck, ResNet, resnet10, resnet18, resnet34, resnet50
 
 # Text models register "minilm", "tiny_bert" and "bert" (transformers is imported lazily).
@@ -12,6 +12,7 @@ __all__ = [
     "create_model",
     "list_models",
     "register_model",
+    "unregister_model",
     "resnet10",
     "resnet18",
     "resnet34",

@@ -2,44 +2,47 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, List, Optional
 
 from torch import nn
 
 from .mobilenetv2 import mobilenet_v2
 from .resnet import resnet10, resnet18, resnet34, resnet50
 
-__all__ = ["MODEL_REGISTRY", "create_model", "list_models", "register_model"]
+from ..registry import Registry
+
+__all__ = ["MODEL_REGISTRY", "create_model", "list_models", "register_model", "unregister_model"]
 
 ModelFn = Callable[..., nn.Module]
 
-MODEL_REGISTRY: Dict[str, ModelFn] = {
-    "resnet10": resnet10,
-    "resnet18": resnet18,
-    "resnet34": resnet34,
-    "resnet50": resnet50,
-    "mobilenet_v2": mobilenet_v2,
-}
+
+def _check_callable(name: str, fn: ModelFn) -> None:
+    if not callable(fn):
+        raise TypeError(f"model {name!r} must be a callable returning an nn.Module, got {type(fn).__name__}")
 
 
-def register_model(
-    name: str, fn: Optional[ModelFn] = None, *, overwrite: bool = False
-) -> Any:
+MODEL_REGISTRY: Registry[ModelFn] = Registry("model", check=_check_callable)
+MODEL_REGISTRY.register("resnet10", resnet10)
+MODEL_REGISTRY.register("resnet18", resnet18)
+MODEL_REGISTRY.register("resnet34", resnet34)
+MODEL_REGISTRY.register("resnet50", resnet50)
+MODEL_REGISTRY.register("mobilenet_v2", mobilenet_v2)
+
+
+def register_model(name: str, fn: Optional[ModelFn] = None, *, overwrite: bool = False) -> Any:
     """Add ``fn`` to :data:`MODEL_REGISTRY` under ``name``; usable as a decorator
     (``@register_model("bert_tiny")``). Returns ``fn``."""
+    return MODEL_REGISTRY.register(name, fn, overwrite=overwrite)
 
-    def _add(f: ModelFn) -> ModelFn:
-        if name in MODEL_REGISTRY and MODEL_REGISTRY[name] is not f and not overwrite:
-            raise ValueError(f"model {name!r} is already registered")
-        MODEL_REGISTRY[name] = f
-        return f
 
-    return _add if fn is None else _add(fn)
+def unregister_model(name: str) -> None:
+    """Remove a registered model (``KeyError`` listing the registered ones if absent)."""
+    MODEL_REGISTRY.unregister(name)
 
 
 def list_models() -> List[str]:
     """Sorted names of all registered models."""
-    return sorted(MODEL_REGISTRY)
+    return MODEL_REGISTRY.names()
 
 
 def create_model(name: str, **kwargs: Any) -> nn.Module:
@@ -49,11 +52,7 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     so the same architecture can be rebuilt later (e.g. when loading a checkpoint).
     Raises ``ValueError`` for an unknown name.
     """
-    try:
-        fn = MODEL_REGISTRY[name]
-    except (KeyError, TypeError):
-        known = ", ".join(list_models())
-        raise ValueError(f"unknown model {name!r}; known models: {known}") from None
+    fn = MODEL_REGISTRY.get(name)
     model = fn(**kwargs)
     if not hasattr(model, "padnet_model_spec"):  # a factory may record a richer spec itself
         model.padnet_model_spec = {"name": name, "kwargs": dict(kwargs)}

@@ -5,9 +5,8 @@ See :mod:`padnet.train.recipes.base` for the :class:`Recipe` interface.
 
 from __future__ import annotations
 
-import importlib
-
 from .base import (
+    BUILTIN_MODULES,
     RECIPES,
     DataBundle,
     Recipe,
@@ -20,27 +19,8 @@ from .base import (
     unregister_recipe,
 )
 
-# Modules holding built-in recipes; each registers its recipes on import.
-BUILTIN_MODULES = ("padnet.train.recipes.vision", "padnet.train.recipes.text")
-
-_loaded = False
-
-
-def _load_builtin() -> None:
-    """Import the built-in recipe modules once (a module that does not exist is skipped)."""
-    global _loaded
-    if _loaded:
-        return
-    for module in BUILTIN_MODULES:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
-    _loaded = True
-
-
 __all__ = [
+    "BUILTIN_MODULES",
     "RECIPES",
     "DataBundle",
     "Recipe",

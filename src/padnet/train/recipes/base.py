@@ -73,6 +73,7 @@ symmetric, e.g. MoE experts upcycled from one dense FFN).
 from __future__ import annotations
 
 import collections.abc
+import importlib
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
@@ -81,6 +82,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
+
+from ...registry import Registry
 
 __all__ = [
     "DataBundle",
@@ -305,45 +308,59 @@ def lr_factor_fn(schedule: str, total_steps: int, warmup_steps: int, min_factor:
 
 # ------------------------------------------------------------------ registry
 
-RECIPES: dict[str, type[Recipe]] = {}
+def _check_recipe(name: str, cls: type[Recipe]) -> None:
+    if not (isinstance(cls, type) and issubclass(cls, Recipe)):
+        raise TypeError(f"register_recipe expects a Recipe subclass, got {cls!r}")
+
+
+RECIPES: Registry[type[Recipe]] = Registry("recipe", check=_check_recipe)
 
 
 def register_recipe(cls: type[Recipe] | None = None, *, overwrite: bool = False):
     """Register a :class:`Recipe` subclass under ``cls.name`` (usable as a class decorator)."""
 
     def _add(c: type[Recipe]) -> type[Recipe]:
-        if not (isinstance(c, type) and issubclass(c, Recipe)):
-            raise TypeError(f"register_recipe expects a Recipe subclass, got {c!r}")
+        _check_recipe(getattr(c, "name", "?"), c)
         if not c.name:
             raise ValueError(f"recipe class {c.__name__} has no name")
-        if c.name in RECIPES and RECIPES[c.name] is not c and not overwrite:
-            raise ValueError(f"recipe {c.name!r} is already registered")
-        RECIPES[c.name] = c
-        return c
+        return RECIPES.register(c.name, c, overwrite=overwrite)
 
     return _add if cls is None else _add(cls)
 
 
 def unregister_recipe(name: str) -> None:
-    RECIPES.pop(name, None)
+    """Remove a registered recipe (``KeyError`` listing the registered ones if absent)."""
+    RECIPES.unregister(name)
 
 
 def list_recipes() -> list[str]:
     """Sorted names of the registered recipes."""
-    from . import _load_builtin
-
     _load_builtin()
-    return sorted(RECIPES)
+    return RECIPES.names()
 
 
 def get_recipe(name: str | Recipe) -> Recipe:
     """A fresh instance of the recipe ``name``; unknown names raise ``ValueError`` listing the known ones."""
     if isinstance(name, Recipe):
         return name
-    from . import _load_builtin
-
     _load_builtin()
-    try:
-        return RECIPES[name]()
-    except (KeyError, TypeError):
-        raise ValueError(f"unknown recipe {name!r}; known recipes: {', '.join(sorted(RECIPES))}") from None
+    return RECIPES.get(name)()
+
+
+# Modules holding built-in recipes; each registers its recipes on import (lazily: they import this one).
+BUILTIN_MODULES = ("padnet.train.recipes.vision", "padnet.train.recipes.text")
+_loaded = False
+
+
+def _load_builtin() -> None:
+    """Import the built-in recipe modules once (a module that does not exist is skipped)."""
+    global _loaded
+    if _loaded:
+        return
+    for module in BUILTIN_MODULES:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+    _loaded = True

@@ -56,8 +56,10 @@ import torch
 from torch import Tensor, nn
 
 from ...layers.modes import ModeGroup
+from ...registry import Registry
 
 __all__ = [
+    "CRITERIA",
     "STATS",
     "Criterion",
     "GroupStats",
@@ -121,7 +123,7 @@ class Criterion:
         return self.fn(group, stats, layer, **kwargs)
 
 
-_REGISTRY: dict[str, Criterion] = {}
+CRITERIA: Registry[Criterion] = Registry("criterion", plural="criteria")
 
 
 def _make_criterion(name: str, fn: CriterionFn, needs_data, needs, monotone, symmetric_zero, stochastic) -> Criterion:
@@ -175,46 +177,44 @@ def register_criterion(
         raise TypeError(f"criterion name must be a non-empty string, got {name!r}")
 
     def _add(f: CriterionFn) -> CriterionFn:
-        if name in _REGISTRY and _REGISTRY[name].fn is not f and not overwrite:
-            raise ValueError(f"criterion {name!r} is already registered (pass overwrite=True to replace it)")
-        _REGISTRY[name] = _make_criterion(name, f, needs_data, needs, monotone, symmetric_zero, stochastic)
+        current = CRITERIA.get(name, None)
+        same_function = current is not None and current.fn is f  # re-registering updates the flags
+        CRITERIA.register(name, _make_criterion(name, f, needs_data, needs, monotone, symmetric_zero, stochastic),
+                          overwrite=overwrite or same_function)
         return f
 
     return _add if fn is None else _add(fn)
 
 
 def unregister_criterion(name: str) -> None:
-    """Remove a registered criterion (``KeyError`` if absent)."""
-    if name not in _REGISTRY:
-        raise KeyError(f"criterion {name!r} is not registered; registered: {list_criteria()}")
-    del _REGISTRY[name]
+    """Remove a registered criterion (``KeyError`` listing the registered ones if absent)."""
+    CRITERIA.unregister(name)
 
 
 def list_criteria() -> list[str]:
     """Sorted names of all registered criteria."""
-    return sorted(_REGISTRY)
+    return CRITERIA.names()
 
 
 def get_criterion(criterion: str | Criterion | CriterionFn) -> Criterion:
     """Resolve a name, a :class:`Criterion` or a bare callable to a :class:`Criterion`.
 
-    Unknown names raise ``ValueError`` listing the registered ones. A registered
+    Unknown names raise :class:`~padnet.registry.UnknownNameError` (a
+    ``ValueError`` and a ``KeyError``) listing the registered ones. A registered
     function resolves to its registration; any other callable is wrapped ad hoc,
     with flags read from its attributes.
     """
     if isinstance(criterion, Criterion):
         return criterion
     if isinstance(criterion, str):
-        if criterion not in _REGISTRY:
-            raise ValueError(f"unknown criterion {criterion!r}; registered criteria: {list_criteria()}")
-        return _REGISTRY[criterion]
+        return CRITERIA.get(criterion)
     if callable(criterion):
-        for registered in _REGISTRY.values():  # a registered function keeps its registered flags
+        for registered in CRITERIA.values():  # a registered function keeps its registered flags
             if registered.fn is criterion:
                 return registered
         name = getattr(criterion, "__name__", type(criterion).__name__)
         return _make_criterion(name, criterion, None, None, None, None, None)
-    raise ValueError(f"unknown criterion {criterion!r}; registered criteria: {list_criteria()}")
+    raise ValueError(f"unknown criterion {criterion!r}; registered criteria: {', '.join(list_criteria())}")
 
 
 # --------------------------------------------------------------------------------------------

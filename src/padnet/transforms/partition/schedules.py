@@ -21,49 +21,43 @@ from __future__ import annotations
 import math
 from typing import Callable
 
-__all__ = ["get_schedule", "list_schedules", "register_schedule", "unregister_schedule"]
+from ...registry import Registry
+
+__all__ = ["SCHEDULES", "get_schedule", "list_schedules", "register_schedule", "unregister_schedule"]
 
 ScheduleFn = Callable[[int, int, float, float], float]
 
-_REGISTRY: dict[str, ScheduleFn] = {}
+
+def _check_callable(name: str, fn: ScheduleFn) -> None:
+    if not callable(fn):
+        raise TypeError(f"schedule {name!r} must be callable, got {type(fn).__name__}")
+
+
+SCHEDULES: Registry[ScheduleFn] = Registry("schedule", check=_check_callable)
 
 
 def register_schedule(name: str, fn: ScheduleFn | None = None, *, overwrite: bool = False):
     """Register ``fn(t, T, kappa, start) -> ratio`` under ``name`` (function or decorator); returns ``fn``."""
-    if not isinstance(name, str) or not name:
-        raise TypeError(f"schedule name must be a non-empty string, got {name!r}")
-
-    def _add(f: ScheduleFn) -> ScheduleFn:
-        if not callable(f):
-            raise TypeError(f"schedule {name!r} must be callable, got {type(f).__name__}")
-        if name in _REGISTRY and _REGISTRY[name] is not f and not overwrite:
-            raise ValueError(f"schedule {name!r} is already registered (pass overwrite=True to replace it)")
-        _REGISTRY[name] = f
-        return f
-
-    return _add if fn is None else _add(fn)
+    return SCHEDULES.register(name, fn, overwrite=overwrite)
 
 
 def unregister_schedule(name: str) -> None:
-    if name not in _REGISTRY:
-        raise KeyError(f"schedule {name!r} is not registered; registered: {list_schedules()}")
-    del _REGISTRY[name]
+    """Remove a registered schedule (``KeyError`` listing the registered ones if absent)."""
+    SCHEDULES.unregister(name)
 
 
 def list_schedules() -> list[str]:
     """Sorted names of all registered schedules."""
-    return sorted(_REGISTRY)
+    return SCHEDULES.names()
 
 
 def get_schedule(schedule: str | ScheduleFn) -> ScheduleFn:
-    """Resolve a name or callable; unknown names raise ``ValueError`` listing the registered ones."""
+    """Resolve a name or callable; unknown names raise ``ValueError`` (and ``KeyError``) listing the registered ones."""
     if isinstance(schedule, str):
-        if schedule not in _REGISTRY:
-            raise ValueError(f"unknown schedule {schedule!r}; registered schedules: {list_schedules()}")
-        return _REGISTRY[schedule]
+        return SCHEDULES.get(schedule)
     if callable(schedule):
         return schedule
-    raise ValueError(f"unknown schedule {schedule!r}; registered schedules: {list_schedules()}")
+    raise ValueError(f"unknown schedule {schedule!r}; registered schedules: {', '.join(list_schedules())}")
 
 
 @register_schedule("exponential")
