@@ -1,10 +1,13 @@
 """Mode partition: decide which entries of each PAD layer stay dynamic.
 
-``partition_(model, batches, loss_fn, ratio)`` runs Iterative Mode Partition
-(PAD-Net, He et al. 2023) or any registered criterion; see ``docs/partition.md``.
+``partition_(model, batches, loss_fn, ratio)`` (or ``partition_(model, batches,
+loss_fn, PartitionConfig(...))``) runs Iterative Mode Partition (PAD-Net, He et
+al. 2023) or any registered criterion; see ``docs/partition.md``.
 """
 
+from .config import DEFAULT_RATIO, SCOPES, PartitionConfig, check_ratio
 from .criteria import (
+    CRITERIA,
     STATS,
     Criterion,
     GroupStats,
@@ -13,13 +16,18 @@ from .criteria import (
     register_criterion,
     unregister_criterion,
 )
-from .partitioner import SCOPES, SymmetricModesWarning, partition_
+from .partitioner import SymmetricModesWarning, partition_
 from .report import IterationRecord, LayerPartition, PartitionReport
-from .schedules import get_schedule, list_schedules, register_schedule, unregister_schedule
+from .schedules import SCHEDULES, get_schedule, list_schedules, register_schedule, unregister_schedule
 from .units import GRANULARITIES, LayerPlan, select_top
 
 __all__ = [
     "partition_",
+    "PartitionConfig",
+    "DEFAULT_RATIO",
+    "check_ratio",
+    "CRITERIA",
+    "SCHEDULES",
     "PartitionReport",
     "LayerPartition",
     "IterationRecord",

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-__all__ = ["IterationRecord", "LayerPartition", "PartitionReport"]
+__all__ = ["IterationRecord", "LayerPartition", "PartitionReport", "flagged_layers", "layer_rows", "uninformative_messages"]
 
 
 @dataclass
@@ -127,3 +127,45 @@ class PartitionReport:
         for w in self.warnings:
             lines.append(f"warning: {w}")
         return "\n".join(lines)
+
+
+# ---- building a report (stage 5 of a partition) ---------------------------------------------
+
+
+def flagged_layers(order: list[str], symmetric: set[str], zero_layers: set[str], stochastic: bool) -> list[str]:
+    """Layers to flag, in layer order: symmetric ones, plus all-zero-score ones for non-random criteria."""
+    flagged = symmetric if stochastic else symmetric | zero_layers
+    return sorted(flagged, key=order.index)
+
+
+def uninformative_messages(flagged: list[str], symmetric: set[str], criterion: str) -> list[str]:
+    """One message for symmetric layers and one for layers a criterion scored all zero (when any)."""
+    messages = []
+    sym = [n for n in flagged if n in symmetric]
+    zero = [n for n in flagged if n not in symmetric]
+    if sym:
+        messages.append(
+            f"symmetric modes in {len(sym)} layer(s) {sym}: every dynamic factor equals the static copy "
+            f"(lambda_d W_k == lambda_s W_s), so mode-flip scores are exactly zero and their mask is decided "
+            f"by index order, not by importance. Break the symmetry before partitioning: dynamize_ with "
+            f"PadConfig(noise_std > 0) (default 0.01) or train a short warm-up first."
+        )
+    if zero:
+        messages.append(
+            f"criterion {criterion!r} scored every entry of {len(zero)} layer(s) {zero} exactly zero (does the "
+            f"loss depend on them?); their mask is decided by index order."
+        )
+    return messages
+
+
+def layer_rows(plans: list, ratios_before: dict[str, float], flagged: list[str]) -> list[LayerPartition]:
+    """One :class:`LayerPartition` per plan (``units.LayerPlan``), from its current masks."""
+    rows = []
+    for p in plans:
+        live = sum(int(g.mask.detach().sum()) for g in p.groups)
+        rows.append(LayerPartition(
+            name=p.name, type=type(p.layer).__name__, entries=p.num_entries,
+            num_factors=p.groups[0].num_factors, ratio_before=ratios_before[p.name],
+            ratio_after=live / p.num_entries, dynamic_entries=live, symmetric=p.name in flagged,
+        ))
+    return rows
