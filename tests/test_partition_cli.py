@@ -44,22 +44,51 @@ def test_zoo_dry_run_saves_model_and_report(tmp_path, capsys):
     model = padnet.load(out)
     live, total = kappa_of(model)
     assert live == round_half_up(0.25 * total) == report["dynamic_entries"]
-    assert model.padnet_config.dynamic_ratio == 0.25
+    # the file records the partition (PadConfig no longer carries a ratio: issue 10)
+    assert model.padnet_metadata["partition"]["target_ratio"] == 0.25
+    assert model.padnet_metadata["partition"]["dynamic_entries"] == live
     assert model.padnet_metadata["partition"]["criterion"] == "taylor"
 
 
 def test_model_path_data_free(tmp_path, capsys):
     model = create_model("resnet10", small_input=True, width=0.25, num_classes=5)
-    padnet.dynamize_(model, padnet.PadConfig(seed=0, dynamic_ratio=0.4))
+    padnet.dynamize_(model, padnet.PadConfig(seed=0))
     path = tmp_path / "dyn.safetensors"
     padnet.save(model, path)
     out = tmp_path / "pad.safetensors"
-    # ratio defaults to the file's PadConfig (0.4); magnitude needs no data
-    assert run([str(path), "--criterion", "magnitude", "--granularity", "kernel", "--iterations", "1",
-                "--output", str(out)]) == 0
+    # magnitude needs no data
+    assert run([str(path), "--ratio", "0.4", "--criterion", "magnitude", "--granularity", "kernel",
+                "--iterations", "1", "--output", str(out)]) == 0
     assert "data-free criterion" in capsys.readouterr().out
     live, total = kappa_of(padnet.load(out))
     assert abs(live - round_half_up(0.4 * total)) <= 9
+
+
+def test_saved_pad_model_without_ratio_keeps_default_kappa(tmp_path, capsys):
+    """Issue 10 bug (b): the default kappa comes from PartitionConfig, never from the file's PadConfig.
+
+    A model dynamized as ``padnet train --variant pad`` does (its recipe's PadConfig) and partitioned
+    to kappa=0.3, saved, then partitioned again without --ratio must stay at 0.3, not become all dynamic.
+    """
+    from padnet.train.config import TrainConfig
+    from padnet.train.recipes import get_recipe
+    from padnet.transforms.partition import PartitionConfig
+
+    model = create_model("resnet10", small_input=True, width=0.25, num_classes=5)
+    get_recipe("fashion-mnist").dynamize(TrainConfig(seed=0), model)
+    padnet.partition_(model, None, None, ratio=0.3, criterion="magnitude", iterations=1)
+    live, total = kappa_of(model)
+    assert live == round_half_up(0.3 * total)
+    path, out, rep = tmp_path / "pad.safetensors", tmp_path / "again.safetensors", tmp_path / "r.json"
+    padnet.save(model, path)
+    assert run([str(path), "--criterion", "magnitude", "--iterations", "1", "--report-json", str(rep),
+                "--output", str(out)]) == 0
+    report = json.loads(rep.read_text())
+    assert PartitionConfig().ratio == 0.3
+    assert report["target_ratio"] == 0.3 and report["dynamic_entries"] == round_half_up(0.3 * total)
+    # same weights, same deterministic criterion: the same masks again, layer by layer
+    assert [row["ratio_after"] for row in report["layers"]] == [row["ratio_before"] for row in report["layers"]]
+    assert kappa_of(padnet.load(out)) == (round_half_up(0.3 * total), total)
 
 
 def test_cli_errors(tmp_path):
@@ -71,8 +100,10 @@ def test_cli_errors(tmp_path):
         run([*ZOO, "--schedule", "bogus", "--dry-run"])
     with pytest.raises(ValueError, match=r"\(0, 1\]"):
         run([*ZOO, "--ratio", "1.5", "--dry-run"])
-    with pytest.raises(ValueError, match="iterations"):
+    with pytest.raises(ValueError, match="--iterations must be >= 1"):
         run([*ZOO, "--iterations", "0", "--dry-run"])
+    with pytest.raises(ValueError, match=r"--ratio must be in \(0, 1\], got nan"):
+        run([*ZOO, "--ratio", "nan", "--dry-run"])
     with pytest.raises(ValueError, match="MODEL_PATH"):
         run(["--dry-run"])
     with pytest.raises(ValueError, match="not both"):

@@ -7,25 +7,44 @@
 model and dynamizes it on the fly. Data criteria (``taylor`` ...) need batches:
 :func:`data_source` provides them (``--dry-run``: random images and labels);
 data-free criteria (``magnitude``, ``random``, ``set``) need none.
+
+The partition options are a :class:`~padnet.transforms.partition.PartitionConfig`
+built from the flags by :func:`partition_config` (its defaults and checks;
+``--ratio`` defaults to ``PartitionConfig.ratio`` = 0.3, whatever the file).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader
 
-from ..config import PadConfig, check_ratio
+from ..config import PadConfig
 from ..convert import dynamize_
-from ..transforms.partition import GRANULARITIES, SCOPES, get_criterion, get_schedule, list_criteria, list_schedules, partition_
+from ..serialization import load, save
+from ..train.config import resolve_config
+from ..train.recipes import get_recipe
+from ..transforms.partition import (
+    GRANULARITIES,
+    SCOPES,
+    PartitionConfig,
+    get_criterion,
+    list_criteria,
+    list_schedules,
+    partition_,
+)
 from .common import add_model_args, zoo_model
 
-DEFAULT_RATIO = 0.3
+DEFAULTS = PartitionConfig()
+DEFAULT_RATIO = DEFAULTS.ratio
+# PartitionConfig field -> the flag that sets it (errors name the flag)
+FLAG_OF = {"ratio": "--ratio", "criterion": "--criterion", "iterations": "--iterations", "schedule": "--schedule",
+           "scope": "--scope", "granularity": "--granularity", "num_batches": "--batches", "seed": "--seed"}
 
 
 def register(subparsers) -> None:
@@ -38,14 +57,15 @@ def register(subparsers) -> None:
     p.add_argument("model_path", nargs="?", metavar="MODEL_PATH", help="model file written by padnet.save")
     add_model_args(p, default_model=None)
     p.add_argument("--num-kernels", type=int, default=4, help="K when dynamizing a zoo --model")
-    p.add_argument("--ratio", type=float, default=None,
-                   help=f"dynamic ratio kappa in (0, 1] (default: the model's PadConfig, else {DEFAULT_RATIO})")
-    p.add_argument("--criterion", default="taylor", help=f"one of {', '.join(list_criteria())}")
-    p.add_argument("--iterations", type=int, default=5, help="IMP iterations T")
-    p.add_argument("--schedule", default="exponential", help=f"one of {', '.join(list_schedules())}")
-    p.add_argument("--scope", default="global", choices=SCOPES)
-    p.add_argument("--granularity", default="element", choices=GRANULARITIES)
-    p.add_argument("--seed", type=int, default=0, help="seed of random criteria, dry-run data and dynamize_")
+    p.add_argument("--ratio", type=float, default=DEFAULTS.ratio,
+                   help=f"target dynamic ratio kappa in (0, 1] (default {DEFAULTS.ratio})")
+    p.add_argument("--criterion", default=DEFAULTS.criterion, help=f"one of {', '.join(list_criteria())}")
+    p.add_argument("--iterations", type=int, default=DEFAULTS.iterations, help="IMP iterations T")
+    p.add_argument("--schedule", default=DEFAULTS.schedule, help=f"one of {', '.join(list_schedules())}")
+    p.add_argument("--scope", default=DEFAULTS.scope, choices=SCOPES)
+    p.add_argument("--granularity", default=DEFAULTS.granularity, choices=GRANULARITIES)
+    p.add_argument("--seed", type=int, default=DEFAULTS.seed,
+                   help="seed of random criteria, dry-run data and dynamize_")
     data = p.add_argument_group("data (for data criteria such as taylor)")
     data.add_argument("--recipe", default=None, help="take batches from this padnet train recipe's training data")
     data.add_argument("--data-dir", default=None, help="dataset location for --recipe")
@@ -70,15 +90,18 @@ def load_model(args: argparse.Namespace) -> nn.Module:
     if args.model_path and args.model:
         raise ValueError("give either MODEL_PATH or --model, not both")
     if args.model_path:
-        from ..serialization import load
-
         return load(args.model_path)
     if not args.model:
         raise ValueError("give a model: MODEL_PATH (a file written by padnet.save) or --model NAME (zoo)")
     model = zoo_model(args)
-    ratio = DEFAULT_RATIO if args.ratio is None else args.ratio
-    dynamize_(model, PadConfig(num_kernels=args.num_kernels, dynamic_ratio=check_ratio(ratio), seed=args.seed))
+    dynamize_(model, PadConfig(num_kernels=args.num_kernels, seed=args.seed))
     return model
+
+
+def partition_config(args: argparse.Namespace) -> PartitionConfig:
+    """The :class:`PartitionConfig` given by the flags (checked; errors name the flag)."""
+    return PartitionConfig.from_options({field: getattr(args, flag[2:].replace("-", "_"))
+                                         for field, flag in FLAG_OF.items()}, labels=FLAG_OF)
 
 
 def model_in_chans(model: nn.Module, default: int) -> int:
@@ -126,11 +149,6 @@ def data_source(args: argparse.Namespace, model: nn.Module) -> tuple[Iterable | 
 
 def recipe_batches(args: argparse.Namespace) -> tuple[list, Callable]:
     """``args.batches`` seeded training batches of a ``padnet train`` recipe, with its loss."""
-    from torch.utils.data import DataLoader
-
-    from ..train.config import resolve_config
-    from ..train.recipes import get_recipe
-
     settings = {"recipe": args.recipe}
     if args.data_dir is not None:
         settings["data_dir"] = args.data_dir
@@ -148,34 +166,16 @@ def recipe_batches(args: argparse.Namespace) -> tuple[list, Callable]:
     return batches, recipe.loss(cfg)
 
 
-def _resolve_ratio(args: argparse.Namespace, model: nn.Module) -> float:
-    if args.ratio is not None:
-        return check_ratio(args.ratio, "--ratio")
-    cfg = getattr(model, "padnet_config", None)
-    return check_ratio(cfg.dynamic_ratio if cfg is not None else DEFAULT_RATIO, "ratio")
-
-
 # --------------------------------------------------------------------------------------------
 # the verb
 # --------------------------------------------------------------------------------------------
 
 
 def run(args: argparse.Namespace) -> int:
-    # validate cheap things before building the model
-    get_criterion(args.criterion)
-    get_schedule(args.schedule)
-    if args.ratio is not None:
-        check_ratio(args.ratio, "--ratio")
-    if args.iterations < 1:
-        raise ValueError(f"--iterations must be >= 1, got {args.iterations}")
+    cfg = partition_config(args)  # validate the options before building the model
     model = load_model(args)
-    ratio = _resolve_ratio(args, model)
     batches, loss_fn = data_source(args, model)
-    report = partition_(
-        model, batches, loss_fn, ratio=ratio, criterion=args.criterion, iterations=args.iterations,
-        schedule=args.schedule, scope=args.scope, granularity=args.granularity, seed=args.seed,
-        progress=args.progress,
-    )
+    report = partition_(model, batches, loss_fn, cfg, progress=args.progress)
     source = args.model_path or f"{args.model} (dynamized, K={args.num_kernels})"
     print(f"{source}: {'dry run, random data' if batches is not None else 'data-free criterion'}")
     print(report)
@@ -183,11 +183,6 @@ def run(args: argparse.Namespace) -> int:
         report.to_json(args.report_json)
         print(f"report written to {args.report_json}")
     if args.output:
-        from ..serialization import save
-
-        cfg = getattr(model, "padnet_config", None)
-        if isinstance(cfg, PadConfig):
-            model.padnet_config = dataclasses.replace(cfg, dynamic_ratio=ratio)
         save(model, args.output, extra={"partition": _summary(report.to_dict())})
         print(f"partitioned model saved to {args.output}")
     sys.stdout.flush()

@@ -21,10 +21,25 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from ..transforms.partition import PartitionConfig, check_ratio
+
 VARIANTS = ("static", "dynamic", "pad")
 OPTIMIZERS = ("sgd", "adamw", "adam")
 LR_SCHEDULES = ("cosine", "linear", "constant")
-DEFAULT_PAD_RATIO = 0.3
+_PARTITION = PartitionConfig()  # the defaults of the partition options
+DEFAULT_PAD_RATIO = _PARTITION.ratio
+# PartitionConfig field -> the TrainConfig field holding it (ratio is pad-only, checked separately)
+PARTITION_FIELDS = {
+    "criterion": "criterion",
+    "iterations": "partition_iterations",
+    "schedule": "partition_schedule",
+    "scope": "partition_scope",
+    "granularity": "partition_granularity",
+    "num_batches": "partition_batches",
+    "warmup_steps": "partition_warmup_steps",
+    "train_mode": "partition_train_mode",
+    "seed": "seed",
+}
 
 # Fields that may differ between a run and its resumption (they do not change results).
 RUNTIME_FIELDS = ("output_dir", "quiet", "num_workers", "device", "data_dir", "threads")
@@ -36,16 +51,16 @@ class TrainConfig:
 
     recipe: str = "fashion-mnist"
     variant: str = "pad"
-    ratio: float | None = None  # kappa, pad only; default 0.3 for pad
-    # mode partition (pad variant)
-    criterion: str = "taylor"
-    partition_iterations: int = 5
-    partition_schedule: str = "exponential"
-    partition_scope: str = "global"
-    partition_granularity: str = "element"
-    partition_batches: int = 4
-    partition_warmup_steps: int = 0  # 0: partition at init; N: after N optimizer steps
-    partition_train_mode: bool = True  # score with BatchNorm batch statistics
+    ratio: float | None = None  # kappa, pad only; default PartitionConfig.ratio (0.3) for pad
+    # mode partition (pad variant): defaults from PartitionConfig, except the two marked
+    criterion: str = _PARTITION.criterion
+    partition_iterations: int = _PARTITION.iterations
+    partition_schedule: str = _PARTITION.schedule
+    partition_scope: str = _PARTITION.scope
+    partition_granularity: str = _PARTITION.granularity
+    partition_batches: int = 4  # trainer default: its loader never ends (PartitionConfig: all given batches)
+    partition_warmup_steps: int = _PARTITION.warmup_steps  # 0: partition at init; N: after N optimizer steps
+    partition_train_mode: bool = True  # trainer default: score with BatchNorm batch statistics
     # model
     model: str | None = None
     width: float | None = None
@@ -91,8 +106,6 @@ class TrainConfig:
     # ------------------------------------------------------------------ checks
     def validate(self) -> "TrainConfig":
         """Raise ``ValueError`` naming the first bad setting; fills the pad default ratio."""
-        from ..config import check_ratio
-
         if self.variant not in VARIANTS:
             raise ValueError(f"unknown variant {self.variant!r}; expected one of {', '.join(VARIANTS)}")
         if self.variant == "pad":
@@ -106,13 +119,10 @@ class TrainConfig:
         _positive_int("batch_size", self.batch_size)
         if self.eval_batch_size is not None:
             _positive_int("eval_batch_size", self.eval_batch_size)
-        _positive_int("partition_iterations", self.partition_iterations)
-        _positive_int("partition_batches", self.partition_batches)
         _positive_int("num_kernels", self.num_kernels)
         _positive_int("nproc", self.nproc)
         if self.threads is not None:
             _positive_int("threads", self.threads)
-        _nonneg_int("partition_warmup_steps", self.partition_warmup_steps)
         _nonneg_int("warmup_steps", self.warmup_steps)
         _nonneg_int("num_workers", self.num_workers)
         _nonneg_int("seed", self.seed)
@@ -141,21 +151,7 @@ class TrainConfig:
         self.betas = tuple(float(b) for b in self.betas)
         if not isinstance(self.pad_config, dict) or not isinstance(self.options, dict):
             raise ValueError("pad_config and options must be mappings")
-        if self.variant == "pad":
-            from ..transforms.partition import SCOPES, GRANULARITIES, list_criteria, list_schedules
-
-            if self.criterion not in list_criteria():
-                raise ValueError(f"unknown criterion {self.criterion!r}; known: {', '.join(list_criteria())}")
-            if self.partition_schedule not in list_schedules():
-                raise ValueError(
-                    f"unknown partition_schedule {self.partition_schedule!r}; known: {', '.join(list_schedules())}"
-                )
-            if self.partition_scope not in SCOPES:
-                raise ValueError(f"unknown partition_scope {self.partition_scope!r}; expected one of {SCOPES}")
-            if self.partition_granularity not in GRANULARITIES:
-                raise ValueError(
-                    f"unknown partition_granularity {self.partition_granularity!r}; expected one of {GRANULARITIES}"
-                )
+        self.partition_config()  # checks the partition options (PartitionConfig's checks, named as here)
         if self.pad_config:
             from ..config import PadConfig
 
@@ -164,6 +160,19 @@ class TrainConfig:
             if bad:
                 raise ValueError(f"unknown pad_config keys {bad}; known: {sorted(known)}")
         return self
+
+    def partition_config(self) -> PartitionConfig:
+        """The :class:`PartitionConfig` of this run (``ratio``: the pad kappa, else the default).
+
+        Raises ``ValueError`` naming the training setting (``partition_iterations`` ...).
+        """
+        options = {field: getattr(self, name) for field, name in PARTITION_FIELDS.items()}
+        options["ratio"] = DEFAULT_PAD_RATIO if self.ratio is None else self.ratio
+        labels = {**PARTITION_FIELDS, "ratio": "--ratio"}
+        try:
+            return PartitionConfig.from_options(options, labels=labels)
+        except TypeError as exc:  # a wrong type in a config file is a bad setting like any other
+            raise ValueError(str(exc)) from None
 
     # ------------------------------------------------------------ conversions
     def to_dict(self) -> dict[str, Any]:

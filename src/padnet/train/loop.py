@@ -410,10 +410,7 @@ class Trainer:
         if not get_criterion(cfg.criterion).needs_data:  # data-free (magnitude, random, ...)
             self.log(f"partition: {cfg.criterion} (data-free), {cfg.partition_iterations} iteration(s), "
                      f"target kappa={cfg.ratio}, at step {self.global_step}")
-            return self._finish_partition(partition_(
-                self.model, None, None, ratio=cfg.ratio, criterion=cfg.criterion,
-                iterations=cfg.partition_iterations, schedule=cfg.partition_schedule, scope=cfg.partition_scope,
-                granularity=cfg.partition_granularity, seed=cfg.seed))
+            return self._finish_partition(partition_(self.model, None, None, cfg.partition_config()))
         sampler = DistributedSampler(self.train_set, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
                                      seed=cfg.seed + 1)
         loader = DataLoader(self.train_set, batch_size=cfg.batch_size, sampler=sampler,
@@ -432,12 +429,7 @@ class Trainer:
         batches = batches[:n]
         self.log(f"partition: {cfg.criterion}, {cfg.partition_iterations} iteration(s), target kappa={cfg.ratio}, "
                  f"{n} batch(es) of {cfg.batch_size} per rank, at step {self.global_step}")
-        report = partition_(
-            self.model, batches, self.loss_fn, ratio=cfg.ratio, criterion=cfg.criterion,
-            iterations=cfg.partition_iterations, schedule=cfg.partition_schedule, scope=cfg.partition_scope,
-            granularity=cfg.partition_granularity, progress=self.bars, train_mode=cfg.partition_train_mode,
-            seed=cfg.seed,
-        )
+        report = partition_(self.model, batches, self.loss_fn, cfg.partition_config(), progress=self.bars)
         return self._finish_partition(report)
 
     def _finish_partition(self, report) -> dict[str, Any]:
