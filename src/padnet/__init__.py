@@ -5,8 +5,7 @@ count its deployable size (:func:`count_parameters`), ship it small
 (:func:`compact_`, :func:`save`, :func:`load`).
 """
 
-__version__ = "0.1.0"
-
+from ._version import __version__
 from .analysis.counting import ParameterCount, count_parameters, layer_counts  # noqa: E402
 from .analysis.flops import count_flops  # noqa: E402
 from .config import PadConfig  # noqa: E402

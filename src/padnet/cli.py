@@ -11,6 +11,8 @@ import argparse
 import importlib
 import sys
 
+from ._version import __version__
+
 # verb -> module implementing it (imported lazily so `padnet --help` stays fast).
 COMMANDS = {
     "count": "padnet.commands.count",
@@ -28,8 +30,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="padnet", description="Partially dynamic networks (PAD-Net) for PyTorch."
     )
-    from . import __version__
-
     parser.add_argument("--version", action="version", version=f"padnet {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True

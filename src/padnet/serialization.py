@@ -21,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from . import __version__
+from ._version import __version__
 from .config import PadConfig
 from .layers.modes import PackedModeGroup, is_compact_layer, pad_layers
 

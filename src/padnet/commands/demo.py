@@ -54,11 +54,13 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    import padnet
-    from padnet.train import resolve_config, train
-    from padnet.train.loop import to_device
-    from padnet.train.outputs import fmt_int, fmt_pct, write_json
-    from padnet.train.recipes import get_recipe
+    from ..analysis.counting import count_parameters
+    from ..export.compact import compact_
+    from ..serialization import load, save
+    from ..train import resolve_config, train
+    from ..train.loop import to_device
+    from ..train.outputs import fmt_int, fmt_pct, write_json
+    from ..train.recipes import get_recipe
 
     started = time.perf_counter()
     settings = {
@@ -79,10 +81,10 @@ def run(args: argparse.Namespace) -> int:
     summary = train(cfg, overwrite=True)
 
     # deploy form: compact_, save, reload, compare outputs
-    model = padnet.load(out / "model.safetensors").eval()
-    compact = padnet.compact_(copy.deepcopy(model)).eval()
-    padnet.save(compact, out / "compact.safetensors")
-    reloaded = padnet.load(out / "compact.safetensors").eval()
+    model = load(out / "model.safetensors").eval()
+    compact = compact_(copy.deepcopy(model)).eval()
+    save(compact, out / "compact.safetensors")
+    reloaded = load(out / "compact.safetensors").eval()
     recipe = get_recipe(cfg.recipe)
     data = recipe.build_data(cfg)
     items = [data.test[i] for i in range(min(256, len(data.test)))]
@@ -95,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     scale = float(ref.abs().max()) or 1.0
     match = diff <= 1e-4 * max(1.0, scale) and bool((ref.argmax(-1) == got.argmax(-1)).all())
     pad_p, full_p, static_p = summary["params"], summary["params_fully_dynamic"], summary["params_static"]
-    compact_p = padnet.count_parameters(reloaded).to_dict()
+    compact_p = count_parameters(reloaded).to_dict()
     sizes = {
         "model.safetensors": (out / "model.safetensors").stat().st_size,
         "compact.safetensors": (out / "compact.safetensors").stat().st_size,

@@ -31,7 +31,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import load
+    from ..serialization import load
     from ..export import compact_, example_inputs_for, export_onnx, export_program, run_onnx
     from ..layers.modes import pad_layers
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..transforms.partition import PartitionConfig, check_ratio
+from .recipes import get_recipe
 
 VARIANTS = ("static", "dynamic", "pad")
 OPTIMIZERS = ("sgd", "adamw", "adam")
@@ -244,8 +245,6 @@ def resolve_config(flags: dict[str, Any], file_values: dict[str, Any] | None = N
     ``flags`` holds only settings given explicitly. Keys of either mapping that are
     neither fields nor options of the chosen recipe raise ``ValueError``.
     """
-    from .recipes import get_recipe
-
     file_values = {normalize_key(k): v for k, v in (file_values or {}).items()}
     flags = {normalize_key(k): v for k, v in flags.items()}
     recipe_name = flags.get("recipe") or file_values.get("recipe") or TrainConfig.recipe

@@ -28,9 +28,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
-from .. import __version__
+from .._version import __version__
 from ..analysis.counting import count_parameters
 from ..layers.modes import pad_layers
+from ..transforms.partition import get_criterion, partition_
 from . import distributed as D
 from .checkpoint import (
     CHECKPOINT,
@@ -404,8 +405,6 @@ class Trainer:
 
     # ---------------------------------------------------------- partition
     def partition(self) -> dict[str, Any]:
-        from ..transforms.partition import get_criterion, partition_
-
         cfg, ctx = self.cfg, self.ctx
         if not get_criterion(cfg.criterion).needs_data:  # data-free (magnitude, random, ...)
             self.log(f"partition: {cfg.criterion} (data-free), {cfg.partition_iterations} iteration(s), "
