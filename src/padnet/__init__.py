@@ -11,7 +11,14 @@ from .analysis.flops import count_flops  # noqa: E402
 from .config import PadConfig  # noqa: E402
 from .convert import dynamize_  # noqa: E402
 from .export.compact import compact_  # noqa: E402
-from .transforms.partition import PartitionReport, SymmetricModesWarning, list_criteria, partition_, register_criterion  # noqa: E402
+from .transforms.partition import (  # noqa: E402
+    PartitionConfig,
+    PartitionReport,
+    SymmetricModesWarning,
+    list_criteria,
+    partition_,
+    register_criterion,
+)
 from .serialization import CheckpointError, load, save  # noqa: E402
 
 __all__ = [
@@ -23,6 +30,7 @@ __all__ = [
     "count_flops",
     "compact_",
     "partition_",
+    "PartitionConfig",
     "PartitionReport",
     "SymmetricModesWarning",
     "register_criterion",

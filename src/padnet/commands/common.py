@@ -6,9 +6,10 @@ import argparse
 
 from torch import nn
 
-from ..config import PadConfig, check_ratio
+from ..config import PadConfig
 from ..convert import dynamize_
 from ..models import create_model, list_models
+from ..transforms.partition import DEFAULT_RATIO, check_ratio, partition_
 
 VARIANTS = ("static", "dynamic", "pad")
 
@@ -37,7 +38,7 @@ def zoo_model(args: argparse.Namespace) -> nn.Module:
     return create_model(args.model, **kwargs)
 
 
-def resolve_ratio(variant: str, ratio: float | None, default: float = 0.3) -> float | None:
+def resolve_ratio(variant: str, ratio: float | None, default: float = DEFAULT_RATIO) -> float | None:
     """kappa for the variant: required range for pad, refused for static/dynamic."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
@@ -50,8 +51,6 @@ def resolve_ratio(variant: str, ratio: float | None, default: float = 0.3) -> fl
 
 def magnitude_partition_(model: nn.Module, ratio: float) -> None:
     """Data-free mode partition for size accounting (global magnitude criterion)."""
-    from ..transforms.partition import partition_
-
     partition_(model, None, None, ratio=ratio, criterion="magnitude", iterations=1)
 
 
