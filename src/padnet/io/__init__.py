@@ -1,14 +1,18 @@
-"""Deploy forms and export: ``compact_`` (+ BatchNorm folding), torch.export and ONNX."""
+"""Files and export formats: ``save`` / ``load`` (safetensors + the transform record), torch.export, ONNX.
 
-from .compact import compact_, compact_layer
+Layer: imports ``padnet.transforms``, ``padnet.layers`` and ``padnet.models``
+(to rebuild zoo architectures); never the apps (train, commands, cli).
+"""
+
 from .exporters import DEFAULT_OPSET, example_inputs_for, export_context, export_onnx, export_program, run_onnx
-from .fold_bn import find_conv_bn_pairs, fold_batchnorm_
+from .serialization import CheckpointError, load, read_file, read_metadata, save
 
 __all__ = [
-    "compact_",
-    "compact_layer",
-    "fold_batchnorm_",
-    "find_conv_bn_pairs",
+    "save",
+    "load",
+    "read_file",
+    "read_metadata",
+    "CheckpointError",
     "export_program",
     "export_onnx",
     "export_context",
