@@ -14,6 +14,8 @@ from safetensors.torch import load_file
 import padnet
 from padnet.layers import is_compact_layer, pad_layers
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 FIXTURES = Path(__file__).parent / "fixtures"
 
 

@@ -35,6 +35,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from .._version import __version__
 from ..layers.modes import PackedModeGroup, is_compact_layer, is_pad_layer, pad_layers, validate_mask
@@ -246,6 +247,21 @@ def _nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+class _SkipMetaInit(TorchFunctionMode):
+    """While building on the ``meta`` device: in-place initialisers (``normal_``, ``zero_``, ...) are no-ops.
+
+    Meta tensors hold no values, so nothing is lost; it keeps the check cheap
+    (torch's reference ``normal_`` for meta tensors would import torch._dynamo).
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if (name.endswith("_") and not name.endswith("__") and args and isinstance(args[0], torch.Tensor)
+                and args[0].is_meta):
+            return args[0]
+        return func(*args, **(kwargs or {}))
+
+
 def check_spec_fits(spec: dict[str, Any], tensors: dict[str, torch.Tensor], path) -> None:
     """Build the spec's base model on the ``meta`` device (no memory) and check it against the file.
 
@@ -255,7 +271,7 @@ def check_spec_fits(spec: dict[str, Any], tensors: dict[str, torch.Tensor], path
     file does not hold.
     """
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), _SkipMetaInit():
             base = create_model(spec["name"], **spec.get("kwargs", {}))
     except (TypeError, ValueError, KeyError, RuntimeError, NotImplementedError) as exc:
         raise CheckpointError(f"{path}: the stored model spec {spec!r} cannot be built: {exc}") from exc
