@@ -210,8 +210,16 @@ def test_pad_config_v2_v1_migration_and_overrides():
         base.updated({"dynamic_ratio": 0.3})
     with pytest.raises(ValueError, match="unknown pad_config keys \\['kernels'\\]"):
         base.updated({"kernels": 2})
-    with pytest.raises(TypeError):
-        PadConfig(num_kernels=4)  # options live in their block now
+    # flat shorthand (the padnet 0.1 spelling) goes to the blocks
+    assert PadConfig(num_kernels=4, top_k=1, noise_std=0.0) == PadConfig(
+        conv=padnet.DynamicConvConfig(num_kernels=4, noise_std=0.0), moe=padnet.MoEConfig(top_k=1, noise_std=0.0))
+    assert PadConfig(conv=padnet.DynamicConvConfig(routing="sigmoid"), num_kernels=2).conv.routing == "sigmoid"
+    with pytest.raises(ValueError, match="not a PadConfig option"):
+        PadConfig(num_kernels=4, dynamic_ratio=0.3)
+    with pytest.raises(ValueError, match="unknown pad_config keys"):
+        PadConfig(kernels=4)
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        PadConfig(**{"conv.num_kernels": 4})
 
 
 @pytest.mark.parametrize("make, error, message", [
