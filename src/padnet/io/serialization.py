@@ -411,6 +411,8 @@ def load(path: str | Path, model: nn.Module | None = None, map_location: str | t
             raise CheckpointError(f"{path}: temperature for {name!r}, a {type(layer).__name__} without one")
         layer.temperature = temperature
     state = PadState.from_dict(meta["state"])
+    if meta.get("format_version") == 1:  # the record the replay wrote (it also knows the v1 BN folds)
+        state = PadState.from_dict({**get_state(model).to_dict(), "model_spec": state.model_spec})
     if state.model_spec is None:
         own = find_state(model)
         state.model_spec = own.model_spec if own is not None else None
