@@ -62,6 +62,22 @@ def test_wider_spec_in_header_is_refused_before_allocating(saved, tmp_path):
     assert peak < 64 << 20
 
 
+def test_huge_num_kernels_in_header_is_refused_before_allocating(saved, tmp_path):
+    """A sibling of item 10: K = 10^6 in the recorded PadConfig must not be replayed."""
+    def many_kernels(meta):
+        meta["state"]["steps"][0]["params"]["config"]["conv"]["num_kernels"] = 1_000_000
+
+    bad = rewrite(saved, tmp_path / "k.safetensors", many_kernels)
+    tracemalloc.start()
+    try:
+        with pytest.raises(padnet.CheckpointError, match="does not fit the tensors"):
+            padnet.load(bad)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 << 20
+
+
 def test_spec_shape_mismatch_is_named(saved, tmp_path):
     def more_classes(meta):
         meta["state"]["model_spec"]["kwargs"]["num_classes"] = 7

@@ -42,7 +42,7 @@ from ..layers.modes import PackedModeGroup, is_compact_layer, is_pad_layer, pad_
 from ..models import create_model
 from ..transforms.compact import compact_
 from ..transforms.config import PadConfig, migrate_v1
-from ..transforms.dynamize import dynamize_
+from ..transforms.dynamize import dynamize_, select_targets
 from ..transforms.fold_bn import find_conv_bn_pairs, replay_fold_bn_
 from ..transforms.record import ARCHITECTURE_OPS, STATE_ATTRIBUTE, PadState, find_state, get_state
 
@@ -52,8 +52,10 @@ METADATA_KEY = "padnet"
 FILE_MODE = 0o644
 FLOAT_DTYPES = {"torch.float32": torch.float32, "torch.float64": torch.float64,
                 "torch.float16": torch.float16, "torch.bfloat16": torch.bfloat16}
-MAX_SPEC_GROWTH = 4.0
-"""A stored spec may describe at most this many times the bytes of the stored tensors (plus 1 MiB)."""
+MAX_SPEC_GROWTH = 64.0
+"""Building a stored spec and replaying its record may allocate at most this many times the bytes of the
+stored tensors (plus 1 MiB). Legitimate files stay far below: a compact file of K kernels needs about K + 1
+times its size while its PAD form is rebuilt; a hostile header (a wider model, K = 10^6) is refused."""
 
 __all__ = ["save", "load", "read_file", "read_metadata", "CheckpointError", "atomic_write", "FORMAT_VERSION"]
 
@@ -262,13 +264,34 @@ class _SkipMetaInit(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def check_spec_fits(spec: dict[str, Any], tensors: dict[str, torch.Tensor], path) -> None:
+def _replay_bytes(base: nn.Module, state: PadState, path) -> int:
+    """Upper estimate of the bytes the recorded ``dynamize`` steps allocate on ``base`` (a meta model)."""
+    total = 0
+    for step in state.steps:
+        if step.op != "dynamize":
+            continue
+        try:
+            cfg = PadConfig.from_dict(step.params["config"])
+            sites = select_targets(base, cfg)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{path}: the recorded dynamize step does not fit the model spec: {exc}") from None
+        for site in sites:
+            factors = cfg.conv.num_kernels if site.target_type == "conv2d" else cfg.moe.num_experts
+            size = sum(p.numel() * p.element_size() for p in base.get_submodule(site.name).parameters())
+            total += 2 * (factors + 1) * size  # factors + static copy (x2: an FFN block's second matrix)
+        break  # later steps convert what is left: bounded by the same spec
+    return total
+
+
+def check_spec_fits(spec: dict[str, Any], tensors: dict[str, torch.Tensor], path,
+                    state: PadState | None = None) -> None:
     """Build the spec's base model on the ``meta`` device (no memory) and check it against the file.
 
     Every tensor the base model shares with the file must have the stored shape,
-    and the base model may not be larger than :data:`MAX_SPEC_GROWTH` times the
-    stored bytes (plus 1 MiB): a header cannot make ``load`` allocate what the
-    file does not hold.
+    and the base model plus what the recorded ``dynamize`` steps would allocate on
+    it (factors + static copy per converted site) may not exceed
+    :data:`MAX_SPEC_GROWTH` times the stored bytes (plus 1 MiB): a header cannot
+    make ``load`` allocate what the file does not hold.
     """
     try:
         with torch.device("meta"), _SkipMetaInit():
@@ -277,6 +300,8 @@ def check_spec_fits(spec: dict[str, Any], tensors: dict[str, torch.Tensor], path
         raise CheckpointError(f"{path}: the stored model spec {spec!r} cannot be built: {exc}") from exc
     stored = _nbytes(tensors.values())
     wanted = _nbytes(base.state_dict().values())
+    if state is not None:
+        wanted += _replay_bytes(base, state, path)
     if wanted > MAX_SPEC_GROWTH * stored + (1 << 20):
         raise CheckpointError(
             f"{path}: the stored model spec {spec['name']!r} describes {wanted / 2**20:.1f} MiB of weights but "
@@ -325,7 +350,7 @@ def rebuild(meta: dict[str, Any], tensors: dict[str, torch.Tensor], model: nn.Mo
         spec = state.model_spec
         if not spec:
             raise CheckpointError(f"{path}: no model spec stored; pass the base model: padnet.load(path, model=...)")
-        check_spec_fits(spec, tensors, path)
+        check_spec_fits(spec, tensors, path, state)
         model = create_model(spec["name"], **spec.get("kwargs", {}))
     elif not isinstance(model, nn.Module):
         raise TypeError(f"padnet.load: model must be an nn.Module or None, got {type(model).__name__}")
