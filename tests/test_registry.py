@@ -2,6 +2,8 @@
 
 import pytest
 
+from padnet.transforms.record import get_state
+
 from padnet.models import MODEL_REGISTRY, create_model, register_model, unregister_model
 from padnet.registry import Registry, UnknownNameError
 from padnet.train.recipes import RECIPES, Recipe, get_recipe, register_recipe, unregister_recipe
@@ -127,7 +129,7 @@ CASES = [
     (RECIPES, lambda: register_recipe(_Recipe), lambda: unregister_recipe("_registry_test_recipe"),
      lambda: type(get_recipe("_registry_test_recipe")), _Recipe, "recipe", "recipes"),
     (MODEL_REGISTRY, lambda: register_model("_reg_test", _model), lambda: unregister_model("_reg_test"),
-     lambda: create_model("_reg_test").padnet_model_spec["name"] == "_reg_test" and MODEL_REGISTRY["_reg_test"],
+     lambda: get_state(create_model("_reg_test")).model_spec["name"] == "_reg_test" and MODEL_REGISTRY["_reg_test"],
      _model, "model", "models"),
 ]
 

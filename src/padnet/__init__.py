@@ -3,15 +3,15 @@
 Convert a model (:func:`dynamize_`), partition its modes (:func:`partition_`),
 count its deployable size (:func:`count_parameters`), ship it small
 (:func:`compact_`, :func:`save`, :func:`load`).
+
+This module is the public facade: it imports the layers below; nothing inside
+the library imports it (see docs/design.md).
 """
 
 from ._version import __version__
-from .analysis.counting import ParameterCount, count_parameters, layer_counts  # noqa: E402
-from .analysis.flops import count_flops  # noqa: E402
-from .config import PadConfig  # noqa: E402
-from .convert import dynamize_  # noqa: E402
-from .export.compact import compact_  # noqa: E402
-from .transforms.partition import (  # noqa: E402
+from .io.serialization import CheckpointError, load, save
+from .models import create_model  # noqa: F401  (registers the zoo and the BERT converter)
+from .transforms.partition import (
     PartitionConfig,
     PartitionReport,
     SymmetricModesWarning,
@@ -19,10 +19,18 @@ from .transforms.partition import (  # noqa: E402
     partition_,
     register_criterion,
 )
-from .serialization import CheckpointError, load, save  # noqa: E402
+from .transforms.compact import compact_
+from .transforms.config import DynamicConvConfig, MoEConfig, PadConfig
+from .transforms.counting import ParameterCount, count_parameters, layer_counts
+from .transforms.dynamize import dynamize_
+from .transforms.flops import count_flops
+from .transforms.record import PadState, get_state
 
 __all__ = [
+    "__version__",
     "PadConfig",
+    "DynamicConvConfig",
+    "MoEConfig",
     "dynamize_",
     "count_parameters",
     "layer_counts",
@@ -38,4 +46,6 @@ __all__ = [
     "save",
     "load",
     "CheckpointError",
+    "PadState",
+    "get_state",
 ]

@@ -54,9 +54,9 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..analysis.counting import count_parameters
-    from ..export.compact import compact_
-    from ..serialization import load, save
+    from ..transforms.counting import count_parameters
+    from ..transforms.compact import compact_
+    from ..io.serialization import load, save
     from ..train import resolve_config, train
     from ..train.loop import to_device
     from ..train.outputs import fmt_int, fmt_pct, write_json

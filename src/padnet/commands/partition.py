@@ -24,20 +24,22 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..config import PadConfig
-from ..convert import dynamize_
-from ..serialization import load, save
+from ..io.serialization import load, save
 from ..train.config import resolve_config
 from ..train.recipes import get_recipe
+from ..transforms.config import DynamicConvConfig, PadConfig
+from ..transforms.dynamize import dynamize_
 from ..transforms.partition import (
     GRANULARITIES,
     SCOPES,
     PartitionConfig,
+    check_ratio,
     get_criterion,
     list_criteria,
     list_schedules,
     partition_,
 )
+from ..transforms.record import find_state
 from .common import add_model_args, zoo_model
 
 DEFAULTS = PartitionConfig()
@@ -57,8 +59,9 @@ def register(subparsers) -> None:
     p.add_argument("model_path", nargs="?", metavar="MODEL_PATH", help="model file written by padnet.save")
     add_model_args(p, default_model=None)
     p.add_argument("--num-kernels", type=int, default=4, help="K when dynamizing a zoo --model")
-    p.add_argument("--ratio", type=float, default=DEFAULTS.ratio,
-                   help=f"target dynamic ratio kappa in (0, 1] (default {DEFAULTS.ratio})")
+    p.add_argument("--ratio", type=float, default=None,
+                   help=f"target dynamic ratio kappa in (0, 1] (default: the ratio the model was last "
+                        f"partitioned at, else {DEFAULTS.ratio})")
     p.add_argument("--criterion", default=DEFAULTS.criterion, help=f"one of {', '.join(list_criteria())}")
     p.add_argument("--iterations", type=int, default=DEFAULTS.iterations, help="IMP iterations T")
     p.add_argument("--schedule", default=DEFAULTS.schedule, help=f"one of {', '.join(list_schedules())}")
@@ -94,18 +97,21 @@ def load_model(args: argparse.Namespace) -> nn.Module:
     if not args.model:
         raise ValueError("give a model: MODEL_PATH (a file written by padnet.save) or --model NAME (zoo)")
     model = zoo_model(args)
-    dynamize_(model, PadConfig(num_kernels=args.num_kernels, seed=args.seed))
+    dynamize_(model, PadConfig(conv=DynamicConvConfig(num_kernels=args.num_kernels), seed=args.seed))
     return model
 
 
 def partition_config(args: argparse.Namespace) -> PartitionConfig:
     """The :class:`PartitionConfig` given by the flags (checked; errors name the flag)."""
-    return PartitionConfig.from_options({field: getattr(args, flag[2:].replace("-", "_"))
-                                         for field, flag in FLAG_OF.items()}, labels=FLAG_OF)
+    options = {field: getattr(args, flag[2:].replace("-", "_")) for field, flag in FLAG_OF.items()}
+    if options["ratio"] is None:  # resolved from the model's record once it is loaded (resolve_ratio)
+        del options["ratio"]
+    return PartitionConfig.from_options(options, labels=FLAG_OF)
 
 
 def model_in_chans(model: nn.Module, default: int) -> int:
-    spec = getattr(model, "padnet_model_spec", None) or {}
+    state = find_state(model)
+    spec = (state.model_spec if state is not None else None) or {}
     return int(spec.get("kwargs", {}).get("in_chans", default))
 
 
@@ -166,6 +172,15 @@ def recipe_batches(args: argparse.Namespace) -> tuple[list, Callable]:
     return batches, recipe.loss(cfg)
 
 
+def resolve_ratio(args: argparse.Namespace, model: nn.Module) -> float:
+    """``--ratio`` if given, else the ratio the model was last partitioned at (its record), else the default."""
+    if args.ratio is not None:
+        return check_ratio(args.ratio, "--ratio")
+    state = find_state(model)
+    step = state.last("partition") if state is not None else None
+    return check_ratio(step.params["ratio"] if step is not None else DEFAULT_RATIO, "ratio")
+
+
 # --------------------------------------------------------------------------------------------
 # the verb
 # --------------------------------------------------------------------------------------------
@@ -174,6 +189,7 @@ def recipe_batches(args: argparse.Namespace) -> tuple[list, Callable]:
 def run(args: argparse.Namespace) -> int:
     cfg = partition_config(args)  # validate the options before building the model
     model = load_model(args)
+    cfg = cfg.replace(ratio=resolve_ratio(args, model))
     batches, loss_fn = data_source(args, model)
     report = partition_(model, batches, loss_fn, cfg, progress=args.progress)
     source = args.model_path or f"{args.model} (dynamized, K={args.num_kernels})"

@@ -154,12 +154,9 @@ class TrainConfig:
             raise ValueError("pad_config and options must be mappings")
         self.partition_config()  # checks the partition options (PartitionConfig's checks, named as here)
         if self.pad_config:
-            from ..config import PadConfig
+            from ..transforms.config import check_override_keys
 
-            known = {f.name for f in fields(PadConfig)}
-            bad = sorted(set(self.pad_config) - known)
-            if bad:
-                raise ValueError(f"unknown pad_config keys {bad}; known: {sorted(known)}")
+            check_override_keys(self.pad_config)
         return self
 
     def partition_config(self) -> PartitionConfig:

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
 from .._version import __version__
-from ..analysis.counting import count_parameters
+from ..transforms.counting import count_parameters
 from ..layers.modes import pad_layers
 from ..transforms.partition import get_criterion, partition_
 from . import distributed as D
@@ -636,8 +636,8 @@ class Trainer:
 
     # -------------------------------------------------------------- finish
     def _finish(self) -> dict[str, Any]:
-        from ..analysis.flops import count_flops
-        from ..serialization import save
+        from ..transforms.flops import count_flops
+        from ..io.serialization import save
 
         cfg, ctx = self.cfg, self.ctx
         if not ctx.is_main:

@@ -34,7 +34,6 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor, nn
 
-from ...analysis.counting import count_parameters
 from ...layers.modes import pad_layers
 from .collective import Collective
 from .config import SCOPES, PartitionConfig
@@ -46,13 +45,9 @@ from .scoring import is_symmetric, score_layers
 from .selection import apply_selection
 from .statistics import BatchSource, collect_statistics
 from .units import LayerPlan
+from ..counting import count_parameters
+from ..record import get_state
 
-try:  # the transform record (padnet/transforms/record.py) lands with the arch-state branch
-    from ..record import get_state
-except ModuleNotFoundError as exc:  # pragma: no cover - the guard goes when the record is merged
-    if exc.name != "padnet.transforms.record":
-        raise
-    get_state = None
 
 __all__ = ["SCOPES", "SymmetricModesWarning", "partition_", "resolve_config"]
 
@@ -274,6 +269,4 @@ def partition_record(cfg: PartitionConfig, report: PartitionReport) -> dict[str,
 
 def _record_partition(model: nn.Module, cfg: PartitionConfig, report: PartitionReport) -> None:
     """Append the call to ``model``'s transform record (``padnet.transforms.record``)."""
-    if get_state is None:  # pragma: no cover - the record is not merged yet
-        return
     get_state(model).append("partition", **partition_record(cfg, report))
