@@ -40,7 +40,7 @@ class KernelAttention(nn.Module):
 
 def routing_from_logits(logits: Tensor, routing: str, temperature: float) -> Tensor:
     """Routing weights ``[B, K]`` from logits: softmax(z / T) or sigmoid(z / T)."""
-    z = logits / temperature
+    z = logits if temperature == 1.0 else logits / temperature
     if routing == "softmax":
         low_precision = z.dtype in (torch.float16, torch.bfloat16)
         return torch.softmax(z.float() if low_precision else z, dim=-1).to(logits.dtype)
@@ -266,11 +266,12 @@ class DynamicConv2d(_ConvGeometry, PadLayerMixin, nn.Module):
         them), and the structured masks of :meth:`_structured_forward`.
         """
         pi = self.routing_weights(x)
-        if self.backend != "auto" or is_exporting() or self._masks_require_grad():
+        exporting = is_exporting()
+        if self.backend != "auto" or exporting or self._masks_require_grad():
             # An explicit backend is honoured literally (FLOP counting relies on "weight"); a mask that
             # requires grad (mode partition scoring dL/dM) must stay in the graph via combine_factors.
             return self._conv(x, pi, *self.combined_factors())
-        cache = _inference_cache_ok(self)
+        cache = getattr(self, "cache_weights", True) and not torch.is_grad_enabled()  # inference caches
         if not cache:
             self.__dict__.pop("_inference_cache", None)  # training: free what inference cached
         structure = self.mask_structure()
@@ -292,6 +293,12 @@ class DynamicConv2d(_ConvGeometry, PadLayerMixin, nn.Module):
             tensors += [self.bias_dynamic, self.bias_static, self.bias_mode_mask]
         return tuple(tensors)
 
+    def _bias_factors(self, lambda_s: Tensor, lambda_d: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        """``(bias_dyn [K, O], bias_sta [O])`` with mask and scales folded in, or ``(None, None)``."""
+        if self.bias_dynamic is None:
+            return None, None
+        return combine_factors(self.bias_dynamic, self.bias_static, self.bias_mode_mask, lambda_s, lambda_d)
+
     def _masks_require_grad(self) -> bool:
         return self.mode_mask.requires_grad or (self.bias_mode_mask is not None and self.bias_mode_mask.requires_grad)
 
@@ -303,37 +310,49 @@ class DynamicConv2d(_ConvGeometry, PadLayerMixin, nn.Module):
         """Fast paths for all-dynamic, all-static and channel-structured masks.
 
         Same function (and the same gradients, dead entries included: they get
-        exact zeros) as the general path, without materialising the masked factors.
+        exact zeros) as the general path, without materialising the masked
+        factors. With ``cache`` (inference) the scaled weights and biases are
+        computed once and reused until a parameter or the mask changes.
         """
-        lambda_s, lambda_d = self.scales()
-        bias_dyn = bias_sta = None
-        if self.bias_dynamic is not None:
-            bias_dyn, bias_sta = combine_factors(
-                self.bias_dynamic, self.bias_static, self.bias_mode_mask, lambda_s, lambda_d
+        if st.kind == "channel":
+            def rows():
+                lam_s, lam_d = self.scales()
+                return (self.weight_dynamic.index_select(1, st.dynamic_index) * lam_d,
+                        self.weight_static.index_select(0, st.static_index) * lam_s,
+                        *self._bias_factors(lam_s, lam_d))
+
+            dyn_rows, sta_rows, bias_dyn, bias_sta = _cached(self, "rows", self._factor_tensors(), rows) if cache \
+                else rows()
+            return channel_split_conv2d(
+                x, pi, dyn_rows, sta_rows, st.order, mix_bias(pi, bias_dyn, bias_sta), self.stride, self.padding,
+                self.dilation, self.groups, "auto", st.static_index, st.dynamic_index,
             )
-        bias = mix_bias(pi, bias_dyn, bias_sta)
+        route = pi  # routing weights the dynamic kernels are mixed with
+        if cache:
+            def scaled():
+                lam_s, lam_d = self.scales()
+                weight = self.weight_dynamic * lam_d if st.kind == "ones" else self.weight_static * lam_s
+                return (weight, *self._bias_factors(lam_s, lam_d))
+
+            weight, bias_dyn, bias_sta = _cached(self, st.kind, self._factor_tensors(), scaled)
+        else:
+            lambda_s, lambda_d = self.scales()
+            bias_dyn, bias_sta = self._bias_factors(lambda_s, lambda_d)
+            if st.kind == "ones":  # scale the B x K routing weights, not the K kernels; dead static weight
+                weight = self.weight_dynamic  # gets exact zero gradients, as on the general path
+                route = pi * _with_zero_grads(lambda_d, [self.weight_static]).to(pi.dtype)
+            else:  # dead dynamic weights and routing
+                weight = self.weight_static * _with_zero_grads(lambda_s, [self.weight_dynamic, pi])
         if st.kind == "ones":
-            lambda_d = _with_zero_grads(lambda_d, [self.weight_static])
-            y = dynamic_conv2d(x, pi * lambda_d.to(pi.dtype), self.weight_dynamic, None, None, None, self.stride,
-                               self.padding, self.dilation, self.groups, "auto")
-            return y if bias is None else y + bias[:, :, None, None]
-        if st.kind == "zeros":
-            lambda_s = _with_zero_grads(lambda_s, [self.weight_dynamic, pi])
-            y = F.conv2d(x, self.weight_static * lambda_s, None, self.stride, self.padding, self.dilation,
-                         self.groups)
-            return y if bias is None else y + bias[:, :, None, None]
-
-        # channel-structured: static conv on static channels + dynamic conv on the others
-        def rows():
-            return (self.weight_dynamic.index_select(1, st.dynamic_index) * lambda_d,
-                    self.weight_static.index_select(0, st.static_index) * lambda_s)
-
-        dyn_rows, sta_rows = _cached(self, "rows", self._factor_tensors(), rows) if cache \
-            else rows()
-        return channel_split_conv2d(
-            x, pi, dyn_rows, sta_rows, st.order, bias, self.stride, self.padding, self.dilation, self.groups,
-            "auto", st.static_index, st.dynamic_index,
-        )
+            if bias_dyn is not None:  # the bias is mixed with the unscaled routing weights
+                y = dynamic_conv2d(x, route, weight, None, None, None, self.stride, self.padding, self.dilation,
+                                   self.groups, "auto")
+                return y + mix_bias(pi, bias_dyn, bias_sta)[:, :, None, None]
+            return dynamic_conv2d(x, route, weight, None, None, bias_sta, self.stride, self.padding, self.dilation,
+                                  self.groups, "auto")
+        y = F.conv2d(x, weight, None, self.stride, self.padding, self.dilation, self.groups)
+        bias = mix_bias(pi, bias_dyn, bias_sta)
+        return y if bias is None else y + bias[:, :, None, None]
 
 
 def _fold_static_into_dynamic(dyn, sta, bias_dyn=None, bias_sta=None, routing="softmax"):
@@ -346,11 +365,6 @@ def _fold_static_into_dynamic(dyn, sta, bias_dyn=None, bias_sta=None, routing="s
     if routing != "softmax" or sta is None or dyn is None:
         return dyn, sta, bias_dyn, bias_sta
     return dyn + sta, None, bias_dyn, bias_sta
-
-
-def _inference_cache_ok(module: nn.Module) -> bool:
-    """Derived weights may be cached: no autograd, not tracing for export, caching not switched off."""
-    return getattr(module, "cache_weights", True) and not torch.is_grad_enabled() and not is_exporting()
 
 
 def _tensor_key(tensors: tuple[Tensor, ...]) -> tuple:
@@ -545,16 +559,16 @@ class CompactDynamicConv2d(_ConvGeometry, CompactLayerMixin, nn.Module):
     def _cached_dense_factors(self) -> tuple[Tensor | None, Tensor | None]:
         """Dense factors (element plans, wide channel plans): cached for inference, index scatter with autograd."""
         packed = self.weight
-        if is_exporting():
-            return self.dense_factors()
+        if packed.all_dynamic or is_exporting():
+            return self.dense_factors()  # all dynamic: a zero-copy view, nothing worth caching
         grad = torch.is_grad_enabled() and (packed.static_values.requires_grad or packed.dynamic_values.requires_grad)
         if not grad and self.cache_weights:
             with torch.no_grad():
                 return _cached(self, "dense", (packed.static_values, packed.dynamic_values, packed.mask),
                                lambda: _fold_static_into_dynamic(*self.dense_factors(), routing=self.routing)[:2])
         self.__dict__.get("_inference_cache", {}).pop("dense", None)  # training: free the inference copy
-        if packed.all_static or packed.all_dynamic:
-            return self.dense_factors()
+        if packed.all_static:
+            return self.dense_factors()  # zero-copy view
         # autograd: index_copy (its backward is a parallel index_select; masked_scatter's is serial)
         plan = self.__dict__.get("_plan") or self._build_plan()
         sta_index, dyn_index = plan.scatter_index(packed.mask)

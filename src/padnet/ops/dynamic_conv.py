@@ -10,10 +10,13 @@ channel split). The backend is chosen by :func:`.backend_selection.resolve_backe
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .backend_selection import conv_geometry, resolve_backend
+from .bmm_kernels import aggregate_kernels
 from .conv_backends import run_backend
+from .exporting import is_exporting
 
 
 def mix_bias(pi: Tensor, bias_dyn: Tensor | None, bias_sta: Tensor | None) -> Tensor | None:
@@ -57,6 +60,11 @@ def dynamic_conv2d(
     Returns:
         ``[B, O, H', W']`` (channels_last if ``x`` is).
     """
+    if x.shape[0] == 1 and backend in ("auto", "weight") and not is_exporting():
+        # one sample: its aggregated kernel is a plain conv weight, its mixed bias a plain conv bias
+        bias = mix_bias(pi, bias_dyn, bias_sta)
+        return F.conv2d(x, aggregate_kernels(pi, dyn, sta)[0], None if bias is None else bias[0], stride, padding,
+                        dilation, groups)
     geom = conv_geometry(dyn.shape[-2:], stride, padding, dilation, groups)
     name = resolve_backend(x, pi, dyn, sta, stride, padding, dilation, groups, backend, geom=geom)
     y = run_backend(name, x, pi, dyn, sta, geom, padding)

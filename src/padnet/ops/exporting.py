@@ -33,15 +33,37 @@ def export_mode() -> Iterator[None]:
         _EXPORT_DEPTH -= 1
 
 
+def _onnx_export_probe():
+    """A cheap ``() -> bool`` for "an ONNX export is running".
+
+    ``torch.onnx.is_in_onnx_export`` re-imports two modules on every call
+    (~7 us, more than a small conv's routing); the flags it reads are looked up
+    once here. Falls back to the public function if torch moves them.
+    """
+    try:
+        from torch.onnx._internal.exporter import _flags
+        from torch.onnx._internal.torchscript_exporter._globals import GLOBALS
+
+        if isinstance(GLOBALS.in_onnx_export, bool) and isinstance(_flags._is_onnx_exporting, bool):
+            return lambda: GLOBALS.in_onnx_export or _flags._is_onnx_exporting
+    except (ImportError, AttributeError):
+        pass
+    return torch.onnx.is_in_onnx_export
+
+
+_in_onnx_export = None
+
+
 def is_exporting() -> bool:
     """True inside :func:`export_mode`, torch.export / dynamo tracing, ONNX export or JIT tracing."""
-    if _EXPORT_DEPTH > 0:
-        return True
-    if torch.compiler.is_compiling():  # also true under torch.export
+    global _in_onnx_export
+    if _EXPORT_DEPTH > 0 or torch.compiler.is_compiling():  # is_compiling: also true under torch.export
         return True
     if torch.jit.is_tracing() or torch.jit.is_scripting():
         return True
-    return bool(torch.onnx.is_in_onnx_export())
+    if _in_onnx_export is None:
+        _in_onnx_export = _onnx_export_probe()
+    return bool(_in_onnx_export())
 
 
 __all__ = ["export_mode", "is_exporting"]
