@@ -76,6 +76,8 @@ def _geometry(kernel: tuple, stride, padding, dilation, groups: int) -> ConvGeom
 
 def conv_geometry(kernel, stride, padding, dilation, groups: int) -> ConvGeometry:
     """A (memoised) :class:`ConvGeometry`; list-valued arguments are accepted too."""
+    if torch.compiler.is_compiling():  # dynamo traces the constructor; the memo would only add a warning
+        return ConvGeometry(kernel, stride, padding, dilation, groups)
     try:
         return _geometry(tuple(kernel), stride, padding, dilation, int(groups))
     except TypeError:  # unhashable (lists)
