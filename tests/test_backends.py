@@ -492,3 +492,32 @@ def test_moe_layer_uses_dense_path_when_exporting():
     with cf.export_mode():
         y_dense = moe(x)
     torch.testing.assert_close(y_dense, y, rtol=1e-12, atol=1e-12)
+
+
+def test_masked_factors_match_plain_products_with_gradients():
+    """The memory-lean element-mask factors: same values and gradients as combine_factors, float64."""
+    from padnet.layers.modes import combine_factors
+    from padnet.ops.masked_factors import masked_factors
+
+    torch.manual_seed(0)
+    dynamic = torch.randn(3, 5, 4, 3, 3, dtype=torch.double, requires_grad=True)
+    static = torch.randn(5, 4, 3, 3, dtype=torch.double, requires_grad=True)
+    mask = (torch.rand(5, 4, 3, 3) < 0.3).double()
+    phi = torch.tensor(0.3, dtype=torch.double, requires_grad=True)
+    leaves = [dynamic, static, phi]
+    g_dyn, g_sta = torch.randn_like(dynamic), torch.randn_like(static)
+    outs, grads = [], []
+    for fn in (combine_factors, masked_factors):
+        lambda_d = 2 * torch.sigmoid(phi)
+        dyn, sta = fn(dynamic, static, mask, 2 - lambda_d, lambda_d)
+        outs.append((dyn, sta))
+        grads.append(torch.autograd.grad((dyn * g_dyn).sum() + (sta * g_sta).sum(), leaves))
+    for a, b in zip(outs[0], outs[1]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    # only one of the two outputs used, and no scale parameter
+    one = torch.ones((), dtype=torch.double)
+    dyn, _ = masked_factors(dynamic, static, mask, one, one)
+    g, = torch.autograd.grad(dyn.sum(), [dynamic])
+    torch.testing.assert_close(g, mask.expand_as(dynamic))
