@@ -16,7 +16,7 @@ from ..ops.channel_split import channel_split_conv2d, channel_split_runs_dense
 from ..ops.dynamic_conv import dynamic_conv2d, mix_bias
 from ..ops.exporting import is_exporting
 from ..ops.geometry import ConvGeometry, check_conv_hyperparameters
-from ..ops.masked_factors import masked_factors
+from ..ops.masked_conv import masked_dynamic_conv2d
 from .modes import CompactLayerMixin, PackedModeGroup, PadLayerMixin, ScaleFactors, combine_factors, register_mask
 
 ROUTINGS = ("softmax", "sigmoid")
@@ -277,14 +277,13 @@ class DynamicConv2d(_ConvGeometry, PadLayerMixin, nn.Module):
             self.__dict__.pop("_inference_cache", None)  # training: free what inference cached
         structure = self.mask_structure()
         if structure.kind == "element":
-            return self._conv(x, pi, *(self._inference_factors() if cache else self._training_factors()))
+            if cache:
+                return self._conv(x, pi, *self._inference_factors())
+            lambda_s, lambda_d = self.scales()  # training: the mask is folded into the backends' autograd
+            return masked_dynamic_conv2d(x, pi, self.weight_dynamic, self.weight_static, self.mode_mask, lambda_s,
+                                         lambda_d, *self._bias_factors(lambda_s, lambda_d), self.stride,
+                                         self.padding, self.dilation, self.groups)
         return self._structured_forward(x, pi, structure, cache)
-
-    def _training_factors(self) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-        """:meth:`combined_factors` whose backward keeps no mask-sized temporaries (element masks, training)."""
-        lambda_s, lambda_d = self.scales()
-        dyn, sta = masked_factors(self.weight_dynamic, self.weight_static, self.mode_mask, lambda_s, lambda_d)
-        return (dyn, sta, *self._bias_factors(lambda_s, lambda_d))
 
     def _inference_factors(self) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
         """Combined factors of an element mask, cached for inference (static part folded in for softmax)."""

@@ -30,21 +30,34 @@ class MaskedFactors(torch.autograd.Function):
     def backward(ctx, g_dyn: Tensor | None, g_sta: Tensor | None):
         dynamic, static, mask, lambda_s, lambda_d = ctx.saved_tensors
         need_d, need_s, _, need_ls, need_ld = ctx.needs_input_grad
+        return factor_grads(g_dyn, g_sta, dynamic, static, mask, lambda_s, lambda_d, need_d, need_s, need_ls, need_ld)
+
+
+def factor_values(dynamic: Tensor, static: Tensor, mask: Tensor, lambda_s: Tensor,
+                  lambda_d: Tensor) -> tuple[Tensor, Tensor]:
+    """``(lambda_d * M * dynamic, lambda_s * (1 - M) * static)`` without autograd bookkeeping."""
+    with torch.no_grad():
         m = mask.to(dynamic.dtype)
-        g_dynamic = g_static = g_ls = g_ld = None
-        if g_dyn is not None and (need_d or need_ld):
-            gm = g_dyn * m
-            if need_ld:
-                g_ld = torch.dot(gm.reshape(-1), dynamic.reshape(-1)).reshape(lambda_d.shape).to(lambda_d.dtype)
-            if need_d:
-                g_dynamic = gm.mul_(lambda_d)
-        if g_sta is not None and (need_s or need_ls):
-            gs = g_sta * (1.0 - m)
-            if need_ls:
-                g_ls = torch.dot(gs.reshape(-1), static.reshape(-1)).reshape(lambda_s.shape).to(lambda_s.dtype)
-            if need_s:
-                g_static = gs.mul_(lambda_s)
-        return g_dynamic, g_static, None, g_ls, g_ld
+        return dynamic * (lambda_d * m), static * (lambda_s * (1.0 - m))
+
+
+def factor_grads(g_dyn, g_sta, dynamic, static, mask, lambda_s, lambda_d, need_d, need_s, need_ls, need_ld):
+    """Map gradients of ``(dyn, sta)`` to ``(dynamic, static, mask=None, lambda_s, lambda_d)``."""
+    m = mask.to(dynamic.dtype)
+    g_dynamic = g_static = g_ls = g_ld = None
+    if g_dyn is not None and (need_d or need_ld):
+        gm = g_dyn * m
+        if need_ld:
+            g_ld = torch.dot(gm.reshape(-1), dynamic.reshape(-1)).reshape(lambda_d.shape).to(lambda_d.dtype)
+        if need_d:
+            g_dynamic = gm.mul_(lambda_d)
+    if g_sta is not None and (need_s or need_ls):
+        gs = g_sta * (1.0 - m)
+        if need_ls:
+            g_ls = torch.dot(gs.reshape(-1), static.reshape(-1)).reshape(lambda_s.shape).to(lambda_s.dtype)
+        if need_s:
+            g_static = gs.mul_(lambda_s)
+    return g_dynamic, g_static, None, g_ls, g_ld
 
 
 def masked_factors(dynamic: Tensor, static: Tensor, mask: Tensor, lambda_s: Tensor,
@@ -53,4 +66,4 @@ def masked_factors(dynamic: Tensor, static: Tensor, mask: Tensor, lambda_s: Tens
     return MaskedFactors.apply(dynamic, static, mask, lambda_s, lambda_d)
 
 
-__all__ = ["MaskedFactors", "masked_factors"]
+__all__ = ["MaskedFactors", "factor_grads", "factor_values", "masked_factors"]
