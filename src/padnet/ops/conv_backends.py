@@ -23,6 +23,7 @@ from .bmm_autograd import WeightSpaceBMM
 from .bmm_kernels import aggregate_kernels, bmm_plain, bmm_tiled_forward
 from .exporting import is_exporting
 from .geometry import ConvGeometry
+from .workspace import workspace
 
 CONCRETE_BACKENDS = ("weight", "bmm", "output")
 
@@ -31,10 +32,30 @@ def weight_space(x: Tensor, pi: Tensor, dyn: Tensor, sta: Tensor | None, geom: C
     """Per-sample kernels, then one grouped conv with ``groups = B * groups``."""
     batch, channels, height, width = x.shape
     kernel_shape = dyn.shape[1:]
-    weight = aggregate_kernels(pi, dyn, sta).reshape(batch * kernel_shape[0], *kernel_shape[1:])
+    weight = _aggregate_into_workspace(pi, dyn, sta, x)
+    if weight is None:
+        weight = aggregate_kernels(pi, dyn, sta)
+    weight = weight.reshape(batch * kernel_shape[0], *kernel_shape[1:])
     y = F.conv2d(x.reshape(1, batch * channels, height, width), weight, None, geom.stride, padding, geom.dilation,
                  batch * geom.groups)
     return y.reshape(batch, kernel_shape[0], *y.shape[-2:])
+
+
+def _aggregate_into_workspace(pi: Tensor, dyn: Tensor, sta: Tensor | None, x: Tensor) -> Tensor | None:
+    """Per-sample kernels ``[B, P]`` written into a reused workspace (no autograd, CPU, one dtype), else ``None``.
+
+    ``B`` kernels are the largest temporary of the grouped-conv backend (4.7 MiB at
+    64@32, batch 32); a fresh buffer that size is page-faulted in on every call.
+    """
+    if (torch.is_grad_enabled() and (pi.requires_grad or dyn.requires_grad or (sta is not None and sta.requires_grad))) \
+            or x.device.type != "cpu" or not (pi.dtype == dyn.dtype == x.dtype) or is_exporting():
+        return None
+    k = dyn.shape[0]
+    flat = dyn.reshape(k, -1)
+    out = workspace(4, pi.shape[0] * flat.shape[1], x).view(pi.shape[0], flat.shape[1])
+    if sta is None:
+        return torch.mm(pi, flat, out=out)
+    return torch.addmm(sta.reshape(-1), pi, flat, out=out)
 
 
 def output_space(x: Tensor, pi: Tensor, dyn: Tensor, sta: Tensor | None, geom: ConvGeometry, padding) -> Tensor:
