@@ -81,7 +81,12 @@ def machine_info() -> dict:
         load = os.getloadavg()
     except OSError:  # pragma: no cover
         load = (float("nan"),) * 3
+    from padnet.ops.autotune import autotune_enabled, cpu_model
+
     return {
+        "cpu_model": cpu_model(),
+        "autotune": autotune_enabled(),
+        "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
         "load_1m": round(load[0], 2),
         "load_5m": round(load[1], 2),
         "cpus": os.cpu_count(),
@@ -240,6 +245,28 @@ def _fwd_bwd(module: nn.Module, x: Tensor) -> Callable[[], object]:
 RESNET18_SHAPES = ((64, 32), (128, 16), (256, 8), (512, 4))
 
 
+class CondConvBaseline(nn.Module):
+    """The plain per-sample-kernel dynamic conv (CondConv / DY-Conv algorithm), no PAD machinery.
+
+    Routing MLP -> softmax -> ``pi @ W`` (B kernels) -> one grouped conv with
+    ``groups = B``. Shares the routing network and kernels of a padnet layer, so
+    both compute the same function; the peer baseline for padnet's fully dynamic layer.
+    """
+
+    def __init__(self, layer) -> None:
+        super().__init__()
+        self.attention = layer.attention
+        self.weight = layer.weight_dynamic
+        self.stride, self.padding, self.dilation = layer.stride, layer.padding, layer.dilation
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        pi = torch.softmax(self.attention(x), dim=-1)
+        kernels = (pi @ self.weight.flatten(1)).view(b * self.weight.shape[1], *self.weight.shape[2:])
+        y = F.conv2d(x.reshape(1, b * c, h, w), kernels, None, self.stride, self.padding, self.dilation, b)
+        return y.view(b, -1, *y.shape[-2:])
+
+
 def conv_layer_variants(channels: int, num_kernels: int = 4, ratio: float = 0.3, seed: int = 0,
                         include: Iterable[str] | None = None) -> dict[str, nn.Module]:
     """Static conv, naive grouped-conv dynamic layer, padnet layers and deploy forms for one 3x3 shape."""
@@ -253,8 +280,9 @@ def conv_layer_variants(channels: int, num_kernels: int = 4, ratio: float = 0.3,
     naive = copy.deepcopy(base)
     naive.backend = "weight"
     out["naive_grouped"] = naive
+    out["condconv"] = CondConvBaseline(base)
     out["dynamic"] = base
-    for name in ("bmm", "output"):
+    for name in ("weight", "bmm", "output"):
         layer = copy.deepcopy(base)
         layer.backend = name
         out[f"dynamic_{name}"] = layer
