@@ -244,3 +244,23 @@ def test_layers_under_autotuning_match_the_rule(tuning, kind):
     with torch.no_grad():
         torch.testing.assert_close(CompactDynamicConv2d(layer.eval())(x), ref, rtol=1e-10, atol=1e-12)
     assert ops.autotune_cache()
+
+
+def test_channel_plan_split_or_dense_is_tuned_too(tuning):
+    """Channel-structured masks: the split plan and the whole-layer dense plan are timed once per signature."""
+    torch.manual_seed(0)
+    layer = DynamicConv2d(6, 9, 3, padding=1, bias=True).double().eval()
+    rows = (torch.arange(9) % 3 == 0).double().view(-1, 1, 1, 1).expand(layer.mode_mask.shape).clone()
+    layer.set_mode_mask("weight", rows)
+    compact = CompactDynamicConv2d(layer)
+    x = torch.randn(4, 6, 8, 8, dtype=torch.double)
+    autotune.set_autotune(False)
+    with torch.no_grad():
+        ref = compact(x)
+    autotune.set_autotune(True)
+    with torch.no_grad():
+        torch.testing.assert_close(compact(x), ref, rtol=1e-10, atol=1e-12)
+        plans = {k: v for k, v in ops.autotune_cache().items() if k[0] == "channel_split"}
+        assert len(plans) == 1 and set(plans.values()) <= {"dense", "split"}
+        torch.testing.assert_close(compact(x), ref, rtol=1e-10, atol=1e-12)  # cached decision, same numbers
+    assert len({k for k in ops.autotune_cache() if k[0] == "channel_split"}) == 1

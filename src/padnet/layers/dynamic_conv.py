@@ -614,8 +614,9 @@ class CompactDynamicConv2d(_ConvGeometry, CompactLayerMixin, nn.Module):
         pi = self._route(x)
         if st.kind == "channel":
             dyn_rows = self.weight.dynamic_values.view(plan.dynamic_rows_shape)
-            if not channel_split_runs_dense(x, pi, dyn_rows, self.stride, self.padding, self.dilation, self.groups):
-                sta_rows = self.weight.static_values.view(plan.static_rows_shape)
+            sta_rows = self.weight.static_values.view(plan.static_rows_shape)
+            if not channel_split_runs_dense(x, pi, dyn_rows, self.stride, self.padding, self.dilation, self.groups,
+                                            "auto", sta_rows, st.order):
                 bias = mix_bias(pi, bias_dyn, bias_sta) if bias_dyn is not None else bias_sta
                 return channel_split_conv2d(
                     x, pi, dyn_rows, sta_rows, st.order, bias, self.stride, self.padding, self.dilation,

@@ -10,21 +10,85 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from torch.nn.modules.utils import _pair
+
+from . import autotune
 from .backend_selection import resolve_backend
 from .dynamic_conv import add_channel_bias, dynamic_conv2d
 from .exporting import is_exporting
 
+_DECISIONS: dict[tuple, tuple[int, bool]] = {}  # signature -> (autotune generation, dense?)
+
 
 def channel_split_runs_dense(x: Tensor, pi: Tensor, dyn_rows: Tensor, stride, padding, dilation, groups: int,
-                             backend: str = "auto") -> bool:
+                             backend: str = "auto", sta_rows: Tensor | None = None,
+                             order: Tensor | None = None) -> bool:
     """Whether :func:`channel_split_conv2d` runs the whole layer as one dynamic conv instead of splitting.
 
-    True where the dynamic part would run as a grouped conv of per-sample kernels
-    (``groups == 1``, batch > 1, ``backend`` resolving to ``"weight"``, not exporting).
+    Only for ``groups == 1``, batch > 1, not exporting. The rule: where the
+    dynamic part would run as a grouped conv of per-sample kernels (``backend``
+    resolving to ``"weight"``). With autotuning on and ``sta_rows`` / ``order``
+    given, both plans are timed once per signature instead (like the backends,
+    :mod:`.autotune`), the rule's plan first.
     """
     if groups != 1 or x.shape[0] == 1 or is_exporting():
         return False
-    return resolve_backend(x, pi, dyn_rows, None, stride, padding, dilation, 1, backend) == "weight"
+    rule = resolve_backend(x, pi, dyn_rows, None, stride, padding, dilation, 1, backend) == "weight"
+    if backend != "auto" or sta_rows is None or order is None or not autotune.autotune_enabled():
+        return rule
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, pi, dyn_rows, sta_rows))
+    key = ("channel_split", tuple(dyn_rows.shape), tuple(sta_rows.shape), tuple(x.shape), _pair(stride),
+           str(padding), _pair(dilation), str(x.dtype), str(x.device), torch.get_num_threads(), grad,
+           torch.is_grad_enabled())
+    hit = _DECISIONS.get(key)
+    if hit is not None and hit[0] == autotune.generation():
+        return hit[1]
+    candidates = ["dense", "split"] if rule else ["split", "dense"]
+    choice = autotune.lookup(key, candidates)
+    if choice is None:
+        choice = autotune.tune(key, candidates, _plan_runner(x, pi, dyn_rows, sta_rows, order, stride, padding,
+                                                             dilation, grad), x.device)
+    if len(_DECISIONS) > 4096:
+        _DECISIONS.clear()
+    _DECISIONS[key] = (autotune.generation(), choice == "dense")
+    return choice == "dense"
+
+
+def _dense_factors(dyn_rows: Tensor, sta_rows: Tensor, order: Tensor) -> tuple[Tensor, Tensor]:
+    """The split rows placed back into dense ``(dyn [K, O, ...], sta [O, ...])`` (zeros elsewhere)."""
+    n_sta, n_dyn = sta_rows.shape[0], dyn_rows.shape[1]
+    dyn = torch.cat([dyn_rows.new_zeros((dyn_rows.shape[0], n_sta, *dyn_rows.shape[2:])), dyn_rows],
+                    dim=1).index_select(1, order)
+    sta = torch.cat([sta_rows, sta_rows.new_zeros((n_dyn, *sta_rows.shape[1:]))]).index_select(0, order)
+    return dyn, sta
+
+
+def _split(x, pi, dyn_rows, sta_rows, order, stride, padding, dilation, backend) -> Tensor:
+    ys = F.conv2d(x, sta_rows, None, stride, padding, dilation)
+    yd = dynamic_conv2d(x, pi, dyn_rows, None, stride=stride, padding=padding, dilation=dilation, backend=backend)
+    return torch.cat([ys, yd], dim=1).index_select(1, order)
+
+
+def _plan_runner(x, pi, dyn_rows, sta_rows, order, stride, padding, dilation, grad: bool):
+    """``run("dense" | "split")`` on detached copies (forward, and backward with ``grad``)."""
+    def copy(t):
+        return t.detach().requires_grad_(grad and t.requires_grad)
+
+    xs, pis, dyns, stas = copy(x), copy(pi), copy(dyn_rows), copy(sta_rows)
+    dense = None if grad else _dense_factors(dyns, stas, order)  # inference plans reuse cached dense factors
+
+    def run(name: str) -> None:
+        with torch.set_grad_enabled(grad):
+            if name == "dense":
+                dyn, sta = dense if dense is not None else _dense_factors(dyns, stas, order)
+                y = dynamic_conv2d(xs, pis, dyn, sta, None, None, stride, padding, dilation, 1, "weight")
+            else:
+                y = _split(xs, pis, dyns, stas, order, stride, padding, dilation, "auto")
+            if grad:
+                leaves = [t for t in (xs, pis, dyns, stas) if t.requires_grad]
+                torch.autograd.grad(y, leaves, torch.ones_like(y))
+
+    return run
 
 
 def channel_split_conv2d(
@@ -70,23 +134,19 @@ def channel_split_conv2d(
         weight = torch.cat([sta_rows, mixed], dim=0).index_select(0, order)
         return add_channel_bias(F.conv2d(x, weight, None, stride, padding, dilation), bias)
     if groups == 1:
-        if channel_split_runs_dense(x, pi, dyn_rows, stride, padding, dilation, groups, backend):
-            n_sta, n_dyn = sta_rows.shape[0], dyn_rows.shape[1]
-            dyn = torch.cat([dyn_rows.new_zeros((dyn_rows.shape[0], n_sta, *dyn_rows.shape[2:])), dyn_rows],
-                            dim=1).index_select(1, order)
-            sta = torch.cat([sta_rows, sta_rows.new_zeros((n_dyn, *sta_rows.shape[1:]))]).index_select(0, order)
+        if channel_split_runs_dense(x, pi, dyn_rows, stride, padding, dilation, groups, backend, sta_rows, order):
+            dyn, sta = _dense_factors(dyn_rows, sta_rows, order)
             y = dynamic_conv2d(x, pi, dyn, sta, None, None, stride, padding, dilation, 1, "weight")
             return add_channel_bias(y, bias)
-        ys = F.conv2d(x, sta_rows, None, stride, padding, dilation)
-        yd = dynamic_conv2d(x, pi, dyn_rows, None, stride=stride, padding=padding, dilation=dilation,
-                            backend=backend)
+        y = _split(x, pi, dyn_rows, sta_rows, order, stride, padding, dilation, backend)
     else:
         xs = x.index_select(1, static_in_index)
         xd = x.index_select(1, dynamic_in_index)
         ys = F.conv2d(xs, sta_rows, None, stride, padding, dilation, sta_rows.shape[0])
         yd = dynamic_conv2d(xd, pi, dyn_rows, None, stride=stride, padding=padding, dilation=dilation,
                             groups=dyn_rows.shape[1], backend=backend)
-    y = add_channel_bias(torch.cat([ys, yd], dim=1).index_select(1, order), bias)
+        y = torch.cat([ys, yd], dim=1).index_select(1, order)
+    y = add_channel_bias(y, bias)
     if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
         y = y.contiguous(memory_format=torch.channels_last)
     return y
