@@ -36,7 +36,7 @@ def setup(args) -> dict:
         deadline = time.time() + args.wait_s
         while os.getloadavg()[0] > args.max_load and time.time() < deadline:
             time.sleep(10)
-    from padnet.analysis.latency import machine_info
+    from latency import machine_info
 
     info = machine_info()
     print(f"# machine: {info}", file=sys.stderr, flush=True)
@@ -48,7 +48,7 @@ def log(msg: str) -> None:
 
 
 def write(name: str, args, payload: dict) -> Path:
-    from padnet.analysis.latency import machine_info
+    from latency import machine_info
 
     payload["machine_after"] = machine_info()
     path = Path(args.out) if args.out else RESULTS / f"{name}.json"

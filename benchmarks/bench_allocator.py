@@ -27,7 +27,7 @@ FIXED = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1
 CHILD = """
 import json, os, torch
 torch.set_num_threads({threads})
-from padnet.analysis.latency import conv_layer_variants, time_interleaved
+from latency import conv_layer_variants, time_interleaved
 rows = []
 for c, hw in ((64, 32), (128, 16)):
     v = conv_layer_variants(c, include=["dynamic", "compact_element", "compact_channel"])

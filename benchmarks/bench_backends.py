@@ -17,8 +17,9 @@ from _common import base_parser, log, setup, write  # noqa: I001  (sets OMP_WAIT
 import torch
 import torch.nn.functional as F
 
-from padnet.analysis.latency import format_rows, time_interleaved
-from padnet.layers import conv_functional as cf
+from latency import format_rows, time_interleaved
+from padnet import ops as cf
+from padnet.ops import bmm_kernels
 
 
 def main() -> None:
@@ -57,20 +58,20 @@ def main() -> None:
                 flat = dyn.detach().reshape(k, -1)
                 buf = torch.empty(b, flat.shape[1])
                 fns["aggregate_only"] = lambda flat=flat, buf=buf: torch.mm(pi.detach(), flat, out=buf)
-            default = dict(cf.TILE_BUDGET)
+            default = dict(bmm_kernels.TILE_BUDGET)
             for spec in filter(None, args.budgets.split(",")):
                 wb, cb = (int(v) << 20 for v in spec.split("/"))
 
                 def tiled(wb=wb, cb=cb):
-                    cf.TILE_BUDGET.update(weights=wb, cols=cb)
+                    bmm_kernels.TILE_BUDGET.update(weights=wb, cols=cb)
                     try:
                         return cf.dynamic_conv2d(x, pi, dyn, None, padding=1, backend="bmm")
                     finally:
-                        cf.TILE_BUDGET.update(default)
+                        bmm_kernels.TILE_BUDGET.update(default)
                 fns[f"bmm[{spec}]"] = run(tiled)
             t = time_interleaved(fns, repeats=args.repeats, min_round_s=0.02)
             base = t["static"].median
-            choice = cf.select_backend("auto", b, k, c, 1, out_pixels=hw * hw)
+            choice = cf.select_backend("auto", b, c, 1, out_pixels=hw * hw)
             row = {"shape": shape, "batch": b, "static_ms": base * 1e3}
             row.update({n: v.median / base for n, v in t.items() if n != "static"})
             cbase = t["static"].cpu_median

@@ -22,8 +22,8 @@ from _common import base_parser, log, setup, write  # noqa: I001  (sets OMP_WAIT
 import torch
 import torch.nn.functional as F
 
-from padnet.analysis.latency import RESNET18_SHAPES, conv_layer_variants, format_rows, time_interleaved
-from padnet.layers import conv_functional as cf
+from latency import RESNET18_SHAPES, conv_layer_variants, format_rows, time_interleaved
+from padnet import ops as cf
 
 
 

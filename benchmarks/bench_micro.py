@@ -19,8 +19,9 @@ from _common import base_parser, log, setup, write  # noqa: I001  (sets OMP_WAIT
 import torch
 import torch.nn.functional as F
 
-from padnet.analysis.latency import RESNET18_SHAPES, format_rows, time_interleaved
-from padnet.layers import conv_functional as cf
+from latency import RESNET18_SHAPES, format_rows, time_interleaved
+from padnet import ops as cf
+from padnet.ops import im2col as im2col_ops
 
 
 
@@ -35,7 +36,7 @@ def main() -> None:
         torch.manual_seed(0)
         x = torch.randn(b, c, hw, hw)
         w = torch.randn(c, c, 3, 3)
-        geom = cf._Geometry((3, 3), 1, 1, 1, 1)
+        geom = cf.ConvGeometry((3, 3), 1, 1, 1, 1)
         cols = cf.im2col(x, geom)[0].contiguous()
         n70, n30 = round(0.7 * c), c - round(0.7 * c)
         pad70, pad30 = n70 + (-n70 % 16), n30 + (-n30 % 16)
@@ -51,7 +52,7 @@ def main() -> None:
             f"conv_{pad30}_padded": lambda: F.conv2d(x, torch.cat([w[:n30], w.new_zeros(pad30 - n30, c, 3, 3)]),
                                                     padding=1),
             "im2col_fresh": lambda: cf.im2col(x, geom)[0].contiguous(),
-            "im2col_reused_buffer": lambda: cf._im2col_workspace(x, geom),
+            "im2col_reused_buffer": lambda: im2col_ops.im2col_workspace(x, geom),
             "gemm_im2col_matmul": lambda: torch.matmul(w.view(c, -1), cols),
             "stream_B_kernels": lambda: torch.mm(pi, dyn, out=kbuf),
         }

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from _common import base_parser, log, setup, write
 
-from padnet.analysis import latency
+import latency
 
 
 def main() -> None:

@@ -13,6 +13,15 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def load(name):
+    """``<name>.fresh.json`` (medians over fresh processes, benchmarks/fresh.py) if present, else ``<name>.json``."""
+    fresh = RESULTS / f"{name}.fresh.json"
+    if fresh.is_file():
+        payload = json.loads(fresh.read_text())
+        machines = [m for m in payload["machines"] if m]
+        after = [m for m in payload.get("machines_after", []) if m]
+        payload["machine"] = dict(machines[0], load_1m=max(m["load_1m"] for m in machines))
+        payload["machine_after"] = dict(after[-1], load_1m=max(m["load_1m"] for m in after)) if after else {}
+        return payload
     path = RESULTS / f"{name}.json"
     return json.loads(path.read_text()) if path.is_file() else None
 
@@ -28,8 +37,9 @@ def fmt(v, digits=2):
 
 def machine_line(payload):
     m, a = payload["machine"], payload.get("machine_after", {})
-    return (f"_load (1-min avg) {m['load_1m']} before, {a.get('load_1m', '?')} after; "
-            f"{m['torch_threads']} threads, torch {m['torch']}_")
+    runs = f"median of {payload['runs']} fresh processes, " if "runs" in payload else ""
+    return (f"_{runs}CPU {m.get('cpu_model', 'not recorded')}; load (1-min avg, max) {m['load_1m']} before, "
+            f"{a.get('load_1m', '?')} after; {m['torch_threads']} threads, torch {m['torch']}_")
 
 
 def backends_table(payload, grad=False):

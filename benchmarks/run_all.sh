@@ -1,19 +1,22 @@
 #!/bin/sh
-# Every figure in docs/benchmarks.md comes from these commands (2 threads, float32, K=4).
-# Optional: MAX_LOAD=1.5 ./benchmarks/run_all.sh waits (<= 10 min per step) for a quieter machine.
+# Every figure in docs/benchmarks.md comes from these commands: 2 threads, float32, K=4, glibc's default
+# malloc (fresh.py strips MALLOC_* from the children), each benchmark script in 3 fresh processes with the
+# per-row median of the in-process ratios to a static baseline; the CPU model is recorded in every result.
+# Results: benchmarks/results/<name>.fresh.json. Run on a quiet machine; MAX_LOAD=1.5 makes each script wait
+# (<= 10 min) for the 1-minute load average to drop below 1.5 first.
 set -e
 cd "$(dirname "$0")/.."
-# Allocator effect first (it sets its own environment per child process), then the suite with glibc's
-# malloc thresholds fixed so that per-call temporaries of a few MiB are not page-faulted in again on
-# every call (docs/benchmarks.md, "Allocator"). jemalloc / tcmalloc have the same effect.
-python benchmarks/bench_allocator.py --threads 2 --repeats 9
-export MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=4294967296
+RUNS=${RUNS:-3}
 WAIT=""
 if [ -n "$MAX_LOAD" ]; then WAIT="--max-load $MAX_LOAD"; fi
-python benchmarks/bench_backends.py --threads 2 --repeats 9 --batches 32,8,1 $WAIT
-python benchmarks/bench_backends.py --threads 2 --repeats 9 --batches 32 --grad $WAIT
-python benchmarks/bench_conv_layers.py --threads 2 --repeats 15 $WAIT
-python benchmarks/bench_moe.py --threads 2 --repeats 11 $WAIT
-python benchmarks/bench_models.py --threads 2 --repeats 9 $WAIT
-python benchmarks/bench_micro.py --threads 2 --repeats 9 $WAIT
-python benchmarks/bench_channel_split.py --threads 2 --repeats 15 $WAIT
+F="python benchmarks/fresh.py --runs $RUNS"
+$F --name conv_layers -- python benchmarks/bench_conv_layers.py --threads 2 --repeats 15 $WAIT
+$F --name models -- python benchmarks/bench_models.py --threads 2 --repeats 9 $WAIT
+$F --name backends -- python benchmarks/bench_backends.py --threads 2 --repeats 9 --batches 32,8,1 $WAIT
+$F --name backends_grad -- python benchmarks/bench_backends.py --threads 2 --repeats 9 --batches 32 --grad $WAIT
+$F --name channel_split -- python benchmarks/bench_channel_split.py --threads 2 --repeats 15 $WAIT
+$F --name moe -- python benchmarks/bench_moe.py --threads 2 --repeats 11 $WAIT
+$F --name compile -- python benchmarks/bench_compile.py --threads 2 --repeats 9 $WAIT
+# allocator sensitivity (sets its own malloc environment per child, by design)
+python benchmarks/bench_allocator.py --threads 2 --repeats 9
+python benchmarks/render_results.py

@@ -15,12 +15,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
 
 import padnet
-from padnet.analysis.latency import machine_info, time_interleaved
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # the timing helpers live there
+from latency import machine_info, time_interleaved  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNS = ROOT / "runs" / "study"

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import pytest
 import torch
 
@@ -14,3 +17,9 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# The suite checks numbers, not speed: backend="auto" uses the deterministic cost rule unless a test turns
+# autotuning on, and any autotune cache file goes to a throw-away directory, never the user's ~/.cache.
+os.environ["PADNET_AUTOTUNE"] = "0"
+os.environ["PADNET_CACHE_DIR"] = tempfile.mkdtemp(prefix="padnet-test-cache-")

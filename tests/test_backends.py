@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from padnet.layers import CompactDynamicConv2d, DynamicConv2d, MoEFeedForward
-from padnet.layers import conv_functional as cf
+from padnet import ops as cf
+from padnet.ops import backend_selection, bmm_kernels, channel_split
 from padnet.layers import dynamic_conv as dynamic_conv_module
 from padnet.layers.dynamic_conv import MaskStructure
 from padnet.layers.moe import moe_dispatch, route_tokens
@@ -44,8 +45,8 @@ GEOMETRIES = [
 
 @pytest.fixture
 def tiny_tiles(monkeypatch):
-    monkeypatch.setitem(cf.TILE_BUDGET, "weights", 256)
-    monkeypatch.setitem(cf.TILE_BUDGET, "cols", 512)
+    monkeypatch.setitem(bmm_kernels.TILE_BUDGET, "weights", 256)
+    monkeypatch.setitem(bmm_kernels.TILE_BUDGET, "cols", 512)
 
 
 CASES = [(g, s, False) for g in GEOMETRIES for s in (True, False)] + [(g, True, True) for g in GEOMETRIES[:4]]
@@ -101,7 +102,7 @@ def test_bias_and_auto_backend():
 def test_im2col_col2im_are_adjoint():
     torch.manual_seed(2)
     for kernel, stride, padding, dilation in [((3, 3), 1, 1, 1), ((3, 2), 2, 1, (1, 2)), ((1, 1), 2, 0, 1)]:
-        geom = cf._Geometry(kernel, stride, padding, dilation, 1)
+        geom = cf.ConvGeometry(kernel, stride, padding, dilation, 1)
         x = torch.randn(2, 3, 7, 6, dtype=torch.double)
         cols, _ = cf.im2col(x, geom)
         torch.testing.assert_close(cols, F.unfold(x, kernel, dilation, padding, stride))
@@ -114,19 +115,19 @@ def test_im2col_col2im_are_adjoint():
 
 def test_select_backend_rule():
     sel = cf.select_backend
-    assert sel("bmm", 32, 4, 64, 1) == "bmm"  # explicit passes through
-    assert sel("auto", 1, 4, 64, 1, out_pixels=16) == "weight"  # batch 1: plain conv on the aggregated kernel
-    assert sel("auto", 32, 4, 64, 64, out_pixels=256) == "weight"  # depthwise
-    assert sel("auto", 32, 4, 64, 1, out_pixels=cf._GROUPED_MIN_L) == "weight"  # small kernels, wide GEMMs
-    assert sel("auto", 32, 4, 512, 1, out_pixels=cf._OUTPUT_MAX_L + 1) == "bmm"
-    thin = dict(out_pixels=cf._OUTPUT_MAX_L, in_channels=512, kernel_numel=9)
-    assert sel("auto", 32, 4, 512, 1, **thin) == "output"  # thin per-sample GEMMs, wide K-fold conv
-    assert sel("auto", 8, 4, 512, 1, **thin) == "bmm"  # the K-fold conv would be too narrow
-    assert sel("auto", 32, 4, 512, 1, requires_grad=True, **thin) == "bmm"
-    assert sel("auto", 32, 4, 512, 1, out_pixels=cf._GROUPED_MIN_L, device="cuda") == "weight"
+    assert sel("bmm", 32, 64, 1, out_pixels=16) == "bmm"  # explicit passes through
+    assert sel("auto", 1, 64, 1, out_pixels=16) == "weight"  # batch 1: plain conv on the aggregated kernel
+    assert sel("auto", 32, 64, 64, out_pixels=256) == "weight"  # depthwise
+    assert sel("auto", 32, 64, 1, out_pixels=backend_selection._GROUPED_MIN_L) == "weight"  # small kernels, wide GEMMs
+    assert sel("auto", 32, 512, 1, out_pixels=backend_selection._OUTPUT_MAX_L + 1) == "bmm"
+    thin = dict(out_pixels=backend_selection._OUTPUT_MAX_L)
+    assert sel("auto", 32, 512, 1, **thin) == "output"  # thin per-sample GEMMs, wide K-fold conv
+    assert sel("auto", 8, 512, 1, **thin) == "bmm"  # the K-fold conv would be too narrow
+    assert sel("auto", 32, 512, 1, requires_grad=True, **thin) == "bmm"
+    assert sel("auto", 32, 512, 1, out_pixels=backend_selection._GROUPED_MIN_L, device="cuda") == "weight"
     for batch in (1, 32):
         for groups, out in ((1, 64), (64, 64)):
-            assert sel("auto", batch, 4, out, groups, out_pixels=256, exporting=True) != "weight"
+            assert sel("auto", batch, out, groups, out_pixels=256, exporting=True) != "weight"
 
 
 def test_export_mode_never_uses_grouped_weight_backend():
@@ -143,8 +144,10 @@ def test_export_mode_never_uses_grouped_weight_backend():
 
 def test_autotune_cache_is_keyed_and_optional(monkeypatch):
     cf.clear_autotune_cache()
-    monkeypatch.delenv("PADNET_AUTOTUNE", raising=False)
+    monkeypatch.setenv("PADNET_AUTOTUNE", "0")
     assert not cf.autotune_enabled()
+    monkeypatch.delenv("PADNET_AUTOTUNE", raising=False)
+    assert cf.autotune_enabled()  # on by default (issue 15); tests/conftest.py turns it off for the suite
     monkeypatch.setenv("PADNET_AUTOTUNE", "1")
     assert cf.autotune_enabled()
     cf.set_autotune(False)
@@ -364,9 +367,7 @@ def test_compact_dense_cache_reused_and_invalidated():
     assert not any("cache" in k for k in state)
 
 
-@pytest.mark.parametrize("align", [None, 1, 4, 16])
-def test_channel_split_padding_alignment(align, monkeypatch):
-    monkeypatch.setattr(cf, "CHANNEL_ALIGN", 4)  # exercise static-part padding too
+def test_channel_split_interleaved_channels_match_reference():
     torch.manual_seed(3)
     x = torch.randn(3, 5, 6, 6, dtype=torch.double)
     pi = torch.softmax(torch.randn(3, 2, dtype=torch.double), -1)
@@ -374,7 +375,7 @@ def test_channel_split_padding_alignment(align, monkeypatch):
     sta_rows = torch.randn(6, 5, 3, 3, dtype=torch.double)
     order = torch.tensor([6, 0, 1, 7, 2, 3, 8, 4, 5])  # dynamic channels 0, 3, 6
     bias = torch.randn(9, dtype=torch.double)
-    y = cf.channel_split_conv2d(x, pi, dyn_rows, sta_rows, order, bias, padding=1, align=align)
+    y = cf.channel_split_conv2d(x, pi, dyn_rows, sta_rows, order, bias, padding=1)
     full_dyn = torch.zeros(2, 9, 5, 3, 3, dtype=torch.double)
     full_sta = torch.zeros(9, 5, 3, 3, dtype=torch.double)
     full_dyn[:, [0, 3, 6]] = dyn_rows
@@ -395,7 +396,7 @@ def test_channel_split_picks_dense_path_for_wide_outputs(size, path, monkeypatch
         calls.append(dyn.shape[1])
         return real(x, pi, dyn, *args, **kwargs)
 
-    monkeypatch.setattr(cf, "dynamic_conv2d", spy)
+    monkeypatch.setattr(channel_split, "dynamic_conv2d", spy)
     monkeypatch.setattr(dynamic_conv_module, "dynamic_conv2d", spy)  # the layer's own (cached-factor) dense call
     x = torch.randn(3, 6, size, size, dtype=torch.double)
     n_dyn = int(layer.mode_mask[:, 0, 0, 0].sum())
@@ -462,7 +463,7 @@ def test_moe_dispatch_paths_match_per_token_reference(impl, bias):
     torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
     leaves = [t for t in (x, gates, w_in, b_in, w_out, b_out) if t is not None]
     gy = torch.randn_like(ref)
-    for g, r in zip(torch.autograd.grad(y, leaves, gy), torch.autograd.grad(ref, leaves, gy)):
+    for g, r in zip(torch.autograd.grad(y, leaves, gy, retain_graph=True), torch.autograd.grad(ref, leaves, gy)):
         torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
     with torch.no_grad():
         torch.testing.assert_close(moe_dispatch(x, idx, gates, w_in, b_in, w_out, b_out, torch.tanh, impl=impl),
@@ -491,3 +492,60 @@ def test_moe_layer_uses_dense_path_when_exporting():
     with cf.export_mode():
         y_dense = moe(x)
     torch.testing.assert_close(y_dense, y, rtol=1e-12, atol=1e-12)
+
+
+def test_masked_factors_match_plain_products_with_gradients():
+    """The memory-lean element-mask factors: same values and gradients as combine_factors, float64."""
+    from padnet.layers.modes import combine_factors
+    from padnet.ops.masked_factors import masked_factors
+
+    torch.manual_seed(0)
+    dynamic = torch.randn(3, 5, 4, 3, 3, dtype=torch.double, requires_grad=True)
+    static = torch.randn(5, 4, 3, 3, dtype=torch.double, requires_grad=True)
+    mask = (torch.rand(5, 4, 3, 3) < 0.3).double()
+    phi = torch.tensor(0.3, dtype=torch.double, requires_grad=True)
+    leaves = [dynamic, static, phi]
+    g_dyn, g_sta = torch.randn_like(dynamic), torch.randn_like(static)
+    outs, grads = [], []
+    for fn in (combine_factors, masked_factors):
+        lambda_d = 2 * torch.sigmoid(phi)
+        dyn, sta = fn(dynamic, static, mask, 2 - lambda_d, lambda_d)
+        outs.append((dyn, sta))
+        grads.append(torch.autograd.grad((dyn * g_dyn).sum() + (sta * g_sta).sum(), leaves))
+    for a, b in zip(outs[0], outs[1]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    # only one of the two outputs used, and no scale parameter
+    one = torch.ones((), dtype=torch.double)
+    dyn, _ = masked_factors(dynamic, static, mask, one, one)
+    g, = torch.autograd.grad(dyn.sum(), [dynamic])
+    torch.testing.assert_close(g, mask.expand_as(dynamic))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("groups, batch", [(1, 3), (2, 3), (1, 1)])
+def test_masked_conv_matches_general_path_with_gradients(backend, groups, batch, monkeypatch):
+    """Element-mask training conv from the parameters: every backend, values and gradients (float64)."""
+    from padnet.layers.modes import combine_factors
+    from padnet.ops import masked_conv
+
+    monkeypatch.setattr(masked_conv, "resolve_backend", lambda *args, **kwargs: backend)
+    torch.manual_seed(0)
+    x = torch.randn(batch, 4, 6, 5, dtype=torch.double, requires_grad=True)
+    pi = torch.softmax(torch.randn(batch, 3, dtype=torch.double), -1).requires_grad_()
+    dynamic = torch.randn(3, 6, 4 // groups, 3, 3, dtype=torch.double, requires_grad=True)
+    static = torch.randn(6, 4 // groups, 3, 3, dtype=torch.double, requires_grad=True)
+    mask = (torch.rand(6, 4 // groups, 3, 3) < 0.4).double()
+    phi = torch.tensor(-0.4, dtype=torch.double, requires_grad=True)
+    bias_sta = torch.randn(6, dtype=torch.double, requires_grad=True)
+    leaves = [x, pi, dynamic, static, phi, bias_sta]
+    gy = torch.randn(batch, 6, 3, 3, dtype=torch.double)
+    lambda_d = 2 * torch.sigmoid(phi)
+    y = masked_conv.masked_dynamic_conv2d(x, pi, dynamic, static, mask, 2 - lambda_d, lambda_d, None, bias_sta,
+                                          2, 1, 1, groups)
+    dyn, sta = combine_factors(dynamic, static, mask, 2 - lambda_d, lambda_d)
+    ref = per_sample_reference(x, pi, dyn, sta, 2, 1, 1, groups) + bias_sta[:, None, None]
+    torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
+    for g, r in zip(torch.autograd.grad(y, leaves, gy, retain_graph=True), torch.autograd.grad(ref, leaves, gy)):
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-10)

@@ -1,11 +1,21 @@
-"""``padnet bench``: layer / MoE / model latency suites (ratios vs static in the same run)."""
+"""``padnet bench``: layer / MoE / model latency suites (ratios vs static in the same run).
+
+The suites are application code and live in the repository's ``benchmarks/``
+directory (``benchmarks/latency.py``), not in the installed library. This
+command runs them when that directory is available: ``--benchmarks-dir``,
+``$PADNET_BENCHMARKS_DIR``, the source checkout padnet was imported from, or
+``./benchmarks``; otherwise it stops with a message saying so.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
+from types import ModuleType
 
 SUITES = ("layers", "moe", "models", "all")
 
@@ -24,6 +34,9 @@ def register(subparsers) -> None:
     p.add_argument("--batch", type=int, default=32, help="model suite batch size")
     p.add_argument("--width", type=float, default=1.0, help="model suite ResNet-18 width multiplier")
     p.add_argument("--json", default=None, help="also write the rows as JSON here")
+    p.add_argument("--benchmarks-dir", default=None,
+                   help="directory holding latency.py (default: $PADNET_BENCHMARKS_DIR, the source checkout, "
+                        "./benchmarks)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.set_defaults(func=run)
 
@@ -32,10 +45,39 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def _candidate_dirs(explicit: str | None) -> list[Path]:
+    if explicit:
+        return [Path(explicit)]
+    dirs = []
+    if os.environ.get("PADNET_BENCHMARKS_DIR"):
+        dirs.append(Path(os.environ["PADNET_BENCHMARKS_DIR"]))
+    dirs.append(Path(__file__).resolve().parents[3] / "benchmarks")  # src/padnet/commands -> repository root
+    dirs.append(Path.cwd() / "benchmarks")
+    return dirs
+
+
+def load_suites(explicit_dir: str | None = None) -> ModuleType:
+    """Import ``latency.py`` from the first benchmarks directory that has it; clear error if none does."""
+    tried = _candidate_dirs(explicit_dir)
+    for directory in tried:
+        path = directory / "latency.py"
+        if path.is_file():
+            spec = importlib.util.spec_from_file_location("padnet_benchmarks_latency", path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = module
+            spec.loader.exec_module(module)
+            return module
+    raise SystemExit(
+        "padnet bench: the benchmark suites are not installed with the library; they live in the "
+        "benchmarks/ directory of a padnet source checkout. Pass --benchmarks-dir DIR (or set "
+        f"PADNET_BENCHMARKS_DIR). Looked in: {', '.join(str(d) for d in tried)}"
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..analysis import latency
+    latency = load_suites(args.benchmarks_dir)
 
     torch.set_num_threads(args.threads)
     info = latency.machine_info()

@@ -1,7 +1,7 @@
 """torch.export and ONNX export of static, dynamic, PAD and compact models.
 
 Every exporter runs the model in eval mode inside
-:func:`padnet.layers.conv_functional.export_mode`, where
+:func:`padnet.ops.exporting.export_mode`, where
 
 - dynamic convolutions use a batch-agnostic backend (``"bmm"`` via strided-slice
   im2col + batched MatMul, or ``"output"`` for depthwise / tiny outputs) --
@@ -25,7 +25,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..layers.conv_functional import export_mode
+from ..ops.exporting import export_mode
 from ..transforms.record import find_state
 
 __all__ = [

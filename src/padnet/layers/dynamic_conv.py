@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
-from .conv_functional import (
-    BACKENDS, channel_split_conv2d, channel_split_runs_dense, dynamic_conv2d, is_exporting, mix_bias,
-)
+from ..ops.backend_selection import BACKENDS
+from ..ops.channel_split import channel_split_conv2d, channel_split_runs_dense
+from ..ops.dynamic_conv import dynamic_conv2d, mix_bias
+from ..ops.exporting import is_exporting
+from ..ops.geometry import ConvGeometry, check_conv_hyperparameters
+from ..ops.masked_conv import masked_dynamic_conv2d
 from .modes import CompactLayerMixin, PackedModeGroup, PadLayerMixin, ScaleFactors, combine_factors, register_mask
 
 ROUTINGS = ("softmax", "sigmoid")
@@ -37,7 +41,7 @@ class KernelAttention(nn.Module):
 
 def routing_from_logits(logits: Tensor, routing: str, temperature: float) -> Tensor:
     """Routing weights ``[B, K]`` from logits: softmax(z / T) or sigmoid(z / T)."""
-    z = logits / temperature
+    z = logits if temperature == 1.0 else logits / temperature
     if routing == "softmax":
         low_precision = z.dtype in (torch.float16, torch.bfloat16)
         return torch.softmax(z.float() if low_precision else z, dim=-1).to(logits.dtype)
@@ -45,6 +49,10 @@ def routing_from_logits(logits: Tensor, routing: str, temperature: float) -> Ten
 
 
 def _check_conv_args(in_channels: int, out_channels: int, groups: int, num_kernels: int, reduction: int) -> None:
+    for name, value in (("in_channels", in_channels), ("out_channels", out_channels), ("groups", groups),
+                        ("num_kernels", num_kernels), ("reduction", reduction)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
     if in_channels < 1 or out_channels < 1:
         raise ValueError(f"in_channels and out_channels must be >= 1, got {in_channels}, {out_channels}")
     if groups < 1 or in_channels % groups or out_channels % groups:
@@ -69,6 +77,7 @@ class _ConvGeometry:
             raise ValueError(f"unknown routing {routing!r}; expected one of {ROUTINGS}")
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+        check_conv_hyperparameters(kernel_size, stride, padding, dilation)
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_size = _pair(kernel_size)
@@ -79,6 +88,10 @@ class _ConvGeometry:
         self.routing = routing
         self.backend = backend
         self.temperature = temperature
+        geom = ConvGeometry(self.kernel_size, self.stride, self.padding, self.dilation, groups)
+        # smallest input (H, W) with at least one output pixel: decided once, checked per call
+        self._min_input_hw = tuple(d * (k - 1) + 1 - p0 - p1 for k, d, p0, p1 in zip(
+            geom.kernel, geom.dilation, geom.pad[::2], geom.pad[1::2]))
 
     @property
     def temperature(self) -> float:
@@ -98,10 +111,21 @@ class _ConvGeometry:
                 f"{type(self).__name__} expects {self.in_channels} input channels, got {x.shape[1]} "
                 f"(input shape {tuple(x.shape)})"
             )
+        min_h, min_w = self._min_input_hw
+        if x.shape[2] < min_h or x.shape[3] < min_w:
+            raise ValueError(
+                f"{type(self).__name__}: input of spatial size {x.shape[2]}x{x.shape[3]} is smaller than the kernel "
+                f"(kernel_size={self.kernel_size}, dilation={self.dilation}, padding={self.padding} need at least "
+                f"{min_h}x{min_w})"
+            )
 
     def routing_weights(self, x: Tensor) -> Tensor:
         """Routing weights ``[B, K]`` for input ``x [B, C, H, W]``, temperature applied."""
         self._check_input(x)
+        return self._route(x)
+
+    def _route(self, x: Tensor) -> Tensor:
+        """:meth:`routing_weights` without the input check (callers checked already)."""
         return routing_from_logits(self.attention(x), self.routing, self.temperature)
 
     def _conv(self, x: Tensor, pi: Tensor, dyn: Tensor, sta: Tensor, bias_dyn, bias_sta) -> Tensor:
@@ -235,22 +259,36 @@ class DynamicConv2d(_ConvGeometry, PadLayerMixin, nn.Module):
         return torch.einsum("bk,k...->b...", pi, dyn) + sta
 
     def forward(self, x: Tensor) -> Tensor:
+        """``x [B, C, H, W]`` -> ``[B, O, H', W']``.
+
+        Three plans, all computing the same function with the same gradients:
+        the literal formula (explicit backend, export, or a mask that itself
+        needs a gradient), element masks (combined factors; inference caches
+        them), and the structured masks of :meth:`_structured_forward`.
+        """
         pi = self.routing_weights(x)
-        if self.backend != "auto" or is_exporting() or self._masks_require_grad():
+        exporting = is_exporting()
+        if self.backend != "auto" or exporting or self._masks_require_grad():
             # An explicit backend is honoured literally (FLOP counting relies on "weight"); a mask that
             # requires grad (mode partition scoring dL/dM) must stay in the graph via combine_factors.
             return self._conv(x, pi, *self.combined_factors())
-        structure = self.mask_structure()
-        if not _inference_cache_ok(self):
+        cache = getattr(self, "cache_weights", True) and not torch.is_grad_enabled()  # inference caches
+        if not cache:
             self.__dict__.pop("_inference_cache", None)  # training: free what inference cached
+        structure = self.mask_structure()
         if structure.kind == "element":
-            if _inference_cache_ok(self):
-                factors = _cached(self, "combined", self._factor_tensors(),
-                                  lambda: _fold_static_into_dynamic(*self.combined_factors(), self.routing))
-            else:
-                factors = self.combined_factors()
-            return self._conv(x, pi, *factors)
-        return self._structured_forward(x, pi, structure)
+            if cache:
+                return self._conv(x, pi, *self._inference_factors())
+            lambda_s, lambda_d = self.scales()  # training: the mask is folded into the backends' autograd
+            return masked_dynamic_conv2d(x, pi, self.weight_dynamic, self.weight_static, self.mode_mask, lambda_s,
+                                         lambda_d, *self._bias_factors(lambda_s, lambda_d), self.stride,
+                                         self.padding, self.dilation, self.groups)
+        return self._structured_forward(x, pi, structure, cache)
+
+    def _inference_factors(self) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+        """Combined factors of an element mask, cached for inference (static part folded in for softmax)."""
+        return _cached(self, "combined", self._factor_tensors(),
+                       lambda: _fold_static_into_dynamic(*self.combined_factors(), self.routing))
 
     def _factor_tensors(self) -> tuple[Tensor, ...]:
         """Every tensor the combined factors depend on (cache key material)."""
@@ -261,60 +299,66 @@ class DynamicConv2d(_ConvGeometry, PadLayerMixin, nn.Module):
             tensors += [self.bias_dynamic, self.bias_static, self.bias_mode_mask]
         return tuple(tensors)
 
+    def _bias_factors(self, lambda_s: Tensor, lambda_d: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        """``(bias_dyn [K, O], bias_sta [O])`` with mask and scales folded in, or ``(None, None)``."""
+        if self.bias_dynamic is None:
+            return None, None
+        return combine_factors(self.bias_dynamic, self.bias_static, self.bias_mode_mask, lambda_s, lambda_d)
+
     def _masks_require_grad(self) -> bool:
         return self.mode_mask.requires_grad or (self.bias_mode_mask is not None and self.bias_mode_mask.requires_grad)
 
     def mask_structure(self) -> "MaskStructure":
         """How the weight mask is structured (cached until the mask changes); see :class:`MaskStructure`."""
-        mask = self.mode_mask
-        key = (mask._version, mask.data_ptr(), str(mask.device), self.groups)
-        cached = self.__dict__.get("_mask_structure_cache")
-        if cached is None or cached[0] != key:
-            cached = (key, MaskStructure.from_mask(mask, self.groups, self.in_channels))
-            self.__dict__["_mask_structure_cache"] = cached
-        return cached[1]
+        return _mask_structure(self, self.mode_mask)
 
-    def _structured_forward(self, x: Tensor, pi: Tensor, st: "MaskStructure") -> Tensor:
+    def _structured_forward(self, x: Tensor, pi: Tensor, st: "MaskStructure", cache: bool = False) -> Tensor:
         """Fast paths for all-dynamic, all-static and channel-structured masks.
 
         Same function (and the same gradients, dead entries included: they get
-        exact zeros) as the general path, without materialising the masked factors.
+        exact zeros) as the general path, without materialising the masked
+        factors. With ``cache`` (inference) the scaled weights and biases are
+        computed once and reused until a parameter or the mask changes.
         """
-        lambda_s, lambda_d = self.scales()
-        bias_dyn = bias_sta = None
-        if self.bias_dynamic is not None:
-            bias_dyn, bias_sta = combine_factors(
-                self.bias_dynamic, self.bias_static, self.bias_mode_mask, lambda_s, lambda_d
-            )
-        bias = mix_bias(pi, bias_dyn, bias_sta)
-        dead: list[Tensor] = []
-        if st.kind == "ones":
-            y = dynamic_conv2d(x, pi * lambda_d.to(pi.dtype), self.weight_dynamic, None, None, None, self.stride,
-                               self.padding, self.dilation, self.groups, "auto")
-            dead.append(self.weight_static)
-            if bias is not None:
-                y = y + bias[:, :, None, None]
-        elif st.kind == "zeros":
-            y = F.conv2d(x, self.weight_static * lambda_s, None, self.stride, self.padding, self.dilation, self.groups)
-            dead += [self.weight_dynamic, pi]
-            if bias is not None:
-                y = y + bias[:, :, None, None]
-        else:  # channel-structured: static conv on static channels + dynamic conv on the others
+        if st.kind == "channel":
             def rows():
-                return (self.weight_dynamic.index_select(1, st.dynamic_index) * lambda_d,
-                        self.weight_static.index_select(0, st.static_index) * lambda_s)
+                lam_s, lam_d = self.scales()
+                return (self.weight_dynamic.index_select(1, st.dynamic_index) * lam_d,
+                        self.weight_static.index_select(0, st.static_index) * lam_s,
+                        *self._bias_factors(lam_s, lam_d))
 
-            if _inference_cache_ok(self):
-                dyn_rows, sta_rows = _cached(self, "rows", self._factor_tensors(), rows)
-            else:
-                dyn_rows, sta_rows = rows()
-            y = channel_split_conv2d(
-                x, pi, dyn_rows, sta_rows, st.order, bias, self.stride, self.padding, self.dilation, self.groups,
-                "auto", st.static_index, st.dynamic_index,
+            dyn_rows, sta_rows, bias_dyn, bias_sta = _cached(self, "rows", self._factor_tensors(), rows) if cache \
+                else rows()
+            return channel_split_conv2d(
+                x, pi, dyn_rows, sta_rows, st.order, mix_bias(pi, bias_dyn, bias_sta), self.stride, self.padding,
+                self.dilation, self.groups, "auto", st.static_index, st.dynamic_index,
             )
-        if torch.is_grad_enabled():
-            y = _attach_zero_grads(y, dead)
-        return y
+        route = pi  # routing weights the dynamic kernels are mixed with
+        if cache:
+            def scaled():
+                lam_s, lam_d = self.scales()
+                weight = self.weight_dynamic * lam_d if st.kind == "ones" else self.weight_static * lam_s
+                return (weight, *self._bias_factors(lam_s, lam_d))
+
+            weight, bias_dyn, bias_sta = _cached(self, st.kind, self._factor_tensors(), scaled)
+        else:
+            lambda_s, lambda_d = self.scales()
+            bias_dyn, bias_sta = self._bias_factors(lambda_s, lambda_d)
+            if st.kind == "ones":  # scale the B x K routing weights, not the K kernels; dead static weight
+                weight = self.weight_dynamic  # gets exact zero gradients, as on the general path
+                route = pi * _with_zero_grads(lambda_d, [self.weight_static]).to(pi.dtype)
+            else:  # dead dynamic weights and routing
+                weight = self.weight_static * _with_zero_grads(lambda_s, [self.weight_dynamic, pi])
+        if st.kind == "ones":
+            if bias_dyn is not None:  # the bias is mixed with the unscaled routing weights
+                y = dynamic_conv2d(x, route, weight, None, None, None, self.stride, self.padding, self.dilation,
+                                   self.groups, "auto")
+                return y + mix_bias(pi, bias_dyn, bias_sta)[:, :, None, None]
+            return dynamic_conv2d(x, route, weight, None, None, bias_sta, self.stride, self.padding, self.dilation,
+                                  self.groups, "auto")
+        y = F.conv2d(x, weight, None, self.stride, self.padding, self.dilation, self.groups)
+        bias = mix_bias(pi, bias_dyn, bias_sta)
+        return y if bias is None else y + bias[:, :, None, None]
 
 
 def _fold_static_into_dynamic(dyn, sta, bias_dyn=None, bias_sta=None, routing="softmax"):
@@ -329,19 +373,18 @@ def _fold_static_into_dynamic(dyn, sta, bias_dyn=None, bias_sta=None, routing="s
     return dyn + sta, None, bias_dyn, bias_sta
 
 
-def _inference_cache_ok(module: nn.Module) -> bool:
-    """Derived weights may be cached: no autograd, not tracing for export, caching not switched off."""
-    return getattr(module, "cache_weights", True) and not torch.is_grad_enabled() and not is_exporting()
+def _tensor_key(tensors: tuple[Tensor, ...]) -> tuple:
+    """Changes whenever any tensor is updated in place (version counter) or replaced (storage, dtype, device)."""
+    return tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in tensors)
 
 
 def _cached(module: nn.Module, name: str, tensors: tuple[Tensor, ...], compute):
-    """``compute()`` cached on ``module`` under ``name`` until any of ``tensors`` changes.
+    """``compute()`` cached on ``module`` under ``name`` until any of ``tensors`` changes (:func:`_tensor_key`).
 
-    The key holds each tensor's version counter (bumped by every in-place
-    update: optimizer steps, ``load_state_dict``, ``set_mode_mask``), storage
-    pointer, dtype and device. The cache is a plain attribute: never saved.
+    Optimizer steps, ``load_state_dict`` and ``set_mode_mask`` all update in
+    place and so invalidate. The cache is a plain attribute: never saved.
     """
-    key = tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in tensors)
+    key = _tensor_key(tensors)
     store = module.__dict__.setdefault("_inference_cache", {})
     hit = store.get(name)
     if hit is not None and hit[0] == key:
@@ -350,6 +393,22 @@ def _cached(module: nn.Module, name: str, tensors: tuple[Tensor, ...], compute):
     value = compute()
     store[name] = (key, value)
     return value
+
+
+def _mask_structure(module: nn.Module, mask: Tensor) -> "MaskStructure":
+    """:class:`MaskStructure` of ``mask``, recomputed (host syncs) only when the mask changes.
+
+    Kept apart from the inference cache: training frees that one, but must not
+    re-analyse the mask every step.
+    """
+    cached = module.__dict__.get("_mask_structure_cache")
+    if cached is not None and is_exporting():
+        return cached[1]  # tracing: version counters are not meaningful, the mask is fixed
+    key = (_tensor_key((mask,)), module.groups)
+    if cached is None or cached[0] != key:
+        cached = (key, MaskStructure.from_mask(mask, module.groups, module.in_channels))
+        module.__dict__["_mask_structure_cache"] = cached
+    return cached[1]
 
 
 class MaskStructure:
@@ -397,26 +456,31 @@ class MaskStructure:
 
 
 class _ZeroGradLink(torch.autograd.Function):
-    """Identity on ``y`` that hands exact zero gradients to ``tensors``.
+    """Identity on a small tensor (a 0-d scale) that hands exact zero gradients to ``tensors``.
 
     The fast paths skip multiplying dead factors by a zero mask; this keeps
     their ``.grad`` a zero tensor (not ``None``), exactly like the general path,
-    so optimizers (weight decay, momentum) treat them identically.
+    so optimizers (weight decay, momentum) treat them identically. The carrier
+    is returned as a fresh tensor (not a view of an input), so the layer's
+    output stays an ordinary tensor that in-place activations may modify.
     """
 
     @staticmethod
-    def forward(ctx, y, *tensors):
+    def forward(ctx, carrier, *tensors):
         ctx.specs = [(t.shape, t.dtype, t.device) for t in tensors]
-        return y.view_as(y)
+        return carrier.clone()
 
     @staticmethod
-    def backward(ctx, gy):
-        return (gy, *[torch.zeros(s, dtype=d, device=dev) for s, d, dev in ctx.specs])
+    def backward(ctx, grad):
+        return (grad, *[torch.zeros(s, dtype=d, device=dev) for s, d, dev in ctx.specs])
 
 
-def _attach_zero_grads(y: Tensor, tensors: list[Tensor]) -> Tensor:
+def _with_zero_grads(carrier: Tensor, tensors: list[Tensor]) -> Tensor:
+    """``carrier`` (used by the forward) linked to ``tensors`` that must receive zero gradients."""
+    if not torch.is_grad_enabled():
+        return carrier
     live = [t for t in tensors if t.requires_grad]
-    return _ZeroGradLink.apply(y, *live) if live else y
+    return _ZeroGradLink.apply(carrier, *live) if live else carrier
 
 
 class CompactDynamicConv2d(_ConvGeometry, CompactLayerMixin, nn.Module):
@@ -457,24 +521,35 @@ class CompactDynamicConv2d(_ConvGeometry, CompactLayerMixin, nn.Module):
         self.attention = copy.deepcopy(layer.attention)
         self.register_parameter("bias_shift", None)
         self.cache_weights = True
-        self.mask_structure()  # analyse the mask now (host syncs happen here, not in the first forward)
+        self._build_plan()  # analyse the mask now (host syncs happen here, not in the first forward)
+        self.register_load_state_dict_post_hook(_rebuild_plan_after_load)
 
-    # ---- structure and weights -------------------------------------------------------------
+    # ---- plan: everything about the forward that the packed mask decides --------------------
+    def _build_plan(self) -> "_DeployPlan":
+        mask = self.weight.mask
+        structure = MaskStructure.from_mask(mask, self.groups, self.in_channels)
+        plan = _DeployPlan(structure, tuple(mask.shape), self.weight.num_factors)
+        self.__dict__["_plan"] = plan
+        return plan
+
+    def _refresh_plan(self) -> None:
+        """Decide the plan again (the packed mask, device or values changed) and drop derived caches."""
+        self.__dict__.pop("_inference_cache", None)
+        self._build_plan()
+
+    def _apply(self, fn, *args, **kwargs):  # .to() / .half() / .cuda(): the plan's index tensors follow
+        out = super()._apply(fn, *args, **kwargs)
+        self._refresh_plan()
+        return out
+
     @property
     def _static_only(self) -> bool:
         return self.weight.all_static and (self.bias is None or self.bias.all_static)
 
     def mask_structure(self) -> MaskStructure:
-        """:class:`MaskStructure` of the packed weight mask (cached until the mask changes)."""
-        mask = self.weight.mask
-        cached = self.__dict__.get("_mask_structure_cache")
-        if is_exporting() and cached is not None:
-            return cached[1]
-        key = (mask._version, mask.data_ptr(), str(mask.device), self.groups)
-        if cached is None or cached[0] != key:
-            cached = (key, MaskStructure.from_mask(mask, self.groups, self.in_channels))
-            self.__dict__["_mask_structure_cache"] = cached
-        return cached[1]
+        """:class:`MaskStructure` of the packed weight mask (decided once; redone after load / ``.to()``)."""
+        plan = self.__dict__.get("_plan") or self._build_plan()
+        return plan.structure
 
     def _kernel_shape(self) -> tuple[int, ...]:
         return tuple(self.weight.mask.shape)
@@ -490,24 +565,23 @@ class CompactDynamicConv2d(_ConvGeometry, CompactLayerMixin, nn.Module):
     def _cached_dense_factors(self) -> tuple[Tensor | None, Tensor | None]:
         """Dense factors (element plans, wide channel plans): cached for inference, index scatter with autograd."""
         packed = self.weight
-        if is_exporting():
-            return self.dense_factors()
+        if packed.all_dynamic or is_exporting():
+            return self.dense_factors()  # all dynamic: a zero-copy view, nothing worth caching
         grad = torch.is_grad_enabled() and (packed.static_values.requires_grad or packed.dynamic_values.requires_grad)
         if not grad and self.cache_weights:
             with torch.no_grad():
                 return _cached(self, "dense", (packed.static_values, packed.dynamic_values, packed.mask),
                                lambda: _fold_static_into_dynamic(*self.dense_factors(), routing=self.routing)[:2])
         self.__dict__.get("_inference_cache", {}).pop("dense", None)  # training: free the inference copy
-        if packed.all_static or packed.all_dynamic:
-            return self.dense_factors()
+        if packed.all_static:
+            return self.dense_factors()  # zero-copy view
         # autograd: index_copy (its backward is a parallel index_select; masked_scatter's is serial)
-        sta_index, dyn_index = _cached(self, "index", (packed.mask,), lambda: (
-            (~packed.mask).flatten().nonzero().squeeze(1), packed.mask.flatten().nonzero().squeeze(1)))
-        shape = self._kernel_shape()
+        plan = self.__dict__.get("_plan") or self._build_plan()
+        sta_index, dyn_index = plan.scatter_index(packed.mask)
         k = packed.num_factors
         sv, dv = packed.static_values, packed.dynamic_values
-        sta = sv.new_zeros(sta_index.numel() + dyn_index.numel()).index_copy(0, sta_index, sv).view(shape)
-        dyn = dv.new_zeros(k, sta.numel()).index_copy(1, dyn_index, dv).view(k, *shape)
+        sta = sv.new_zeros(sta_index.numel() + dyn_index.numel()).index_copy(0, sta_index, sv).view(plan.shape)
+        dyn = dv.new_zeros(k, sta.numel()).index_copy(1, dyn_index, dv).view(k, *plan.shape)
         return dyn, sta
 
     def _bias_parts(self) -> tuple[Tensor | None, Tensor | None]:
@@ -521,29 +595,28 @@ class CompactDynamicConv2d(_ConvGeometry, CompactLayerMixin, nn.Module):
 
     # ---- forward ----------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
+        """``x [B, C, H, W]`` -> ``[B, O, H', W']`` by the plan the packed mask decided."""
+        plan = self.__dict__.get("_plan") or self._build_plan()
         self._check_input(x)
         bias_dyn, bias_sta = self._bias_parts()
         if self.backend != "auto":  # explicit backend: the literal dense computation (FLOP counting)
             dyn, sta = self.dense_factors()
-            pi = self.routing_weights(x)
             if dyn is None:
                 dyn = sta.new_zeros((self.num_kernels, *sta.shape))
-            return self._conv(x, pi, dyn, sta, bias_dyn, bias_sta)
-        st = self.mask_structure()
-        shape = self._kernel_shape()
+            return self._conv(x, self._route(x), dyn, sta, bias_dyn, bias_sta)
+        st = plan.structure
         if st.kind == "zeros":  # a plain convolution (routing only for a dynamic bias)
-            sta = self.weight.static_values.view(shape)
+            sta = self.weight.static_values.view(plan.shape)
             if bias_dyn is None:
                 return F.conv2d(x, sta, bias_sta, self.stride, self.padding, self.dilation, self.groups)
             y = F.conv2d(x, sta, None, self.stride, self.padding, self.dilation, self.groups)
-            return y + mix_bias(self.routing_weights(x), bias_dyn, bias_sta)[:, :, None, None]
-        pi = self.routing_weights(x)
+            return y + mix_bias(self._route(x), bias_dyn, bias_sta)[:, :, None, None]
+        pi = self._route(x)
         if st.kind == "channel":
-            k = self.weight.num_factors
-            n_dyn = st.dynamic_index.numel()
-            dyn_rows = self.weight.dynamic_values.view(k, n_dyn, *shape[1:])
-            if not channel_split_runs_dense(x, pi, dyn_rows, self.stride, self.padding, self.dilation, self.groups):
-                sta_rows = self.weight.static_values.view(shape[0] - n_dyn, *shape[1:])
+            dyn_rows = self.weight.dynamic_values.view(plan.dynamic_rows_shape)
+            sta_rows = self.weight.static_values.view(plan.static_rows_shape)
+            if not channel_split_runs_dense(x, pi, dyn_rows, self.stride, self.padding, self.dilation, self.groups,
+                                            "auto", sta_rows, st.order):
                 bias = mix_bias(pi, bias_dyn, bias_sta) if bias_dyn is not None else bias_sta
                 return channel_split_conv2d(
                     x, pi, dyn_rows, sta_rows, st.order, bias, self.stride, self.padding, self.dilation,
@@ -609,7 +682,7 @@ class CompactDynamicConv2d(_ConvGeometry, CompactLayerMixin, nn.Module):
         if self._needs_bias_shift() or self.bias_shift is not None:
             # created from the structure alone (not the values), so a folded model rebuilds the same way
             self.bias_shift = nn.Parameter(shift.to(dtype))
-        self.__dict__.pop("_inference_cache", None)
+        self._refresh_plan()
         return self
 
     def _needs_bias_shift(self) -> bool:
@@ -627,6 +700,36 @@ class CompactDynamicConv2d(_ConvGeometry, CompactLayerMixin, nn.Module):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", mask={self.mask_structure().kind!r}"
+
+
+def _rebuild_plan_after_load(module: "CompactDynamicConv2d", incompatible_keys) -> None:
+    """load_state_dict post hook: the loaded packed mask may differ, so decide the plan again."""
+    module._refresh_plan()
+
+
+class _DeployPlan:
+    """What the packed weight mask decides once for every forward of a deploy-form conv.
+
+    ``structure`` (:class:`MaskStructure`), the kernel ``shape`` ``[O, C/groups, kh, kw]``,
+    the shapes of the channel plan's zero-copy row views, and (lazily) the
+    flat static / dynamic entry indices used to scatter packed values with autograd.
+    """
+
+    __slots__ = ("structure", "shape", "static_rows_shape", "dynamic_rows_shape", "_scatter_index")
+
+    def __init__(self, structure: MaskStructure, shape: tuple[int, ...], num_factors: int) -> None:
+        self.structure = structure
+        self.shape = shape
+        n_dyn = structure.dynamic_index.numel() if structure.kind == "channel" else 0
+        self.static_rows_shape = (shape[0] - n_dyn, *shape[1:])
+        self.dynamic_rows_shape = (num_factors, n_dyn, *shape[1:])
+        self._scatter_index = None
+
+    def scatter_index(self, mask: Tensor) -> tuple[Tensor, Tensor]:
+        if self._scatter_index is None:
+            flat = mask.flatten()
+            self._scatter_index = ((~flat).nonzero().squeeze(1), flat.nonzero().squeeze(1))
+        return self._scatter_index
 
 
 def _packed_dense(packed: PackedModeGroup) -> tuple[Tensor | None, Tensor | None]:

@@ -81,7 +81,12 @@ def machine_info() -> dict:
         load = os.getloadavg()
     except OSError:  # pragma: no cover
         load = (float("nan"),) * 3
+    from padnet.ops.autotune import autotune_enabled, cpu_model
+
     return {
+        "cpu_model": cpu_model(),
+        "autotune": autotune_enabled(),
+        "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
         "load_1m": round(load[0], 2),
         "load_5m": round(load[1], 2),
         "cpus": os.cpu_count(),
@@ -240,10 +245,32 @@ def _fwd_bwd(module: nn.Module, x: Tensor) -> Callable[[], object]:
 RESNET18_SHAPES = ((64, 32), (128, 16), (256, 8), (512, 4))
 
 
+class CondConvBaseline(nn.Module):
+    """The plain per-sample-kernel dynamic conv (CondConv / DY-Conv algorithm), no PAD machinery.
+
+    Routing MLP -> softmax -> ``pi @ W`` (B kernels) -> one grouped conv with
+    ``groups = B``. Shares the routing network and kernels of a padnet layer, so
+    both compute the same function; the peer baseline for padnet's fully dynamic layer.
+    """
+
+    def __init__(self, layer) -> None:
+        super().__init__()
+        self.attention = layer.attention
+        self.weight = layer.weight_dynamic
+        self.stride, self.padding, self.dilation = layer.stride, layer.padding, layer.dilation
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        pi = torch.softmax(self.attention(x), dim=-1)
+        kernels = (pi @ self.weight.flatten(1)).view(b * self.weight.shape[1], *self.weight.shape[2:])
+        y = F.conv2d(x.reshape(1, b * c, h, w), kernels, None, self.stride, self.padding, self.dilation, b)
+        return y.view(b, -1, *y.shape[-2:])
+
+
 def conv_layer_variants(channels: int, num_kernels: int = 4, ratio: float = 0.3, seed: int = 0,
                         include: Iterable[str] | None = None) -> dict[str, nn.Module]:
     """Static conv, naive grouped-conv dynamic layer, padnet layers and deploy forms for one 3x3 shape."""
-    from ..layers.dynamic_conv import CompactDynamicConv2d, DynamicConv2d
+    from padnet.layers import CompactDynamicConv2d, DynamicConv2d
 
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -253,8 +280,9 @@ def conv_layer_variants(channels: int, num_kernels: int = 4, ratio: float = 0.3,
     naive = copy.deepcopy(base)
     naive.backend = "weight"
     out["naive_grouped"] = naive
+    out["condconv"] = CondConvBaseline(base)
     out["dynamic"] = base
-    for name in ("bmm", "output"):
+    for name in ("weight", "bmm", "output"):
         layer = copy.deepcopy(base)
         layer.backend = name
         out[f"dynamic_{name}"] = layer
@@ -386,7 +414,7 @@ class _DispatchOnly(nn.Module):
             self.weights = [None if w is None else w.detach().clone() for w in moe.effective_weights()]
 
     def forward(self, x):
-        from ..layers.moe import route_tokens
+        from padnet.layers.moe import route_tokens
 
         logits = self.moe.router(x)
         idx, gates, _ = route_tokens(logits, self.moe.top_k, self.moe.normalize_gates)
@@ -404,8 +432,8 @@ def moe_suite(
     log: Callable[[str], None] | None = None,
 ) -> list[dict]:
     """MoE layer forms vs a dense FFN of intermediate size ``top_k * I`` (same active parameters per token)."""
-    from ..transforms.compact import compact_layer
-    from ..layers.moe import MoEFeedForward, moe_dispatch
+    from padnet.layers import CompactMoEFeedForward, MoEFeedForward
+    from padnet.layers.moe import moe_dispatch
 
     torch.manual_seed(0)
     dense = nn.Sequential(nn.Linear(hidden, top_k * intermediate), nn.GELU(), nn.Linear(top_k * intermediate, hidden))
@@ -415,7 +443,7 @@ def moe_suite(
     variants = {
         "dense_ffn": dense,
         "moe_layer": moe,
-        "compact_moe": compact_layer(moe),
+        "compact_moe": CompactMoEFeedForward.from_layer(moe).train(moe.training),
         "dispatch_only": _DispatchOnly(moe, moe_dispatch),
         "naive_dispatch_only": _DispatchOnly(moe, naive_moe_dispatch),
         "dense_dispatch_only(export path)": _DispatchOnly(moe, lambda *a: moe_dispatch(*a, impl="dense")),
@@ -467,10 +495,9 @@ def build_model_variant(name: str, ratio: float = 0.3, num_kernels: int = 4, num
     channels); ``compact_*`` their deploy forms; ``compact_channel_foldbn`` with
     BatchNorm folded.
     """
-    from ..transforms import DynamicConvConfig, PadConfig, dynamize_
-    from ..transforms.compact import compact_
-    from ..layers.modes import pad_layers
-    from ..models import create_model
+    from padnet.layers import pad_layers
+    from padnet.models import create_model
+    from padnet.transforms import DynamicConvConfig, PadConfig, compact_, dynamize_
 
     if name not in MODEL_VARIANTS:
         raise ValueError(f"unknown model variant {name!r}; expected one of {MODEL_VARIANTS}")
@@ -504,7 +531,8 @@ def model_variants(ratio: float = 0.3, num_kernels: int = 4, num_classes: int = 
 _PEAK_CHILD = """
 import json, os, sys, torch
 torch.set_num_threads({threads})
-from padnet.analysis.latency import build_model_variant, peak_memory_delta
+sys.path.insert(0, {bench_dir!r})
+from latency import build_model_variant, peak_memory_delta
 model = build_model_variant({name!r}, {ratio!r}, width={width!r})
 x = torch.randn({batch}, 3, {size}, {size})
 def run():
@@ -528,7 +556,7 @@ def peak_memory_fresh_process(name: str, batch: int = 32, image_size: int = 32, 
     import subprocess
     import sys
 
-    code = _PEAK_CHILD.format(threads=threads or torch.get_num_threads(), name=name, ratio=ratio, width=width,
+    code = _PEAK_CHILD.format(bench_dir=os.path.dirname(os.path.abspath(__file__)), threads=threads or torch.get_num_threads(), name=name, ratio=ratio, width=width,
                               batch=batch, size=image_size)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])

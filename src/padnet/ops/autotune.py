@@ -1,0 +1,249 @@
+"""Autotuned backend choice: time the valid backends once per call signature, remember the winner.
+
+Like cuDNN's benchmark mode or Triton's autotune: the first call with a new
+signature (layer shape, batch, dtype, device, grad mode, thread count) runs
+every candidate backend a few times on the real inputs and keeps the fastest.
+Winners are kept in memory and in a small JSON file under the user cache
+directory, one file per (format, torch version, CPU model) fingerprint, so a
+new torch or another CPU starts from an empty cache:
+
+    $PADNET_CACHE_DIR, else $XDG_CACHE_HOME/padnet, else ~/.cache/padnet
+
+Tuning cost is bounded: one warm-up and up to three timed runs per candidate,
+candidates clearly slower on their warm-up are not repeated, and no new trial
+starts once :data:`TUNE_BUDGET_S` seconds (``PADNET_AUTOTUNE_BUDGET_S``,
+default 0.5) have been spent on one signature.
+
+``PADNET_AUTOTUNE=0`` (or :func:`set_autotune`\\ (False), or an explicit backend
+name) turns tuning off; the deterministic cost rule of
+:mod:`.backend_selection` decides then, and always while exporting.
+The file holds only backend names; a damaged file is ignored (and replaced).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+FORMAT = 1
+MAX_ENTRIES = 4096  # on-disk entries kept (oldest dropped first)
+TRIAL_REPEATS = 3
+SLOW_FACTOR = 4.0  # a candidate whose warm-up is this much slower than the best so far is not repeated
+
+_ENABLED: bool | None = None  # None: read PADNET_AUTOTUNE
+_MEMORY: dict[tuple, str] = {}
+_DISK: dict[str, str] | None = None  # entries of this fingerprint's file, loaded lazily
+_DISK_WARNED = False
+_GENERATION = 0  # bumped whenever a cached decision may no longer hold (settings changed, cache cleared)
+
+
+def generation() -> int:
+    """Changes whenever decisions derived from this module must be forgotten."""
+    return _GENERATION
+
+
+def _budget_from_env() -> float:
+    raw = os.environ.get("PADNET_AUTOTUNE_BUDGET_S", "0.5")
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"PADNET_AUTOTUNE_BUDGET_S must be a number of seconds, got {raw!r}") from None
+    if not value >= 0:
+        raise ValueError(f"PADNET_AUTOTUNE_BUDGET_S must be >= 0, got {raw!r}")
+    return value
+
+
+TUNE_BUDGET_S = _budget_from_env()
+
+
+def set_autotune(enabled: bool | None) -> None:
+    """Turn tuning of ``backend="auto"`` on / off for this process; ``None`` restores ``PADNET_AUTOTUNE``."""
+    global _ENABLED, _GENERATION
+    if enabled is not None and not isinstance(enabled, bool):
+        raise TypeError(f"set_autotune expects True, False or None, got {enabled!r}")
+    _ENABLED = enabled
+    _GENERATION += 1
+
+
+def autotune_enabled() -> bool:
+    """Whether ``backend="auto"`` tunes: :func:`set_autotune`, else ``PADNET_AUTOTUNE`` (default on)."""
+    if _ENABLED is not None:
+        return _ENABLED
+    raw = os.environ.get("PADNET_AUTOTUNE", "1").strip().lower()
+    if raw in ("1", "true", "yes", "on", ""):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"PADNET_AUTOTUNE must be 1/0 (true/false, yes/no, on/off), got {raw!r}")
+
+
+def cache_dir() -> Path:
+    """Directory of the on-disk cache (``PADNET_CACHE_DIR`` > ``XDG_CACHE_HOME``/padnet > ~/.cache/padnet)."""
+    explicit = os.environ.get("PADNET_CACHE_DIR")
+    if explicit:
+        return Path(explicit)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "padnet"
+
+
+def cpu_model() -> str:
+    """CPU model name (``/proc/cpuinfo`` on Linux, else :func:`platform.processor`)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def fingerprint() -> dict:
+    """What a cached choice depends on beyond its key: file format, torch version, CPU model."""
+    return {"format": FORMAT, "torch": torch.__version__, "cpu": cpu_model()}
+
+
+def cache_path() -> Path:
+    """This fingerprint's cache file (another torch / CPU gives another file: old choices never apply)."""
+    digest = hashlib.sha1(json.dumps(fingerprint(), sort_keys=True).encode()).hexdigest()[:16]
+    return cache_dir() / f"autotune-{digest}.json"
+
+
+def _key_text(key: tuple) -> str:
+    return json.dumps(key, default=str)
+
+
+def _load_disk() -> dict[str, str]:
+    global _DISK
+    if _DISK is None:
+        _DISK = {}
+        path = cache_path()
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return _DISK  # absent or damaged: start empty (rewritten on the next record)
+        if isinstance(data, dict) and data.get("fingerprint") == fingerprint():
+            entries = data.get("entries")
+            if isinstance(entries, dict):
+                _DISK = {k: v for k, v in entries.items() if isinstance(k, str) and isinstance(v, str)}
+    return _DISK
+
+
+def lookup(key: tuple, valid: Iterable[str]) -> str | None:
+    """Cached winner for ``key`` (memory, then disk), or ``None``. Choices outside ``valid`` are ignored."""
+    hit = _MEMORY.get(key)
+    if hit is not None:
+        return hit
+    hit = _load_disk().get(_key_text(key))
+    if hit is not None and hit in tuple(valid):
+        _MEMORY[key] = hit
+        return hit
+    return None
+
+
+def record(key: tuple, choice: str) -> None:
+    """Remember ``choice`` for ``key`` in memory and (best effort) on disk."""
+    global _DISK_WARNED
+    _MEMORY[key] = choice
+    disk = _load_disk()
+    disk[_key_text(key)] = choice
+    while len(disk) > MAX_ENTRIES:
+        disk.pop(next(iter(disk)))
+    path = cache_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload = json.dumps({"fingerprint": fingerprint(), "entries": disk}, indent=0)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".autotune-", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(payload)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except OSError as exc:
+        if not _DISK_WARNED:
+            _DISK_WARNED = True
+            warnings.warn(f"padnet autotune: cannot write the cache file {path} ({exc}); "
+                          "choices are kept in memory only", RuntimeWarning, stacklevel=3)
+
+
+def clear_autotune_cache(disk: bool = False) -> None:
+    """Forget this process's choices; ``disk=True`` also deletes this fingerprint's cache file."""
+    global _DISK, _GENERATION
+    _MEMORY.clear()
+    _DISK = None
+    _GENERATION += 1
+    if disk:
+        cache_path().unlink(missing_ok=True)
+
+
+def autotune_cache() -> dict[tuple, str]:
+    """A copy of this process's choices: key ``(..., grad)`` -> backend."""
+    return dict(_MEMORY)
+
+
+def tune(key: tuple, candidates: list[str], run: Callable[[str], None], device: torch.device,
+         budget_s: float | None = None) -> str:
+    """Time ``run(name)`` for each candidate (the first is the fallback), record and return the fastest.
+
+    Candidates that raise (e.g. out of memory) are skipped; the order matters
+    only when the budget runs out (the first candidate is always measured).
+    """
+    budget = TUNE_BUDGET_S if budget_s is None else budget_s
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def timed(name: str) -> float:
+        sync()
+        t0 = time.perf_counter()
+        run(name)
+        sync()
+        return time.perf_counter() - t0
+
+    start = time.perf_counter()
+    timings: dict[str, float] = {}
+    for i, name in enumerate(candidates):
+        if i > 0 and time.perf_counter() - start > budget:
+            break
+        try:
+            warm = timed(name)
+        except (RuntimeError, MemoryError):
+            continue
+        best = min(timings.values(), default=float("inf"))
+        samples = []
+        if warm < SLOW_FACTOR * best:
+            for _ in range(TRIAL_REPEATS):
+                samples.append(timed(name))
+                if time.perf_counter() - start > budget:
+                    break
+        timings[name] = statistics.median(samples) if samples else warm
+    choice = min(timings, key=timings.get) if timings else candidates[0]
+    record(key, choice)
+    return choice
+
+
+__all__ = [
+    "TUNE_BUDGET_S",
+    "autotune_cache",
+    "autotune_enabled",
+    "cache_dir",
+    "cache_path",
+    "clear_autotune_cache",
+    "cpu_model",
+    "fingerprint",
+    "generation",
+    "lookup",
+    "record",
+    "set_autotune",
+    "tune",
+]

@@ -1,0 +1,160 @@
+"""Which backend runs a dynamic conv: explicit name, autotuned choice, or the cost rule.
+
+:func:`resolve_backend` decides per call signature and remembers the decision,
+so repeated calls with the same shapes cost one dictionary lookup.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+from torch import Tensor
+
+from . import autotune
+from .conv_backends import CONCRETE_BACKENDS, run_backend
+from .exporting import is_exporting
+from .geometry import ConvGeometry
+
+BACKENDS = ("auto", *CONCRETE_BACKENDS)
+
+# Cost-rule constants (CPU), measured on one machine (docs/benchmarks.md); the rule is the fallback when
+# autotuning is off and the choice while exporting.
+_GROUPED_MIN_L = 256  # output pixels per sample from which the grouped conv beats bmm
+_OUTPUT_MAX_L = 16  # per-sample GEMM width at or below which (K+1)x FLOPs beat streaming B kernels ...
+_OUTPUT_MIN_COLUMNS = 256  # ... once the output-space conv has B * L >= this many columns to be efficient
+
+
+def select_backend(
+    backend: str,
+    batch_size: int,
+    out_channels: int,
+    groups: int,
+    *,
+    out_pixels: int,
+    device: torch.device | str | None = None,
+    exporting: bool = False,
+    requires_grad: bool = False,
+) -> str:
+    """Resolve ``"auto"`` by the cost rule (explicit names pass through).
+
+    Let ``L`` be the output pixels per sample (``out_pixels``) and ``P`` the
+    size of one kernel. Weight space costs one conv worth of FLOPs but streams
+    ``B * P`` per-sample kernel values through a GEMM only ``L`` columns wide;
+    output space costs ``K (+1)`` convs of FLOPs as one large, cache-friendly conv.
+
+    - Batch 1 or depthwise (``groups == out_channels``): ``"weight"``.
+    - ``L >= _GROUPED_MIN_L`` (256) or grouped convs: ``"weight"``.
+    - ``L <= _OUTPUT_MAX_L`` (16) and ``B * L >= _OUTPUT_MIN_COLUMNS`` (256),
+      inference, ``groups == 1``: ``"output"``; with autograd or fewer columns ``"bmm"``.
+    - Otherwise ``"bmm"``; non-CPU devices ``"weight"``.
+    - Exporting: never ``"weight"`` (``groups = B`` would freeze the batch size):
+      ``"output"`` for depthwise / thin layers, else ``"bmm"`` (untiled).
+    """
+    if backend != "auto":
+        return backend
+    depthwise = groups > 1 and groups == out_channels
+    if exporting:
+        return "output" if depthwise or out_pixels <= _OUTPUT_MAX_L else "bmm"
+    if batch_size == 1 or depthwise:
+        return "weight"
+    if torch.device(device if device is not None else "cpu").type != "cpu":
+        return "weight"
+    if out_pixels <= _OUTPUT_MAX_L:
+        if groups == 1 and (requires_grad or batch_size * out_pixels < _OUTPUT_MIN_COLUMNS):
+            return "bmm"
+        return "output"
+    if out_pixels >= _GROUPED_MIN_L or groups > 1:
+        return "weight"
+    return "bmm"
+
+
+@lru_cache(maxsize=512)
+def _geometry(kernel: tuple, stride, padding, dilation, groups: int) -> ConvGeometry:
+    return ConvGeometry(kernel, stride, padding, dilation, groups)
+
+
+def conv_geometry(kernel, stride, padding, dilation, groups: int) -> ConvGeometry:
+    """A (memoised) :class:`ConvGeometry`; list-valued arguments are accepted too."""
+    if torch.compiler.is_compiling():  # dynamo traces the constructor; the memo would only add a warning
+        return ConvGeometry(kernel, stride, padding, dilation, groups)
+    try:
+        return _geometry(tuple(kernel), stride, padding, dilation, int(groups))
+    except TypeError:  # unhashable (lists)
+        return ConvGeometry(kernel, stride, padding, dilation, groups)
+
+
+_CHOICES: dict[tuple, tuple[tuple[bool, int], str]] = {}  # signature -> ((tuning, generation), backend)
+
+
+def _needs_grad(*tensors: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def resolve_backend(x: Tensor, pi: Tensor, dyn: Tensor, sta: Tensor | None, stride, padding, dilation,
+                    groups: int, backend: str = "auto", geom: ConvGeometry | None = None) -> str:
+    """Concrete backend for this call.
+
+    Explicit names are honoured (except ``"weight"`` while exporting); ``"auto"``
+    is the autotuned choice (batch > 1, tuning on, not exporting) or the cost rule.
+    Raises a clear error for an unknown backend or an input smaller than the kernel.
+    """
+    exporting = is_exporting()
+    if backend != "auto":
+        if backend not in CONCRETE_BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+        if not (exporting and backend == "weight"):  # groups = B cannot be exported with a dynamic batch axis
+            return backend
+    if geom is None:
+        geom = conv_geometry(dyn.shape[-2:], stride, padding, dilation, groups)
+    grad = _needs_grad(x, pi, dyn, sta)
+    if exporting:  # deterministic: the rule, never timing, never the process's cache
+        ho, wo = geom.out_hw(x.shape[-2:])
+        return select_backend("auto", 2, dyn.shape[1], groups, out_pixels=ho * wo, exporting=True)
+    key = (tuple(dyn.shape), sta is not None, tuple(x.shape), geom.stride, str(padding), geom.dilation, geom.groups,
+           str(x.dtype), str(x.device), torch.get_num_threads(), grad, torch.is_grad_enabled())
+    tuning = autotune.autotune_enabled()
+    hit = _CHOICES.get(key)
+    if hit is not None and hit[0] == (tuning, autotune.generation()):
+        return hit[1]
+    ho, wo = geom.out_hw(x.shape[-2:])  # raises the clear "input smaller than the kernel" error
+    rule = select_backend("auto", int(x.shape[0]), dyn.shape[1], groups, out_pixels=ho * wo, device=x.device,
+                          requires_grad=grad)
+    if x.shape[0] > 1 and tuning:
+        candidates = [rule] + [b for b in CONCRETE_BACKENDS if b != rule]
+        if groups > 1 and groups == dyn.shape[1]:  # depthwise: width-1 GEMMs are never competitive
+            candidates = [b for b in candidates if b != "bmm"] or ["weight"]
+        choice = autotune.lookup(key, candidates)
+        if choice is None:
+            choice = autotune.tune(key, candidates, _trial_runner(x, pi, dyn, sta, geom, padding, grad), x.device)
+    else:
+        choice = rule
+    if len(_CHOICES) > 4096:
+        _CHOICES.clear()
+    _CHOICES[key] = ((tuning, autotune.generation()), choice)
+    return choice
+
+
+def _trial_runner(x, pi, dyn, sta, geom, padding, grad: bool):
+    """``run(name)``: one forward (and backward with ``grad``) on detached copies of the real inputs."""
+    def copy(t):
+        return None if t is None else t.detach().requires_grad_(grad and t.requires_grad)
+
+    xs, pis, dyns, stas = copy(x), copy(pi), copy(dyn), copy(sta)
+
+    def run(name: str) -> None:
+        with torch.set_grad_enabled(grad):
+            y = run_backend(name, xs, pis, dyns, stas, geom, padding)
+            if grad:
+                leaves = [t for t in (xs, pis, dyns, stas) if t is not None and t.requires_grad]
+                torch.autograd.grad(y, leaves, torch.ones_like(y))
+
+    return run
+
+
+def clear_choices() -> None:
+    """Forget the per-signature decisions of this process (the autotune cache is separate)."""
+    _CHOICES.clear()
+
+
+__all__ = ["BACKENDS", "clear_choices", "conv_geometry", "resolve_backend", "select_backend"]

@@ -1,0 +1,266 @@
+"""Autotuned backend choice: cache hit / miss, on-disk persistence and invalidation, fallback, export."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from padnet import ops
+from padnet.layers import CompactDynamicConv2d, DynamicConv2d
+from padnet.ops import autotune, backend_selection
+from padnet.ops import dynamic_conv as dynamic_conv_ops
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture
+def tuning(tmp_path, monkeypatch):
+    """Autotuning on, cache directory empty and private to the test, process caches cleared before and after."""
+    monkeypatch.setenv("PADNET_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("PADNET_AUTOTUNE", "1")
+    autotune.set_autotune(None)
+    autotune.clear_autotune_cache()
+    yield tmp_path / "cache"
+    autotune.set_autotune(None)
+    autotune.clear_autotune_cache()
+
+
+def reference(x, pi, dyn, padding):
+    return torch.cat([F.conv2d(x[b : b + 1], torch.einsum("k,k...->...", pi[b], dyn), None, 1, padding)
+                      for b in range(x.shape[0])])
+
+
+def inputs(batch=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 4, 6, 6, generator=g, dtype=torch.double)
+    pi = torch.softmax(torch.randn(batch, 3, generator=g, dtype=torch.double), -1)
+    dyn = torch.randn(3, 5, 4, 3, 3, generator=g, dtype=torch.double)
+    return x, pi, dyn
+
+
+def count_trials(monkeypatch):
+    """Every backend run (tuning trials and the real call), in order."""
+    calls = []
+    real = backend_selection.run_backend
+
+    def spy(name, *args, **kwargs):
+        calls.append(name)
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(backend_selection, "run_backend", spy)
+    monkeypatch.setattr(dynamic_conv_ops, "run_backend", spy)
+    return calls
+
+
+def test_miss_tunes_every_backend_then_hits_memory_and_disk(tuning, monkeypatch):
+    x, pi, dyn = inputs()
+    trials = count_trials(monkeypatch)
+    with torch.no_grad():
+        y = ops.dynamic_conv2d(x, pi, dyn, None, padding=1)
+    torch.testing.assert_close(y, reference(x, pi, dyn, 1))
+    assert set(trials) == set(ops.CONCRETE_BACKENDS)  # miss: every candidate timed on the real inputs
+    (key, choice), = ops.autotune_cache().items()
+    assert trials[-1] == choice  # then the call itself runs the winner
+    assert choice in ops.CONCRETE_BACKENDS and key[-1] is False  # no-grad key
+    trials.clear()
+    with torch.no_grad():
+        ops.dynamic_conv2d(x, pi, dyn, None, padding=1)
+    assert trials == [choice]  # memory hit: only the call itself
+    # the choice is on disk, keyed by torch version and CPU model
+    files = list(tuning.glob("autotune-*.json"))
+    assert len(files) == 1
+    data = json.loads(files[0].read_text())
+    assert data["fingerprint"] == {"format": 1, "torch": torch.__version__, "cpu": autotune.cpu_model()}
+    assert list(data["entries"].values()) == [choice]
+    # a new process (simulated: memory caches cleared) reads the choice instead of tuning again
+    autotune._MEMORY.clear()
+    autotune._DISK = None
+    backend_selection.clear_choices()
+    trials.clear()
+    with torch.no_grad():
+        ops.dynamic_conv2d(x, pi, dyn, None, padding=1)
+    assert trials == [choice]
+    assert ops.autotune_cache() == {key: choice}
+
+
+def test_every_signature_part_is_a_separate_key(tuning):
+    x, pi, dyn = inputs()
+    with torch.no_grad():
+        ops.dynamic_conv2d(x, pi, dyn, None, padding=1)
+        ops.dynamic_conv2d(x[:2], pi[:2], dyn, None, padding=1)  # batch
+        ops.dynamic_conv2d(x.float(), pi.float(), dyn.float(), None, padding=1)  # dtype
+        ops.dynamic_conv2d(x, pi, dyn, None, padding=0)  # geometry
+        threads = torch.get_num_threads()
+        torch.set_num_threads(threads + 1)
+        try:
+            ops.dynamic_conv2d(x, pi, dyn, None, padding=1)  # thread count
+        finally:
+            torch.set_num_threads(threads)
+    ops.dynamic_conv2d(x, pi.requires_grad_(), dyn, None, padding=1).sum().backward()  # grad mode
+    assert len(ops.autotune_cache()) == 6
+
+
+def test_cache_file_of_another_torch_or_cpu_is_not_used(tuning, monkeypatch):
+    x, pi, dyn = inputs()
+    with torch.no_grad():
+        ops.dynamic_conv2d(x, pi, dyn, None, padding=1)
+    first = autotune.cache_path()
+    assert first.is_file()
+    for field, value in (("cpu_model", lambda: "Another CPU 9000"), ("torch", "0.0.1")):
+        autotune.clear_autotune_cache()
+        if field == "cpu_model":
+            monkeypatch.setattr(autotune, "cpu_model", value)
+        else:
+            monkeypatch.setattr(torch, "__version__", value)
+        assert autotune.cache_path() != first
+        trials = count_trials(monkeypatch)
+        with torch.no_grad():
+            ops.dynamic_conv2d(x, pi, dyn, None, padding=1)
+        assert set(trials) == set(ops.CONCRETE_BACKENDS)  # invalidated: tuned again
+        monkeypatch.undo()
+        monkeypatch.setenv("PADNET_CACHE_DIR", str(tuning))
+        monkeypatch.setenv("PADNET_AUTOTUNE", "1")
+    # a file whose stored fingerprint disagrees with its name (copied by hand) is ignored too
+    autotune.clear_autotune_cache()
+    data = json.loads(first.read_text())
+    data["fingerprint"]["torch"] = "0.0.1"
+    first.write_text(json.dumps(data))
+    assert autotune.lookup(next(iter(json.loads(first.read_text())["entries"])), ops.CONCRETE_BACKENDS) is None
+
+
+@pytest.mark.parametrize("content", ["{not json", json.dumps([1, 2]), json.dumps({"fingerprint": 3}),
+                                     "__import__('os').system('false')"])
+def test_damaged_cache_file_is_ignored_and_replaced(tuning, content):
+    tuning.mkdir(parents=True)
+    autotune.cache_path().write_text(content)
+    x, pi, dyn = inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(ops.dynamic_conv2d(x, pi, dyn, None, padding=1), reference(x, pi, dyn, 1))
+    data = json.loads(autotune.cache_path().read_text())
+    assert len(data["entries"]) == 1
+
+
+def test_cached_choice_outside_the_valid_backends_is_ignored(tuning):
+    x, pi, dyn = inputs()
+    with torch.no_grad():
+        ops.dynamic_conv2d(x, pi, dyn, None, padding=1)
+    path = autotune.cache_path()
+    data = json.loads(path.read_text())
+    data["entries"] = {k: "evil" for k in data["entries"]}
+    path.write_text(json.dumps(data))
+    autotune.clear_autotune_cache()
+    with torch.no_grad():
+        ops.dynamic_conv2d(x, pi, dyn, None, padding=1)
+    assert set(ops.autotune_cache().values()) <= set(ops.CONCRETE_BACKENDS)
+
+
+def test_fallback_rule_when_tuning_is_off(tuning, monkeypatch):
+    x, pi, dyn = inputs()
+    trials = count_trials(monkeypatch)
+    for off in ("env", "call"):
+        if off == "env":
+            monkeypatch.setenv("PADNET_AUTOTUNE", "0")
+        else:
+            monkeypatch.setenv("PADNET_AUTOTUNE", "1")
+            autotune.set_autotune(False)
+        with torch.no_grad():
+            ops.dynamic_conv2d(x, pi, dyn, None, padding=1)
+        rule = ops.select_backend("auto", 4, 5, 1, out_pixels=36)
+        assert trials == [rule]  # no timing: exactly one run, the rule's backend
+        trials.clear()
+    assert ops.autotune_cache() == {} and not list(tuning.glob("*.json"))
+    autotune.set_autotune(None)
+    with pytest.raises(ValueError, match="PADNET_AUTOTUNE"):
+        monkeypatch.setenv("PADNET_AUTOTUNE", "maybe")
+        autotune.autotune_enabled()
+    with pytest.raises(TypeError):
+        autotune.set_autotune("yes")
+
+
+def test_explicit_backend_and_batch_one_never_tune(tuning, monkeypatch):
+    x, pi, dyn = inputs()
+    trials = count_trials(monkeypatch)
+    with torch.no_grad():
+        ops.dynamic_conv2d(x, pi, dyn, None, padding=1, backend="output")
+        ops.dynamic_conv2d(x[:1], pi[:1], dyn, None, padding=1)
+    assert trials == ["output"]  # batch 1 runs as one plain conv on its aggregated kernel
+    assert ops.autotune_cache() == {}
+
+
+def test_export_is_deterministic_and_does_not_tune(tuning, monkeypatch):
+    x, pi, dyn = inputs()
+    trials = count_trials(monkeypatch)
+    with ops.export_mode(), torch.no_grad():
+        ops.dynamic_conv2d(x, pi, dyn, None, padding=1)
+    assert trials == [ops.select_backend("auto", 4, 5, 1, out_pixels=36, exporting=True)]
+    assert ops.autotune_cache() == {}
+
+
+def test_tuning_cost_is_bounded(tuning, monkeypatch):
+    """No new trial starts once the budget is spent (the first candidate always runs)."""
+    x, pi, dyn = inputs()
+    trials = count_trials(monkeypatch)
+    monkeypatch.setattr(autotune, "TUNE_BUDGET_S", 0.0)
+    with torch.no_grad():
+        ops.dynamic_conv2d(x, pi, dyn, None, padding=1)
+    rule = ops.select_backend("auto", 4, 5, 1, out_pixels=36)
+    # budget 0: the rule's backend gets its warm-up and one timed run, nothing else is tried; then the call
+    assert trials == [rule, rule, rule]
+    assert ops.autotune_cache() and set(ops.autotune_cache().values()) == {rule}
+
+
+def test_unwritable_cache_dir_warns_once_and_keeps_choices_in_memory(tuning, monkeypatch):
+    blocker = tuning.parent / "blocker"
+    blocker.write_text("a file, not a directory")
+    monkeypatch.setenv("PADNET_CACHE_DIR", str(blocker / "sub"))
+    monkeypatch.setattr(autotune, "_DISK_WARNED", False)
+    x, pi, dyn = inputs()
+    with pytest.warns(RuntimeWarning, match="cannot write"), torch.no_grad():
+        ops.dynamic_conv2d(x, pi, dyn, None, padding=1)
+    assert len(ops.autotune_cache()) == 1
+
+
+@pytest.mark.parametrize("kind", ["ones", "element", "channel"])
+def test_layers_under_autotuning_match_the_rule(tuning, kind):
+    torch.manual_seed(0)
+    layer = DynamicConv2d(6, 8, 3, padding=1, bias=True).double()
+    if kind != "ones":
+        g = torch.Generator().manual_seed(0)
+        shape = layer.mode_mask.shape
+        mask = ((torch.rand(shape, generator=g) < 0.3) if kind == "element"
+                else (torch.arange(8) % 3 == 0).view(-1, 1, 1, 1).expand(shape)).double()
+        layer.set_mode_mask("weight", mask)
+    x = torch.randn(5, 6, 7, 7, dtype=torch.double)
+    autotune.set_autotune(False)
+    ref = layer(x)
+    ref_grads = torch.autograd.grad(ref.square().sum(), list(layer.parameters()))
+    autotune.set_autotune(True)
+    y = layer(x)
+    grads = torch.autograd.grad(y.square().sum(), list(layer.parameters()))
+    torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-12)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-12)
+    with torch.no_grad():
+        torch.testing.assert_close(CompactDynamicConv2d(layer.eval())(x), ref, rtol=1e-10, atol=1e-12)
+    assert ops.autotune_cache()
+
+
+def test_channel_plan_split_or_dense_is_tuned_too(tuning):
+    """Channel-structured masks: the split plan and the whole-layer dense plan are timed once per signature."""
+    torch.manual_seed(0)
+    layer = DynamicConv2d(6, 9, 3, padding=1, bias=True).double().eval()
+    rows = (torch.arange(9) % 3 == 0).double().view(-1, 1, 1, 1).expand(layer.mode_mask.shape).clone()
+    layer.set_mode_mask("weight", rows)
+    compact = CompactDynamicConv2d(layer)
+    x = torch.randn(4, 6, 8, 8, dtype=torch.double)
+    autotune.set_autotune(False)
+    with torch.no_grad():
+        ref = compact(x)
+    autotune.set_autotune(True)
+    with torch.no_grad():
+        torch.testing.assert_close(compact(x), ref, rtol=1e-10, atol=1e-12)
+        plans = {k: v for k, v in ops.autotune_cache().items() if k[0] == "channel_split"}
+        assert len(plans) == 1 and set(plans.values()) <= {"dense", "split"}
+        torch.testing.assert_close(compact(x), ref, rtol=1e-10, atol=1e-12)  # cached decision, same numbers
+    assert len({k for k in ops.autotune_cache() if k[0] == "channel_split"}) == 1
