@@ -1,0 +1,1 @@
+"""Model transforms: mode transitions (more modules arrive with the architecture reshape)."""
