@@ -134,3 +134,23 @@ def test_preserve_keeps_the_partition_batch_loss(toy_conv, tmp_path):
         assert p["preserve"] is preserve
         changes[preserve] = abs(p["loss_after"] - p["loss_before"])
     assert changes[True] < changes[False], changes
+
+
+def test_flags_and_bad_values(capsys):
+    from padnet.cli import main
+
+    cfg = resolve_config({"recipe": "fashion-mnist", "partition_warmup_steps": 5})
+    assert cfg.partition_preserve is True and cfg.temperature_anneal_fraction is None
+    assert cfg.pad_config == {"init": "fresh", "router_init": "official"}  # vision: trained from scratch
+    for key, value, match in (("temperature_anneal_fraction", 1.5, "temperature_anneal_fraction"),
+                              ("temperature_anneal_fraction", -0.1, "temperature_anneal_fraction"),
+                              ("partition_preserve", "yes", "partition_preserve")):
+        with pytest.raises(ValueError, match=match):
+            resolve_config({"recipe": "fashion-mnist", key: value})
+    from padnet.train.recipes import get_recipe
+
+    bad = resolve_config({"recipe": "fashion-mnist", "pad_config": {"router_init": "zeros"}})
+    with pytest.raises(ValueError, match="router_init"):
+        get_recipe("fashion-mnist").pad_config(bad, None)
+    assert main(["train", "--partition-at-step", "-1", "--output-dir", "/nonexistent/x", "--quiet"]) == 2
+    assert "partition_warmup_steps must be an integer >= 0" in capsys.readouterr().err
