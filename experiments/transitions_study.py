@@ -124,6 +124,14 @@ CONFIGS = {
                                 "temperature_start": 30.0, "temperature_anneal_fraction": 0.1},
     "inherit-official-30to1-10pct": {"pad_config": {"init": "inherit", "router_init": "official"},
                                      "temperature_start": 30.0, "temperature_anneal_fraction": 0.1},
+    "fresh-official-30to3-10pct": {"pad_config": {"init": "fresh", "router_init": "official"},
+                                   "temperature_start": 30.0, "temperature_end": 3.0,
+                                   "temperature_anneal_fraction": 0.1},
+    "fresh-official-30to5-10pct": {"pad_config": {"init": "fresh", "router_init": "official"},
+                                   "temperature_start": 30.0, "temperature_end": 5.0,
+                                   "temperature_anneal_fraction": 0.1},
+    "fresh-official-T5": {"pad_config": {"init": "fresh", "router_init": "official"}, "temperature_start": 5.0,
+                          "temperature_end": 5.0},
     "after": {},  # the recipe defaults after issue 11
 }
 
@@ -132,7 +140,7 @@ def cmd_routing(args) -> None:
     import padnet
 
     names = args.configs or list(CONFIGS)
-    path = RESULTS / "transitions-routing.json"
+    path = RESULTS / (args.results or "transitions-routing.json")
     results = json.loads(path.read_text()) if path.exists() else {}
     for name in names:
         for seed in args.seeds:
@@ -167,6 +175,7 @@ def main(argv=None) -> None:
     b.add_argument("--seeds", type=int, nargs="*", default=[0])
     b.add_argument("--test", type=int, default=2000)
     b.add_argument("--force", action="store_true")
+    b.add_argument("--results", help="result file name under experiments/results (parallel sweeps)")
     args = p.parse_args(argv)
     RESULTS.mkdir(parents=True, exist_ok=True)
     RUNS.mkdir(parents=True, exist_ok=True)
