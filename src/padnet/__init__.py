@@ -25,6 +25,8 @@ from .transforms.counting import ParameterCount, count_parameters, layer_counts
 from .transforms.dynamize import dynamize_
 from .transforms.flops import count_flops
 from .transforms.record import PadState, get_state
+from .transforms.diagnostics import measure_routing
+from .transforms.transitions import ModeTransition, TransitionReport, set_modes_
 
 __all__ = [
     "__version__",
@@ -48,4 +50,8 @@ __all__ = [
     "CheckpointError",
     "PadState",
     "get_state",
+    "set_modes_",
+    "ModeTransition",
+    "TransitionReport",
+    "measure_routing",
 ]

@@ -39,6 +39,7 @@ PARTITION_FIELDS = {
     "num_batches": "partition_batches",
     "warmup_steps": "partition_warmup_steps",
     "train_mode": "partition_train_mode",
+    "preserve": "partition_preserve",
     "seed": "seed",
 }
 
@@ -60,8 +61,9 @@ class TrainConfig:
     partition_scope: str = _PARTITION.scope
     partition_granularity: str = _PARTITION.granularity
     partition_batches: int = 4  # trainer default: its loader never ends (PartitionConfig: all given batches)
-    partition_warmup_steps: int = _PARTITION.warmup_steps  # 0: partition at init; N: after N optimizer steps
+    partition_warmup_steps: int = _PARTITION.warmup_steps  # 0: at init; N: after N optimizer steps (--partition-at-step N)
     partition_train_mode: bool = True  # trainer default: score with BatchNorm batch statistics
+    partition_preserve: bool = _PARTITION.preserve  # function-preserving mode transitions
     # model
     model: str | None = None
     width: float | None = None
@@ -88,6 +90,9 @@ class TrainConfig:
     temperature_start: float = 30.0
     temperature_end: float = 1.0
     temperature_epochs: float = 3.0
+    # if set: anneal over this fraction of the run's optimizer steps instead of temperature_epochs
+    # (the official PAD-Net code: 31 -> 1 over the first 10 of 100 epochs)
+    temperature_anneal_fraction: float | None = None
     # data
     data_dir: str | None = None
     augment: bool = True
@@ -134,6 +139,12 @@ class TrainConfig:
         _positive_float("temperature_start", self.temperature_start)
         _positive_float("temperature_end", self.temperature_end)
         _nonneg_float("temperature_epochs", self.temperature_epochs)
+        if self.temperature_anneal_fraction is not None:
+            _nonneg_float("temperature_anneal_fraction", self.temperature_anneal_fraction)
+            if self.temperature_anneal_fraction > 1:
+                raise ValueError(f"temperature_anneal_fraction must be in [0, 1], got {self.temperature_anneal_fraction}")
+        if not isinstance(self.partition_preserve, bool):
+            raise ValueError(f"partition_preserve must be true or false, got {self.partition_preserve!r}")
         _nonneg_float("weight_decay", self.weight_decay)
         _nonneg_float("momentum", self.momentum)
         _nonneg_float("min_lr", self.min_lr)

@@ -25,20 +25,27 @@ from ..layers.modes import SCALE_MODES
 CONFIG_VERSION = 2
 TARGET_TYPES = ("conv2d", "ffn")
 INITS = ("inherit", "fresh")
+ROUTER_INITS = ("official", "torch")
 MOE_INITS = ("upcycle", "split")
 
 # v1 (flat) key -> (block, v2 key); "noise_std" and "scale" applied to both blocks
 _V1_CONV_KEYS = ("num_kernels", "reduction", "temperature", "routing", "scale", "init", "noise_std", "backend")
 _V1_MOE_KEYS = {"num_experts": "num_experts", "top_k": "top_k", "moe_init": "init", "noise_std": "noise_std",
                 "scale": "scale", "aux_loss_coef": "aux_loss_coef"}
+# flat shortcuts a training config's ``pad_config`` may use for dynamic-conv options (v1 names + newer ones)
+_FLAT_CONV_KEYS = (*_V1_CONV_KEYS, "router_init")
 _V1_DROPPED = ("dynamic_ratio",)  # was never read by dynamize_; kappa is the partition's
 
 
-def check_ratio(ratio: float, what: str = "ratio") -> float:
-    """Validate a dynamic ratio kappa in (0, 1]."""
+def check_ratio(ratio: Any, what: str = "ratio") -> float:
+    """Validate a dynamic ratio kappa in (0, 1]; returns it as a float.
+
+    ``TypeError`` for a non-number (``bool`` included), ``ValueError`` outside
+    (0, 1] (NaN included).
+    """
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
         raise TypeError(f"{what} must be a number in (0, 1], got {ratio!r}")
-    if not 0.0 < float(ratio) <= 1.0:
+    if not 0.0 < float(ratio) <= 1.0:  # NaN fails this comparison too
         raise ValueError(f"{what} must be in (0, 1], got {ratio}")
     return float(ratio)
 
@@ -82,7 +89,10 @@ class DynamicConvConfig:
         temperature: softmax / sigmoid temperature of the router (> 0).
         routing: ``"softmax"`` or ``"sigmoid"``.
         scale: ``"learned"`` (lambda_s, lambda_d) or ``"none"``.
-        init: ``"inherit"`` (kernels seeded from the conv) or ``"fresh"``.
+        init: ``"inherit"`` (keep a trained conv's function: kernels seeded from it) or ``"fresh"``
+            (independent He fan-out kernels, as the official PAD-Net code).
+        router_init: ``"official"`` (PAD-Net code: He-normal hidden layer, N(0, 2/K) last layer,
+            zero bias) or ``"torch"`` (``nn.Linear`` default).
         noise_std: relative noise on inherited kernels (>= 0; breaks symmetry).
         backend: compute backend (``"auto"`` picks per call).
     """
@@ -93,6 +103,7 @@ class DynamicConvConfig:
     routing: str = "softmax"
     scale: str = "learned"
     init: str = "inherit"
+    router_init: str = "official"
     noise_std: float = 0.01
     backend: str = "auto"
 
@@ -107,6 +118,7 @@ class DynamicConvConfig:
         _choice(self.routing, "routing", ROUTINGS)
         _choice(self.scale, "scale", SCALE_MODES)
         _choice(self.init, "init", INITS)
+        _choice(self.router_init, "router_init", ROUTER_INITS)
         _float(self.noise_std, "noise_std", positive=False)
         _choice(self.backend, "backend", BACKENDS)
 
@@ -318,7 +330,7 @@ class PadConfig:
             elif "." in key and key.split(".", 1)[0] in ("conv", "moe"):
                 block, sub = key.split(".", 1)
                 data[block][sub] = value
-            elif key in _V1_CONV_KEYS or key in _V1_MOE_KEYS:
+            elif key in _FLAT_CONV_KEYS or key in _V1_MOE_KEYS:
                 for block, sub in _v1_targets(key):
                     data[block][sub] = value
             else:
@@ -330,7 +342,7 @@ def override_keys() -> list[str]:
     """Keys :meth:`PadConfig.updated` accepts: top-level fields, ``conv.*`` / ``moe.*`` and flat v1 option names."""
     top = [f.name for f in fields(PadConfig) if f.name not in ("conv", "moe", "version")]
     nested = [f"conv.{f.name}" for f in fields(DynamicConvConfig)] + [f"moe.{f.name}" for f in fields(MoEConfig)]
-    return sorted({*top, "conv", "moe", *nested, *_V1_CONV_KEYS, *_V1_MOE_KEYS})
+    return sorted({*top, "conv", "moe", *nested, *_FLAT_CONV_KEYS, *_V1_MOE_KEYS})
 
 
 def check_override_keys(overrides: dict[str, Any]) -> None:
@@ -349,7 +361,7 @@ def check_override_keys(overrides: dict[str, Any]) -> None:
 
 def _v1_targets(key: str) -> list[tuple[str, str]]:
     out = []
-    if key in _V1_CONV_KEYS:
+    if key in _FLAT_CONV_KEYS:
         out.append(("conv", key))
     if key in _V1_MOE_KEYS:
         out.append(("moe", _V1_MOE_KEYS[key]))

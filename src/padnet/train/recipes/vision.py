@@ -47,6 +47,8 @@ VISION_DEFAULTS: dict[str, Any] = {
     "temperature_end": 1.0,
     "temperature_epochs": 3.0,
     "partition_warmup_steps": 0,
+    # trained from scratch: independent He fan-out kernels and the official router init (docs/core.md)
+    "pad_config": {"init": "fresh", "router_init": "official"},
 }
 
 

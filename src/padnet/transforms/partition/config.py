@@ -20,6 +20,7 @@ field              default          meaning
 ``seed``           0                seed of the generator handed to criteria
 ``criterion_kwargs`` ``{}``         extra keyword arguments of the criterion
 ``monotone``       ``None``         override the criterion's ranking rule
+``preserve``       ``True``         function-preserving mode transitions (``False``: masks only)
 =================  ===============  =====================================================
 
 The trainer keeps its own defaults for two options that only make sense there
@@ -37,6 +38,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
+from ..config import check_ratio
 from .criteria import Criterion, get_criterion
 from .schedules import get_schedule
 from .units import GRANULARITIES
@@ -46,18 +48,6 @@ __all__ = ["DEFAULT_RATIO", "SCOPES", "PartitionConfig", "check_ratio"]
 DEFAULT_RATIO = 0.3
 SCOPES = ("global", "layer")
 
-
-def check_ratio(ratio: Any, what: str = "ratio") -> float:
-    """Validate a dynamic ratio kappa in (0, 1]; returns it as a float.
-
-    ``TypeError`` for a non-number (``bool`` included), ``ValueError`` outside
-    (0, 1] (NaN included).
-    """
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
-        raise TypeError(f"{what} must be a number in (0, 1], got {ratio!r}")
-    if not 0.0 < float(ratio) <= 1.0:  # NaN fails this comparison too
-        raise ValueError(f"{what} must be in (0, 1], got {ratio}")
-    return float(ratio)
 
 
 def _check_int(what: str, value: Any, minimum: int | None) -> int:
@@ -90,6 +80,7 @@ class PartitionConfig:
     seed: int = 0
     criterion_kwargs: dict[str, Any] = field(default_factory=dict)
     monotone: bool | None = None
+    preserve: bool = True
 
     def __post_init__(self) -> None:
         self.validate()
@@ -128,6 +119,8 @@ class PartitionConfig:
         self.criterion_kwargs = dict(self.criterion_kwargs)
         if self.monotone is not None and not isinstance(self.monotone, bool):
             raise TypeError(f"{name('monotone')} must be None or a bool, got {self.monotone!r}")
+        if not isinstance(self.preserve, bool):
+            raise TypeError(f"{name('preserve')} must be a bool, got {self.preserve!r}")
         return self
 
     # ---- construction ----------------------------------------------------------------------

@@ -47,6 +47,7 @@ from .statistics import BatchSource, collect_statistics
 from .units import LayerPlan
 from ..counting import count_parameters
 from ..record import get_state
+from ..transitions import ModeTransition
 
 
 __all__ = ["SCOPES", "SymmetricModesWarning", "partition_", "resolve_config"]
@@ -100,6 +101,8 @@ def partition_(
     criterion_kwargs: dict[str, Any] | None = UNSET,
     monotone: bool | None = UNSET,
     train_mode: bool = UNSET,
+    preserve: bool = UNSET,
+    optimizer: torch.optim.Optimizer | None = None,
     process_group=None,
 ) -> PartitionReport:
     """Partition the modes of every PAD layer of ``model`` in place.
@@ -140,13 +143,22 @@ def partition_(
         train_mode: collect statistics in train mode (BatchNorm batch statistics,
             dropout); buffers and RNG state are restored afterwards. Default: eval
             mode, no side effects.
+        preserve: apply the masks through function-preserving mode transitions
+            (:mod:`padnet.transforms.transitions`): an entry that turns static
+            gets ``W_s = (lambda_d / lambda_s) sum_k pbar_k W_k``, one that turns
+            dynamic ``W_k = (lambda_s / lambda_d) W_s``. Every iteration is
+            measured from the state the call started from. ``False``: masks only
+            (the paper's partition at initialisation).
+        optimizer: the training optimizer, when partitioning mid-training: the
+            state (momentum, Adam moments) of entries that changed mode is reset.
         process_group: ``torch.distributed`` group (default: the world) whose
             statistics are summed so every rank ends with the same masks.
 
     Returns:
-        :class:`PartitionReport`. Train/eval flags, parameter ``.grad`` and
-        ``requires_grad`` are as before the call; masks are the only change
-        (restored if the call raises). The call is appended to the model's
+        :class:`PartitionReport` (``transition``: what the transitions changed).
+        Train/eval flags, parameter ``.grad`` and ``requires_grad`` are as
+        before the call; masks and, with ``preserve``, the factors of entries
+        that changed mode are the only change (both restored if the call raises). The call is appended to the model's
         transform record (``padnet_state``) as a ``"partition"`` step.
     """
     started = time.perf_counter()
@@ -157,7 +169,7 @@ def partition_(
     cfg = resolve_config(
         config, ratio=ratio, criterion=criterion, iterations=iterations, schedule=schedule, scope=scope,
         granularity=granularity, num_batches=num_batches, seed=seed, criterion_kwargs=criterion_kwargs,
-        monotone=monotone, train_mode=train_mode,
+        monotone=monotone, train_mode=train_mode, preserve=preserve,
     )
     if not isinstance(model, nn.Module):
         raise TypeError(f"partition_ expects an nn.Module, got {type(model).__name__}")
@@ -185,27 +197,35 @@ def partition_(
     history: list[IterationRecord] = []
     batches_used = 0
 
-    with PartitionGuard(model, plans, crit.needs if crit.needs_data else (), cfg.train_mode):
-        for t in range(1, cfg.iterations + 1):
-            stats: dict[tuple[str, str, str], Tensor] = {}
-            if crit.needs_data:
-                stats, batches_used = collect_statistics(model, plans, data, loss_fn, crit.needs, device, collective)
-            scores, zeros = score_layers(crit, plans, stats, batches_used, t, generator, cfg.criterion_kwargs,
-                                         symmetric)
-            zero_layers |= zeros
-            if collective.active and not crit.needs_data:  # random scores: rank 0's everywhere
-                flat = iter(collective.broadcast([s for p in plans for s in scores[p.name].values()]))
-                scores = {p.name: {g.name: next(flat) for g in p.groups} for p in plans}
-            target_entries = apply_selection(plans, scores, cfg.scope, sched, t, cfg.iterations, cfg.ratio,
-                                             start_global, ratios_before, use_monotone, total)
-            kept = sum(int(g.mask.detach().sum()) for p in plans for g in p.groups)
-            history.append(IterationRecord(t, target_entries / total, kept, kept / total))
-            if progress:
-                print(
-                    f"[padnet partition] iteration {t}/{cfg.iterations}: kept {kept:,}/{total:,} "
-                    f"({kept / total:.4f}), {batches_used} batches, {time.perf_counter() - started:.1f} s",
-                    file=sys.stderr,
-                )
+    transition = ModeTransition(model, preserve=cfg.preserve, optimizer=optimizer)
+    try:
+        with PartitionGuard(model, plans, crit.needs if crit.needs_data else (), cfg.train_mode):
+            for t in range(1, cfg.iterations + 1):
+                stats: dict[tuple[str, str, str], Tensor] = {}
+                if crit.needs_data:
+                    stats, batches_used = collect_statistics(model, plans, data, loss_fn, crit.needs, device,
+                                                             collective)
+                scores, zeros = score_layers(crit, plans, stats, batches_used, t, generator, cfg.criterion_kwargs,
+                                             symmetric)
+                zero_layers |= zeros
+                if collective.active and not crit.needs_data:  # random scores: rank 0's everywhere
+                    flat = iter(collective.broadcast([s for p in plans for s in scores[p.name].values()]))
+                    scores = {p.name: {g.name: next(flat) for g in p.groups} for p in plans}
+                target_entries = apply_selection(plans, scores, cfg.scope, sched, t, cfg.iterations, cfg.ratio,
+                                                 start_global, ratios_before, use_monotone, total,
+                                                 transition)
+                kept = sum(int(g.mask.detach().sum()) for p in plans for g in p.groups)
+                history.append(IterationRecord(t, target_entries / total, kept, kept / total))
+                if progress:
+                    print(
+                        f"[padnet partition] iteration {t}/{cfg.iterations}: kept {kept:,}/{total:,} "
+                        f"({kept / total:.4f}), {batches_used} batches, {time.perf_counter() - started:.1f} s",
+                        file=sys.stderr,
+                    )
+    except BaseException:
+        transition.rollback()
+        raise
+    transition_report = transition.commit()
 
     flagged = flagged_layers([p.name for p in plans], symmetric, zero_layers, crit.stochastic)
     messages = uninformative_messages(flagged, symmetric, crit.name)
@@ -233,6 +253,7 @@ def partition_(
         history=history,
         symmetric_layers=flagged,
         warnings=messages,
+        transition=transition_report.to_dict(),
     )
     _record_partition(model, cfg, report)
     return report

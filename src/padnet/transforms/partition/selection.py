@@ -12,7 +12,7 @@ ahead of static ones.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import Tensor
@@ -21,6 +21,9 @@ from .scoring import LayerScores
 from .units import LayerPlan, round_half_up, select_top
 
 __all__ = ["apply_selection", "scheduled_ratio"]
+
+if TYPE_CHECKING:
+    from ..transitions import ModeTransition
 
 
 def scheduled_ratio(schedule: Callable, t: int, T: int, kappa: float, start: float) -> float:
@@ -93,14 +96,18 @@ def apply_selection(
     ratios_before: dict[str, float],
     monotone: bool,
     total: int,
+    transition: "ModeTransition | None" = None,
 ) -> float:
     """Select and write the masks of iteration ``t``; returns the scheduled number of entries (float)."""
     keeps, scheduled_entries = _select_units(
         plans, scores, scope, lambda start: scheduled_ratio(schedule, t, T, kappa, start),
         start_global, ratios_before, monotone, total,
     )
-    for p, keep in zip(plans, keeps):
-        masks = p.decode(keep.to(p.groups[0].mask.device))
-        for g in p.groups:
-            p.layer.set_mode_mask(g.name, masks[g.name])
+    masks = {p.name: p.decode(keep.to(p.groups[0].mask.device)) for p, keep in zip(plans, keeps)}
+    if transition is not None:  # function-preserving (padnet.transforms.transitions)
+        transition.set_masks(masks)
+    else:
+        for p in plans:
+            for group, mask in masks[p.name].items():
+                p.layer.set_mode_mask(group, mask)
     return scheduled_entries
