@@ -78,7 +78,7 @@ def routing_summary(model, batches) -> dict:
 
 def cmd_partition(args) -> None:
     import padnet
-    from padnet.partition import partition_
+    from padnet.transforms.partition import partition_
 
     width = args.width
     flags = {"variant": "dynamic", "epochs": 1, "width": width, "max_test_samples": args.test}

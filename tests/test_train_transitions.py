@@ -97,7 +97,7 @@ def test_partition_at_step_logs_losses_resets_state_and_resumes_bit_exactly(toy_
     assert part["transition"]["optimizer_entries_reset"] > 0  # momentum of the entries that changed mode
     assert math.isfinite(part["loss_before"]) and math.isfinite(part["loss_after"])
     assert "loss on the partition batches" in (full / "train.log").read_text()
-    assert s["pad_config"]["init"] == "fresh" and s["pad_config"]["router_init"] == "official"
+    assert s["pad_config"]["conv"]["init"] == "fresh" and s["pad_config"]["conv"]["router_init"] == "official"
     rows = _rows(full)
     for row in rows:
         assert 0.0 <= row["routing_entropy"] <= 1.0 and row["routing_std"] >= 0.0
@@ -153,4 +153,4 @@ def test_flags_and_bad_values(capsys):
     with pytest.raises(ValueError, match="router_init"):
         get_recipe("fashion-mnist").pad_config(bad, None)
     assert main(["train", "--partition-at-step", "-1", "--output-dir", "/nonexistent/x", "--quiet"]) == 2
-    assert "partition_warmup_steps must be an integer >= 0" in capsys.readouterr().err
+    assert "partition_warmup_steps must be >= 0, got -1" in capsys.readouterr().err

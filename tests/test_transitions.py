@@ -11,7 +11,7 @@ from torch import nn
 
 from padnet.layers.dynamic_conv import DynamicConv2d
 from padnet.layers.moe import MoEFeedForward
-from padnet.partition import partition_
+from padnet.transforms.partition import partition_
 from padnet.transforms.diagnostics import kernel_spread, measure_routing, routing_probe, summarize_routing
 from padnet.transforms.transitions import ModeTransition, reset_optimizer_state_, set_modes_, transition_factors
 
@@ -369,7 +369,7 @@ def test_zero_lambda_and_nan_statistics_raise_naming_the_layer():
 
 
 def test_compact_models_are_refused():
-    from padnet.export import compact_
+    from padnet.transforms import compact_
 
     torch.manual_seed(0)
     model = Net()

@@ -33,6 +33,7 @@ from ..transforms.counting import count_parameters
 from ..layers.modes import pad_layers
 from ..transforms.diagnostics import mean_of, routing_diagnostics, routing_probe
 from ..transforms.partition import get_criterion, partition_
+from ..transforms.record import find_state
 from . import distributed as D
 from .checkpoint import (
     CHECKPOINT,
@@ -740,8 +741,7 @@ class Trainer:
             "params_fully_dynamic": fully_dynamic_counts(model) if cfg.is_dynamic else None,
             "params_static": self.params_static,
             # the effective PadConfig (init, router_init, ...) the PAD layers were built with
-            "pad_config": (model.padnet_config.to_dict() if cfg.is_dynamic and hasattr(model, "padnet_config")
-                           else None),
+            "pad_config": _dynamize_config(model) if cfg.is_dynamic else None,
             "flops": flops,
             "train_seconds": self.train_seconds,
             "dynamic_ratio": (sum(l.dynamic_ratio() * sum(g.mask.numel() for g in l.mode_groups())
@@ -778,3 +778,10 @@ class Trainer:
                  f"params {fmt_int(p['total'])} (dynamic {fmt_int(p['dynamic'])}), {self.train_seconds:.1f} s; "
                  f"results in {self.out}", always=True)
         return summary
+
+
+def _dynamize_config(model: nn.Module) -> dict[str, Any] | None:
+    """The PadConfig (v2 dict) of the model's last ``dynamize`` step in its transform record."""
+    state = find_state(model)
+    step = state.last("dynamize") if state is not None else None
+    return step.params["config"] if step is not None else None
