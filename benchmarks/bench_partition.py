@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 import padnet
 from padnet.layers import pad_layers
-from padnet.models import create_model, list_models
+from padnet.models import create_model, list_models, width_argument
 from padnet.partition import partition_
 
 
@@ -62,9 +62,9 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     torch.manual_seed(0)
     kw = {"num_classes": args.num_classes, "small_input": not args.no_small_input}
-    kw["width_mult" if args.model.startswith("mobilenet") else "width"] = args.width
+    kw[width_argument(args.model)] = args.width
     model = create_model(args.model, **kw)
-    padnet.dynamize_(model, padnet.PadConfig(num_kernels=args.num_kernels, seed=0))
+    padnet.dynamize_(model, padnet.PadConfig(conv=padnet.DynamicConvConfig(num_kernels=args.num_kernels), seed=0))
     model.to(device)
     g = torch.Generator().manual_seed(0)
     batches = [

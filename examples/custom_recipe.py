@@ -61,7 +61,7 @@ class ToySequenceRecipe(Recipe):
         return TinyEncoder()
 
     def pad_config(self, cfg, model):
-        return padnet.PadConfig(target_types=["ffn"], num_experts=cfg.num_kernels, top_k=2, dynamic_ratio=1.0,
+        return padnet.PadConfig(target_types=["ffn"], moe=padnet.MoEConfig(num_experts=cfg.num_kernels, top_k=2),
                                 seed=cfg.seed)
 
 

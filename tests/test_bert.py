@@ -74,7 +74,7 @@ def test_dynamize_noise0_reproduces_static_exactly_and_noise_changes_it():
     static = _tiny()
     ref = static(ids, mask)
     model = _tiny()
-    padnet.dynamize_(model, padnet.PadConfig(num_experts=4, top_k=2, noise_std=0.0, seed=0))
+    padnet.dynamize_(model, padnet.PadConfig(moe=padnet.MoEConfig(num_experts=4, top_k=2, noise_std=0.0), seed=0))
     layers = dict(pad_layers(model))
     assert sorted(layers) == [f"encoder.encoder.layer.{i}.intermediate" for i in range(2)]
     for i, layer in enumerate(model.encoder.encoder.layer):
@@ -84,14 +84,14 @@ def test_dynamize_noise0_reproduces_static_exactly_and_noise_changes_it():
     torch.testing.assert_close(model(ids, mask), ref, atol=1e-5, rtol=0)
 
     noisy = _tiny()
-    padnet.dynamize_(noisy, padnet.PadConfig(num_experts=4, top_k=2, noise_std=0.1, seed=0))
+    padnet.dynamize_(noisy, padnet.PadConfig(moe=padnet.MoEConfig(num_experts=4, top_k=2, noise_std=0.1), seed=0))
     assert (noisy(ids, mask) - ref).abs().max() > 1e-4
 
 
 def test_dynamic_bert_trains_every_parameter_gets_a_gradient():
     ids, mask = _batch()
     model = _tiny().train()
-    padnet.dynamize_(model, padnet.PadConfig(num_experts=4, top_k=2, seed=0))
+    padnet.dynamize_(model, padnet.PadConfig(moe=padnet.MoEConfig(num_experts=4, top_k=2), seed=0))
     _random_masks(model, 0.5)
     logits = model(ids, mask, torch.zeros_like(ids))
     aux = collect_aux_loss(model)
@@ -113,7 +113,7 @@ def test_count_parameters_fully_dynamic_is_E_times_ffn():
     assert (before.static, before.dynamic, before.router, before.other) == (0, 0, 0, total)
     ffn = _ffn_sizes(model)
     h, e = TINY["hidden_size"], 4
-    padnet.dynamize_(model, padnet.PadConfig(num_experts=e, top_k=2, seed=0))
+    padnet.dynamize_(model, padnet.PadConfig(moe=padnet.MoEConfig(num_experts=e, top_k=2), seed=0))
     after = padnet.count_parameters(model)
     assert after.dynamic == e * sum(ffn)
     assert after.static == 0
@@ -130,7 +130,7 @@ def test_count_parameters_fully_dynamic_is_E_times_ffn():
 def test_compact_equivalence():
     ids, mask = _batch()
     model = _tiny()
-    padnet.dynamize_(model, padnet.PadConfig(num_experts=4, top_k=2, seed=0))
+    padnet.dynamize_(model, padnet.PadConfig(moe=padnet.MoEConfig(num_experts=4, top_k=2), seed=0))
     _random_masks(model, 0.3)
     ref = model(ids, mask)
     counts = padnet.count_parameters(model)
@@ -148,7 +148,7 @@ def test_save_load_round_trip_via_registry(tmp_path, compact):
     ids, mask = _batch()
     torch.manual_seed(0)
     model = create_model("tiny_bert", **TINY).eval()
-    padnet.dynamize_(model, padnet.PadConfig(num_experts=4, top_k=2, seed=0))
+    padnet.dynamize_(model, padnet.PadConfig(moe=padnet.MoEConfig(num_experts=4, top_k=2), seed=0))
     _random_masks(model, 0.3)
     if compact:
         padnet.compact_(model)
@@ -157,8 +157,8 @@ def test_save_load_round_trip_via_registry(tmp_path, compact):
     torch.manual_seed(123)  # the rebuilt model starts from different random weights
     loaded = padnet.load(path).eval()
     assert isinstance(loaded, BertClassifier)
-    assert loaded.padnet_model_spec["name"] == "tiny_bert"
-    assert loaded.padnet_model_spec["kwargs"]["num_labels"] == 3
+    assert padnet.get_state(loaded).model_spec["name"] == "tiny_bert"
+    assert padnet.get_state(loaded).model_spec["kwargs"]["num_labels"] == 3
     torch.testing.assert_close(loaded(ids, mask), ref, atol=0, rtol=0)
 
 
@@ -168,10 +168,10 @@ def test_minilm_spec_rebuilds_from_config_without_weights(tmp_path, monkeypatch)
                  intermediate_size=32, max_position_embeddings=32)
     torch.manual_seed(0)
     model = minilm_classifier(num_labels=2, pretrained=False, config=small).eval()
-    spec = model.padnet_model_spec
+    spec = padnet.get_state(model).model_spec
     assert spec["name"] == "minilm" and spec["kwargs"]["pretrained"] is False
     assert spec["kwargs"]["config"]["hidden_size"] == 16
-    padnet.dynamize_(model, padnet.PadConfig(num_experts=2, top_k=1, seed=0))
+    padnet.dynamize_(model, padnet.PadConfig(moe=padnet.MoEConfig(num_experts=2, top_k=1), seed=0))
     ids = torch.randint(1, 50, (2, 5))
     ref = model(ids, torch.ones_like(ids))
     path = padnet.save(model, tmp_path / "m.safetensors")
@@ -209,7 +209,7 @@ def test_real_minilm_offline_dynamize_matches_static(monkeypatch):
     assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size) == (6, 384, 1536)
     with torch.no_grad():
         ref = model(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])
-        padnet.dynamize_(model, padnet.PadConfig(num_experts=4, top_k=2, noise_std=0.0, seed=0))
+        padnet.dynamize_(model, padnet.PadConfig(moe=padnet.MoEConfig(num_experts=4, top_k=2, noise_std=0.0), seed=0))
         assert len(list(pad_layers(model))) == 6
         out = model(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)

@@ -54,7 +54,7 @@ def test_inherited_weights_preserve_function_without_noise():
     model = TinyNet().eval()
     x = torch.randn(2, 3, 8, 8)
     y = model(x)
-    padnet.dynamize_(model, padnet.PadConfig(noise_std=0.0))
+    padnet.dynamize_(model, padnet.PadConfig(conv=padnet.DynamicConvConfig(noise_std=0.0)))
     torch.testing.assert_close(model(x), y, rtol=1e-5, atol=1e-6)
 
 
@@ -70,7 +70,7 @@ def test_seed_makes_conversion_reproducible():
 def test_fresh_init_differs_from_conv():
     model = TinyNet()
     w = model.body[0].weight.detach().clone()
-    padnet.dynamize_(model, padnet.PadConfig(init="fresh"))
+    padnet.dynamize_(model, padnet.PadConfig(conv=padnet.DynamicConvConfig(init="fresh")))
     assert not torch.equal(model.body[0].weight_static, w)
 
 
@@ -78,19 +78,19 @@ def test_sequential_ffn_becomes_moe():
     from padnet.layers.moe import MoEFeedForward
 
     model = nn.Sequential(nn.Linear(6, 6), nn.Sequential(nn.Linear(6, 24), nn.GELU(), nn.Linear(24, 6)))
-    padnet.dynamize_(model, padnet.PadConfig(target_modules=["1"], num_experts=3, top_k=2))
+    padnet.dynamize_(model, padnet.PadConfig(target_modules=["1"], moe=padnet.MoEConfig(num_experts=3, top_k=2)))
     assert isinstance(model[1], MoEFeedForward)
     assert model(torch.randn(5, 6)).shape == (5, 6)
 
 
 def test_config_json_round_trip_and_validation(tmp_path):
-    cfg = padnet.PadConfig(target_modules=["a", "b"], num_kernels=6, dynamic_ratio=0.5)
+    cfg = padnet.PadConfig(target_modules=["a", "b"], conv=padnet.DynamicConvConfig(num_kernels=6))
     assert padnet.PadConfig.from_json(cfg.to_json()) == cfg
     path = tmp_path / "cfg.json"
     cfg.to_json(path)
     assert padnet.PadConfig.from_json(path) == cfg
     data = json.loads(cfg.to_json())
-    assert data["version"] == 1
+    assert data["version"] == 2 and data["conv"]["num_kernels"] == 6
     with pytest.raises(ValueError, match="unknown PadConfig keys"):
         padnet.PadConfig.from_dict({**data, "kernels": 3})
     with pytest.raises(ValueError, match="version"):
@@ -100,17 +100,26 @@ def test_config_json_round_trip_and_validation(tmp_path):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(dynamic_ratio=0.0), r"dynamic_ratio must be in \(0, 1\]"),
-        (dict(dynamic_ratio=1.5), r"dynamic_ratio must be in \(0, 1\]"),
-        (dict(num_kernels=0), "num_kernels"),
-        (dict(top_k=5, num_experts=4), "top_k"),
-        (dict(init="zeros"), "init"),
+        (dict(conv=dict(num_kernels=0)), "num_kernels"),
+        (dict(moe=dict(top_k=5, num_experts=4)), "top_k"),
+        (dict(conv=dict(init="zeros")), "init"),
         (dict(target_types=["lstm"]), "target type"),
     ],
 )
 def test_bad_config(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        padnet.PadConfig(**kwargs)
+        padnet.PadConfig.from_dict(kwargs)
+
+
+@pytest.mark.parametrize("ratio", [0.0, 1.5])
+def test_bad_ratio(ratio):
+    # kappa is the partition's (PartitionConfig / partition_ ratio), validated by check_ratio
+    from padnet.transforms.config import check_ratio
+
+    with pytest.raises(ValueError, match=r"dynamic_ratio must be in \(0, 1\]"):
+        check_ratio(ratio, "dynamic_ratio")
+    with pytest.raises(ValueError, match=r"ratio must be in \(0, 1\]"):
+        padnet.partition_(padnet.dynamize_(TinyNet()), None, None, ratio=ratio, criterion="magnitude")
 
 
 def test_unmatched_target_lists_convertible_modules():

@@ -43,7 +43,7 @@ def test_static_model_counts_match_numel_and_fully_dynamic_is_k_times():
     plain = sum(p.numel() for p in model.parameters())
     assert padnet.count_parameters(model).total == plain
     convs = sum(m.weight.numel() for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and n != "conv1")
-    padnet.dynamize_(model, padnet.PadConfig(num_kernels=4))
+    padnet.dynamize_(model, padnet.PadConfig(conv=padnet.DynamicConvConfig(num_kernels=4)))
     counts = padnet.count_parameters(model)
     assert counts.static == 0 and counts.dynamic == 4 * convs
     for _, layer in pad_layers(model):
@@ -150,7 +150,7 @@ def test_failed_save_keeps_previous_file(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(padnet.serialization, "save_file", boom)
+    monkeypatch.setattr(padnet.io.serialization, "save_file", boom)
     with pytest.raises(RuntimeError, match="disk full"):
         padnet.save(model, path)
     assert path.read_bytes() == before

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 import padnet
-from padnet.export import compact_, export_onnx, export_program, find_conv_bn_pairs, run_onnx
+from padnet.io import export_onnx, export_program, run_onnx
+from padnet.transforms import compact_, find_conv_bn_pairs
 from padnet.layers import CompactDynamicConv2d, DynamicConv2d, MoEFeedForward, pad_layers
 from padnet.models import create_model
 
@@ -65,7 +66,7 @@ def test_fold_bn_matches_unfolded_eval(routing, kind, arch):
     kwargs = dict(num_classes=10, small_input=True)
     kwargs.update(width=0.25) if arch == "resnet10" else kwargs.update(width_mult=0.25)
     model = create_model(arch, **kwargs)
-    padnet.dynamize_(model, padnet.PadConfig(seed=0, routing=routing))
+    padnet.dynamize_(model, padnet.PadConfig(conv=padnet.DynamicConvConfig(routing=routing), seed=0))
     model = randomize_bn_(set_masks_(model, kind)).eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -77,7 +78,8 @@ def test_fold_bn_matches_unfolded_eval(routing, kind, arch):
         assert rel(folded(x), ref) < 1e-5
     bns = sum(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
     assert bns == sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) - n_pairs
-    assert folded.padnet_fold_bn
+    assert padnet.get_state(folded).ops()[-2:] == ["compact", "fold_bn"]
+    assert len(padnet.get_state(folded).last("fold_bn").params["pairs"]) == n_pairs
 
 
 @pytest.mark.parametrize("routing", ["softmax", "sigmoid"])

@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+import padnet
 from padnet.models import (
     MODEL_REGISTRY,
     create_model,
@@ -169,11 +170,12 @@ def test_zero_init_residual():
 def test_create_model_records_spec():
     kwargs = small_kwargs("resnet18", in_chans=1)
     model = create_model("resnet18", **kwargs)
-    assert model.padnet_model_spec == {"name": "resnet18", "kwargs": kwargs}
-    rebuilt = create_model(model.padnet_model_spec["name"], **model.padnet_model_spec["kwargs"])
+    spec = padnet.get_state(model).model_spec
+    assert spec == {"name": "resnet18", "kwargs": kwargs}
+    rebuilt = create_model(spec["name"], **spec["kwargs"])
     assert rebuilt.state_dict().keys() == model.state_dict().keys()
     assert n_params(rebuilt) == n_params(model)
-    assert create_model("mobilenet_v2", width_mult=0.25).padnet_model_spec == {
+    assert padnet.get_state(create_model("mobilenet_v2", width_mult=0.25)).model_spec == {
         "name": "mobilenet_v2",
         "kwargs": {"width_mult": 0.25},
     }

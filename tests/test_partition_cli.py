@@ -44,17 +44,19 @@ def test_zoo_dry_run_saves_model_and_report(tmp_path, capsys):
     model = padnet.load(out)
     live, total = kappa_of(model)
     assert live == round_half_up(0.25 * total) == report["dynamic_entries"]
-    assert model.padnet_config.dynamic_ratio == 0.25
-    assert model.padnet_metadata["partition"]["criterion"] == "taylor"
+    step = padnet.get_state(model).last("partition")  # the kappa it was partitioned at survives save/load
+    assert step.params["ratio"] == 0.25 and step.params["criterion"] == "taylor"
+    assert padnet.io.read_metadata(out)["extra"]["partition"]["criterion"] == "taylor"
 
 
 def test_model_path_data_free(tmp_path, capsys):
     model = create_model("resnet10", small_input=True, width=0.25, num_classes=5)
-    padnet.dynamize_(model, padnet.PadConfig(seed=0, dynamic_ratio=0.4))
+    padnet.dynamize_(model, padnet.PadConfig(seed=0))
+    padnet.partition_(model, None, None, ratio=0.4, criterion="magnitude", iterations=1)
     path = tmp_path / "dyn.safetensors"
     padnet.save(model, path)
     out = tmp_path / "pad.safetensors"
-    # ratio defaults to the file's PadConfig (0.4); magnitude needs no data
+    # ratio defaults to the kappa the file was last partitioned at (0.4); magnitude needs no data
     assert run([str(path), "--criterion", "magnitude", "--granularity", "kernel", "--iterations", "1",
                 "--output", str(out)]) == 0
     assert "data-free criterion" in capsys.readouterr().out

@@ -141,7 +141,7 @@ def test_end_to_end_pad_run_via_cli(tmp_path):
 
     # the saved model rebuilds from its own spec and predicts like the recipe's reload
     model = padnet.load(out / "model.safetensors").eval()
-    assert model.padnet_model_spec["name"] == "tiny_bert"
+    assert padnet.get_state(model).model_spec["name"] == "tiny_bert"
     assert padnet.count_parameters(model).to_dict() == p
     cfg = resolve_config(tiny_settings(tmp_path))
     recipe = get_recipe("text-csv")

@@ -16,7 +16,7 @@ from torch import nn
 import padnet
 from padnet.cli import main
 from padnet.data import DEFAULT_FASHION_MNIST_ROOT
-from padnet.serialization import CheckpointError
+from padnet.io.serialization import CheckpointError
 from padnet.train import TrainConfig, resolve_config, train
 from padnet.train.checkpoint import PREVIOUS, load_checkpoint, save_checkpoint
 from padnet.train.recipes import DataBundle, Recipe, get_recipe, list_recipes, lr_factor_fn, register_recipe
@@ -319,7 +319,7 @@ class _ToyRecipe(Recipe):
         return _ToyModel()
 
     def pad_config(self, cfg, model):
-        return padnet.PadConfig(target_types=["ffn"], num_experts=4, top_k=2, dynamic_ratio=1.0, seed=cfg.seed)
+        return padnet.PadConfig(target_types=["ffn"], moe=padnet.MoEConfig(num_experts=4, top_k=2), seed=cfg.seed)
 
     def forward(self, model, inputs):
         type(self).calls += 1

@@ -21,7 +21,7 @@ ZOO = [
 def test_dynamized_zoo_model_trains(name, kwargs, masks):
     torch.manual_seed(0)
     model = create_model(name, num_classes=5, in_chans=3, small_input=True, **kwargs)
-    padnet.dynamize_(model, padnet.PadConfig(num_kernels=3, seed=0))
+    padnet.dynamize_(model, padnet.PadConfig(conv=padnet.DynamicConvConfig(num_kernels=3), seed=0))
     layers = list(pad_layers(model))
     assert layers, "no layer converted"
     if masks == "pad":

@@ -3,20 +3,27 @@
 Convert a model (:func:`dynamize_`), partition its modes (:func:`partition_`),
 count its deployable size (:func:`count_parameters`), ship it small
 (:func:`compact_`, :func:`save`, :func:`load`).
+
+This module is the public facade: it imports the layers below; nothing inside
+the library imports it (see docs/design.md).
 """
 
-__version__ = "0.1.0"
-
-from .analysis.counting import ParameterCount, count_parameters, layer_counts  # noqa: E402
-from .analysis.flops import count_flops  # noqa: E402
-from .config import PadConfig  # noqa: E402
-from .convert import dynamize_  # noqa: E402
-from .export.compact import compact_  # noqa: E402
-from .partition import PartitionReport, SymmetricModesWarning, list_criteria, partition_, register_criterion  # noqa: E402
-from .serialization import CheckpointError, load, save  # noqa: E402
+from ._version import __version__
+from .io.serialization import CheckpointError, load, save
+from .models import create_model  # noqa: F401  (registers the zoo and the BERT converter)
+from .partition import PartitionReport, SymmetricModesWarning, list_criteria, partition_, register_criterion
+from .transforms.compact import compact_
+from .transforms.config import DynamicConvConfig, MoEConfig, PadConfig
+from .transforms.counting import ParameterCount, count_parameters, layer_counts
+from .transforms.dynamize import dynamize_
+from .transforms.flops import count_flops
+from .transforms.record import PadState, get_state
 
 __all__ = [
+    "__version__",
     "PadConfig",
+    "DynamicConvConfig",
+    "MoEConfig",
     "dynamize_",
     "count_parameters",
     "layer_counts",
@@ -31,4 +38,6 @@ __all__ = [
     "save",
     "load",
     "CheckpointError",
+    "PadState",
+    "get_state",
 ]

@@ -1,5 +1,1 @@
-"""Counting, FLOPs, latency, reports."""
-
-from .counting import ParameterCount, count_parameters, layer_counts
-
-__all__ = ["ParameterCount", "count_parameters", "layer_counts"]
+"""Latency measurement helpers (benchmark suites). Counting and FLOPs live in :mod:`padnet.transforms`."""

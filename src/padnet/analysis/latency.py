@@ -404,7 +404,7 @@ def moe_suite(
     log: Callable[[str], None] | None = None,
 ) -> list[dict]:
     """MoE layer forms vs a dense FFN of intermediate size ``top_k * I`` (same active parameters per token)."""
-    from ..export.compact import compact_layer
+    from ..transforms.compact import compact_layer
     from ..layers.moe import MoEFeedForward, moe_dispatch
 
     torch.manual_seed(0)
@@ -467,8 +467,8 @@ def build_model_variant(name: str, ratio: float = 0.3, num_kernels: int = 4, num
     channels); ``compact_*`` their deploy forms; ``compact_channel_foldbn`` with
     BatchNorm folded.
     """
-    from .. import PadConfig, dynamize_
-    from ..export.compact import compact_
+    from ..transforms import DynamicConvConfig, PadConfig, dynamize_
+    from ..transforms.compact import compact_
     from ..layers.modes import pad_layers
     from ..models import create_model
 
@@ -478,8 +478,9 @@ def build_model_variant(name: str, ratio: float = 0.3, num_kernels: int = 4, num
     model = create_model("resnet18", num_classes=num_classes, small_input=True, width=width).eval()
     if name == "static":
         return model
-    dynamize_(model, PadConfig(num_kernels=num_kernels, seed=0,
-                               backend="weight" if name == "naive_grouped" else "auto"))
+    dynamize_(model, PadConfig(conv=DynamicConvConfig(num_kernels=num_kernels,
+                                                      backend="weight" if name == "naive_grouped" else "auto"),
+                               seed=0))
     if "element" in name:
         gen = torch.Generator().manual_seed(1)
         for _, layer in pad_layers(model):

@@ -6,9 +6,9 @@ import argparse
 
 from torch import nn
 
-from ..config import PadConfig, check_ratio
-from ..convert import dynamize_
-from ..models import create_model, list_models
+from ..transforms.config import DynamicConvConfig, PadConfig, check_ratio
+from ..transforms.dynamize import dynamize_
+from ..models import create_model, list_models, width_argument
 
 VARIANTS = ("static", "dynamic", "pad")
 
@@ -30,10 +30,7 @@ def add_variant_args(parser: argparse.ArgumentParser) -> None:
 
 def zoo_model(args: argparse.Namespace) -> nn.Module:
     kwargs = {"num_classes": args.num_classes, "in_chans": args.in_chans, "small_input": args.small_input}
-    if args.model.startswith("mobilenet"):
-        kwargs["width_mult"] = args.width
-    else:
-        kwargs["width"] = args.width
+    kwargs[width_argument(args.model)] = args.width
     return create_model(args.model, **kwargs)
 
 
@@ -59,7 +56,7 @@ def make_variant(model: nn.Module, variant: str, ratio: float | None, num_kernel
     """Static model as is; dynamic = dynamize_; pad = dynamize_ + data-free partition at ``ratio``."""
     if variant == "static":
         return model
-    dynamize_(model, PadConfig(num_kernels=num_kernels, dynamic_ratio=ratio or 1.0, seed=0))
+    dynamize_(model, PadConfig(conv=DynamicConvConfig(num_kernels=num_kernels), seed=0))
     if variant == "pad":
         magnitude_partition_(model, ratio)
     return model

@@ -6,8 +6,8 @@ import argparse
 
 import torch
 
-from ..analysis.counting import layer_counts
-from ..analysis.flops import count_flops
+from ..transforms.counting import layer_counts
+from ..transforms.flops import count_flops
 from ..layers.modes import is_compact_layer, is_pad_layer
 from .common import add_model_args, add_variant_args, make_variant, resolve_ratio, zoo_model
 

@@ -31,8 +31,9 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import load
-    from ..export import compact_, example_inputs_for, export_onnx, export_program, run_onnx
+    from ..io.serialization import load
+    from ..io.exporters import example_inputs_for, export_onnx, export_program, run_onnx
+    from ..transforms.compact import compact_
     from ..layers.modes import pad_layers
 
     if not Path(args.model_path).is_file():

@@ -12,7 +12,6 @@ data-free criteria (``magnitude``, ``random``, ``set``) need none.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from typing import Any, Callable, Iterable
 
@@ -20,8 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import PadConfig, check_ratio
-from ..convert import dynamize_
+from ..transforms.config import DynamicConvConfig, PadConfig, check_ratio
+from ..transforms.record import find_state
+from ..transforms.dynamize import dynamize_
 from ..partition import GRANULARITIES, SCOPES, get_criterion, get_schedule, list_criteria, list_schedules, partition_
 from .common import add_model_args, zoo_model
 
@@ -39,7 +39,8 @@ def register(subparsers) -> None:
     add_model_args(p, default_model=None)
     p.add_argument("--num-kernels", type=int, default=4, help="K when dynamizing a zoo --model")
     p.add_argument("--ratio", type=float, default=None,
-                   help=f"dynamic ratio kappa in (0, 1] (default: the model's PadConfig, else {DEFAULT_RATIO})")
+                   help=f"dynamic ratio kappa in (0, 1] (default: the ratio the model was last partitioned at, "
+                        f"else {DEFAULT_RATIO})")
     p.add_argument("--criterion", default="taylor", help=f"one of {', '.join(list_criteria())}")
     p.add_argument("--iterations", type=int, default=5, help="IMP iterations T")
     p.add_argument("--schedule", default="exponential", help=f"one of {', '.join(list_schedules())}")
@@ -70,19 +71,20 @@ def load_model(args: argparse.Namespace) -> nn.Module:
     if args.model_path and args.model:
         raise ValueError("give either MODEL_PATH or --model, not both")
     if args.model_path:
-        from ..serialization import load
+        from ..io.serialization import load
 
         return load(args.model_path)
     if not args.model:
         raise ValueError("give a model: MODEL_PATH (a file written by padnet.save) or --model NAME (zoo)")
     model = zoo_model(args)
-    ratio = DEFAULT_RATIO if args.ratio is None else args.ratio
-    dynamize_(model, PadConfig(num_kernels=args.num_kernels, dynamic_ratio=check_ratio(ratio), seed=args.seed))
+    check_ratio(DEFAULT_RATIO if args.ratio is None else args.ratio)
+    dynamize_(model, PadConfig(conv=DynamicConvConfig(num_kernels=args.num_kernels), seed=args.seed))
     return model
 
 
 def model_in_chans(model: nn.Module, default: int) -> int:
-    spec = getattr(model, "padnet_model_spec", None) or {}
+    state = find_state(model)
+    spec = (state.model_spec if state is not None else None) or {}
     return int(spec.get("kwargs", {}).get("in_chans", default))
 
 
@@ -151,8 +153,9 @@ def recipe_batches(args: argparse.Namespace) -> tuple[list, Callable]:
 def _resolve_ratio(args: argparse.Namespace, model: nn.Module) -> float:
     if args.ratio is not None:
         return check_ratio(args.ratio, "--ratio")
-    cfg = getattr(model, "padnet_config", None)
-    return check_ratio(cfg.dynamic_ratio if cfg is not None else DEFAULT_RATIO, "ratio")
+    state = find_state(model)
+    step = state.last("partition") if state is not None else None
+    return check_ratio(step.params["ratio"] if step is not None else DEFAULT_RATIO, "ratio")
 
 
 # --------------------------------------------------------------------------------------------
@@ -183,11 +186,8 @@ def run(args: argparse.Namespace) -> int:
         report.to_json(args.report_json)
         print(f"report written to {args.report_json}")
     if args.output:
-        from ..serialization import save
+        from ..io.serialization import save
 
-        cfg = getattr(model, "padnet_config", None)
-        if isinstance(cfg, PadConfig):
-            model.padnet_config = dataclasses.replace(cfg, dynamic_ratio=ratio)
         save(model, args.output, extra={"partition": _summary(report.to_dict())})
         print(f"partitioned model saved to {args.output}")
     sys.stdout.flush()

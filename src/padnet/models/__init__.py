@@ -2,6 +2,7 @@
 
 from .mobilenetv2 import InvertedResidual, MobileNetV2, mobilenet_v2
 from .registry import MODEL_REGISTRY, create_model, list_models, register_model
+from .spec import record_spec, records_spec, width_argument
 from .resnet import BasicBlock, Bottleneck, ResNet, resnet10, resnet18, resnet34, resnet50
 
 # Text models register "minilm", "tiny_bert" and "bert" (transformers is imported lazily).
@@ -12,6 +13,9 @@ __all__ = [
     "create_model",
     "list_models",
     "register_model",
+    "record_spec",
+    "records_spec",
+    "width_argument",
     "resnet10",
     "resnet18",
     "resnet34",

@@ -18,7 +18,7 @@ Factories (registered in :data:`padnet.models.MODEL_REGISTRY`):
 - ``"bert"`` -- :func:`bert_classifier`: any local BERT-style checkpoint
   directory, or a config dict (random init).
 
-Every factory stores a self-contained ``model.padnet_model_spec`` (the encoder
+Every factory stores a self-contained model spec (``model.padnet_state.model_spec``: the encoder
 config as a dict, ``pretrained=False``), so :func:`padnet.load` rebuilds a
 saved text model from the config alone -- no pretrained weights, no network,
 and (for ``"minilm"``) not even the weights package. ``transformers`` is
@@ -35,7 +35,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..transforms.conversion import Converter, Site, moe_from_linears, register_converter, swap_module
+from ..transforms.record import get_state
 from .registry import register_model
+from .spec import record_spec
 
 __all__ = [
     "BertClassifier",
@@ -199,8 +202,7 @@ class BertClassifier(nn.Module):
 
 
 def _set_spec(model: BertClassifier, name: str, **kwargs: Any) -> BertClassifier:
-    model.padnet_model_spec = {"name": name, "kwargs": kwargs}
-    return model
+    return record_spec(model, name, kwargs, overwrite=True)
 
 
 def _self_contained_spec(model: BertClassifier, name: str, dropout: float) -> BertClassifier:
@@ -321,6 +323,48 @@ def bert_classifier(
         raise ValueError("pass exactly one of model_path (pretrained, local) or config (architecture only)")
     encoder = _encoder_from_pretrained(model_path) if model_path is not None else _encoder_from_config(config)
     model = BertClassifier(encoder, num_labels=num_labels, pooling=pooling, dropout=dropout)
-    spec = _self_contained_spec(model, "bert", dropout).padnet_model_spec["kwargs"]
-    spec.pop("pretrained")
+    _self_contained_spec(model, "bert", dropout)
+    get_state(model).model_spec["kwargs"].pop("pretrained")
     return model
+
+
+# ------------------------------------------------------------------- conversion (registered converter)
+
+
+def bert_ffn_parts(module: nn.Module) -> tuple[nn.Linear, nn.Linear] | None:
+    """``(intermediate.dense, output.dense)`` of a HF BERT-style layer block, by structure.
+
+    A block qualifies when ``module.intermediate.dense`` and ``module.output.dense``
+    are ``nn.Linear`` forming ``H -> I -> H`` (``BertLayer``, ``RobertaLayer``, ...).
+    """
+    inter, out = getattr(module, "intermediate", None), getattr(module, "output", None)
+    fc_in, fc_out = getattr(inter, "dense", None), getattr(out, "dense", None)
+    if not (isinstance(fc_in, nn.Linear) and isinstance(fc_out, nn.Linear)):
+        return None
+    if fc_in.out_features != fc_out.in_features or fc_in.in_features != fc_out.out_features:
+        return None
+    return fc_in, fc_out
+
+
+def _match_bert_ffn(name: str, module: nn.Module) -> Site | None:
+    if bert_ffn_parts(module) is None:
+        return None
+    return BERT_FFN.site(f"{name}.intermediate" if name else "intermediate")
+
+
+def _convert_bert_ffn(model: nn.Module, site: Site, cfg) -> None:
+    """``layer.intermediate`` -> MoEFeedForward; ``layer.output.dense`` -> Identity.
+
+    ``BertLayer`` calls ``output(intermediate(h), h)``: the MoE yields the whole
+    FFN output, so the output block keeps only its dropout + residual LayerNorm.
+    """
+    block_name = site.name.rpartition(".")[0]
+    block = model.get_submodule(block_name) if block_name else model
+    fc_in, fc_out = bert_ffn_parts(block)
+    act = getattr(block.intermediate, "intermediate_act_fn", None) or nn.GELU()
+    moe = moe_from_linears(fc_in, fc_out, act, cfg)
+    swap_module(model, site.name, moe)
+    swap_module(model, f"{block_name}.output.dense" if block_name else "output.dense", nn.Identity())
+
+
+BERT_FFN = register_converter(Converter("bert_ffn", "ffn", _match_bert_ffn, _convert_bert_ffn), priority=10)

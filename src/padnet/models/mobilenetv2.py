@@ -15,6 +15,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from .spec import records_spec
+
 __all__ = ["ConvBNReLU", "InvertedResidual", "MobileNetV2", "make_divisible", "mobilenet_v2"]
 
 # (expand ratio t, output channels c, repeats n, first stride s)
@@ -156,6 +158,7 @@ class MobileNetV2(nn.Module):
         return self.classifier(torch.flatten(x, 1))
 
 
+@records_spec("mobilenet_v2")
 def mobilenet_v2(
     num_classes: int = 1000,
     width_mult: float = 1.0,

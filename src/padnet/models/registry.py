@@ -8,6 +8,7 @@ from torch import nn
 
 from .mobilenetv2 import mobilenet_v2
 from .resnet import resnet10, resnet18, resnet34, resnet50
+from .spec import record_spec
 
 __all__ = ["MODEL_REGISTRY", "create_model", "list_models", "register_model"]
 
@@ -45,8 +46,9 @@ def list_models() -> List[str]:
 def create_model(name: str, **kwargs: Any) -> nn.Module:
     """Build the registered model ``name`` with ``kwargs``.
 
-    The result carries ``model.padnet_model_spec = {"name": name, "kwargs": kwargs}``
-    so the same architecture can be rebuilt later (e.g. when loading a checkpoint).
+    The result records ``{"name": name, "kwargs": kwargs}`` as
+    ``model.padnet_state.model_spec`` (unless the factory recorded a richer
+    spec itself) so the same architecture can be rebuilt later (``padnet.load``).
     Raises ``ValueError`` for an unknown name.
     """
     try:
@@ -55,6 +57,4 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
         known = ", ".join(list_models())
         raise ValueError(f"unknown model {name!r}; known models: {known}") from None
     model = fn(**kwargs)
-    if not hasattr(model, "padnet_model_spec"):  # a factory may record a richer spec itself
-        model.padnet_model_spec = {"name": name, "kwargs": dict(kwargs)}
-    return model
+    return record_spec(model, name, dict(kwargs))

@@ -17,6 +17,8 @@ from typing import Optional, Sequence, Type, Union
 import torch
 from torch import Tensor, nn
 
+from .spec import records_spec
+
 __all__ = [
     "BasicBlock",
     "Bottleneck",
@@ -213,6 +215,7 @@ def _resnet(
     return ResNet(block, layers, num_classes, in_chans, small_input, width, zero_init_residual)
 
 
+@records_spec("resnet10")
 def resnet10(
     num_classes: int = 1000,
     in_chans: int = 3,
@@ -226,6 +229,7 @@ def resnet10(
                    zero_init_residual)
 
 
+@records_spec("resnet18")
 def resnet18(
     num_classes: int = 1000,
     in_chans: int = 3,
@@ -239,6 +243,7 @@ def resnet18(
                    zero_init_residual)
 
 
+@records_spec("resnet34")
 def resnet34(
     num_classes: int = 1000,
     in_chans: int = 3,
@@ -252,6 +257,7 @@ def resnet34(
                    zero_init_residual)
 
 
+@records_spec("resnet50")
 def resnet50(
     num_classes: int = 1000,
     in_chans: int = 3,

@@ -32,8 +32,9 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor, nn
 
-from ..analysis.counting import count_parameters
-from ..config import check_ratio
+from ..transforms.counting import count_parameters
+from ..transforms.config import check_ratio
+from ..transforms.record import get_state
 from ..layers.modes import pad_layers
 from .criteria import Criterion, GroupStats, get_criterion
 from .report import IterationRecord, LayerPartition, PartitionReport
@@ -485,6 +486,10 @@ def partition_(
             ratio_after=live / p.num_entries, dynamic_entries=live, symmetric=p.name in flagged,
         ))
     dynamic = sum(r.dynamic_entries for r in rows)
+    get_state(model).append(  # provenance: the masks themselves are in the state dict
+        "partition", ratio=kappa, achieved_ratio=dynamic / total, criterion=crit.name, schedule=schedule_name,
+        scope=scope, granularity=granularity, iterations=iterations,
+    )
     return PartitionReport(
         criterion=crit.name,
         schedule=schedule_name,

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..serialization import CheckpointError
+from ..io.serialization import CheckpointError
 
 CHECKPOINT = "checkpoint.pt"
 PREVIOUS = "checkpoint.prev.pt"
@@ -72,7 +72,7 @@ def _as_tuple(x):
 
 def model_bytes(model: nn.Module, workdir: Path) -> bytes:
     """The bytes of ``padnet.save(model)`` (written through a temporary file)."""
-    from ..serialization import save
+    from ..io.serialization import save
 
     fd, tmp = tempfile.mkstemp(prefix=".model.", suffix=".safetensors.tmp", dir=workdir)
     os.close(fd)
@@ -86,7 +86,7 @@ def model_bytes(model: nn.Module, workdir: Path) -> bytes:
 
 def load_model_bytes(model: nn.Module, data: bytes, workdir: Path, origin: Path) -> None:
     """Load weights, masks and temperatures written by :func:`model_bytes` into ``model``."""
-    from ..serialization import load
+    from ..io.serialization import load
 
     fd, tmp = tempfile.mkstemp(prefix=".model.", suffix=".safetensors.tmp", dir=workdir)
     os.close(fd)

@@ -91,7 +91,7 @@ class TrainConfig:
     # ------------------------------------------------------------------ checks
     def validate(self) -> "TrainConfig":
         """Raise ``ValueError`` naming the first bad setting; fills the pad default ratio."""
-        from ..config import check_ratio
+        from ..transforms.config import check_ratio
 
         if self.variant not in VARIANTS:
             raise ValueError(f"unknown variant {self.variant!r}; expected one of {', '.join(VARIANTS)}")
@@ -157,12 +157,9 @@ class TrainConfig:
                     f"unknown partition_granularity {self.partition_granularity!r}; expected one of {GRANULARITIES}"
                 )
         if self.pad_config:
-            from ..config import PadConfig
+            from ..transforms.config import check_override_keys
 
-            known = {f.name for f in fields(PadConfig)}
-            bad = sorted(set(self.pad_config) - known)
-            if bad:
-                raise ValueError(f"unknown pad_config keys {bad}; known: {sorted(known)}")
+            check_override_keys(self.pad_config)
         return self
 
     # ------------------------------------------------------------ conversions

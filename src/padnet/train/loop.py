@@ -28,8 +28,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
-from .. import __version__
-from ..analysis.counting import count_parameters
+from .._version import __version__
+from ..transforms.counting import count_parameters
 from ..layers.modes import pad_layers
 from . import distributed as D
 from .checkpoint import (
@@ -645,8 +645,8 @@ class Trainer:
 
     # -------------------------------------------------------------- finish
     def _finish(self) -> dict[str, Any]:
-        from ..analysis.flops import count_flops
-        from ..serialization import save
+        from ..transforms.flops import count_flops
+        from ..io.serialization import save
 
         cfg, ctx = self.cfg, self.ctx
         if not ctx.is_main:

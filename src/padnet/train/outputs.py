@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..serialization import atomic_write
+from ..io.serialization import atomic_write
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"

@@ -38,8 +38,8 @@ recipe-only settings in ``cfg.options``):
 5. for ``dynamic``/``pad``: ``dynamize(cfg, model)`` (default
    ``padnet.dynamize_(model, self.pad_config(cfg, model))``). Override to
    break symmetry etc. ``pad_config`` defaults to
-   ``PadConfig(num_kernels=cfg.num_kernels, temperature=cfg.temperature_start,
-   seed=cfg.seed, **cfg.pad_config)``.
+   ``PadConfig(conv=DynamicConvConfig(num_kernels=cfg.num_kernels,
+   temperature=cfg.temperature_start), seed=cfg.seed).updated(cfg.pad_config)``.
 6. ``build_optimizer(cfg, model)`` (default: SGD / AdamW / Adam from
    ``cfg.optimizer`` over :meth:`param_groups`, i.e. no weight decay on
    biases, norms and PAD scale factors: every parameter with ``ndim <= 1``)
@@ -189,26 +189,21 @@ class Recipe:
 
     def pad_config(self, cfg, model: nn.Module):
         """The :class:`padnet.PadConfig` for ``dynamic`` / ``pad`` variants."""
-        from ...config import PadConfig
+        from ...transforms.config import DynamicConvConfig, PadConfig
 
-        kwargs: dict[str, Any] = {
-            "num_kernels": cfg.num_kernels,
-            "temperature": cfg.temperature_start,
-            "dynamic_ratio": 1.0,
-            "seed": cfg.seed,
-        }
-        kwargs.update(cfg.pad_config)
-        return PadConfig(**kwargs)
+        base = PadConfig(conv=DynamicConvConfig(num_kernels=cfg.num_kernels, temperature=cfg.temperature_start),
+                         seed=cfg.seed)
+        return base.updated(cfg.pad_config)
 
     def dynamize(self, cfg, model: nn.Module) -> nn.Module:
         """Make ``model`` dynamic in place (masks all dynamic); partition comes later."""
-        from ...convert import dynamize_
+        from ...transforms.dynamize import dynamize_
 
         return dynamize_(model, self.pad_config(cfg, model))
 
     def load_model(self, cfg, data: DataBundle, path) -> nn.Module:
         """Rebuild the saved model of a run (``model.safetensors``) for evaluation."""
-        from ...serialization import load
+        from ...io.serialization import load
 
         return load(path, model=self.build_model(cfg, data))
 

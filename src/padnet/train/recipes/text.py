@@ -19,7 +19,7 @@ Variants (``--variant``):
   dynamic ratio ``--ratio`` (kappa, default 0.3) after
   ``--partition-warmup-steps`` (default 100) fully dynamic optimizer steps.
   Upcycled experts are nearly symmetric at the start (every ``W_k ~ W_s``), so
-  IMP scores at step 0 are noise (DESIGN.md section 1, the symmetry trap); the
+  IMP scores at step 0 are noise (docs/design.md, the symmetry trap); the
   warm-up lets the experts diverge first.
 
 Optimisation (BERT fine-tuning practice): AdamW, lr 5e-5 for the encoder
@@ -278,26 +278,21 @@ class TextRecipe(Recipe):
 
     def pad_config(self, cfg, model: nn.Module):
         """Every encoder FFN -> MoE: ``--num-kernels`` experts, top-2, upcycled with 1% noise."""
-        from ...config import PadConfig
+        from ...transforms.config import MoEConfig, PadConfig
 
-        kwargs: dict[str, Any] = {
-            "target_types": ["ffn"],
-            "num_experts": cfg.num_kernels,
-            "top_k": min(2, cfg.num_kernels),
-            "moe_init": "upcycle",
-            "noise_std": 0.01,
-            "dynamic_ratio": 1.0,
-            "seed": cfg.seed,
-        }
-        kwargs.update(cfg.pad_config)
-        return PadConfig(**kwargs)
+        base = PadConfig(
+            target_types=["ffn"],
+            moe=MoEConfig(num_experts=cfg.num_kernels, top_k=min(2, cfg.num_kernels), init="upcycle", noise_std=0.01),
+            seed=cfg.seed,
+        )
+        return base.updated(cfg.pad_config)
 
     def load_model(self, cfg, data: DataBundle, path) -> nn.Module:
         """Rebuild from the file's own model spec (no pretrained weights needed)."""
-        from ...serialization import load, read_file
+        from ...io.serialization import load, read_metadata
 
-        meta, _ = read_file(path)
-        if meta.get("model"):
+        meta = read_metadata(path)
+        if meta["state"].get("model_spec"):
             return load(path)
         return super().load_model(cfg, data, path)
 

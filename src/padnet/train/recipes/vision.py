@@ -113,7 +113,7 @@ class VisionRecipe(Recipe):
             raise ValueError(f"option crop_padding must be an integer >= 0, got {padding!r}")
 
     def build_model(self, cfg, data: DataBundle) -> nn.Module:
-        from ...models import create_model
+        from ...models import create_model, width_argument
 
         kwargs: dict[str, Any] = {
             "num_classes": int(data.num_classes),
@@ -121,7 +121,7 @@ class VisionRecipe(Recipe):
             "small_input": bool(cfg.options.get("small_input", True)),
         }
         width = 1.0 if cfg.width is None else float(cfg.width)
-        kwargs["width_mult" if cfg.model.startswith("mobilenet") else "width"] = width
+        kwargs[width_argument(cfg.model)] = width
         return create_model(cfg.model, **kwargs)
 
     def batch_transform(self, cfg, train: bool) -> Callable[[Tensor], Tensor]:

@@ -1,4 +1,4 @@
-"""Deployable parameter counts (DESIGN.md section 1).
+"""Deployable parameter counts (docs/design.md, "The math").
 
 A dynamic entry costs K numbers and a static entry 1; entries the mask hides
 (W_s where M = 1, W_k where M = 0) are dead and not counted. Router and scale
@@ -63,6 +63,8 @@ def _layer_count(layer: nn.Module) -> ParameterCount:
 
 def layer_counts(model: nn.Module) -> dict[str, ParameterCount]:
     """Per-layer counts: PAD layers and deploy forms by name, the rest pooled under ``"<other>"``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
     counts: dict[str, ParameterCount] = {}
     inside: set[int] = set()
     other = 0
@@ -85,6 +87,8 @@ def layer_counts(model: nn.Module) -> dict[str, ParameterCount]:
 
 def count_parameters(model: nn.Module) -> ParameterCount:
     """Deployable counts ``.static .dynamic .router .other .total`` of ``model``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"count_parameters expects an nn.Module, got {type(model).__name__}")
     total = ParameterCount()
     for c in layer_counts(model).values():
         total = total + c

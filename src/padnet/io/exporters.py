@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ..layers.conv_functional import export_mode
+from ..transforms.record import find_state
 
 __all__ = [
     "DEFAULT_OPSET",
@@ -171,7 +172,8 @@ def run_onnx(path: str | Path, *inputs: Tensor) -> list:
 def example_inputs_for(model: nn.Module, batch: int = 2, image_size: int | None = None,
                        seq_len: int = 16) -> tuple[Any, ...]:
     """A plausible example input for a zoo model: images ``[B, in_chans, S, S]`` or token ids ``[B, T]``."""
-    spec = getattr(model, "padnet_model_spec", None) or {}
+    state = find_state(model)
+    spec = (state.model_spec if state is not None else None) or {}
     kwargs = spec.get("kwargs", {})
     in_chans = getattr(model, "in_chans", kwargs.get("in_chans"))
     if in_chans is not None:

@@ -6,6 +6,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..layers.dynamic_conv import CompactDynamicConv2d, DynamicConv2d
+
 
 def count_flops(model: nn.Module, example_input: Tensor | dict | tuple, per_sample: bool = True) -> int:
     """Forward FLOPs of ``model`` on ``example_input`` (a tensor, a tuple of args, or a kwargs dict).
@@ -15,10 +17,12 @@ def count_flops(model: nn.Module, example_input: Tensor | dict | tuple, per_samp
     one convolution per sample), the algorithmic cost, whatever speed backend
     the layers use. With ``per_sample=True`` the total is divided by the batch size.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"count_flops expects an nn.Module, got {type(model).__name__}")
     was_training = model.training
     model.eval()
     counter = FlopCounterMode(display=False)
-    backends = {m: m.backend for m in model.modules() if hasattr(m, "backend") and hasattr(m, "_temperature")}
+    backends = {m: m.backend for m in model.modules() if isinstance(m, (DynamicConv2d, CompactDynamicConv2d))}
     for m in backends:
         m.backend = "weight"
     try:
