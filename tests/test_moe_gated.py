@@ -191,7 +191,7 @@ def test_gated_save_load_round_trip_pad_and_compact(tmp_path):
 
 @pytest.mark.parametrize("compact", [False, True])
 def test_gated_torch_export_matches_eager(compact):
-    from padnet.export import export_program
+    from padnet.io import export_program
 
     model = nn.Sequential(nn.Linear(H, H), make_gated(routing="sigmoid")).eval()
     random_masks_(model[1], seed=4)
@@ -206,7 +206,7 @@ def test_gated_torch_export_matches_eager(compact):
 
 def test_gated_onnx_matches_eager(tmp_path):
     pytest.importorskip("onnxruntime")
-    from padnet.export import export_onnx, run_onnx
+    from padnet.io import export_onnx, run_onnx
 
     model = nn.Sequential(nn.Linear(H, H), make_gated()).eval()
     random_masks_(model[1], seed=6)

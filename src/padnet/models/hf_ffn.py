@@ -43,6 +43,7 @@ from torch import Tensor, nn
 
 from ..layers.modes import is_compact_layer, is_pad_layer
 from ..layers.moe import MoEFeedForward
+from ..transforms.conversion import Converter, Site, moe_options, register_converter, swap_module, unregister_converter
 
 __all__ = [
     "FFNSite",
@@ -52,9 +53,11 @@ __all__ = [
     "find_ffn_sites",
     "build_moe",
     "convert_ffn",
-    "moe_options",
     "is_projection",
     "as_linear",
+    "register_ffn_mapping",
+    "unregister_ffn_mapping",
+    "HF_FFN",
 ]
 
 _PROBE_TOKENS = 6
@@ -97,7 +100,7 @@ def as_linear(module: nn.Module) -> nn.Linear:
 def _is_activation(module: nn.Module) -> bool:
     return (
         not is_projection(module)
-        and not isinstance(module, nn.Dropout)
+        and not isinstance(module, (nn.Dropout, nn.Identity))
         and next(module.parameters(), None) is None
         and next(module.children(), None) is None
     )
@@ -266,7 +269,7 @@ def match_ffn(name: str, module: nn.Module) -> FFNSite | None:
     if len(projections) not in (2, 3) or len(activations) != 1:
         return None
     others = [n for n, m in children.items() if n not in projections and n not in activations
-              and not isinstance(m, nn.Dropout)]
+              and not isinstance(m, (nn.Dropout, nn.Identity))]
     if others:
         return None
     shapes = {n: _features(m) for n, m in projections.items()}
@@ -362,7 +365,10 @@ def _mapping_activation(where: str, module: nn.Module, mapping: FFNMapping) -> t
 
 
 def find_ffn_sites(model: nn.Module, mapping: FFNMapping | None = None) -> list[FFNSite]:
-    """Every FFN block of ``model`` in module order (structural matcher, or ``mapping`` when given)."""
+    """Every FFN block of ``model`` in module order (structural matcher, or ``mapping`` when given).
+
+    With a ``mapping`` that matches no block, ``ValueError`` names the mapping.
+    """
     sites = []
     skip: tuple[str, ...] = ()
     for name, module in model.named_modules():
@@ -372,43 +378,13 @@ def find_ffn_sites(model: nn.Module, mapping: FFNMapping | None = None) -> list[
         if site is not None:
             sites.append(site)
             skip += (f"{name}.",)
+    if mapping is not None and not sites:
+        raise ValueError(f"{mapping} matched no module of the model: no module has children named "
+                         f"{mapping.names()}")
     return sites
 
 
 # ----------------------------------------------------------------------------- conversion
-
-
-_MOE_OPTION_KEYS = ("routing", "balance_loss", "z_loss_coef", "bias_balancing", "bias_update_rate",
-                    "normalize_gates")
-
-
-def moe_options(cfg: Any) -> dict[str, Any]:
-    """``MoEFeedForward.from_dense`` keyword arguments from a padnet config.
-
-    Reads ``cfg.moe`` (a ``MoEConfig``) when present, else the flat fields of a
-    version-1 ``PadConfig`` (``num_experts``, ``top_k``, ``moe_init``,
-    ``noise_std``, ``scale``, ``aux_loss_coef``). Routing options
-    (``routing``, ``balance_loss``, ``z_loss_coef``, ``bias_balancing``,
-    ``bias_update_rate``, ``normalize_gates``) are read from ``cfg.moe``
-    under those names when it has them.
-    """
-    moe = getattr(cfg, "moe", None)
-    src = moe if moe is not None else cfg
-    options: dict[str, Any] = {
-        "num_experts": getattr(src, "num_experts"),
-        "top_k": getattr(src, "top_k"),
-        "init": getattr(src, "init", None) if moe is not None else getattr(cfg, "moe_init"),
-        "noise_std": getattr(src, "noise_std", getattr(cfg, "noise_std", 0.01)),
-        "scale": getattr(src, "scale", getattr(cfg, "scale", "learned")),
-        "aux_loss_coef": getattr(src, "aux_loss_coef", 0.01),
-    }
-    if options["init"] in (None, "inherit"):  # MoE "inherit" = sparse upcycling
-        options["init"] = "upcycle"
-    if moe is not None:
-        for key in _MOE_OPTION_KEYS:
-            if hasattr(moe, key):
-                options[key] = getattr(moe, key)
-    return options
 
 
 def build_moe(block: nn.Module, site: FFNSite, **options: Any) -> nn.Module:
@@ -437,3 +413,66 @@ def convert_ffn(model: nn.Module, site: FFNSite, **options: Any) -> nn.Module:
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
     return new
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+def _match_hf_ffn(name: str, module: nn.Module) -> Site | None:
+    return HF_FFN.site(name) if name and match_ffn(name, module) is not None else None
+
+
+def _convert_hf_ffn(model: nn.Module, site: Site, cfg) -> None:
+    block = model.get_submodule(site.name)
+    ffn = match_ffn(site.name, block)
+    if ffn is None:  # the block changed between matching and conversion
+        raise ValueError(f"FFN {site.name!r} ({type(block).__name__}) no longer matches the FFN structure")
+    swap_module(model, site.name, build_moe(block, ffn, **moe_options(cfg.moe)))
+
+
+HF_FFN = register_converter(Converter("hf_ffn", "ffn", _match_hf_ffn, _convert_hf_ffn), priority=5)
+
+
+def _mapping_converter_name(mapping: FFNMapping) -> str:
+    return f"ffn_mapping[{mapping.in_proj},{mapping.gate_proj},{mapping.out_proj}]"
+
+
+def register_ffn_mapping(mapping: FFNMapping, *, name: str | None = None, priority: int = 20) -> Converter:
+    """Register a converter for FFN blocks named by ``mapping`` (tried before the built-in matchers).
+
+    A module that has *some* but not all of the mapped children, projections
+    whose shapes disagree, or a block whose output the mapping does not
+    reproduce raises ``ValueError`` naming the module when
+    :func:`padnet.dynamize_` searches the model. Modules with none of the
+    names are left to the other converters. Like every registered converter,
+    the registration must be repeated in a new process before
+    :func:`padnet.load` rebuilds such a model.
+    """
+    if not isinstance(mapping, FFNMapping):
+        raise TypeError(f"register_ffn_mapping expects an FFNMapping, got {type(mapping).__name__}")
+    conv_name = name or _mapping_converter_name(mapping)
+
+    def match(qualified: str, module: nn.Module) -> Site | None:
+        if not qualified or isinstance(module, nn.Sequential) or is_pad_layer(module) or is_compact_layer(module):
+            return None
+        present = [n for n in mapping.names() if _resolve(module, n) is not None]
+        if not present:
+            return None
+        if len(present) != len(mapping.names()):
+            match_mapped_ffn(qualified, module, mapping, strict=True)  # raises naming the missing children
+        site = match_mapped_ffn(qualified, module, mapping, strict=True)
+        return converter.site(qualified) if site is not None else None
+
+    def convert(model: nn.Module, site: Site, cfg) -> None:
+        block = model.get_submodule(site.name)
+        ffn = match_mapped_ffn(site.name, block, mapping, strict=True)
+        swap_module(model, site.name, build_moe(block, ffn, **moe_options(cfg.moe)))
+
+    converter = Converter(conv_name, "ffn", match, convert)
+    return register_converter(converter, priority=priority)
+
+
+def unregister_ffn_mapping(mapping_or_name: FFNMapping | str) -> None:
+    """Remove a mapping registered with :func:`register_ffn_mapping`."""
+    name = mapping_or_name if isinstance(mapping_or_name, str) else _mapping_converter_name(mapping_or_name)
+    unregister_converter(name)
