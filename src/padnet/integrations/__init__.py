@@ -1,0 +1,1 @@
+"""Integrations with other training frameworks (apps layer; optional dependencies imported lazily)."""
