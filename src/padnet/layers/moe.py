@@ -58,7 +58,7 @@ from ..ops.moe_routing import (
     switch_load_balancing_loss,
 )
 from .conv_functional import is_exporting
-from .modes import CompactLayerMixin, PackedModeGroup, PadLayerMixin, ScaleFactors, combine_factors, register_mask
+from .modes import CompactLayerMixin, PackedModeGroup, PadLayerMixin, ScaleFactors, register_mask
 
 __all__ = [
     "MoEFeedForward",
@@ -596,19 +596,24 @@ class MoEFeedForward(_MoERouting, PadLayerMixin, nn.Module):
         self.router.reset_parameters()
 
     def _combined(self, group: str) -> Tensor | None:
+        """``lambda_d * M * W_e + lambda_s * (1 - M) * W_s`` for every expert ``[E, *shape]``.
+
+        Same terms as :func:`modes.combine_factors`, fused into one ``addcmul``
+        pass over the expert tensor (one read of ``W_e``, one write).
+        """
         dyn = getattr(self, f"experts_{group}")
         if dyn is None:
             return None
         lambda_s, lambda_d = self.scales()
-        d, s = combine_factors(dyn, getattr(self, f"static_{group}"), getattr(self, f"mode_mask_{group}").to(dyn.dtype),
-                               lambda_s, lambda_d)
-        return d + s
+        mask = getattr(self, f"mode_mask_{group}").to(dyn.dtype)
+        static_term = getattr(self, f"static_{group}") * (lambda_s * (1.0 - mask))
+        return torch.addcmul(static_term, dyn, lambda_d * mask)
 
     def effective_weights(self) -> WeightTuple:
         """``(w_in [E, I, H], b_in [E, I] | None, w_out [E, H, I], b_out [E, H] | None)``.
 
-        Every expert's effective weight ``lambda_d * M * W_e + lambda_s * (1 - M) * W_s``,
-        computed with :func:`modes.combine_factors` (dead entries get zero gradient).
+        Every expert's effective weight ``lambda_d * M * W_e + lambda_s * (1 - M) * W_s``
+        (dead entries get zero gradient).
         For gated experts ``w_in`` is the up projection; see :meth:`effective_gate_weights`.
         """
         return (self._combined("in"), self._combined("bias_in"), self._combined("out"), self._combined("bias_out"))
