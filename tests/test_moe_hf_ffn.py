@@ -232,3 +232,29 @@ def test_config_errors_for_moe_options():
         padnet.MoEConfig(bias_update_rate=-0.5)
     with pytest.raises(ValueError, match="unknown MoE routing"):
         padnet.MoEConfig(routing="expert_choice")
+
+
+@pytest.mark.parametrize("model_type", ["distilbert", "gpt2", "llama"])
+def test_text_classifier_on_other_families_converts_with_the_text_recipe_config(model_type):
+    """The text recipe's PadConfig (target_types=["ffn"]) on a BertClassifier over another family's encoder."""
+    from padnet.models.bert import bert_classifier
+
+    configs = {
+        "distilbert": {"model_type": "distilbert", "dim": 16, "n_heads": 2, "n_layers": 2, "hidden_dim": 24,
+                       "vocab_size": 60},
+        "gpt2": {"model_type": "gpt2", "n_embd": 16, "n_head": 2, "n_layer": 2, "n_inner": 24, "vocab_size": 60,
+                 "bos_token_id": 0, "eos_token_id": 0, "hidden_size": 16},
+        "llama": {"model_type": "llama", "hidden_size": 16, "intermediate_size": 24, "num_attention_heads": 2,
+                  "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 60},
+    }
+    torch.manual_seed(0)
+    with _quiet():
+        model = bert_classifier(config=configs[model_type], num_labels=3, dropout=0.0).eval()
+    ids = torch.randint(2, 60, (2, 6))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask)
+    padnet.dynamize_(model, padnet.PadConfig(target_types=["ffn"], moe=padnet.MoEConfig(noise_std=0.0), seed=0))
+    assert len(moe_layers(model)) == 2
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, attention_mask=mask), ref, rtol=1e-5, atol=1e-6)
