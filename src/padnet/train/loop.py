@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, S
 from .._version import __version__
 from ..transforms.counting import count_parameters
 from ..layers.modes import pad_layers
+from ..layers.moe import update_expert_biases
 from . import distributed as D
 from .checkpoint import (
     CHECKPOINT,
@@ -628,6 +629,7 @@ class Trainer:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
             self.optimizer.step()
             self.scheduler.step()
+            update_expert_biases(self.model)  # MoE aux-loss-free balancing (no-op without bias_balancing)
             self.global_step += 1
             n = int(targets.shape[0])
             loss_sum += float(loss.detach()) * n
