@@ -278,3 +278,12 @@ def test_router_nan_scores_raise_naming_the_layer():
         moe.router.weight[1, 0] = 0.0
     with pytest.raises(FloatingPointError, match="1 of 6 tokens"):
         moe(x_bad)
+
+
+def test_noisy_routing_keeps_float64():
+    moe = make(routing="noisy", balance_loss="cv2").double()
+    x = torch.randn(12, H, dtype=torch.double)
+    y = moe(x)
+    assert y.dtype == torch.double and moe.aux_loss.dtype == torch.double
+    idx, gates, parts = moe.select_experts(x)
+    assert gates.dtype == torch.double and parts["noisy"].dtype == torch.double

@@ -291,8 +291,9 @@ class _MoERouting:
         parts: dict = {"logits": logits}
         select_logits = logits
         if self.router_noise is not None and self.training:
-            noise_std = F.softplus(self.router_noise(x_flat).float()) + NOISE_EPSILON
-            select_logits = logits.float() + torch.randn_like(noise_std) * noise_std
+            compute = torch.promote_types(logits.dtype, torch.float32)
+            noise_std = F.softplus(self.router_noise(x_flat).to(compute)) + NOISE_EPSILON
+            select_logits = logits.to(compute) + torch.randn_like(noise_std) * noise_std
             parts.update(noisy=select_logits, noise_std=noise_std)
         score = "sigmoid" if self.routing == "sigmoid" else "softmax"
         topk_idx, topk_gates, scores = route_tokens(
@@ -339,7 +340,7 @@ class _MoERouting:
             score = "sigmoid" if self.routing == "sigmoid" else "softmax"
             return switch_load_balancing_loss(expert_distribution(scores, score), counts, self.top_k)
         if "noisy" in parts and self.top_k < self.num_experts:
-            logits = parts["logits"].float()
+            logits = parts["logits"].to(parts["noisy"].dtype)
             if self.expert_bias is not None:
                 logits = logits + self.expert_bias
                 noisy = parts["noisy"] + self.expert_bias
