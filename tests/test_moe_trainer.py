@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import padnet
-from padnet.integrations.hooks import PadTrainingHooks, dynamic_ratio, temperature_at
+from padnet.train.pad_hooks import PadTrainingHooks, dynamic_ratio, temperature_at
 from padnet.layers import DynamicConv2d, MoEFeedForward, collect_aux_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -97,7 +97,7 @@ def _tiny_llama_classifier():
 
 
 def test_hf_trainer_end_to_end_with_the_callback(tmp_path):
-    from padnet.integrations.hf_trainer import PadNetCallback, add_padnet_callback
+    from padnet.train.hf_callback import PadNetCallback, add_padnet_callback
 
     model = _tiny_llama_classifier()
     padnet.dynamize_(model, padnet.PadConfig(moe=padnet.MoEConfig(routing="sigmoid", bias_balancing=True,
@@ -137,7 +137,7 @@ def test_hf_trainer_end_to_end_with_the_callback(tmp_path):
 
 
 def test_add_padnet_callback_rejects_non_trainers_and_bad_options():
-    from padnet.integrations.hf_trainer import PadNetCallback, add_padnet_callback
+    from padnet.train.hf_callback import PadNetCallback, add_padnet_callback
 
     with pytest.raises(TypeError, match="expects a transformers.Trainer"):
         add_padnet_callback(object())

@@ -1,6 +1,6 @@
 """Hugging Face ``transformers.Trainer`` integration: :class:`PadNetCallback`.
 
-The callback runs :class:`padnet.integrations.hooks.PadTrainingHooks` (MoE
+The callback runs :class:`padnet.train.pad_hooks.PadTrainingHooks` (MoE
 auxiliary losses, expert-bias balancing, temperature anneal, partition at a
 step, per-step hooks, logging of expert load and kappa) inside ``Trainer``.
 A callback cannot change the loss, so the auxiliary losses are added to
@@ -24,10 +24,10 @@ from torch import Tensor, nn
 try:
     from transformers import TrainerCallback
 except ImportError as exc:  # pragma: no cover - depends on the environment
-    raise ImportError("padnet.integrations.hf_trainer needs Hugging Face transformers (and accelerate for "
+    raise ImportError("padnet.train.hf_callback needs Hugging Face transformers (and accelerate for "
                       "Trainer): `pip install 'padnet[hf]'`") from exc
 
-from .hooks import PadTrainingHooks
+from .pad_hooks import PadTrainingHooks
 
 __all__ = ["PadNetCallback", "add_padnet_callback"]
 

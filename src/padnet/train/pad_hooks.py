@@ -1,5 +1,5 @@
 """PAD-Net training hooks for any training loop (the Hugging Face ``Trainer`` callback in
-:mod:`padnet.integrations.hf_trainer` drives the same hooks).
+:mod:`padnet.train.hf_callback` drives the same hooks).
 
 What a PAD-Net run needs besides the task loss, in one place:
 

@@ -1,1 +1,0 @@
-"""Integrations with other training frameworks (apps layer; optional dependencies imported lazily)."""
