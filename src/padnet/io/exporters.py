@@ -87,9 +87,7 @@ def _export_route(self, x_flat: Tensor):
     batch axis) to the example's; the exported graph needs only the top-k
     indices and gates.
     """
-    from ..layers.moe import route_tokens
-
-    topk_idx, topk_gates, _ = route_tokens(self.router(x_flat), self.top_k, self.normalize_gates)
+    topk_idx, topk_gates, _ = self.select_experts(x_flat)
     return topk_idx, topk_gates
 
 

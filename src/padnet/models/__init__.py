@@ -8,6 +8,9 @@ from .resnet import BasicBlock, Bottleneck, ResNet, resnet10, resnet18, resnet34
 # Text models register "minilm", "tiny_bert" and "bert" (transformers is imported lazily).
 from .bert import BertClassifier, bert_classifier, minilm_classifier, tiny_bert_classifier  # noqa: E402
 
+# Structural FFN blocks of other transformer families (DistilBERT, ViT, GPT-2, T5, LLaMA, ...): "hf_ffn".
+from .hf_ffn import FFNMapping, register_ffn_mapping, unregister_ffn_mapping  # noqa: E402
+
 __all__ = [
     "MODEL_REGISTRY",
     "create_model",
@@ -31,4 +34,7 @@ __all__ = [
     "bert_classifier",
     "minilm_classifier",
     "tiny_bert_classifier",
+    "FFNMapping",
+    "register_ffn_mapping",
+    "unregister_ffn_mapping",
 ]

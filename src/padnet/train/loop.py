@@ -34,6 +34,7 @@ from ..layers.modes import pad_layers
 from ..transforms.diagnostics import mean_of, routing_diagnostics, routing_probe
 from ..transforms.partition import get_criterion, partition_
 from ..transforms.record import find_state
+from ..layers.moe import update_expert_biases
 from . import distributed as D
 from .checkpoint import (
     CHECKPOINT,
@@ -682,6 +683,7 @@ class Trainer:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
             self.optimizer.step()
             self.scheduler.step()
+            update_expert_biases(self.model)  # MoE aux-loss-free balancing (no-op without bias_balancing)
             self.global_step += 1
             n = int(targets.shape[0])
             loss_sum += float(loss.detach()) * n

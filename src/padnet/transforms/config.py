@@ -21,6 +21,8 @@ from typing import Any
 
 from ..layers.dynamic_conv import BACKENDS, ROUTINGS
 from ..layers.modes import SCALE_MODES
+from ..layers.moe import BALANCE_LOSSES
+from ..layers.moe import ROUTINGS as MOE_ROUTINGS
 
 CONFIG_VERSION = 2
 TARGET_TYPES = ("conv2d", "ffn")
@@ -140,7 +142,15 @@ class MoEConfig:
         init: ``"upcycle"`` (every expert a copy of the FFN) or ``"split"``.
         noise_std: relative noise on upcycled experts (>= 0).
         scale: ``"learned"`` or ``"none"``.
-        aux_loss_coef: weight of the Switch load-balancing loss (>= 0).
+        aux_loss_coef: weight of the balancing loss (>= 0).
+        routing: ``"softmax"`` top-k, ``"noisy"`` top-k (learned noise scale,
+            training only) or ``"sigmoid"`` scores renormalised over the top k.
+        balance_loss: ``"switch"``, ``"cv2"`` (cv^2 of importance + load) or ``"none"``.
+        z_loss_coef: weight of the router z-loss (>= 0; 0 = off).
+        bias_balancing: auxiliary-loss-free balancing with a per-expert selection bias.
+        bias_update_rate: its step gamma (>= 0), ``b_e += gamma * sign(mean load - load_e)``.
+        normalize_gates: renormalise the chosen gates to sum to one.
+        (docs/moe.md has the formulas.)
     """
 
     num_experts: int = 4
@@ -149,6 +159,12 @@ class MoEConfig:
     noise_std: float = 0.01
     scale: str = "learned"
     aux_loss_coef: float = 0.01
+    routing: str = "softmax"
+    balance_loss: str = "switch"
+    z_loss_coef: float = 0.0
+    bias_balancing: bool = False
+    bias_update_rate: float = 1e-3
+    normalize_gates: bool = True
 
     def __post_init__(self) -> None:
         self.validate()
@@ -163,6 +179,12 @@ class MoEConfig:
         _float(self.noise_std, "noise_std", positive=False)
         _choice(self.scale, "scale", SCALE_MODES)
         _float(self.aux_loss_coef, "aux_loss_coef", positive=False)
+        _choice(self.routing, "MoE routing", MOE_ROUTINGS)
+        _choice(self.balance_loss, "balance_loss", BALANCE_LOSSES)
+        _float(self.z_loss_coef, "z_loss_coef", positive=False)
+        if not isinstance(self.bias_balancing, bool) or not isinstance(self.normalize_gates, bool):
+            raise TypeError("bias_balancing and normalize_gates must be booleans")
+        _float(self.bias_update_rate, "bias_update_rate (gamma)", positive=False)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -53,6 +53,7 @@ __all__ = [
     "register_deploy_form",
     "deploy_form",
     "moe_from_linears",
+    "moe_options",
 ]
 
 
@@ -197,11 +198,17 @@ def deploy_form(layer: nn.Module) -> nn.Module:
 
 def moe_from_linears(fc_in: nn.Linear, fc_out: nn.Linear, activation: nn.Module, cfg: "PadConfig") -> MoEFeedForward:
     """``MoEFeedForward`` upcycled / split from ``fc_out(act(fc_in(x)))`` with ``cfg.moe`` options."""
-    m = cfg.moe
-    return MoEFeedForward.from_dense(
-        fc_in, fc_out, num_experts=m.num_experts, top_k=m.top_k, activation=activation, init=m.init,
-        noise_std=m.noise_std, scale=m.scale, aux_loss_coef=m.aux_loss_coef,
-    )
+    return MoEFeedForward.from_dense(fc_in, fc_out, activation=activation, **moe_options(cfg.moe))
+
+
+def moe_options(m) -> dict:
+    """``MoEFeedForward.from_dense`` keyword arguments of a :class:`MoEConfig`."""
+    return {
+        "num_experts": m.num_experts, "top_k": m.top_k, "init": m.init, "noise_std": m.noise_std,
+        "scale": m.scale, "aux_loss_coef": m.aux_loss_coef, "routing": m.routing,
+        "balance_loss": m.balance_loss, "z_loss_coef": m.z_loss_coef, "bias_balancing": m.bias_balancing,
+        "bias_update_rate": m.bias_update_rate, "normalize_gates": m.normalize_gates,
+    }
 
 
 def _match_conv2d(name: str, module: nn.Module) -> Site | None:
