@@ -22,6 +22,40 @@ def check_ratio(ratio: float, what: str = "ratio") -> float:
     return float(ratio)
 
 
+_INT_FIELDS = ("num_kernels", "reduction", "num_experts", "top_k")
+_FLOAT_FIELDS = ("temperature", "noise_std", "aux_loss_coef")
+
+
+def _check_field_types(cfg: "PadConfig") -> None:
+    """Integers are ints, reals are finite numbers, string targets are valid regexes (names the field)."""
+    import math
+    import re
+
+    for name in _INT_FIELDS:
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"PadConfig.{name} must be an integer, got {value!r} ({type(value).__name__})")
+    for name in _FLOAT_FIELDS:
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise (TypeError if not isinstance(value, (int, float)) else ValueError)(
+                f"PadConfig.{name} must be a finite number, got {value!r}")
+    if cfg.seed is not None and (isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int)):
+        raise TypeError(f"PadConfig.seed must be an integer or None, got {cfg.seed!r}")
+    for name in ("target_modules", "exclude_modules"):
+        value = getattr(cfg, name)
+        if isinstance(value, str):
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"PadConfig.{name}: {value!r} is not a valid regular expression ({exc})") from None
+        elif value is not None and not (isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)):
+            raise TypeError(f"PadConfig.{name} must be a regex string or a list of module names, got {value!r}")
+    if cfg.target_types is not None and not (isinstance(cfg.target_types, (list, tuple))
+                                             and all(isinstance(t, str) for t in cfg.target_types)):
+        raise TypeError(f"PadConfig.target_types must be a list of strings, got {cfg.target_types!r}")
+
+
 @dataclass
 class PadConfig:
     """Configuration of :func:`padnet.dynamize_`.
@@ -61,6 +95,7 @@ class PadConfig:
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first invalid field."""
         check_ratio(self.dynamic_ratio, "dynamic_ratio")
+        _check_field_types(self)
         if self.num_kernels < 1:
             raise ValueError(f"num_kernels (K) must be >= 1, got {self.num_kernels}")
         if self.num_experts < 1:
