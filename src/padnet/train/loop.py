@@ -242,6 +242,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
     cfg.validate()
     if cfg.output_dir is None:
         cfg.output_dir = default_output_dir(cfg)
+    if not resume:
+        resolve_paths(cfg)
     world = D.env_world_size()
     if cfg.nproc > 1 and world > 1 and world != cfg.nproc:
         raise ValueError(f"--nproc {cfg.nproc} disagrees with the torchrun world size {world}; "
@@ -351,6 +353,31 @@ def _check_run_dir(out: Path, resume: bool, overwrite: bool, cfg: TrainConfig) -
                          "or pass --overwrite")
     raise ValueError(f"{out} holds an unfinished run ({', '.join(existing)}); continue it with --resume "
                      "or start over with --overwrite")
+
+
+def run_record(cfg: TrainConfig, recipe: Recipe, data: DataBundle) -> dict[str, Any]:
+    """What a saved model must carry to be used without its run: class names, input spec, settings.
+
+    ``classes[i]`` names output index ``i``; ``input`` is :meth:`Recipe.input_spec`
+    (image shape or sequence length); ``train_config`` is the full configuration
+    (recipe, options, data paths), from which ``padnet predict`` rebuilds the
+    preprocessing (normalisation, tokenizer).
+    """
+    try:
+        spec = recipe.input_spec(cfg, data)
+    except Exception as exc:  # informative only; never fail a finished run on it
+        spec = {"kind": "unknown", "error": f"{type(exc).__name__}: {exc}"}
+    return {"classes": recipe.class_names(cfg, data), "input": spec, "train_config": cfg.to_dict()}
+
+
+def resolve_paths(cfg: TrainConfig) -> None:
+    """Make the data paths absolute at the start of a run, so the saved config works from any directory."""
+    if cfg.data_dir is not None:
+        cfg.data_dir = str(Path(cfg.data_dir).expanduser().resolve())
+    for key in ("train_file", "test_file", "model_path", "tokenizer"):
+        value = cfg.options.get(key)
+        if isinstance(value, str) and value not in ("auto", "hash") and Path(value).expanduser().exists():
+            cfg.options[key] = str(Path(value).expanduser().resolve())
 
 
 def _mask_digest(model: nn.Module) -> str:
@@ -717,8 +744,9 @@ class Trainer:
         files = [CONFIG, METRICS, MODEL, REPORT, CURVES, LOG, CHECKPOINT]
         if (self.out / PREVIOUS).exists():
             files.append(PREVIOUS)
+        record = run_record(cfg, self.recipe, self.data)
         save(model, self.out / MODEL, extra={"recipe": cfg.recipe, "variant": cfg.variant, "ratio": cfg.ratio,
-                                             "seed": cfg.seed, "test_accuracy": final["test_accuracy"]})
+                                             "seed": cfg.seed, "test_accuracy": final["test_accuracy"], **record})
         publish(self.out / MODEL)
         try:
             example = to_device(self.recipe.example_input(cfg, self.data), ctx.device)
@@ -757,6 +785,8 @@ class Trainer:
             "partition": self.partition_report,
             "partition_step": self.partition_step,
             "partition_masks_identical": self.masks_identical,
+            "classes": record["classes"],
+            "input": record["input"],
             "padnet_version": __version__,
             "device": str(ctx.device),
             "config": cfg.to_dict(),

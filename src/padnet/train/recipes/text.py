@@ -271,6 +271,12 @@ class TextRecipe(Recipe):
         self._cache = (key, bundle)
         return bundle
 
+    def input_spec(self, cfg, data: DataBundle) -> dict[str, Any]:
+        """Token ids padded/truncated to ``max_length`` (what an export and ``padnet predict`` feed)."""
+        return {"kind": "tokens", "seq_len": int(self.opt(cfg, "max_length")),
+                "vocab_size": int(data.info.get("vocab_size") or 0) or None,
+                "tokenizer": data.info.get("tokenizer")}
+
     # ------------------------------------------------------------------- model
     def build_model(self, cfg, data: DataBundle) -> nn.Module:
         from ...models import bert
