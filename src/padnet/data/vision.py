@@ -426,7 +426,7 @@ class ImageFolder(Dataset):
                 if self.image_size is not None:
                     im = im.resize((self.image_size, self.image_size), Image.BILINEAR)
                 arr = np.array(im, dtype=np.uint8)
-        except OSError as e:
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
             raise DatasetFormatError(f"{path}: cannot read image: {e}") from e
         return torch.from_numpy(arr)
 

@@ -178,6 +178,13 @@ def read_checkpoint_file(path: str | Path) -> dict[str, Any]:
 
     if not zipfile.is_zipfile(path):
         raise CheckpointError(f"{path}: corrupt or truncated checkpoint (not a complete torch.save archive)")
+    try:  # torch's reader does not check the members' CRC-32: a flipped bit would load silently
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as exc:
+        raise CheckpointError(f"{path}: corrupt checkpoint archive ({exc})") from None
+    if bad is not None:
+        raise CheckpointError(f"{path}: corrupt checkpoint (CRC mismatch in {bad}; a bit flipped on disk?)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle / zip errors of every kind

@@ -270,12 +270,34 @@ def normalize_key(key: str) -> str:
     return str(key).strip().replace("-", "_")
 
 
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def _settings_loader(yaml):
+    """``yaml.SafeLoader`` that refuses aliases (``*name``): a few nested aliases expand exponentially
+    ("billion laughs") once the settings are copied; a flat settings file never needs them."""
+
+    class SettingsLoader(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                raise yaml.composer.ComposerError(None, None, "YAML aliases (*name) are not allowed in padnet "
+                                                  "settings files", self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+
+    return SettingsLoader
+
+
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """Read a YAML (``.yaml``/``.yml``) or JSON file holding one mapping of settings."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} not found")
-    text = path.read_text()
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ValueError(f"config file {path} is {path.stat().st_size:,} bytes; a settings file is a few KB")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"config file {path} is not UTF-8 text ({exc})") from None
     suffix = path.suffix.lower()
     try:
         if suffix == ".json":
@@ -288,7 +310,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
                     raise ValueError(f"{path}: reading YAML needs pyyaml (pip install pyyaml)") from None
                 data = json.loads(text)
             else:
-                data = yaml.safe_load(text)  # JSON is YAML too
+                data = yaml.load(text, Loader=_settings_loader(yaml))  # safe_load without aliases; JSON is YAML too
     except (json.JSONDecodeError, ValueError) as exc:
         kind = "JSON" if suffix == ".json" else "YAML/JSON"
         raise ValueError(f"config file {path} is not valid {kind}: {exc}") from exc
