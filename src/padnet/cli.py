@@ -23,6 +23,7 @@ COMMANDS = {
     "compare": "padnet.commands.compare",
     "bench": "padnet.commands.bench",
     "export": "padnet.commands.export",
+    "predict": "padnet.commands.predict",
 }
 
 
@@ -43,11 +44,32 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, KeyError, TypeError) as exc:
+    except (ValueError, FileNotFoundError, KeyError, TypeError, FloatingPointError) as exc:
         if getattr(args, "debug", False):
             raise
         print(f"padnet {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # disk full, read-only or unwritable output, ...
+        if getattr(args, "debug", False):
+            raise
+        print(f"padnet {args.command}: error: {describe_os_error(exc)}", file=sys.stderr)
+        return 1
+
+
+def describe_os_error(exc: OSError) -> str:
+    """One line for a failed file operation: what, where, and what to do."""
+    import errno
+
+    where = exc.filename or "a file"
+    if exc.errno == errno.ENOSPC:
+        return f"no space left on the device while writing {where}; free some space or write elsewhere"
+    if exc.errno == errno.EDQUOT:
+        return f"disk quota exceeded while writing {where}; free some space or write elsewhere"
+    if exc.errno == errno.EROFS:
+        return f"cannot write {where}: read-only file system; choose another output location"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return f"cannot write {where}: permission denied; choose another output location"
+    return f"{exc.strerror or exc} ({where})"
 
 
 if __name__ == "__main__":

@@ -9,14 +9,16 @@ import torch
 from ..transforms.counting import layer_counts
 from ..transforms.flops import count_flops
 from ..layers.modes import is_compact_layer, is_pad_layer
-from .common import add_model_args, add_variant_args, make_variant, resolve_ratio, zoo_model
+from .common import (add_model_args, add_variant_args, is_text_model, make_variant, random_inputs, resolve_ratio,
+                     zoo_model)
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("count", help="deployable parameter counts (per layer) of a model variant")
     add_model_args(p)
     add_variant_args(p)
-    p.add_argument("--image-size", type=int, default=None, help="also count FLOPs at this input size")
+    p.add_argument("--image-size", type=int, default=None, help="vision models: also count FLOPs at this input size")
+    p.add_argument("--seq-len", type=int, default=None, help="text models: also count FLOPs at this sequence length")
     p.set_defaults(func=run)
 
 
@@ -51,7 +53,14 @@ def run(args: argparse.Namespace) -> int:
     model = make_variant(zoo_model(args), args.variant, ratio, args.num_kernels)
     print(f"{args.model} ({args.variant}{'' if ratio is None else f', kappa={ratio}'})")
     print(format_table(model))
-    if args.image_size:
+    if args.image_size and not is_text_model(args.model):
         x = torch.randn(1, args.in_chans, args.image_size, args.image_size)
         print(f"FLOPs per image at {args.image_size}px: {count_flops(model, x):,}")
+    elif args.seq_len and is_text_model(args.model):
+        x = random_inputs(model.eval(), 1, seq_len=args.seq_len)
+        print(f"FLOPs per sequence of {args.seq_len} tokens: {count_flops(model, x):,}")
+    elif args.image_size or args.seq_len:
+        raise ValueError(f"{'--image-size' if args.image_size else '--seq-len'} does not fit "
+                         f"{'text' if is_text_model(args.model) else 'vision'} model {args.model!r}; use "
+                         f"{'--seq-len' if is_text_model(args.model) else '--image-size'}")
     return 0

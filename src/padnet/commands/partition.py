@@ -40,7 +40,7 @@ from ..transforms.partition import (
     partition_,
 )
 from ..transforms.record import find_state
-from .common import add_model_args, zoo_model
+from .common import add_model_args, random_inputs, zoo_model
 
 DEFAULTS = PartitionConfig()
 DEFAULT_RATIO = DEFAULTS.ratio
@@ -123,13 +123,16 @@ def random_batches(model: nn.Module, in_chans: int, image_size: int, num_batches
                          f"{image_size}, {num_batches}, {batch_size}")
     g = torch.Generator().manual_seed(seed)
     param = next(model.parameters())
-    images = [torch.randn(batch_size, in_chans, image_size, image_size, generator=g) for _ in range(num_batches)]
+    images = [random_inputs(model, batch_size, in_chans=in_chans, image_size=image_size, generator=g)
+              for _ in range(num_batches)]  # token ids for text models
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        num_classes = model(images[0][:1].to(param)).shape[-1]
+        x0 = images[0][:1]
+        num_classes = model(x0.to(param) if x0.is_floating_point() else x0.to(param.device)).shape[-1]
     model.train(was_training)
-    return [(x.to(param), torch.randint(0, num_classes, (batch_size,), generator=g)) for x in images]
+    return [(x.to(param) if x.is_floating_point() else x.to(param.device),
+             torch.randint(0, num_classes, (batch_size,), generator=g)) for x in images]
 
 
 def data_source(args: argparse.Namespace, model: nn.Module) -> tuple[Iterable | None, Callable | None]:

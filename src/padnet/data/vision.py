@@ -1,4 +1,4 @@
-"""Offline image datasets: Fashion-MNIST (idx files), CIFAR-10 (python pickles), ImageFolder.
+"""Offline image datasets: Fashion-MNIST (idx files), CIFAR-10 (binary or python release), ImageFolder.
 
 Images come back as uint8 tensors in numpy layout (``[H, W]`` or ``[H, W, C]``);
 ``transforms.ToFloat`` turns them into float ``[C, H, W]``. Labels are ints.
@@ -7,6 +7,7 @@ Images come back as uint8 tensors in numpy layout (``[H, W]`` or ``[H, W, C]``);
 from __future__ import annotations
 
 import gzip
+import io
 import os
 import pickle
 import zlib
@@ -170,23 +171,125 @@ class FashionMNIST(Dataset):
 _CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
+# The python release stores each batch as a pickle. Unpickling runs whatever the file names, so
+# these files are read with a restricted unpickler that resolves only the few globals numpy
+# needs to rebuild a plain array; anything else (os.system, builtins.eval, ...) is refused
+# before it can run. The binary release (``cifar-10-batches-bin``) needs no pickle at all.
+_CIFAR_MAX_FILE_BYTES = 256 * 2**20  # a real batch is ~30 MB
+
+
+def _safe_reconstruct(subtype, shape, dtype):
+    """numpy's ``_reconstruct`` limited to an empty ``ndarray`` (its state then sets the data)."""
+    if subtype is not np.ndarray or int(np.prod(shape, dtype=np.int64)) > 1:
+        raise pickle.UnpicklingError(f"refused array reconstruction of {subtype!r} with shape {shape!r}")
+    return np.ndarray.__new__(np.ndarray, shape, dtype)
+
+
+def _safe_frombuffer(buf, dtype, shape, order):
+    """numpy's ``_frombuffer`` (protocol 5 arrays): a view of bytes already in the file."""
+    dtype = np.dtype(dtype)
+    if dtype.hasobject:
+        raise pickle.UnpicklingError("refused an object array")
+    return np.frombuffer(buf, dtype=dtype).reshape(shape, order=order)
+
+
+def _safe_encode(text, encoding="utf-8", errors="strict"):
+    """``_codecs.encode`` as used by protocol-2 pickles for bytes (latin-1 only)."""
+    if not isinstance(text, str) or str(encoding).lower().replace("_", "-") not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"refused _codecs.encode with encoding {encoding!r}")
+    return text.encode("latin-1", errors)
+
+
+def _safe_dtype(*args):
+    dtype = np.dtype(*args[:1])
+    if dtype.hasobject:
+        raise pickle.UnpicklingError("refused an object dtype")
+    return dtype
+
+
+_ALLOWED_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"): _safe_reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _safe_reconstruct,
+    ("numpy.core.numeric", "_frombuffer"): _safe_frombuffer,
+    ("numpy._core.numeric", "_frombuffer"): _safe_frombuffer,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): _safe_dtype,
+    ("_codecs", "encode"): _safe_encode,
+}
+
+
+class _ArrayOnlyUnpickler(pickle.Unpickler):
+    """Unpickler that admits dicts, lists, strings, numbers and plain numpy arrays, nothing else."""
+
+    def find_class(self, module: str, name: str):
+        try:
+            return _ALLOWED_GLOBALS[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(f"refused to load global {module}.{name} (only numpy arrays, "
+                                         "dicts, lists and strings are allowed in a CIFAR batch)") from None
+
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError("refused a persistent id")
+
+
+def _plain(obj, depth: int = 0) -> bool:
+    """True if ``obj`` is built only from dicts, lists/tuples, str/bytes, numbers and numeric arrays."""
+    if depth > 4:
+        return False
+    if isinstance(obj, (str, bytes, int, float, bool)) or obj is None:
+        return True
+    if isinstance(obj, np.ndarray):
+        return not obj.dtype.hasobject
+    if isinstance(obj, (list, tuple)):
+        return all(_plain(v, depth + 1) for v in obj)
+    if isinstance(obj, dict):
+        return all(isinstance(k, (str, bytes)) and _plain(v, depth + 1) for k, v in obj.items())
+    return False
+
+
 def _unpickle(path: Path) -> dict:
+    """Read one batch of the CIFAR python release without running code (restricted unpickler)."""
+    size = path.stat().st_size
+    if size > _CIFAR_MAX_FILE_BYTES:
+        raise DatasetFormatError(f"{path}: {size:,} bytes is far larger than a CIFAR batch file")
     try:
         with open(path, "rb") as f:
-            obj = pickle.load(f, encoding="bytes")
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
-        raise DatasetFormatError(f"{path}: not a readable CIFAR python pickle: {e}") from e
+            obj = _ArrayOnlyUnpickler(io.BytesIO(f.read()), encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
+            MemoryError, OverflowError, RecursionError) as e:
+        raise DatasetFormatError(f"{path}: not a readable CIFAR python batch: {e}") from e
     if not isinstance(obj, dict):
         raise DatasetFormatError(f"{path}: expected a dict pickle, got {type(obj).__name__}")
+    if not _plain(obj):
+        raise DatasetFormatError(f"{path}: a CIFAR batch holds only arrays, lists and strings")
     return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
 
 
-class CIFAR10(Dataset):
-    """CIFAR-10 from the python-pickle release (``cifar-10-batches-py``), held in memory.
+CIFAR_BIN_RECORD = 1 + 3 * 32 * 32
 
-    ``root`` is that directory or its parent. ``data`` is uint8 ``[N, 32, 32, 3]``,
-    ``targets`` int64 ``[N]``; an item is ``(image [32, 32, 3] uint8 or
-    transform(image), label int)``.
+
+def _read_cifar_bin(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """One batch of the binary release: records of 1 label byte + 3072 pixel bytes (R, G, B planes)."""
+    raw = _read_bytes(path)
+    if not raw or len(raw) % CIFAR_BIN_RECORD:
+        raise DatasetFormatError(f"{path}: {len(raw)} bytes is not a whole number of {CIFAR_BIN_RECORD}-byte "
+                                 "CIFAR-10 records (truncated or not the binary release)")
+    records = np.frombuffer(raw, dtype=np.uint8).reshape(-1, CIFAR_BIN_RECORD)
+    labels = records[:, 0].astype(np.int64)
+    if labels.max() >= 10:
+        raise DatasetFormatError(f"{path}: label {int(labels.max())} out of range 0..9 (not CIFAR-10 binary data)")
+    return records[:, 1:].copy(), labels
+
+
+class CIFAR10(Dataset):
+    """CIFAR-10 from a local release, held in memory; nothing is ever unpickled freely.
+
+    ``root`` is the extracted binary release (``cifar-10-batches-bin``: ``data_batch_1.bin`` ...
+    ``test_batch.bin``, ``batches.meta.txt``), the python release (``cifar-10-batches-py``, read
+    with a restricted unpickler that admits only dicts of arrays, lists and strings, so a crafted
+    file cannot run code), or a parent of either. The binary release is preferred when both
+    exist. ``data`` is uint8 ``[N, 32, 32, 3]``, ``targets`` int64 ``[N]``; an item is
+    ``(image [32, 32, 3] uint8 or transform(image), label int)``.
     """
 
     train_files = [f"data_batch_{i}" for i in range(1, 6)]
@@ -196,39 +299,58 @@ class CIFAR10(Dataset):
         self.root = Path(root)
         self.train = train
         self.transform = transform
-        folder = self._locate()
+        folder, binary = self._locate()
         images, labels = [], []
         for name in self.train_files if train else self.test_files:
-            batch = _unpickle(folder / name)
-            if "data" not in batch or not ("labels" in batch or "fine_labels" in batch):
-                raise DatasetFormatError(f"{folder / name}: missing 'data'/'labels' entries")
-            data = np.asarray(batch["data"], dtype=np.uint8)
-            lab = np.asarray(batch.get("labels", batch.get("fine_labels")), dtype=np.int64)
-            if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or data.shape[0] != lab.shape[0]:
+            if binary:
+                data, lab = _read_cifar_bin(folder / f"{name}.bin")
+            else:
+                batch = _unpickle(folder / name)
+                if "data" not in batch or not ("labels" in batch or "fine_labels" in batch):
+                    raise DatasetFormatError(f"{folder / name}: missing 'data'/'labels' entries")
+                if not isinstance(batch["data"], np.ndarray) or batch["data"].dtype != np.uint8:
+                    raise DatasetFormatError(f"{folder / name}: 'data' must be a uint8 array")
+                data = batch["data"]
+                try:
+                    lab = np.asarray(batch.get("labels", batch.get("fine_labels")), dtype=np.int64)
+                except (TypeError, ValueError) as e:
+                    raise DatasetFormatError(f"{folder / name}: labels are not integers ({e})") from e
+            if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or lab.ndim != 1 or data.shape[0] != lab.shape[0]:
                 raise DatasetFormatError(
                     f"{folder / name}: expected data [N, 3072] and N labels, got {data.shape} and {lab.shape}"
                 )
+            if lab.size and (lab.min() < 0 or lab.max() >= 10):
+                raise DatasetFormatError(f"{folder / name}: labels must be in 0..9")
             images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
             labels.append(lab)
         self.data = torch.from_numpy(np.ascontiguousarray(np.concatenate(images)))
         self.targets = torch.from_numpy(np.concatenate(labels))
-        meta = folder / "batches.meta"
         self.classes = list(_CIFAR10_CLASSES)
-        if meta.is_file():
-            names = _unpickle(meta).get("label_names")
-            if names:
-                self.classes = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+        names: list = []
+        if binary and (folder / "batches.meta.txt").is_file():
+            names = [ln.strip() for ln in (folder / "batches.meta.txt").read_text(errors="replace").splitlines()
+                     if ln.strip()]
+        elif not binary and (folder / "batches.meta").is_file():
+            names = _unpickle(folder / "batches.meta").get("label_names") or []
+        if names:
+            if not isinstance(names, list) or len(names) != 10:
+                raise DatasetFormatError(f"{folder}: batches.meta must list 10 class names")
+            self.classes = [n.decode("utf-8", "replace") if isinstance(n, bytes) else str(n) for n in names]
 
-    def _locate(self) -> Path:
+    def _locate(self) -> tuple[Path, bool]:
+        """``(folder, is_binary_release)``."""
         needed = self.train_files + self.test_files
+        for d in (self.root, self.root / "cifar-10-batches-bin"):
+            if all((d / f"{n}.bin").is_file() for n in needed):
+                return d, True
         for d in (self.root, self.root / "cifar-10-batches-py"):
             if all((d / n).is_file() for n in needed):
-                return d
+                return d, False
         raise DatasetNotFoundError(
-            f"CIFAR-10 python batches not found under {self.root} (looked for {', '.join(needed)} "
-            "there and in cifar-10-batches-py/). Download cifar-10-python.tar.gz from "
-            "https://www.cs.toronto.edu/~kriz/cifar.html on a machine with network access, "
-            "extract it, and pass the extracted directory (or its parent) as root / --data-dir."
+            f"CIFAR-10 batches not found under {self.root} (looked for {', '.join(needed)} with and without "
+            ".bin there and in cifar-10-batches-bin/ and cifar-10-batches-py/). Download cifar-10-binary.tar.gz "
+            "or cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html on a machine with "
+            "network access, extract it, and pass the extracted directory (or its parent) as root / --data-dir."
         )
 
     def __len__(self) -> int:
@@ -304,7 +426,7 @@ class ImageFolder(Dataset):
                 if self.image_size is not None:
                     im = im.resize((self.image_size, self.image_size), Image.BILINEAR)
                 arr = np.array(im, dtype=np.uint8)
-        except OSError as e:
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
             raise DatasetFormatError(f"{path}: cannot read image: {e}") from e
         return torch.from_numpy(arr)
 

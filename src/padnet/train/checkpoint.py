@@ -122,7 +122,10 @@ def save_checkpoint(run_dir: str | Path, state: dict[str, Any]) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{CHECKPOINT}.", suffix=".tmp", dir=run_dir)
     os.close(fd)
     try:
-        torch.save(payload, tmp)
+        try:
+            torch.save(payload, tmp)
+        except RuntimeError as exc:  # torch's zip writer reports a failed write (disk full ...) as RuntimeError
+            raise write_failure(tmp, run_dir, exc) from exc
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         from .outputs import publish
@@ -137,6 +140,20 @@ def save_checkpoint(run_dir: str | Path, state: dict[str, Any]) -> Path:
         raise
     _fsync_dir(run_dir)
     return path
+
+
+def write_failure(path: str | Path, directory: Path, exc: BaseException) -> OSError:
+    """An ``OSError`` for a failed write that a library reported otherwise (ENOSPC when the disk is full)."""
+    import errno
+    import shutil
+
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        free = None
+    code = errno.ENOSPC if free is not None and free < 64 * 2**20 else errno.EIO
+    lines = str(exc).strip().splitlines() or [type(exc).__name__]
+    return OSError(code, f"{os.strerror(code)} ({lines[0][:200]})", str(path))
 
 
 def _fsync_dir(path: Path) -> None:
@@ -161,6 +178,13 @@ def read_checkpoint_file(path: str | Path) -> dict[str, Any]:
 
     if not zipfile.is_zipfile(path):
         raise CheckpointError(f"{path}: corrupt or truncated checkpoint (not a complete torch.save archive)")
+    try:  # torch's reader does not check the members' CRC-32: a flipped bit would load silently
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as exc:
+        raise CheckpointError(f"{path}: corrupt checkpoint archive ({exc})") from None
+    if bad is not None:
+        raise CheckpointError(f"{path}: corrupt checkpoint (CRC mismatch in {bad}; a bit flipped on disk?)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle / zip errors of every kind

@@ -44,7 +44,9 @@ PARTITION_FIELDS = {
 }
 
 # Fields that may differ between a run and its resumption (they do not change results).
-RUNTIME_FIELDS = ("output_dir", "quiet", "num_workers", "device", "data_dir", "threads")
+RUNTIME_FIELDS = ("output_dir", "quiet", "num_workers", "device", "data_dir", "threads", "nproc")
+# (nproc may be given on resume: the process count must match the checkpoint's, however the run was
+# started -- torchrun or --nproc -- and padnet.train.loop.world_size_rule says so in one message)
 
 
 @dataclass
@@ -112,6 +114,7 @@ class TrainConfig:
     # ------------------------------------------------------------------ checks
     def validate(self) -> "TrainConfig":
         """Raise ``ValueError`` naming the first bad setting; fills the pad default ratio."""
+        self._coerce_types()
         if self.variant not in VARIANTS:
             raise ValueError(f"unknown variant {self.variant!r}; expected one of {', '.join(VARIANTS)}")
         if self.variant == "pad":
@@ -148,6 +151,14 @@ class TrainConfig:
         _nonneg_float("weight_decay", self.weight_decay)
         _nonneg_float("momentum", self.momentum)
         _nonneg_float("min_lr", self.min_lr)
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr}): the schedule decays from lr "
+                             "down to min_lr")
+        check_device(self.device)
+        for name in ("model", "data_dir", "output_dir"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (str, Path)):
+                raise ValueError(f"{name} must be a string (a name or a path), got {value!r}")
         if not 0.0 <= float(self.label_smoothing) < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.grad_clip is not None:
@@ -183,6 +194,23 @@ class TrainConfig:
         except TypeError as exc:  # a wrong type in a config file is a bad setting like any other
             raise ValueError(str(exc)) from None
 
+    def _coerce_types(self) -> None:
+        """Config files and ``--set`` give strings: parse booleans strictly and numeric strings exactly.
+
+        ``"false"``/``"no"``/``"off"``/``"0"`` are False and ``"true"``/``"yes"``/``"on"``/``"1"``
+        True; any other value of a boolean setting raises ``ValueError`` (a non-empty string is never
+        silently truthy). ``"1e-3"`` (which YAML 1.1 leaves a string) becomes a float.
+        """
+        for f in fields(self):
+            value = getattr(self, f.name)
+            kind = str(f.type)
+            if kind == "bool":
+                setattr(self, f.name, parse_bool(value, f.name))
+            elif isinstance(value, str) and kind in ("float", "float | None"):
+                setattr(self, f.name, _parse_number(value, f.name, float))
+            elif isinstance(value, str) and kind in ("int", "int | None"):
+                setattr(self, f.name, _parse_number(value, f.name, int))
+
     # ------------------------------------------------------------ conversions
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -208,6 +236,50 @@ class TrainConfig:
         return self.variant in ("dynamic", "pad")
 
 
+BOOL_TRUE = ("true", "yes", "on", "1", "y")
+BOOL_FALSE = ("false", "no", "off", "0", "n")
+
+
+def parse_bool(value: Any, name: str) -> bool:
+    """A strict boolean: bools, 0/1, and the usual YAML words; anything else raises ``ValueError``."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word in BOOL_TRUE:
+            return True
+        if word in BOOL_FALSE:
+            return False
+    raise ValueError(f"{name} must be a boolean (true/false, yes/no, on/off, 1/0), got {value!r}")
+
+
+def _parse_number(value: str, name: str, kind: type) -> Any:
+    text = value.strip()
+    if text.lower() in ("none", "null", "~", ""):
+        return None
+    try:
+        return kind(text)
+    except ValueError:
+        raise ValueError(f"{name} must be {'an integer' if kind is int else 'a number'}, got {value!r}") from None
+
+
+def check_device(device: Any) -> str:
+    """``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps`` ...: anything ``torch.device`` parses; ``ValueError`` otherwise."""
+    import torch
+
+    if not isinstance(device, str) or not device.strip():
+        raise ValueError(f"device must be a string such as auto, cpu, cuda or cuda:0, got {device!r}")
+    if device == "auto":
+        return device
+    try:
+        torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise ValueError(f"unknown device {device!r}: expected auto, cpu, cuda or cuda:N ({exc})") from None
+    return device
+
+
 def field_names() -> list[str]:
     return [f.name for f in fields(TrainConfig)]
 
@@ -216,12 +288,34 @@ def normalize_key(key: str) -> str:
     return str(key).strip().replace("-", "_")
 
 
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def _settings_loader(yaml):
+    """``yaml.SafeLoader`` that refuses aliases (``*name``): a few nested aliases expand exponentially
+    ("billion laughs") once the settings are copied; a flat settings file never needs them."""
+
+    class SettingsLoader(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                raise yaml.composer.ComposerError(None, None, "YAML aliases (*name) are not allowed in padnet "
+                                                  "settings files", self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+
+    return SettingsLoader
+
+
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """Read a YAML (``.yaml``/``.yml``) or JSON file holding one mapping of settings."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} not found")
-    text = path.read_text()
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ValueError(f"config file {path} is {path.stat().st_size:,} bytes; a settings file is a few KB")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"config file {path} is not UTF-8 text ({exc})") from None
     suffix = path.suffix.lower()
     try:
         if suffix == ".json":
@@ -234,7 +328,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
                     raise ValueError(f"{path}: reading YAML needs pyyaml (pip install pyyaml)") from None
                 data = json.loads(text)
             else:
-                data = yaml.safe_load(text)  # JSON is YAML too
+                data = yaml.load(text, Loader=_settings_loader(yaml))  # safe_load without aliases; JSON is YAML too
     except (json.JSONDecodeError, ValueError) as exc:
         kind = "JSON" if suffix == ".json" else "YAML/JSON"
         raise ValueError(f"config file {path} is not valid {kind}: {exc}") from exc

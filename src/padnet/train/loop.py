@@ -246,16 +246,23 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
     cfg.validate()
     if cfg.output_dir is None:
         cfg.output_dir = default_output_dir(cfg)
+    if not resume:
+        resolve_paths(cfg)
     world = D.env_world_size()
+    if cfg.nproc > 1 and world > 1 and world != cfg.nproc:
+        raise ValueError(f"--nproc {cfg.nproc} disagrees with the torchrun world size {world}; "
+                         "under torchrun leave --nproc out")
+    if resume and D.env_rank() == 0:
+        saved_world = _checkpoint_world_size(Path(cfg.output_dir))
+        if saved_world is not None:
+            world_size_rule(saved_world, world if world > 1 else cfg.nproc, cfg.output_dir)
     if cfg.nproc > 1 and world <= 1:
         recipe = get_recipe(cfg.recipe)
         recipe.validate(cfg)  # user errors (missing data) surface here, before spawning
+        preflight(cfg, recipe, cfg.nproc)
         _check_run_dir(Path(cfg.output_dir), resume, overwrite, cfg)
         D.spawn(_spawned_main, (cfg.to_dict(), resume, overwrite), cfg.nproc)
         return read_json(Path(cfg.output_dir) / SUMMARY)
-    if cfg.nproc > 1 and world != cfg.nproc:
-        raise ValueError(f"--nproc {cfg.nproc} disagrees with the torchrun world size {world}; "
-                         "under torchrun leave --nproc out")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     ctx = D.setup(cfg.device)
@@ -277,14 +284,71 @@ def _spawned_main(cfg_dict: dict[str, Any], resume: bool, overwrite: bool) -> No
         D.teardown(ctx)
 
 
+def steps_per_epoch_for(num_train: int, batch_size: int, world_size: int) -> int:
+    """Optimizer steps per epoch of the training loader (same rule as :class:`Trainer`)."""
+    per_rank = math.ceil(num_train / world_size)
+    if per_rank >= batch_size:  # drop_last
+        return per_rank // batch_size
+    return 1 if per_rank else 0
+
+
+def preflight(cfg: TrainConfig, recipe: Recipe, world_size: int) -> None:
+    """Every check that can fail before training, run before the run directory is written.
+
+    The data is built (recipes cache it for the run), ``pad_config`` is turned
+    into a :class:`padnet.PadConfig` (types, ranges, target regexes), and the
+    step counts are checked against ``warmup_steps`` / ``partition_warmup_steps``.
+    """
+    if cfg.is_dynamic:
+        try:
+            recipe.pad_config(cfg, None)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"pad_config {cfg.pad_config!r}: {exc}") from None
+    data = recipe.build_data(cfg)
+    num_train = len(subset(data.train, cfg.max_train_samples))
+    num_test = len(subset(data.test, cfg.max_test_samples))
+    if num_train == 0 or num_test == 0:
+        raise ValueError(f"empty training or test set ({num_train} train / {num_test} test samples)")
+    total = steps_per_epoch_for(num_train, cfg.batch_size, world_size) * cfg.epochs
+    if cfg.variant == "pad" and cfg.partition_warmup_steps >= total:
+        raise ValueError(f"partition_warmup_steps={cfg.partition_warmup_steps} must be below the run's {total} "
+                         f"optimizer steps ({cfg.epochs} epoch(s) of {num_train} samples, batch {cfg.batch_size} "
+                         f"x {world_size} process(es))")
+    if cfg.warmup_steps and cfg.warmup_steps >= total:
+        raise ValueError(f"warmup_steps={cfg.warmup_steps} must be below the run's {total} optimizer steps "
+                         "(the learning rate would never reach its peak or decay)")
+
+
+def world_size_rule(checkpoint_world: int, world: int, out: Path | str) -> None:
+    """One rule for resuming: the same number of processes as the checkpoint, however they are started."""
+    if int(checkpoint_world) != int(world):
+        how = (f"padnet train --resume --output-dir {out} --nproc {checkpoint_world}  (or torchrun "
+               f"--nproc-per-node {checkpoint_world} -m padnet train --resume --output-dir {out})"
+               if checkpoint_world > 1 else f"padnet train --resume --output-dir {out} --nproc 1 (no torchrun)")
+        raise ValueError(f"{out}: the checkpoint was written by {checkpoint_world} process(es) but this resume runs "
+                         f"{world}; resume with the same number of processes: {how}")
+
+
+def _checkpoint_world_size(out: Path) -> int | None:
+    """World size recorded in the run's newest readable checkpoint (``None``: no checkpoint)."""
+    ckpt = load_checkpoint(out)
+    return None if ckpt is None else int(ckpt.get("world_size", 1))
+
+
 def _check_run_dir(out: Path, resume: bool, overwrite: bool, cfg: TrainConfig) -> None:
-    """Refuse to clobber another run; ``overwrite`` removes the files a run writes."""
+    """Refuse to clobber another run; ``overwrite`` removes the files a run writes.
+
+    A run that never wrote a checkpoint (it failed before the end of its first
+    epoch: NaN loss at step 0, an error while building) has nothing to lose, so
+    it is restarted without ``--overwrite``.
+    """
     if resume:
         return
     existing = [f for f in RUN_FILES if (out / f).exists()]
     if not existing:
         return
-    if overwrite:
+    never_checkpointed = not any((out / f).exists() for f in ("checkpoint.pt", "checkpoint.prev.pt", MODEL, SUMMARY))
+    if overwrite or never_checkpointed:
         for f in existing:
             (out / f).unlink()
         return
@@ -293,6 +357,31 @@ def _check_run_dir(out: Path, resume: bool, overwrite: bool, cfg: TrainConfig) -
                          "or pass --overwrite")
     raise ValueError(f"{out} holds an unfinished run ({', '.join(existing)}); continue it with --resume "
                      "or start over with --overwrite")
+
+
+def run_record(cfg: TrainConfig, recipe: Recipe, data: DataBundle) -> dict[str, Any]:
+    """What a saved model must carry to be used without its run: class names, input spec, settings.
+
+    ``classes[i]`` names output index ``i``; ``input`` is :meth:`Recipe.input_spec`
+    (image shape or sequence length); ``train_config`` is the full configuration
+    (recipe, options, data paths), from which ``padnet predict`` rebuilds the
+    preprocessing (normalisation, tokenizer).
+    """
+    try:
+        spec = recipe.input_spec(cfg, data)
+    except Exception as exc:  # informative only; never fail a finished run on it
+        spec = {"kind": "unknown", "error": f"{type(exc).__name__}: {exc}"}
+    return {"classes": recipe.class_names(cfg, data), "input": spec, "train_config": cfg.to_dict()}
+
+
+def resolve_paths(cfg: TrainConfig) -> None:
+    """Make the data paths absolute at the start of a run, so the saved config works from any directory."""
+    if cfg.data_dir is not None:
+        cfg.data_dir = str(Path(cfg.data_dir).expanduser().resolve())
+    for key in ("train_file", "test_file", "model_path", "tokenizer"):
+        value = cfg.options.get(key)
+        if isinstance(value, str) and value not in ("auto", "hash") and Path(value).expanduser().exists():
+            cfg.options[key] = str(Path(value).expanduser().resolve())
 
 
 def _mask_digest(model: nn.Module) -> str:
@@ -339,6 +428,7 @@ class Trainer:
                 print(f"{self.out} is already complete (summary.json); nothing to resume", flush=True)
             return summary
         recipe.validate(cfg)  # before writing anything
+        preflight(cfg, recipe, ctx.world_size)
         if ctx.is_main and not self.checked:
             _check_run_dir(self.out, self.resume, self.overwrite, cfg)
         if ctx.is_main:
@@ -498,9 +588,7 @@ class Trainer:
     # -------------------------------------------------------------- resume
     def _restore(self, ckpt: dict[str, Any]) -> None:
         ctx = self.ctx
-        if int(ckpt.get("world_size", 1)) != ctx.world_size:
-            raise ValueError(f"{ckpt['path']} was written by a run with {ckpt.get('world_size', 1)} process(es); "
-                             f"resume it with the same number (got {ctx.world_size})")
+        world_size_rule(int(ckpt.get("world_size", 1)), ctx.world_size, self.out)
         if int(ckpt.get("steps_per_epoch", self.steps_per_epoch)) != self.steps_per_epoch:
             raise ValueError(f"{ckpt['path']}: steps per epoch changed ({ckpt['steps_per_epoch']} -> "
                              f"{self.steps_per_epoch}); was the data or the batch size changed?")
@@ -712,8 +800,9 @@ class Trainer:
         files = [CONFIG, METRICS, MODEL, REPORT, CURVES, LOG, CHECKPOINT]
         if (self.out / PREVIOUS).exists():
             files.append(PREVIOUS)
+        record = run_record(cfg, self.recipe, self.data)
         save(model, self.out / MODEL, extra={"recipe": cfg.recipe, "variant": cfg.variant, "ratio": cfg.ratio,
-                                             "seed": cfg.seed, "test_accuracy": final["test_accuracy"]})
+                                             "seed": cfg.seed, "test_accuracy": final["test_accuracy"], **record})
         publish(self.out / MODEL)
         try:
             example = to_device(self.recipe.example_input(cfg, self.data), ctx.device)
@@ -754,6 +843,8 @@ class Trainer:
             "partition": self.partition_report,
             "partition_step": self.partition_step,
             "partition_masks_identical": self.masks_identical,
+            "classes": record["classes"],
+            "input": record["input"],
             "padnet_version": __version__,
             "device": str(ctx.device),
             "config": cfg.to_dict(),

@@ -51,10 +51,8 @@ def _temperature_modules(model: nn.Module) -> list[nn.Module]:
 
 
 def _partition_function():
-    try:  # padnet.transforms.partition after the issue-10 move; padnet.partition before it
-        from ..transforms.partition import partition_
-    except ImportError:  # pragma: no cover - depends on the merge state
-        from ..partition import partition_
+    from ..transforms.partition import partition_
+
     return partition_
 
 

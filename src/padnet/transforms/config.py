@@ -261,7 +261,7 @@ class PadConfig:
         self.version = version
         if options:
             check_override_keys(options)
-            nested = sorted(k for k in options if k not in _V1_CONV_KEYS and k not in _V1_MOE_KEYS)
+            nested = sorted(k for k in options if k not in _FLAT_CONV_KEYS and k not in _V1_MOE_KEYS)
             if nested:
                 raise TypeError(f"PadConfig got unexpected keyword arguments {nested}")
             self._check_blocks()

@@ -186,6 +186,26 @@ class Recipe:
         transform = self.batch_transform(cfg, train=False)
         return transform(inputs) if transform is not None else inputs
 
+    def input_spec(self, cfg, data: DataBundle) -> dict[str, Any]:
+        """What one model input looks like, saved with the model (exports and ``padnet predict`` read it).
+
+        Default, from :meth:`example_input`: a tensor gives ``{"kind": "image" | "tensor",
+        "shape": per-sample shape, "dtype"}``; a mapping with ``input_ids`` gives ``{"kind":
+        "tokens", "seq_len": ...}``.
+        """
+        example = self.example_input(cfg, data)
+        if isinstance(example, Tensor):
+            kind = "image" if example.ndim == 4 else "tensor"
+            return {"kind": kind, "shape": [int(d) for d in example.shape[1:]], "dtype": str(example.dtype)}
+        if isinstance(example, collections.abc.Mapping) and "input_ids" in example:
+            return {"kind": "tokens", "seq_len": int(example["input_ids"].shape[-1])}
+        return {"kind": type(example).__name__}
+
+    def class_names(self, cfg, data: DataBundle) -> list[str] | None:
+        """Names of the output indices (``class_names[i]`` is class ``i``), if the data knows them."""
+        names = data.info.get("classes") or data.info.get("label_names")
+        return [str(n) for n in names] if names else None
+
     # ---------------------------------------------------------------- model
     def build_model(self, cfg, data: DataBundle) -> nn.Module:
         raise NotImplementedError(f"recipe {self.name!r} does not implement build_model")

@@ -33,7 +33,8 @@ measured epoch times behind the defaults.
 Recipe options (``cfg.options``; config file keys or ``--set KEY=VALUE``):
 ``max_length``, ``pooling``, ``dropout``, ``head_lr``, ``warmup_ratio``,
 ``tokenizer`` (``auto`` | ``hash`` | a local tokenizer directory),
-``model_path``, ``test_fraction``, ``split_seed``; ``text-csv`` adds
+``model_path``, ``test_fraction``, ``split_seed``, ``encoding`` (of the data files, default
+strict UTF-8); ``text-csv`` adds
 ``train_file``, ``test_file``, ``text_column``, ``label_column``.
 """
 
@@ -85,6 +86,7 @@ TEXT_OPTIONS: dict[str, Any] = {
     "model_path": None,
     "test_fraction": 0.2,
     "split_seed": 0,
+    "encoding": "utf-8",
 }
 
 
@@ -195,6 +197,13 @@ class TextRecipe(Recipe):
         _as_float(cfg, "test_fraction", 0.0, 1.0, high_open=True)
         if self.opt(cfg, "pooling") not in ("mean", "cls"):
             raise ValueError(f"option pooling must be 'mean' or 'cls', got {cfg.options.get('pooling')!r}")
+        encoding = self.opt(cfg, "encoding")
+        import codecs
+
+        try:
+            codecs.lookup(encoding)
+        except (LookupError, TypeError):
+            raise ValueError(f"option encoding: unknown text encoding {encoding!r} (e.g. utf-8, latin-1)") from None
         tokenizer = _none_or_str(cfg, "tokenizer") or "auto"
         cfg.options["tokenizer"] = tokenizer
         model_path = _none_or_str(cfg, "model_path")
@@ -261,6 +270,12 @@ class TextRecipe(Recipe):
         bundle = DataBundle(train, test, train.collate_fn, num_classes=splits.num_labels, info=info)
         self._cache = (key, bundle)
         return bundle
+
+    def input_spec(self, cfg, data: DataBundle) -> dict[str, Any]:
+        """Token ids padded/truncated to ``max_length`` (what an export and ``padnet predict`` feed)."""
+        return {"kind": "tokens", "seq_len": int(self.opt(cfg, "max_length")),
+                "vocab_size": int(data.info.get("vocab_size") or 0) or None,
+                "tokenizer": data.info.get("tokenizer")}
 
     # ------------------------------------------------------------------- model
     def build_model(self, cfg, data: DataBundle) -> nn.Module:
@@ -353,7 +368,7 @@ class MovieSentimentRecipe(TextRecipe):
         from ...data import load_movie_sentiment
 
         return load_movie_sentiment(cfg.data_dir, test_fraction=float(self.opt(cfg, "test_fraction")),
-                                    seed=int(self.opt(cfg, "split_seed")))
+                                    seed=int(self.opt(cfg, "split_seed")), encoding=self.opt(cfg, "encoding"))
 
 
 def _find_split_file(root: Path, stem: str) -> Path | None:
@@ -419,4 +434,5 @@ class TextCSVRecipe(TextRecipe):
         train_file, test_file = self.data_files(cfg)
         return load_text_csv(train_file, text_column=self.opt(cfg, "text_column"),
                              label_column=self.opt(cfg, "label_column"), test_path=test_file,
-                             test_fraction=float(self.opt(cfg, "test_fraction")), seed=int(self.opt(cfg, "split_seed")))
+                             test_fraction=float(self.opt(cfg, "test_fraction")), seed=int(self.opt(cfg, "split_seed")),
+                             encoding=self.opt(cfg, "encoding"))

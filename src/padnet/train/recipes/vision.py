@@ -110,6 +110,11 @@ class VisionRecipe(Recipe):
         if cfg.model not in list_models():
             raise ValueError(f"unknown model {cfg.model!r} for recipe {self.name!r}; known models: "
                              f"{', '.join(list_models())}")
+        from ..config import parse_bool
+
+        for key in ("flip", "small_input"):
+            if cfg.options.get(key) is not None:  # imagefolder: small_input None = decide by image size
+                cfg.options[key] = parse_bool(cfg.options[key], f"option {key}")
         padding = cfg.options.get("crop_padding", 0)
         if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
             raise ValueError(f"option crop_padding must be an integer >= 0, got {padding!r}")

@@ -93,6 +93,16 @@ def _reachable_leaves(root: Tensor) -> set[int]:
     return leaves
 
 
+def check_finite_loss(loss: Tensor, batch_index: int) -> None:
+    """Scores from a NaN/inf loss would be NaN and pick arbitrary masks: refuse them."""
+    value = loss.detach().reshape(())
+    if not bool(torch.isfinite(value)):
+        raise ValueError(
+            f"partition_: the loss of scoring batch {batch_index} is {float(value)}; mode scores from a "
+            "non-finite loss would be meaningless (check the data, the model's weights and the loss function)"
+        )
+
+
 def _check_masks_in_graph(loss: Tensor, plans: list[LayerPlan]) -> None:
     """Every PAD layer that contributes to the loss must multiply by its mask (modes.combine_factors).
 
@@ -151,6 +161,7 @@ def collect_statistics(
                     "the loss does not depend on the PAD layers' mode masks (did loss_fn or the model detach "
                     "the output, or run under torch.no_grad?)"
                 )
+            check_finite_loss(loss, count)
             if count == 0 and "mask_grad" in needs:
                 _check_masks_in_graph(loss, plans)
             grads = torch.autograd.grad(loss.reshape(()), leaves, allow_unused=True)
