@@ -125,11 +125,11 @@ def test_pad_config_rejects_nan_and_strings():
         padnet.PadConfig(noise_std=float("nan"))
     with pytest.raises(ValueError, match="temperature"):
         padnet.PadConfig(temperature=float("inf"))
-    with pytest.raises(TypeError, match="num_kernels must be an integer, got '4'"):
+    with pytest.raises(TypeError, match=r"num_kernels \(K\) must be an int >= 1, got '4'"):
         padnet.PadConfig(num_kernels="4")
-    with pytest.raises(TypeError, match="temperature must be a finite number, got '2'"):
+    with pytest.raises(TypeError, match="temperature must be a number, got '2'"):
         padnet.PadConfig(temperature="2")
-    with pytest.raises(TypeError, match="num_kernels must be an integer, got 2.5"):
+    with pytest.raises(TypeError, match=r"num_kernels \(K\) must be an int >= 1, got 2.5"):
         padnet.PadConfig(num_kernels=2.5)
     with pytest.raises(TypeError, match="num_kernels"):
         padnet.PadConfig.from_dict({"num_kernels": "4"})
@@ -315,7 +315,7 @@ def test_read_only_directory_for_real(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("settings,message", [
-    ({"pad_config": {"num_kernels": "4"}}, "pad_config .*num_kernels must be an integer"),
+    ({"pad_config": {"num_kernels": "4"}}, r"pad_config .*num_kernels \(K\) must be an int"),
     ({"pad_config": {"target_modules": "layer[1"}}, "not a valid regular expression"),
     ({"partition_warmup_steps": 50}, "partition_warmup_steps=50 must be below the run's 2 optimizer steps"),
     ({"warmup_steps": 10}, "warmup_steps=10 must be below the run's 2 optimizer steps"),

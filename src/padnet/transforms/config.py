@@ -402,6 +402,8 @@ def migrate_v1(data: dict[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(data) - known)
     if unknown:
         raise ValueError(f"unknown PadConfig (version 1) keys {unknown}; known keys: {sorted(known)}")
+    if "dynamic_ratio" in data:  # dropped, but a value padnet 0.1 could not have written is a damaged file
+        check_ratio(data["dynamic_ratio"], "dynamic_ratio (padnet 0.1 PadConfig)")
     out: dict[str, Any] = {k: data[k] for k in top if k in data}
     out["version"] = CONFIG_VERSION
     out["conv"], out["moe"] = {}, {}
