@@ -48,13 +48,13 @@ from .statistics import BatchSource, collect_statistics
 from .units import LayerPlan
 
 try:  # the transform record (padnet/transforms/record.py) lands with the arch-state branch
-    from ..record import get_state
+    from ..record import find_state, get_state
 except ModuleNotFoundError as exc:  # pragma: no cover - the guard goes when the record is merged
     if exc.name != "padnet.transforms.record":
         raise
-    get_state = None
+    find_state = get_state = None
 
-__all__ = ["SCOPES", "SymmetricModesWarning", "partition_", "resolve_config"]
+__all__ = ["SCOPES", "SymmetricModesWarning", "partition_", "partition_record", "recorded_partition", "resolve_config"]
 
 
 class SymmetricModesWarning(UserWarning):
@@ -277,3 +277,10 @@ def _record_partition(model: nn.Module, cfg: PartitionConfig, report: PartitionR
     if get_state is None:  # pragma: no cover - the record is not merged yet
         return
     get_state(model).append("partition", **partition_record(cfg, report))
+
+
+def recorded_partition(model: nn.Module) -> dict[str, Any] | None:
+    """The params of ``model``'s last ``"partition"`` step in its transform record, or ``None``."""
+    state = find_state(model) if find_state is not None else None
+    step = state.last("partition") if state is not None else None
+    return None if step is None else dict(step.params)

@@ -20,7 +20,9 @@ from torch import Tensor
 from .scoring import LayerScores
 from .units import LayerPlan, round_half_up, select_top
 
-__all__ = ["apply_selection", "scheduled_ratio"]
+__all__ = ["MaskWriter", "apply_selection", "scheduled_ratio", "select_units", "write_masks"]
+
+MaskWriter = Callable[[dict[str, dict[str, Tensor]]], None]  # {layer: {group: bool mask}} -> None
 
 
 def scheduled_ratio(schedule: Callable, t: int, T: int, kappa: float, start: float) -> float:
@@ -33,7 +35,7 @@ def scheduled_ratio(schedule: Callable, t: int, T: int, kappa: float, start: flo
     return min(max(r, 0.0), 1.0)
 
 
-def _select_units(
+def select_units(
     plans: list[LayerPlan],
     scores: LayerScores,
     scope: str,
@@ -93,14 +95,26 @@ def apply_selection(
     ratios_before: dict[str, float],
     monotone: bool,
     total: int,
+    write: MaskWriter | None = None,
 ) -> float:
-    """Select and write the masks of iteration ``t``; returns the scheduled number of entries (float)."""
-    keeps, scheduled_entries = _select_units(
+    """Select and write the masks of iteration ``t``; returns the scheduled number of entries (float).
+
+    ``write`` receives ``{layer name: {group name: bool mask}}`` (default
+    :func:`write_masks`: ``layer.set_mode_mask`` for every group); a caller that
+    changes modes in another way (e.g. function-preserving transitions) passes
+    its own.
+    """
+    keeps, scheduled_entries = select_units(
         plans, scores, scope, lambda start: scheduled_ratio(schedule, t, T, kappa, start),
         start_global, ratios_before, monotone, total,
     )
-    for p, keep in zip(plans, keeps):
-        masks = p.decode(keep.to(p.groups[0].mask.device))
-        for g in p.groups:
-            p.layer.set_mode_mask(g.name, masks[g.name])
+    masks = {p.name: p.decode(keep.to(p.groups[0].mask.device)) for p, keep in zip(plans, keeps)}
+    (write or (lambda m: write_masks(plans, m)))(masks)
     return scheduled_entries
+
+
+def write_masks(plans: list[LayerPlan], masks: dict[str, dict[str, Tensor]]) -> None:
+    """``layer.set_mode_mask(group, mask)`` for every group of every planned layer."""
+    for p in plans:
+        for g in p.groups:
+            p.layer.set_mode_mask(g.name, masks[p.name][g.name])
