@@ -68,6 +68,8 @@ def test_defaults_match_the_documented_ones():
     (dict(train_mode=1), TypeError, "train_mode must be a bool"),
     (dict(seed=1.0), TypeError, "seed must be an int"),
     (dict(criterion_kwargs=[1]), TypeError, "criterion_kwargs must be a mapping"),
+    (dict(criterion_kwargs={"gamma": torch.tensor(0.1)}), TypeError, "criterion_kwargs must hold JSON values"),
+    (dict(criterion_kwargs={"eps": math.inf}), TypeError, "criterion_kwargs must hold JSON values"),
     (dict(monotone="yes"), TypeError, "monotone must be None or a bool"),
 ])
 def test_bad_options_are_refused_on_construction_and_replace(change, error, message):
@@ -224,3 +226,50 @@ def test_cli_builds_the_config_from_flags():
         p.ratio, p.criterion, p.iterations, p.schedule, p.scope, p.granularity, p.seed)
     with pytest.raises(ValueError, match="--batches must be >= 1"):
         partition_cmd.partition_config(parser.parse_args(["partition", "m", "--batches", "0"]))
+
+
+def test_cli_default_ratio_is_the_last_recorded_partition_else_the_config_default(monkeypatch):
+    from padnet.transforms.partition import partitioner
+
+    parser = argparse.ArgumentParser()
+    partition_cmd.register(parser.add_subparsers())
+    plain = parser.parse_args(["partition", "m.safetensors"])
+    explicit = parser.parse_args(["partition", "m.safetensors", "--ratio", "0.2"])
+    recorded = {}
+
+    class Step:
+        def __init__(self, params):
+            self.params = params
+
+    class State:
+        def last(self, op):
+            return Step(dict(recorded)) if op == "partition" and recorded else None
+
+    monkeypatch.setattr(partitioner, "find_state", lambda model: State())
+    model = tiny_model()
+    assert partition_cmd.partition_config(plain, model).ratio == 0.3  # nothing recorded: the default
+    recorded.update(ratio=0.45, criterion="taylor")
+    assert partition_cmd.partition_config(plain, model).ratio == 0.45
+    assert partition_cmd.partition_config(explicit, model).ratio == 0.2  # --ratio wins
+    recorded["ratio"] = 5.0  # a hostile file header
+    with pytest.raises(ValueError, match=r"the ratio recorded in the model's last partition must be in \(0, 1\]"):
+        partition_cmd.partition_config(plain, model)
+    monkeypatch.setattr(partitioner, "find_state", lambda model: None)  # a model padnet never recorded
+    assert partition_cmd.partition_config(plain, model).ratio == 0.3
+
+
+@pytest.mark.skipif(importlib.util.find_spec("padnet.transforms.record") is None,
+                    reason="the transform record (padnet.transforms.record) is not merged yet")
+def test_cli_default_ratio_survives_save_and_load(tmp_path):
+    import padnet
+    from padnet.models import create_model
+
+    model = create_model("resnet10", small_input=True, width=0.25, num_classes=5)
+    padnet.dynamize_(model, padnet.PadConfig(seed=0))
+    partition_(model, None, None, ratio=0.4, criterion="magnitude", iterations=1)
+    path = tmp_path / "m.safetensors"
+    padnet.save(model, path)
+    parser = argparse.ArgumentParser()
+    partition_cmd.register(parser.add_subparsers())
+    args = parser.parse_args(["partition", str(path)])
+    assert partition_cmd.partition_config(args, padnet.load(path)).ratio == 0.4

@@ -9,8 +9,10 @@ model and dynamizes it on the fly. Data criteria (``taylor`` ...) need batches:
 data-free criteria (``magnitude``, ``random``, ``set``) need none.
 
 The partition options are a :class:`~padnet.transforms.partition.PartitionConfig`
-built from the flags by :func:`partition_config` (its defaults and checks;
-``--ratio`` defaults to ``PartitionConfig.ratio`` = 0.3, whatever the file).
+built from the flags by :func:`partition_config` (its defaults and checks).
+Without ``--ratio`` kappa is the one the model was last partitioned at (its
+transform record), else ``PartitionConfig.ratio`` (0.3); never the file's
+``PadConfig``.
 """
 
 from __future__ import annotations
@@ -33,12 +35,12 @@ from ..transforms.partition import (
     GRANULARITIES,
     SCOPES,
     PartitionConfig,
-    check_ratio,
     get_criterion,
     list_criteria,
     list_schedules,
     partition_,
 )
+from ..transforms.partition.partitioner import recorded_partition
 from ..transforms.record import find_state
 from .common import add_model_args, random_inputs, zoo_model
 
@@ -60,8 +62,8 @@ def register(subparsers) -> None:
     add_model_args(p, default_model=None)
     p.add_argument("--num-kernels", type=int, default=4, help="K when dynamizing a zoo --model")
     p.add_argument("--ratio", type=float, default=None,
-                   help=f"target dynamic ratio kappa in (0, 1] (default: the ratio the model was last "
-                        f"partitioned at, else {DEFAULTS.ratio})")
+                   help=f"target dynamic ratio kappa in (0, 1] (default: the kappa the model was last partitioned "
+                        f"at, else {DEFAULTS.ratio})")
     p.add_argument("--criterion", default=DEFAULTS.criterion, help=f"one of {', '.join(list_criteria())}")
     p.add_argument("--iterations", type=int, default=DEFAULTS.iterations, help="IMP iterations T")
     p.add_argument("--schedule", default=DEFAULTS.schedule, help=f"one of {', '.join(list_schedules())}")
@@ -101,12 +103,21 @@ def load_model(args: argparse.Namespace) -> nn.Module:
     return model
 
 
-def partition_config(args: argparse.Namespace) -> PartitionConfig:
-    """The :class:`PartitionConfig` given by the flags (checked; errors name the flag)."""
+def partition_config(args: argparse.Namespace, model: nn.Module | None = None) -> PartitionConfig:
+    """The :class:`PartitionConfig` given by the flags (checked; errors name the flag).
+
+    Without ``--ratio``: the ratio of ``model``'s last recorded partition when
+    there is one, else the :class:`PartitionConfig` default.
+    """
     options = {field: getattr(args, flag[2:].replace("-", "_")) for field, flag in FLAG_OF.items()}
-    if options["ratio"] is None:  # resolved from the model's record once it is loaded (resolve_ratio)
-        del options["ratio"]
-    return PartitionConfig.from_options(options, labels=FLAG_OF)
+    labels = dict(FLAG_OF)
+    if options["ratio"] is None:
+        options["ratio"] = DEFAULTS.ratio
+        recorded = recorded_partition(model) if model is not None else None
+        if recorded is not None and "ratio" in recorded:
+            options["ratio"] = recorded["ratio"]
+            labels["ratio"] = "the ratio recorded in the model's last partition"
+    return PartitionConfig.from_options(options, labels=labels)
 
 
 def model_in_chans(model: nn.Module, default: int) -> int:
@@ -175,24 +186,15 @@ def recipe_batches(args: argparse.Namespace) -> tuple[list, Callable]:
     return batches, recipe.loss(cfg)
 
 
-def resolve_ratio(args: argparse.Namespace, model: nn.Module) -> float:
-    """``--ratio`` if given, else the ratio the model was last partitioned at (its record), else the default."""
-    if args.ratio is not None:
-        return check_ratio(args.ratio, "--ratio")
-    state = find_state(model)
-    step = state.last("partition") if state is not None else None
-    return check_ratio(step.params["ratio"] if step is not None else DEFAULT_RATIO, "ratio")
-
-
 # --------------------------------------------------------------------------------------------
 # the verb
 # --------------------------------------------------------------------------------------------
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = partition_config(args)  # validate the options before building the model
+    partition_config(args)  # validate the options before building the model
     model = load_model(args)
-    cfg = cfg.replace(ratio=resolve_ratio(args, model))
+    cfg = partition_config(args, model)
     batches, loss_fn = data_source(args, model)
     report = partition_(model, batches, loss_fn, cfg, progress=args.progress)
     source = args.model_path or f"{args.model} (dynamized, K={args.num_kernels})"

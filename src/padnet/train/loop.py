@@ -504,7 +504,7 @@ class Trainer:
         """Partition the modes now (any step): function-preserving transitions, optimizer state of changed
         entries reset (the LR schedule is per step and unaffected); logs the loss on the partition batches
         before and after."""
-        cfg, ctx = self.cfg, self.ctx
+        cfg = self.cfg
         batches = self._partition_batches()
         loss_before = self._batches_loss(batches)
         if not get_criterion(cfg.criterion).needs_data:  # data-free (magnitude, random, ...)

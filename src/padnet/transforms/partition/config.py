@@ -18,7 +18,7 @@ field              default          meaning
 ``warmup_steps``   0                trainer only: optimizer steps before partitioning
 ``train_mode``     ``False``        score in train mode (BatchNorm batch statistics)
 ``seed``           0                seed of the generator handed to criteria
-``criterion_kwargs`` ``{}``         extra keyword arguments of the criterion
+``criterion_kwargs`` ``{}``         extra keyword arguments of the criterion (JSON values)
 ``monotone``       ``None``         override the criterion's ranking rule
 ``preserve``       ``True``         function-preserving mode transitions (``False``: masks only)
 =================  ===============  =====================================================
@@ -35,6 +35,7 @@ options.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -117,6 +118,11 @@ class PartitionConfig:
             raise TypeError(f"{name('criterion_kwargs')} must be a mapping of keyword arguments, "
                             f"got {self.criterion_kwargs!r}")
         self.criterion_kwargs = dict(self.criterion_kwargs)
+        try:  # recorded in the transform record: plain JSON only
+            json.dumps(self.criterion_kwargs, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"{name('criterion_kwargs')} must hold JSON values (numbers, strings, lists), "
+                            f"got {self.criterion_kwargs!r}: {exc}") from None
         if self.monotone is not None and not isinstance(self.monotone, bool):
             raise TypeError(f"{name('monotone')} must be None or a bool, got {self.monotone!r}")
         if not isinstance(self.preserve, bool):

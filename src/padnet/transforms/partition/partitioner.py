@@ -46,11 +46,11 @@ from .selection import apply_selection
 from .statistics import BatchSource, collect_statistics
 from .units import LayerPlan
 from ..counting import count_parameters
-from ..record import get_state
+from ..record import find_state, get_state
 from ..transitions import ModeTransition
 
 
-__all__ = ["SCOPES", "SymmetricModesWarning", "partition_", "resolve_config"]
+__all__ = ["SCOPES", "SymmetricModesWarning", "partition_", "partition_record", "recorded_partition", "resolve_config"]
 
 
 class SymmetricModesWarning(UserWarning):
@@ -213,7 +213,7 @@ def partition_(
                     scores = {p.name: {g.name: next(flat) for g in p.groups} for p in plans}
                 target_entries = apply_selection(plans, scores, cfg.scope, sched, t, cfg.iterations, cfg.ratio,
                                                  start_global, ratios_before, use_monotone, total,
-                                                 transition)
+                                                 write=transition.set_masks)
                 kept = sum(int(g.mask.detach().sum()) for p in plans for g in p.groups)
                 history.append(IterationRecord(t, target_entries / total, kept, kept / total))
                 if progress:
@@ -291,3 +291,10 @@ def partition_record(cfg: PartitionConfig, report: PartitionReport) -> dict[str,
 def _record_partition(model: nn.Module, cfg: PartitionConfig, report: PartitionReport) -> None:
     """Append the call to ``model``'s transform record (``padnet.transforms.record``)."""
     get_state(model).append("partition", **partition_record(cfg, report))
+
+
+def recorded_partition(model: nn.Module) -> dict[str, Any] | None:
+    """The params of ``model``'s last ``"partition"`` step in its transform record, or ``None``."""
+    state = find_state(model)
+    step = state.last("partition") if state is not None else None
+    return None if step is None else dict(step.params)

@@ -12,7 +12,7 @@ ahead of static ones.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -20,10 +20,9 @@ from torch import Tensor
 from .scoring import LayerScores
 from .units import LayerPlan, round_half_up, select_top
 
-__all__ = ["apply_selection", "scheduled_ratio"]
+__all__ = ["MaskWriter", "apply_selection", "scheduled_ratio", "select_units", "write_masks"]
 
-if TYPE_CHECKING:
-    from ..transitions import ModeTransition
+MaskWriter = Callable[[dict[str, dict[str, Tensor]]], None]  # {layer: {group: bool mask}} -> None
 
 
 def scheduled_ratio(schedule: Callable, t: int, T: int, kappa: float, start: float) -> float:
@@ -36,7 +35,7 @@ def scheduled_ratio(schedule: Callable, t: int, T: int, kappa: float, start: flo
     return min(max(r, 0.0), 1.0)
 
 
-def _select_units(
+def select_units(
     plans: list[LayerPlan],
     scores: LayerScores,
     scope: str,
@@ -96,18 +95,26 @@ def apply_selection(
     ratios_before: dict[str, float],
     monotone: bool,
     total: int,
-    transition: "ModeTransition | None" = None,
+    write: MaskWriter | None = None,
 ) -> float:
-    """Select and write the masks of iteration ``t``; returns the scheduled number of entries (float)."""
-    keeps, scheduled_entries = _select_units(
+    """Select and write the masks of iteration ``t``; returns the scheduled number of entries (float).
+
+    ``write`` receives ``{layer name: {group name: bool mask}}`` (default
+    :func:`write_masks`: ``layer.set_mode_mask`` for every group); a caller that
+    changes modes in another way (e.g. function-preserving transitions) passes
+    its own.
+    """
+    keeps, scheduled_entries = select_units(
         plans, scores, scope, lambda start: scheduled_ratio(schedule, t, T, kappa, start),
         start_global, ratios_before, monotone, total,
     )
     masks = {p.name: p.decode(keep.to(p.groups[0].mask.device)) for p, keep in zip(plans, keeps)}
-    if transition is not None:  # function-preserving (padnet.transforms.transitions)
-        transition.set_masks(masks)
-    else:
-        for p in plans:
-            for group, mask in masks[p.name].items():
-                p.layer.set_mode_mask(group, mask)
+    (write or (lambda m: write_masks(plans, m)))(masks)
     return scheduled_entries
+
+
+def write_masks(plans: list[LayerPlan], masks: dict[str, dict[str, Tensor]]) -> None:
+    """``layer.set_mode_mask(group, mask)`` for every group of every planned layer."""
+    for p in plans:
+        for g in p.groups:
+            p.layer.set_mode_mask(g.name, masks[p.name][g.name])
