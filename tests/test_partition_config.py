@@ -198,7 +198,8 @@ def test_trainer_builds_its_partition_config_from_its_settings():
     assert resolve_config({"variant": "pad"}).ratio == p.ratio
     for settings, message in [
         ({"partition_iterations": 0}, "partition_iterations must be >= 1"),
-        ({"partition_iterations": "2"}, "partition_iterations must be an int"),  # ValueError, not TypeError
+        ({"partition_iterations": "two"}, "partition_iterations must be an integer"),  # ValueError, not TypeError
+        ({"partition_iterations": 2.5}, "partition_iterations must be an int"),
         ({"partition_batches": 0}, "partition_batches must be >= 1"),
         ({"partition_warmup_steps": -1}, "partition_warmup_steps must be >= 0"),
         ({"partition_scope": "model"}, "unknown partition_scope 'model'"),
