@@ -132,9 +132,9 @@ def save(model: nn.Module, path: str | Path, extra: dict[str, Any] | None = None
     path = Path(path)
     meta = build_metadata(model, extra)
     try:
-        header = json.dumps(meta, allow_nan=False)
+        header = json.dumps(meta)
     except (TypeError, ValueError) as exc:
-        raise TypeError(f"padnet.save: extra / transform record must be JSON (no NaN): {exc}") from None
+        raise TypeError(f"padnet.save: extra must be JSON-serialisable: {exc}") from None
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     _check_no_sharing(tensors)
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={METADATA_KEY: header}))
@@ -229,17 +229,18 @@ def read_file(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]
             tensors = {k: fh.get_tensor(k) for k in fh.keys()}
     except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
         raise CheckpointError(f"{path}: corrupt or not a safetensors file ({exc})") from exc
-    _check_dtype(meta, tensors, path)
     return meta, tensors
 
 
-def _check_dtype(meta: dict[str, Any], tensors: dict[str, torch.Tensor], path) -> None:
+def _check_dtype(model: nn.Module, meta: dict[str, Any], tensors: dict[str, torch.Tensor], path) -> None:
+    """The header's dtype (the parameters' dtype at save time) must be that of the stored parameters."""
     dtype = meta.get("dtype")
     if dtype is None:
         return
-    stored = {str(t.dtype) for t in tensors.values() if t.is_floating_point()}
+    stored = {str(tensors[k].dtype) for k, _ in model.named_parameters() if k in tensors}
     if stored and stored != {dtype}:
-        raise CheckpointError(f"{path}: metadata dtype {dtype!r} does not match the stored tensors {sorted(stored)}")
+        raise CheckpointError(f"{path}: metadata dtype {dtype!r} does not match the stored parameters "
+                              f"{sorted(stored)}")
 
 
 # ------------------------------------------------------------------------------ rebuilding
@@ -438,6 +439,7 @@ def load(path: str | Path, model: nn.Module | None = None, map_location: str | t
         raise TypeError(f"padnet.load: model must be an nn.Module or None, got {type(model).__name__}")
     meta, tensors = read_file(path)
     model = rebuild(meta, tensors, model, path)
+    _check_dtype(model, meta, tensors, path)
     _check_masks(model, tensors, path)
     try:
         model.load_state_dict(tensors, strict=True)
