@@ -273,3 +273,43 @@ def test_compact_form_counts_unchanged_by_load(tmp_path):
     assert padnet.count_parameters(loaded) == padnet.count_parameters(model)
     assert sum(is_compact_layer(m) for m in loaded.modules()) == sum(is_compact_layer(m) for m in model.modules())
     assert not list(pad_layers(loaded))
+
+
+def test_new_ops_register_a_replay_and_round_trip(tmp_path):
+    """A later transform (e.g. gates) adds modules: it registers its op with a replay, nothing else changes."""
+    from padnet.transforms.conversion import swap_module
+    from padnet.transforms.record import get_replay, register_op
+
+    class Gate(nn.Module):
+        def __init__(self, inner, n):
+            super().__init__()
+            self.inner, self.logit = inner, nn.Parameter(torch.zeros(n))
+
+        def forward(self, x):
+            return self.inner(x) * torch.sigmoid(self.logit)
+
+    def gate_(model, name):
+        inner = model.get_submodule(name)
+        swap_module(model, name, Gate(inner, inner.out_features))
+
+    def replay(model, params, ctx):
+        gate_(model, params["name"])
+
+    register_op("test_gate", replay)
+    try:
+        with pytest.raises(ValueError, match="already has a replay"):
+            register_op("test_gate", lambda *a: None)
+        model = resnet()
+        padnet.dynamize_(model, CONV_CFG)
+        gate_(model, "fc")
+        get_state(model).append("test_gate", name="fc")
+        with torch.no_grad():
+            model.fc.logit.fill_(0.7)
+        loaded = assert_round_trip(model, (IMAGE,), tmp_path, "gated")
+        assert isinstance(loaded.fc, Gate) and get_state(loaded).ops() == ["dynamize", "test_gate"]
+    finally:
+        from padnet.transforms import record
+
+        record._KNOWN_OPS.pop("test_gate")
+    with pytest.raises(KeyError, match="unknown transform op 'test_gate'"):
+        get_replay("test_gate")

@@ -129,7 +129,7 @@ def test_mask_values_in_a_compact_file_are_rejected(tmp_path):
 @pytest.mark.parametrize("dtype, message", [
     ("torch.bogus", "dtype 'torch.bogus' is not one of"),
     (["torch.float32"], "is not one of"),
-    ("torch.float16", "does not match the stored tensors"),
+    ("torch.float16", "does not match the stored parameters"),
     ("float32", "is not one of"),
 ])
 def test_bad_dtype_in_metadata(saved, tmp_path, dtype, message):

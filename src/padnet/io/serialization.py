@@ -44,7 +44,7 @@ from ..transforms.compact import compact_
 from ..transforms.config import PadConfig, migrate_v1
 from ..transforms.dynamize import dynamize_, select_targets
 from ..transforms.fold_bn import find_conv_bn_pairs, replay_fold_bn_
-from ..transforms.record import ARCHITECTURE_OPS, STATE_ATTRIBUTE, PadState, find_state, get_state
+from ..transforms.record import STATE_ATTRIBUTE, PadState, ReplayContext, find_state, get_replay, get_state, register_op
 
 FORMAT_VERSION = 2
 READABLE_FORMATS = (1, 2)
@@ -132,9 +132,9 @@ def save(model: nn.Module, path: str | Path, extra: dict[str, Any] | None = None
     path = Path(path)
     meta = build_metadata(model, extra)
     try:
-        header = json.dumps(meta, allow_nan=False)
+        header = json.dumps(meta)
     except (TypeError, ValueError) as exc:
-        raise TypeError(f"padnet.save: extra / transform record must be JSON (no NaN): {exc}") from None
+        raise TypeError(f"padnet.save: extra must be JSON-serialisable: {exc}") from None
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     _check_no_sharing(tensors)
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={METADATA_KEY: header}))
@@ -229,17 +229,18 @@ def read_file(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]
             tensors = {k: fh.get_tensor(k) for k in fh.keys()}
     except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
         raise CheckpointError(f"{path}: corrupt or not a safetensors file ({exc})") from exc
-    _check_dtype(meta, tensors, path)
     return meta, tensors
 
 
-def _check_dtype(meta: dict[str, Any], tensors: dict[str, torch.Tensor], path) -> None:
+def _check_dtype(model: nn.Module, meta: dict[str, Any], tensors: dict[str, torch.Tensor], path) -> None:
+    """The header's dtype (the parameters' dtype at save time) must be that of the stored parameters."""
     dtype = meta.get("dtype")
     if dtype is None:
         return
-    stored = {str(t.dtype) for t in tensors.values() if t.is_floating_point()}
+    stored = {str(tensors[k].dtype) for k, _ in model.named_parameters() if k in tensors}
     if stored and stored != {dtype}:
-        raise CheckpointError(f"{path}: metadata dtype {dtype!r} does not match the stored tensors {sorted(stored)}")
+        raise CheckpointError(f"{path}: metadata dtype {dtype!r} does not match the stored parameters "
+                              f"{sorted(stored)}")
 
 
 # ------------------------------------------------------------------------------ rebuilding
@@ -328,12 +329,16 @@ def _set_masks_from_file(model: nn.Module, meta: dict[str, Any], tensors: dict[s
             raise CheckpointError(f"{path}: mask {key!r} of layer {name!r}: {exc}") from None
 
 
+def _replays(op: str) -> bool:
+    return get_replay(op) is not None
+
+
 def _already_applied(model: nn.Module, steps: list[dict[str, Any]]) -> int:
     """How many leading architecture steps of the file the caller's model already has."""
     own = find_state(model)
     if own is not None and own.steps:
-        mine = [s.to_dict() for s in own.steps if s.op in ARCHITECTURE_OPS]
-        theirs = [s for s in steps if s["op"] in ARCHITECTURE_OPS]
+        mine = [s.to_dict() for s in own.steps if _replays(s.op)]
+        theirs = [s for s in steps if _replays(s["op"])]
         if [s["op"] for s in mine] != [s["op"] for s in theirs[: len(mine)]]:
             raise CheckpointError(f"the given model was transformed {[s['op'] for s in mine]} but the file "
                                   f"records {[s['op'] for s in theirs]}")
@@ -341,6 +346,28 @@ def _already_applied(model: nn.Module, steps: list[dict[str, Any]]) -> int:
     if any(True for _ in pad_layers(model)):  # dynamized without a record (hand-built): skip dynamize steps
         return sum(1 for s in steps if s["op"] == "dynamize")
     return 0
+
+
+def _replay_dynamize(model: nn.Module, params: dict[str, Any], ctx: ReplayContext) -> None:
+    dynamize_(model, PadConfig.from_dict(params["config"]))
+    sites = params.get("sites")
+    got = get_state(model).steps[-1].params["sites"]
+    if sites is not None and got != sites:
+        raise CheckpointError(f"{ctx.source}: replaying dynamize converted {got}, the file records {sites}")
+
+
+def _replay_compact(model: nn.Module, params: dict[str, Any], ctx: ReplayContext) -> None:
+    _set_masks_from_file(model, ctx.metadata, ctx.tensors, ctx.source)
+    compact_(model)
+
+
+def _replay_fold_bn(model: nn.Module, params: dict[str, Any], ctx: ReplayContext) -> None:
+    replay_fold_bn_(model, params.get("pairs", []))
+
+
+register_op("dynamize", _replay_dynamize)
+register_op("compact", _replay_compact)
+register_op("fold_bn", _replay_fold_bn)
 
 
 def rebuild(meta: dict[str, Any], tensors: dict[str, torch.Tensor], model: nn.Module | None, path) -> nn.Module:
@@ -358,26 +385,16 @@ def rebuild(meta: dict[str, Any], tensors: dict[str, torch.Tensor], model: nn.Mo
         model.to(FLOAT_DTYPES[meta["dtype"]])
     steps = [s.to_dict() for s in state.steps]
     skip = _already_applied(model, steps)
+    ctx = ReplayContext(tensors=tensors, metadata=meta, source=str(path))
     done = 0
     try:
         for step in steps:
-            op, params = step["op"], step["params"]
-            if op not in ARCHITECTURE_OPS:
+            replay = get_replay(step["op"])
+            if replay is None:
                 continue
             done += 1
-            if done <= skip:
-                continue
-            if op == "dynamize":
-                dynamize_(model, PadConfig.from_dict(params["config"]))
-                sites = params.get("sites")
-                got = get_state(model).steps[-1].params["sites"]
-                if sites is not None and got != sites:
-                    raise CheckpointError(f"{path}: replaying dynamize converted {got}, the file records {sites}")
-            elif op == "compact":
-                _set_masks_from_file(model, meta, tensors, path)
-                compact_(model)
-            elif op == "fold_bn":
-                replay_fold_bn_(model, params.get("pairs", []))
+            if done > skip:
+                replay(model, step["params"], ctx)
     except CheckpointError:
         raise
     except (KeyError, TypeError, ValueError) as exc:
@@ -422,6 +439,7 @@ def load(path: str | Path, model: nn.Module | None = None, map_location: str | t
         raise TypeError(f"padnet.load: model must be an nn.Module or None, got {type(model).__name__}")
     meta, tensors = read_file(path)
     model = rebuild(meta, tensors, model, path)
+    _check_dtype(model, meta, tensors, path)
     _check_masks(model, tensors, path)
     try:
         model.load_state_dict(tensors, strict=True)
