@@ -42,11 +42,15 @@ def fused_enabled() -> bool:
 
 
 def build_directory() -> Path:
-    """Cache directory of the compiled kernel: per torch version, CPU model (``-march=native``) and source."""
+    """Cache directory of the compiled kernel: per torch version, CPU model (``-march=native``) and source.
+
+    Under ``$PADNET_EXTENSIONS_DIR`` if set, else ``<cache dir>/extensions``.
+    """
     digest = hashlib.sha1(
         "\n".join([torch.__version__, cpu_model(), SOURCE.read_text(encoding="utf-8")]).encode()
     ).hexdigest()[:16]
-    return cache_dir() / "extensions" / f"fused_dynamic_conv-{digest}"
+    root = os.environ.get("PADNET_EXTENSIONS_DIR")
+    return (Path(root) if root else cache_dir() / "extensions") / f"fused_dynamic_conv-{digest}"
 
 
 def load_fused(verbose: bool = False) -> ModuleType | None:
