@@ -16,9 +16,16 @@ from padnet.ops.geometry import ConvGeometry
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+@pytest.fixture(autouse=True)
+def fused_on(monkeypatch):
+    monkeypatch.setenv("PADNET_FUSED", "1")  # opt-in (docs/benchmarks.md)
+
+
 @pytest.fixture(scope="module")
 def kernel():
-    module = fused.load_fused()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PADNET_FUSED", "1")
+        module = fused.load_fused()
     assert module is not None, f"the fused kernel did not build: {fused._FAILED}"
     return module
 
@@ -113,3 +120,5 @@ def test_without_the_kernel_the_pure_pytorch_backends_serve(tuning, monkeypatch)
     monkeypatch.setattr(fused, "_FAILED", None)
     monkeypatch.setenv("PADNET_FUSED", "0")
     assert fused.load_fused() is None and not fused.fused_enabled()
+    monkeypatch.delenv("PADNET_FUSED")
+    assert not fused.fused_enabled()  # off by default

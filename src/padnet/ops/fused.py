@@ -7,13 +7,16 @@ and read back (or, tiled, stream through main memory in pieces). The kernel in
 16 output channels in a thread-local buffer and multiplies them with the
 sample's unfolded input at once, so they never leave L1/L2.
 
-It is one more *candidate* of the autotuner (:mod:`.backend_selection`), used
-only where it measured fastest, and only for inference (no autograd), CPU,
-``groups == 1``, float32/float64. Building needs a C++ compiler (and ninja);
-the first build takes about a minute, later processes load the cached library
-from ``<padnet cache dir>/extensions/`` (keyed by torch version, CPU model and
-source). Without a compiler, or with ``PADNET_FUSED=0``, the pure-PyTorch
-backends are used and nothing else changes (one warning when a build fails).
+With ``PADNET_FUSED=1`` it is one more *candidate* of the autotuner
+(:mod:`.backend_selection`), used only where it measured fastest, and only for
+inference (no autograd), CPU, ``groups == 1``, float32/float64. It is **off by
+default**: in its first (smoke, machine under load) measurement it was 2-10x
+slower than the best PyTorch backend at the ResNet-18 shapes, so building it
+(about a minute of compiler time inside a user's first call) would buy nothing
+yet. Building needs a C++ compiler (and ninja); later processes load the
+cached library from ``$PADNET_EXTENSIONS_DIR`` or ``<padnet cache dir>/extensions/``
+(keyed by torch version, CPU model and source). Without a compiler the
+pure-PyTorch backends are used and nothing else changes (one warning).
 """
 
 from __future__ import annotations
@@ -37,8 +40,8 @@ _FAILED: str | None = None  # why the build failed (not retried in this process)
 
 
 def fused_enabled() -> bool:
-    """``PADNET_FUSED`` (default on): whether the fused kernel may be built and used."""
-    return os.environ.get("PADNET_FUSED", "1").strip().lower() not in ("0", "false", "no", "off")
+    """``PADNET_FUSED`` (default off): whether the fused kernel may be built and used."""
+    return os.environ.get("PADNET_FUSED", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
 def build_directory() -> Path:
