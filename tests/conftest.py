@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -21,5 +23,12 @@ def one_thread():
 
 # The suite checks numbers, not speed: backend="auto" uses the deterministic cost rule unless a test turns
 # autotuning on, and any autotune cache file goes to a throw-away directory, never the user's ~/.cache.
+# The compiled fused kernel is the exception: it is keyed by torch, CPU and source, and rebuilding it for every
+# session would cost a minute, so it stays in the user's extension cache.
 os.environ["PADNET_AUTOTUNE"] = "0"
+os.environ.setdefault("PADNET_EXTENSIONS_DIR", os.path.join(
+    os.environ.get("PADNET_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "padnet"),
+    "extensions"))
 os.environ["PADNET_CACHE_DIR"] = tempfile.mkdtemp(prefix="padnet-test-cache-")
+atexit.register(shutil.rmtree, os.environ["PADNET_CACHE_DIR"], ignore_errors=True)

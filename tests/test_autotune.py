@@ -19,6 +19,7 @@ def tuning(tmp_path, monkeypatch):
     """Autotuning on, cache directory empty and private to the test, process caches cleared before and after."""
     monkeypatch.setenv("PADNET_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("PADNET_AUTOTUNE", "1")
+    monkeypatch.setenv("PADNET_FUSED", "0")  # the C++ candidate has its own tests (test_fused.py)
     autotune.set_autotune(None)
     autotune.clear_autotune_cache()
     yield tmp_path / "cache"
@@ -121,6 +122,7 @@ def test_cache_file_of_another_torch_or_cpu_is_not_used(tuning, monkeypatch):
         monkeypatch.undo()
         monkeypatch.setenv("PADNET_CACHE_DIR", str(tuning))
         monkeypatch.setenv("PADNET_AUTOTUNE", "1")
+        monkeypatch.setenv("PADNET_FUSED", "0")
     # a file whose stored fingerprint disagrees with its name (copied by hand) is ignored too
     autotune.clear_autotune_cache()
     data = json.loads(first.read_text())

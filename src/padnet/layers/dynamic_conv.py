@@ -376,6 +376,18 @@ class DynamicConv2d(_ConvGeometry, PadLayerMixin, nn.Module):
         computed once and reused until a parameter or the mask changes.
         """
         if st.kind == "channel":
+            if not cache and self.groups == 1:
+                # training, wide outputs (grouped-conv territory): the whole layer as one masked dynamic conv,
+                # the mask folded into its autograd (no weight-sized copies kept for the backward)
+                n_dyn, n_sta = st.dynamic_index.numel(), st.static_index.numel()
+                shape_rows = self.weight_dynamic.narrow(1, 0, n_dyn)  # decision by shapes: views, no copies
+                if channel_split_runs_dense(x, pi, shape_rows, self.stride, self.padding, self.dilation, 1, "auto",
+                                            self.weight_static.narrow(0, 0, n_sta), st.order):
+                    lambda_s, lambda_d = self.scales()
+                    return masked_dynamic_conv2d(
+                        x, pi, self.weight_dynamic, self.weight_static, self.mode_mask, lambda_s, lambda_d,
+                        *self._bias_factors(lambda_s, lambda_d), self.stride, self.padding, self.dilation, 1)
+
             def rows():
                 lam_s, lam_d = self.scales()
                 return (self.weight_dynamic.index_select(1, st.dynamic_index) * lam_d,

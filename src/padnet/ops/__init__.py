@@ -4,7 +4,9 @@ Modules: :mod:`.exporting` (is a graph being captured?), :mod:`.geometry`,
 :mod:`.workspace` (reused scratch buffers), :mod:`.im2col`, :mod:`.bmm_kernels`
 and :mod:`.bmm_autograd` (tiled weight-space GEMM), :mod:`.conv_backends`,
 :mod:`.autotune` and :mod:`.backend_selection` (which backend runs),
-:mod:`.dynamic_conv` (the functional dynamic conv), :mod:`.channel_split`.
+:mod:`.dynamic_conv` (the functional dynamic conv), :mod:`.channel_split`,
+:mod:`.masked_factors` and :mod:`.masked_conv` (element-mask training without
+weight-sized copies), :mod:`.fused` (opt-in C++/OpenMP inference kernel, ``csrc/``).
 """
 
 from .autotune import autotune_cache, autotune_enabled, clear_autotune_cache, set_autotune

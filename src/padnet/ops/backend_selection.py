@@ -14,6 +14,7 @@ from torch import Tensor
 from . import autotune
 from .conv_backends import CONCRETE_BACKENDS, run_backend
 from .exporting import is_exporting
+from .fused import fused_applicable
 from .geometry import ConvGeometry
 
 BACKENDS = ("auto", *CONCRETE_BACKENDS)
@@ -124,6 +125,8 @@ def resolve_backend(x: Tensor, pi: Tensor, dyn: Tensor, sta: Tensor | None, stri
         candidates = [rule] + [b for b in CONCRETE_BACKENDS if b != rule]
         if groups > 1 and groups == dyn.shape[1]:  # depthwise: width-1 GEMMs are never competitive
             candidates = [b for b in candidates if b != "bmm"] or ["weight"]
+        if fused_applicable(x, pi, dyn, sta, groups, grad):
+            candidates.append("fused")
         choice = autotune.lookup(key, candidates)
         if choice is None:
             choice = autotune.tune(key, candidates, _trial_runner(x, pi, dyn, sta, geom, padding, grad), x.device)

@@ -94,7 +94,14 @@ def weight_space_bmm(x: Tensor, pi: Tensor, dyn: Tensor, sta: Tensor | None, geo
         return bmm_tiled_forward(x, pi, dyn, sta, geom)
 
 
-_RUNNERS = {"weight": weight_space, "bmm": weight_space_bmm, "output": output_space}
+def _fused(x, pi, dyn, sta, geom, padding):
+    from .fused import fused_dynamic_conv2d  # C++ kernel: loaded only when the autotuner considers it
+
+    return fused_dynamic_conv2d(x, pi, dyn, sta, geom, padding)
+
+
+# "fused" (C++/OpenMP, inference only, built on first use) is an autotune candidate, not a user-facing name
+_RUNNERS = {"weight": weight_space, "bmm": weight_space_bmm, "output": output_space, "fused": _fused}
 
 
 def run_backend(name: str, x: Tensor, pi: Tensor, dyn: Tensor, sta: Tensor | None, geom: ConvGeometry,
@@ -103,7 +110,7 @@ def run_backend(name: str, x: Tensor, pi: Tensor, dyn: Tensor, sta: Tensor | Non
     try:
         runner = _RUNNERS[name]
     except KeyError:
-        raise ValueError(f"unknown backend {name!r}; expected one of {CONCRETE_BACKENDS}") from None
+        raise ValueError(f"unknown backend {name!r}; expected one of {tuple(_RUNNERS)}") from None
     return runner(x, pi, dyn, sta, geom, padding)
 
 

@@ -1,0 +1,124 @@
+"""The fused C++/OpenMP per-sample conv (padnet.ops.fused): numbers, autotune candidate, fallback without it.
+
+The kernel is built once per session into the test cache directory (about a
+minute of compiler time on an idle 2-core machine).
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from padnet import ops
+from padnet.layers import CompactDynamicConv2d, DynamicConv2d
+from padnet.ops import autotune, backend_selection, fused
+from padnet.ops.geometry import ConvGeometry
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(autouse=True)
+def fused_on(monkeypatch):
+    monkeypatch.setenv("PADNET_FUSED", "1")  # opt-in (docs/benchmarks.md)
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PADNET_FUSED", "1")
+        module = fused.load_fused()
+    assert module is not None, f"the fused kernel did not build: {fused._FAILED}"
+    return module
+
+
+def reference(x, pi, dyn, sta, stride, padding, dilation):
+    outs = []
+    for b in range(x.shape[0]):
+        w = torch.einsum("k,k...->...", pi[b], dyn) + (0 if sta is None else sta)
+        outs.append(F.conv2d(x[b : b + 1], w, None, stride, padding, dilation))
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("cin, cout, kernel_size, stride, padding, dilation, hw", [
+    (6, 10, 3, 1, 1, 1, (7, 8)),     # L = 56: register blocks with a remainder, O not a multiple of 16
+    (5, 33, 3, 2, 2, 2, (9, 9)),     # strided, dilated; three channel tiles, the last partial
+    (8, 16, 1, 1, 0, 1, (4, 4)),     # pointwise, L = 16 exactly
+    (4, 7, (3, 2), 1, "same", (1, 2), (5, 6)),
+])
+@pytest.mark.parametrize("with_static", [True, False])
+def test_fused_matches_per_sample_reference(kernel, dtype, cin, cout, kernel_size, stride, padding, dilation, hw,
+                                            with_static):
+    torch.manual_seed(0)
+    ks = kernel_size if isinstance(kernel_size, tuple) else (kernel_size, kernel_size)
+    x = torch.randn(3, cin, *hw, dtype=dtype)
+    pi = torch.softmax(torch.randn(3, 4, dtype=dtype), -1)
+    dyn = torch.randn(4, cout, cin, *ks, dtype=dtype)
+    sta = torch.randn(cout, cin, *ks, dtype=dtype) if with_static else None
+    geom = ConvGeometry(ks, stride, padding, dilation, 1)
+    with torch.no_grad():
+        y = fused.fused_dynamic_conv2d(x, pi, dyn, sta, geom, padding)
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(y, reference(x, pi, dyn, sta, stride, padding, dilation), **tol)
+
+
+def test_fused_refuses_autograd_and_grouped(kernel):
+    x, pi = torch.randn(2, 4, 5, 5), torch.softmax(torch.randn(2, 3), -1)
+    dyn = torch.randn(3, 4, 4, 3, 3, requires_grad=True)
+    with pytest.raises(RuntimeError, match="inference only"):
+        fused.fused_dynamic_conv2d(x, pi, dyn, None, ConvGeometry((3, 3), 1, 1, 1, 1), 1)
+    with pytest.raises(ValueError, match="groups"), torch.no_grad():
+        fused.fused_dynamic_conv2d(x, pi, dyn[:, :, :2], None, ConvGeometry((3, 3), 1, 1, 1, 2), 1)
+    assert not fused.fused_applicable(x, pi, dyn, None, 1, grad=True)
+    assert not fused.fused_applicable(x.half(), pi.half(), dyn.half(), None, 1, grad=False)
+    assert fused.fused_applicable(x, pi, dyn.detach(), None, 1, grad=False)
+
+
+@pytest.fixture
+def tuning(tmp_path, monkeypatch):
+    monkeypatch.setenv("PADNET_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("PADNET_AUTOTUNE", "1")
+    autotune.set_autotune(None)
+    autotune.clear_autotune_cache()
+    yield
+    autotune.clear_autotune_cache()
+
+
+def test_autotune_times_the_fused_kernel_for_inference_only(kernel, tuning, monkeypatch):
+    calls = []
+    real = backend_selection.run_backend
+    monkeypatch.setattr(backend_selection, "run_backend", lambda name, *a, **k: calls.append(name) or real(name, *a, **k))
+    torch.manual_seed(0)
+    layer = DynamicConv2d(8, 12, 3, padding=1).eval()
+    compact = CompactDynamicConv2d(layer)
+    x = torch.randn(4, 8, 6, 6)
+    with torch.no_grad():
+        ref = reference(x, layer.routing_weights(x), layer.weight_dynamic * layer.scales()[1], None, 1, 1, 1)
+        torch.testing.assert_close(compact(x), ref, rtol=1e-4, atol=1e-4)
+    assert "fused" in calls and set(calls) <= {*ops.CONCRETE_BACKENDS, "fused"}
+    calls.clear()
+    compact(x).sum().backward()  # training: the kernel has no backward, so it is not a candidate
+    assert calls and "fused" not in calls
+
+
+def test_without_the_kernel_the_pure_pytorch_backends_serve(tuning, monkeypatch):
+    monkeypatch.setattr(fused, "_MODULE", None)
+    monkeypatch.setattr(fused, "_FAILED", None)
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    import torch.utils.cpp_extension as cpp_extension
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    x = torch.randn(4, 4, 6, 6, dtype=torch.double)
+    pi = torch.softmax(torch.randn(4, 3, dtype=torch.double), -1)
+    dyn = torch.randn(3, 5, 4, 3, 3, dtype=torch.double)
+    with pytest.warns(RuntimeWarning, match="could not be built"), torch.no_grad():
+        y = ops.dynamic_conv2d(x, pi, dyn, None, padding=1)
+    torch.testing.assert_close(y, reference(x, pi, dyn, None, 1, 1, 1))
+    assert fused.load_fused() is None  # not retried
+    assert set(ops.autotune_cache().values()) <= set(ops.CONCRETE_BACKENDS)
+    monkeypatch.setattr(fused, "_FAILED", None)
+    monkeypatch.setenv("PADNET_FUSED", "0")
+    assert fused.load_fused() is None and not fused.fused_enabled()
+    monkeypatch.delenv("PADNET_FUSED")
+    assert not fused.fused_enabled()  # off by default
