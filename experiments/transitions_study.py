@@ -110,29 +110,30 @@ def cmd_partition(args) -> None:
     print(json.dumps(result, indent=2))
 
 
+OFFICIAL = {"init": "fresh", "router_init": "official"}
+
+
+def _schedule(start: float, end: float = 1.0, fraction: float | None = None, epochs: float = 3.0) -> dict:
+    """Explicit temperature settings (independent of the recipe defaults of the day)."""
+    return {"temperature_start": start, "temperature_end": end, "temperature_anneal_fraction": fraction,
+            "temperature_epochs": epochs}
+
+
 CONFIGS = {
-    # today's defaults before issue 11: inherited kernels + 1 % noise, torch router init, 30 -> 1 over 1 epoch
-    "before": {"pad_config": {"init": "inherit", "router_init": "torch"}, "temperature_start": 30.0,
-               "temperature_epochs": 3.0},
-    "fresh-torch-T1": {"pad_config": {"init": "fresh", "router_init": "torch"}, "temperature_start": 1.0},
-    "fresh-official-T1": {"pad_config": {"init": "fresh", "router_init": "official"}, "temperature_start": 1.0},
-    "fresh-official-30to1-10pct": {"pad_config": {"init": "fresh", "router_init": "official"},
-                                   "temperature_start": 30.0, "temperature_anneal_fraction": 0.1},
-    "fresh-official-30to1-half": {"pad_config": {"init": "fresh", "router_init": "official"},
-                                  "temperature_start": 30.0, "temperature_epochs": 3.0},
+    # the defaults before issue 11: inherited kernels + 1 % noise, torch router init, 30 -> 1 over the first
+    # min(3 epochs, half the run) = 1 epoch
+    "before": {"pad_config": {"init": "inherit", "router_init": "torch"}, **_schedule(30.0)},
+    "fresh-torch-T1": {"pad_config": {"init": "fresh", "router_init": "torch"}, **_schedule(1.0)},
+    "fresh-official-T1": {"pad_config": OFFICIAL, **_schedule(1.0)},
+    "fresh-official-30to1-10pct": {"pad_config": OFFICIAL, **_schedule(30.0, 1.0, 0.1)},
+    "fresh-official-30to1-half": {"pad_config": OFFICIAL, **_schedule(30.0)},
     "fresh-torch-30to1-10pct": {"pad_config": {"init": "fresh", "router_init": "torch"},
-                                "temperature_start": 30.0, "temperature_anneal_fraction": 0.1},
+                                **_schedule(30.0, 1.0, 0.1)},
     "inherit-official-30to1-10pct": {"pad_config": {"init": "inherit", "router_init": "official"},
-                                     "temperature_start": 30.0, "temperature_anneal_fraction": 0.1},
-    "fresh-official-30to3-10pct": {"pad_config": {"init": "fresh", "router_init": "official"},
-                                   "temperature_start": 30.0, "temperature_end": 3.0,
-                                   "temperature_anneal_fraction": 0.1},
-    "fresh-official-30to5-10pct": {"pad_config": {"init": "fresh", "router_init": "official"},
-                                   "temperature_start": 30.0, "temperature_end": 5.0,
-                                   "temperature_anneal_fraction": 0.1},
-    "fresh-official-T5": {"pad_config": {"init": "fresh", "router_init": "official"}, "temperature_start": 5.0,
-                          "temperature_end": 5.0},
-    "after": {},  # the recipe defaults after issue 11
+                                     **_schedule(30.0, 1.0, 0.1)},
+    "fresh-official-30to3-10pct": {"pad_config": OFFICIAL, **_schedule(30.0, 3.0, 0.1)},
+    "fresh-official-30to5-10pct": {"pad_config": OFFICIAL, **_schedule(30.0, 5.0, 0.1)},
+    "after": {},  # the recipe defaults after issue 11 (fresh, official router, 30 -> 3 over the first 10 %)
 }
 
 
