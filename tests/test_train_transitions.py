@@ -140,7 +140,7 @@ def test_flags_and_bad_values(capsys):
     from padnet.cli import main
 
     cfg = resolve_config({"recipe": "fashion-mnist", "partition_warmup_steps": 5})
-    assert cfg.partition_preserve is True and cfg.temperature_anneal_fraction is None
+    assert cfg.partition_preserve is True and cfg.temperature_anneal_fraction == 0.1
     assert cfg.pad_config == {"init": "fresh", "router_init": "official"}  # vision: trained from scratch
     for key, value, match in (("temperature_anneal_fraction", 1.5, "temperature_anneal_fraction"),
                               ("temperature_anneal_fraction", -0.1, "temperature_anneal_fraction"),
@@ -154,3 +154,11 @@ def test_flags_and_bad_values(capsys):
         get_recipe("fashion-mnist").pad_config(bad, None)
     assert main(["train", "--partition-at-step", "-1", "--output-dir", "/nonexistent/x", "--quiet"]) == 2
     assert "partition_warmup_steps must be >= 0, got -1" in capsys.readouterr().err
+
+
+def test_explicit_temperature_epochs_override_the_recipe_fraction():
+    assert resolve_config({"recipe": "fashion-mnist"}).temperature_anneal_fraction == 0.1
+    cfg = resolve_config({"recipe": "fashion-mnist", "temperature_epochs": 1})
+    assert cfg.temperature_anneal_fraction is None and cfg.temperature_epochs == 1
+    cfg = resolve_config({"recipe": "fashion-mnist", "temperature_epochs": 1, "temperature_anneal_fraction": 0.2})
+    assert cfg.temperature_anneal_fraction == 0.2

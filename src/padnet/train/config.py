@@ -377,6 +377,10 @@ def resolve_config(flags: dict[str, Any], file_values: dict[str, Any] | None = N
                     + (f"; options of recipe {recipe.name!r}: {', '.join(sorted(recipe.options))}"
                        if recipe.options else "")
                 )
+    # an explicit --temperature-epochs wins over a recipe's default anneal fraction (and vice versa)
+    explicit = set(file_values) | set(flags)
+    if "temperature_epochs" in explicit and "temperature_anneal_fraction" not in explicit:
+        merged["temperature_anneal_fraction"] = None
     merged["recipe"] = recipe.name
     merged["options"] = options
     merged["pad_config"] = pad_config
