@@ -386,3 +386,31 @@ def test_resume_of_torchrun_run_with_nproc(tmp_path, monkeypatch):
         train(plain, resume=True)
     assert train(with_nproc, resume=True) == {"ok": True}
     assert spawned == [2]
+
+
+def test_dtype_and_device_arguments():
+    from padnet.data.transforms import ToFloat
+    from padnet.train.distributed import resolve_device
+
+    assert ToFloat("torch.float16").dtype == torch.float16 and ToFloat("bfloat16").dtype == torch.bfloat16
+    assert ToFloat(torch.float64)(torch.zeros(2, 2, dtype=torch.uint8)).dtype == torch.float64
+    with pytest.raises(ValueError, match="dtype must be one of .*got 'torch.bogus'"):
+        ToFloat("torch.bogus")
+    with pytest.raises(ValueError, match="floating-point dtype"):
+        ToFloat(torch.int64)
+    with pytest.raises(ValueError, match="unknown device 'bogus'"):
+        resolve_device("bogus")
+
+
+def test_cli_evaluate_and_predict_bad_device(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(TrainConfig().to_dict()))
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+    padnet.save(model, run / "model.safetensors")
+    assert main(["evaluate", str(run), "--device", "bogus"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown device 'bogus'" in err and "Traceback" not in err
+    assert main(["predict", str(run), str(tmp_path / "x.png"), "--device", "bogus"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown device 'bogus'" in err and "Traceback" not in err

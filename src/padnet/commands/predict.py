@@ -175,14 +175,14 @@ def image_files(inputs: list[str]) -> list[Path]:
 
 def text_rows(inputs: list[str], column: str, encoding: str) -> tuple[list[str], list[str]]:
     """``(ids, texts)``: ``FILE:ROW`` and the text of every row of every input file."""
-    from ..data.text import _read_records
+    from ..data.text import read_text_records
 
     ids, texts = [], []
     for item in inputs:
         p = Path(item)
         if not p.is_file():
             raise FileNotFoundError(f"{p}: no such file")
-        rows, present = _read_records(p, encoding)
+        rows, present = read_text_records(p, encoding)
         if column not in present:
             raise ValueError(f"{p}: no column {column!r}; columns present: {present} (choose one with --text-column)")
         for i, row in enumerate(rows, 1):

@@ -36,6 +36,7 @@ __all__ = [
     "TextSplits",
     "load_movie_sentiment",
     "load_text_csv",
+    "read_text_records",
     "TokenizedDataset",
     "collate",
 ]
@@ -138,6 +139,17 @@ def _read_records(path: Path, encoding: str = "utf-8") -> tuple[list[dict[str, A
     if not all(isinstance(r, dict) for r in rows):
         raise DatasetFormatError(f"{path}: every JSON record must be an object")
     return rows, list(rows[0].keys()) if rows else []
+
+
+def read_text_records(path: str | Path, encoding: str = "utf-8") -> tuple[list[dict[str, Any]], list[str]]:
+    """Rows of a ``.csv`` / ``.tsv`` / ``.jsonl`` / ``.json`` file (optionally ``.gz``) as dicts, and the column names.
+
+    Strict ``encoding`` (default UTF-8); malformed files raise :class:`DatasetFormatError` naming the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetNotFoundError(f"{path}: no such file")
+    return _read_records(path, encoding)
 
 
 def _columns(path: Path, text_column: str, label_column: str,

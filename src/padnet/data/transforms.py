@@ -48,14 +48,32 @@ class Compose:
         return f"Compose([{inner}])"
 
 
+FLOAT_DTYPES = {"float16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16,
+                "float32": torch.float32, "float": torch.float32, "float64": torch.float64, "double": torch.float64}
+
+
+def float_dtype(value: torch.dtype | str, what: str = "dtype") -> torch.dtype:
+    """A floating-point ``torch.dtype`` from a dtype or its name (``"float16"``, ``"torch.float16"``, ...)."""
+    if isinstance(value, torch.dtype):
+        if not value.is_floating_point:
+            raise ValueError(f"{what} must be a floating-point dtype, got {value}")
+        return value
+    if isinstance(value, str):
+        key = value.strip().lower().removeprefix("torch.")
+        if key in FLOAT_DTYPES:
+            return FLOAT_DTYPES[key]
+    raise ValueError(f"{what} must be one of {', '.join(sorted(FLOAT_DTYPES))} (or a torch float dtype), "
+                     f"got {value!r}")
+
+
 class ToFloat:
     """uint8 ``[H, W]`` / ``[H, W, C]`` / ``[B, H, W, C]`` -> float channel-first in [0, 1].
 
     A floating-point input is only re-laid-out, not rescaled.
     """
 
-    def __init__(self, dtype: torch.dtype = torch.float32) -> None:
-        self.dtype = dtype
+    def __init__(self, dtype: torch.dtype | str = torch.float32) -> None:
+        self.dtype = float_dtype(dtype)
 
     def __call__(self, img: Tensor) -> Tensor:
         if img.ndim == 2:
