@@ -175,7 +175,7 @@ def test_autotune_cache_is_keyed_and_optional(monkeypatch):
 
 
 def layer_reference(layer, x):
-    """DESIGN.md formula from the raw parameters, per sample."""
+    """docs/design.md formula from the raw parameters, per sample."""
     pi = layer.routing_weights(x)
     lam_s, lam_d = layer.scales()
     m = layer.mode_mask

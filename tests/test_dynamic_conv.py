@@ -8,7 +8,7 @@ from padnet.layers import CompactDynamicConv2d, DynamicConv2d
 
 
 def reference(layer: DynamicConv2d, x: torch.Tensor) -> torch.Tensor:
-    """Per-sample loop, formula written out from the raw parameters (DESIGN.md 1)."""
+    """Per-sample loop, formula written out from the raw parameters (docs/design.md 1)."""
     logits = layer.attention.fc2(F.relu(layer.attention.fc1(x.mean(dim=(2, 3)))))
     z = logits / layer.temperature
     pi = torch.softmax(z, -1) if layer.routing == "softmax" else torch.sigmoid(z)

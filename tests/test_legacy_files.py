@@ -14,6 +14,8 @@ from safetensors.torch import load_file
 import padnet
 from padnet.layers import is_compact_layer, pad_layers
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
@@ -47,3 +49,15 @@ def test_v0_1_bert_moe_compact_file_loads_exactly(expected):
     with torch.no_grad():
         y = model(input_ids=expected["input_ids"], attention_mask=expected["attention_mask"])
     assert torch.equal(y, expected["y_bert_compact"])
+
+
+def test_v0_1_compact_folded_file_now_loads_exactly():
+    """padnet 0.1 wrote compact_(fold_bn=True) files it could not load (missing BatchNorm keys);
+    the folded BatchNorms are recognised by their absence from the file."""
+    expected = load_file(FIXTURES / "v0_1_folded_expected.safetensors")
+    model = padnet.load(FIXTURES / "v0_1_resnet10_compact_folded.safetensors").eval()
+    assert isinstance(model.layer1[0].bn1, torch.nn.Identity)
+    assert isinstance(model.bn1, torch.nn.BatchNorm2d)  # after the (static) stem: never folded
+    assert padnet.get_state(model).ops() == ["dynamize", "compact", "fold_bn"]
+    with torch.no_grad():
+        assert torch.equal(model(expected["x"]), expected["y"])

@@ -35,15 +35,16 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from .._version import __version__
 from ..layers.modes import PackedModeGroup, is_compact_layer, is_pad_layer, pad_layers, validate_mask
 from ..models import create_model
 from ..transforms.compact import compact_
 from ..transforms.config import PadConfig, migrate_v1
-from ..transforms.dynamize import dynamize_
+from ..transforms.dynamize import dynamize_, select_targets
 from ..transforms.fold_bn import find_conv_bn_pairs, replay_fold_bn_
-from ..transforms.record import ARCHITECTURE_OPS, STATE_ATTRIBUTE, PadState, find_state, get_state
+from ..transforms.record import STATE_ATTRIBUTE, PadState, ReplayContext, find_state, get_replay, get_state, register_op
 
 FORMAT_VERSION = 2
 READABLE_FORMATS = (1, 2)
@@ -51,8 +52,10 @@ METADATA_KEY = "padnet"
 FILE_MODE = 0o644
 FLOAT_DTYPES = {"torch.float32": torch.float32, "torch.float64": torch.float64,
                 "torch.float16": torch.float16, "torch.bfloat16": torch.bfloat16}
-MAX_SPEC_GROWTH = 4.0
-"""A stored spec may describe at most this many times the bytes of the stored tensors (plus 1 MiB)."""
+MAX_SPEC_GROWTH = 64.0
+"""Building a stored spec and replaying its record may allocate at most this many times the bytes of the
+stored tensors (plus 1 MiB). Legitimate files stay far below: a compact file of K kernels needs about K + 1
+times its size while its PAD form is rebuilt; a hostile header (a wider model, K = 10^6) is refused."""
 
 __all__ = ["save", "load", "read_file", "read_metadata", "CheckpointError", "atomic_write", "FORMAT_VERSION"]
 
@@ -129,9 +132,9 @@ def save(model: nn.Module, path: str | Path, extra: dict[str, Any] | None = None
     path = Path(path)
     meta = build_metadata(model, extra)
     try:
-        header = json.dumps(meta, allow_nan=False)
+        header = json.dumps(meta)
     except (TypeError, ValueError) as exc:
-        raise TypeError(f"padnet.save: extra / transform record must be JSON (no NaN): {exc}") from None
+        raise TypeError(f"padnet.save: extra must be JSON-serialisable: {exc}") from None
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     _check_no_sharing(tensors)
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={METADATA_KEY: header}))
@@ -226,17 +229,18 @@ def read_file(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]
             tensors = {k: fh.get_tensor(k) for k in fh.keys()}
     except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
         raise CheckpointError(f"{path}: corrupt or not a safetensors file ({exc})") from exc
-    _check_dtype(meta, tensors, path)
     return meta, tensors
 
 
-def _check_dtype(meta: dict[str, Any], tensors: dict[str, torch.Tensor], path) -> None:
+def _check_dtype(model: nn.Module, meta: dict[str, Any], tensors: dict[str, torch.Tensor], path) -> None:
+    """The header's dtype (the parameters' dtype at save time) must be that of the stored parameters."""
     dtype = meta.get("dtype")
     if dtype is None:
         return
-    stored = {str(t.dtype) for t in tensors.values() if t.is_floating_point()}
+    stored = {str(tensors[k].dtype) for k, _ in model.named_parameters() if k in tensors}
     if stored and stored != {dtype}:
-        raise CheckpointError(f"{path}: metadata dtype {dtype!r} does not match the stored tensors {sorted(stored)}")
+        raise CheckpointError(f"{path}: metadata dtype {dtype!r} does not match the stored parameters "
+                              f"{sorted(stored)}")
 
 
 # ------------------------------------------------------------------------------ rebuilding
@@ -246,21 +250,59 @@ def _nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def check_spec_fits(spec: dict[str, Any], tensors: dict[str, torch.Tensor], path) -> None:
+class _SkipMetaInit(TorchFunctionMode):
+    """While building on the ``meta`` device: in-place initialisers (``normal_``, ``zero_``, ...) are no-ops.
+
+    Meta tensors hold no values, so nothing is lost; it keeps the check cheap
+    (torch's reference ``normal_`` for meta tensors would import torch._dynamo).
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if (name.endswith("_") and not name.endswith("__") and args and isinstance(args[0], torch.Tensor)
+                and args[0].is_meta):
+            return args[0]
+        return func(*args, **(kwargs or {}))
+
+
+def _replay_bytes(base: nn.Module, state: PadState, path) -> int:
+    """Upper estimate of the bytes the recorded ``dynamize`` steps allocate on ``base`` (a meta model)."""
+    total = 0
+    for step in state.steps:
+        if step.op != "dynamize":
+            continue
+        try:
+            cfg = PadConfig.from_dict(step.params["config"])
+            sites = select_targets(base, cfg)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{path}: the recorded dynamize step does not fit the model spec: {exc}") from None
+        for site in sites:
+            factors = cfg.conv.num_kernels if site.target_type == "conv2d" else cfg.moe.num_experts
+            size = sum(p.numel() * p.element_size() for p in base.get_submodule(site.name).parameters())
+            total += 2 * (factors + 1) * size  # factors + static copy (x2: an FFN block's second matrix)
+        break  # later steps convert what is left: bounded by the same spec
+    return total
+
+
+def check_spec_fits(spec: dict[str, Any], tensors: dict[str, torch.Tensor], path,
+                    state: PadState | None = None) -> None:
     """Build the spec's base model on the ``meta`` device (no memory) and check it against the file.
 
     Every tensor the base model shares with the file must have the stored shape,
-    and the base model may not be larger than :data:`MAX_SPEC_GROWTH` times the
-    stored bytes (plus 1 MiB): a header cannot make ``load`` allocate what the
-    file does not hold.
+    and the base model plus what the recorded ``dynamize`` steps would allocate on
+    it (factors + static copy per converted site) may not exceed
+    :data:`MAX_SPEC_GROWTH` times the stored bytes (plus 1 MiB): a header cannot
+    make ``load`` allocate what the file does not hold.
     """
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), _SkipMetaInit():
             base = create_model(spec["name"], **spec.get("kwargs", {}))
     except (TypeError, ValueError, KeyError, RuntimeError, NotImplementedError) as exc:
         raise CheckpointError(f"{path}: the stored model spec {spec!r} cannot be built: {exc}") from exc
     stored = _nbytes(tensors.values())
     wanted = _nbytes(base.state_dict().values())
+    if state is not None:
+        wanted += _replay_bytes(base, state, path)
     if wanted > MAX_SPEC_GROWTH * stored + (1 << 20):
         raise CheckpointError(
             f"{path}: the stored model spec {spec['name']!r} describes {wanted / 2**20:.1f} MiB of weights but "
@@ -287,12 +329,16 @@ def _set_masks_from_file(model: nn.Module, meta: dict[str, Any], tensors: dict[s
             raise CheckpointError(f"{path}: mask {key!r} of layer {name!r}: {exc}") from None
 
 
+def _replays(op: str) -> bool:
+    return get_replay(op) is not None
+
+
 def _already_applied(model: nn.Module, steps: list[dict[str, Any]]) -> int:
     """How many leading architecture steps of the file the caller's model already has."""
     own = find_state(model)
     if own is not None and own.steps:
-        mine = [s.to_dict() for s in own.steps if s.op in ARCHITECTURE_OPS]
-        theirs = [s for s in steps if s["op"] in ARCHITECTURE_OPS]
+        mine = [s.to_dict() for s in own.steps if _replays(s.op)]
+        theirs = [s for s in steps if _replays(s["op"])]
         if [s["op"] for s in mine] != [s["op"] for s in theirs[: len(mine)]]:
             raise CheckpointError(f"the given model was transformed {[s['op'] for s in mine]} but the file "
                                   f"records {[s['op'] for s in theirs]}")
@@ -302,6 +348,28 @@ def _already_applied(model: nn.Module, steps: list[dict[str, Any]]) -> int:
     return 0
 
 
+def _replay_dynamize(model: nn.Module, params: dict[str, Any], ctx: ReplayContext) -> None:
+    dynamize_(model, PadConfig.from_dict(params["config"]))
+    sites = params.get("sites")
+    got = get_state(model).steps[-1].params["sites"]
+    if sites is not None and got != sites:
+        raise CheckpointError(f"{ctx.source}: replaying dynamize converted {got}, the file records {sites}")
+
+
+def _replay_compact(model: nn.Module, params: dict[str, Any], ctx: ReplayContext) -> None:
+    _set_masks_from_file(model, ctx.metadata, ctx.tensors, ctx.source)
+    compact_(model)
+
+
+def _replay_fold_bn(model: nn.Module, params: dict[str, Any], ctx: ReplayContext) -> None:
+    replay_fold_bn_(model, params.get("pairs", []))
+
+
+register_op("dynamize", _replay_dynamize)
+register_op("compact", _replay_compact)
+register_op("fold_bn", _replay_fold_bn)
+
+
 def rebuild(meta: dict[str, Any], tensors: dict[str, torch.Tensor], model: nn.Module | None, path) -> nn.Module:
     """Architecture from the transform record: zoo spec (or the given base model), then the recorded transforms."""
     state = PadState.from_dict(meta["state"])
@@ -309,7 +377,7 @@ def rebuild(meta: dict[str, Any], tensors: dict[str, torch.Tensor], model: nn.Mo
         spec = state.model_spec
         if not spec:
             raise CheckpointError(f"{path}: no model spec stored; pass the base model: padnet.load(path, model=...)")
-        check_spec_fits(spec, tensors, path)
+        check_spec_fits(spec, tensors, path, state)
         model = create_model(spec["name"], **spec.get("kwargs", {}))
     elif not isinstance(model, nn.Module):
         raise TypeError(f"padnet.load: model must be an nn.Module or None, got {type(model).__name__}")
@@ -317,26 +385,16 @@ def rebuild(meta: dict[str, Any], tensors: dict[str, torch.Tensor], model: nn.Mo
         model.to(FLOAT_DTYPES[meta["dtype"]])
     steps = [s.to_dict() for s in state.steps]
     skip = _already_applied(model, steps)
+    ctx = ReplayContext(tensors=tensors, metadata=meta, source=str(path))
     done = 0
     try:
         for step in steps:
-            op, params = step["op"], step["params"]
-            if op not in ARCHITECTURE_OPS:
+            replay = get_replay(step["op"])
+            if replay is None:
                 continue
             done += 1
-            if done <= skip:
-                continue
-            if op == "dynamize":
-                dynamize_(model, PadConfig.from_dict(params["config"]))
-                sites = params.get("sites")
-                got = get_state(model).steps[-1].params["sites"]
-                if sites is not None and got != sites:
-                    raise CheckpointError(f"{path}: replaying dynamize converted {got}, the file records {sites}")
-            elif op == "compact":
-                _set_masks_from_file(model, meta, tensors, path)
-                compact_(model)
-            elif op == "fold_bn":
-                replay_fold_bn_(model, params.get("pairs", []))
+            if done > skip:
+                replay(model, step["params"], ctx)
     except CheckpointError:
         raise
     except (KeyError, TypeError, ValueError) as exc:
@@ -381,6 +439,7 @@ def load(path: str | Path, model: nn.Module | None = None, map_location: str | t
         raise TypeError(f"padnet.load: model must be an nn.Module or None, got {type(model).__name__}")
     meta, tensors = read_file(path)
     model = rebuild(meta, tensors, model, path)
+    _check_dtype(model, meta, tensors, path)
     _check_masks(model, tensors, path)
     try:
         model.load_state_dict(tensors, strict=True)
@@ -395,6 +454,8 @@ def load(path: str | Path, model: nn.Module | None = None, map_location: str | t
             raise CheckpointError(f"{path}: temperature for {name!r}, a {type(layer).__name__} without one")
         layer.temperature = temperature
     state = PadState.from_dict(meta["state"])
+    if meta.get("format_version") == 1:  # the record the replay wrote (it also knows the v1 BN folds)
+        state = PadState.from_dict({**get_state(model).to_dict(), "model_spec": state.model_spec})
     if state.model_spec is None:
         own = find_state(model)
         state.model_spec = own.model_spec if own is not None else None

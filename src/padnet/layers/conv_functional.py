@@ -105,7 +105,7 @@ def export_mode() -> Iterator[None]:
     Dynamic convs avoid batch-dependent attributes (``groups = B``), Python
     loops over samples and ``out=`` buffers; MoE dispatch computes all experts
     densely and gates with the top-k mask (no data-dependent shapes).
-    :mod:`padnet.export` enters it automatically; torch.export / ONNX / JIT
+    :mod:`padnet.io.exporters` enters it automatically; torch.export / ONNX / JIT
     tracing are also detected on their own.
     """
     global _EXPORT_DEPTH

@@ -6,7 +6,7 @@ A PAD layer owns one or more *mode groups*. A mode group is a triple
     static   [*shape]      one static copy
     mask     [*shape]      float buffer, 1 = dynamic entry, 0 = static entry
 
-combined (DESIGN.md section 1) as
+combined (docs/design.md section 1) as
 
     W_hat = lambda_d * M * sum_k pi_k W_k + lambda_s * (1 - M) * W_s
 

@@ -1,4 +1,4 @@
-"""Partially dynamic mixture-of-experts feed-forward layer (DESIGN.md section 1).
+"""Partially dynamic mixture-of-experts feed-forward layer (docs/design.md section 1).
 
 :class:`MoEFeedForward` is a token-routed MoE FFN whose experts are the dynamic
 factors of PAD-Net. Each weight matrix (and, with ``bias=True``, each bias
@@ -673,7 +673,7 @@ class MoEFeedForward(_MoERouting, PadLayerMixin, nn.Module):
         ``noise_std=0`` all experts equal the dense FFN, so the MoE reproduces
         it exactly for any routing (gates sum to one with
         ``normalize_gates=True``) -- but that is the IMP symmetry trap
-        (DESIGN.md 1): all mode-partition scores are zero.
+        (docs/design.md 1): all mode-partition scores are zero.
 
         ``init="split"`` (MoEBERT-style importance split; intermediate size
         becomes ``expert_size``): neurons are ranked by ``importance`` (``[I]``,

@@ -37,7 +37,7 @@ Besides ``needs_data`` / ``needs`` a criterion declares:
   entries always outrank static ones). ``taylor`` and ``magnitude`` are not
   monotone: |dL/dM_j| under the current mask is meaningful for static entries
   too (first-order loss change of flipping them back), so every iteration ranks
-  all entries (as FORCE / DESIGN.md). The Nowak et al. criteria are monotone:
+  all entries (as FORCE / docs/design.md). The Nowak et al. criteria are monotone:
   they score the dynamic factors, which are dead (zero gradient) once an entry
   is static, so they can only prune, as in dynamic sparse training.
 - ``symmetric_zero``: the score measures the effect of a mode flip, which is

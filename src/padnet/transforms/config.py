@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -197,7 +197,7 @@ def _check_patterns(value: Any, what: str) -> None:
         raise TypeError(f"{what} must be None, a regex string or a list of module names, got {value!r}")
 
 
-@dataclass
+@dataclass(init=False)
 class PadConfig:
     """Configuration of :func:`padnet.dynamize_`.
 
@@ -213,6 +213,12 @@ class PadConfig:
 
     ``conv`` and ``moe`` hold the per-layer-type options; ``seed`` (if set)
     makes the conversion reproducible without touching the global RNG.
+
+    Shorthand: option names may also be given flat, as in padnet 0.1
+    (``PadConfig(num_kernels=4, top_k=1)``); each goes to its block
+    (``num_kernels`` -> ``conv``, ``num_experts`` / ``top_k`` / ``moe_init`` /
+    ``aux_loss_coef`` -> ``moe``; ``noise_std`` and ``scale`` -> both) on top of
+    ``conv`` / ``moe`` if those are given too.
     """
 
     target_modules: list[str] | str | None = None
@@ -223,8 +229,41 @@ class PadConfig:
     seed: int | None = None
     version: int = field(default=CONFIG_VERSION)
 
-    def __post_init__(self) -> None:
+    def __init__(
+        self,
+        target_modules: list[str] | str | None = None,
+        target_types: list[str] | None = None,
+        exclude_modules: list[str] | str | None = None,
+        conv: DynamicConvConfig | None = None,
+        moe: MoEConfig | None = None,
+        seed: int | None = None,
+        version: int = CONFIG_VERSION,
+        **options: Any,
+    ) -> None:
+        self.target_modules = target_modules
+        self.target_types = target_types
+        self.exclude_modules = exclude_modules
+        self.conv = DynamicConvConfig() if conv is None else conv
+        self.moe = MoEConfig() if moe is None else moe
+        self.seed = seed
+        self.version = version
+        if options:
+            check_override_keys(options)
+            nested = sorted(k for k in options if k not in _V1_CONV_KEYS and k not in _V1_MOE_KEYS)
+            if nested:
+                raise TypeError(f"PadConfig got unexpected keyword arguments {nested}")
+            self._check_blocks()
+            conv_opts = {sub: v for k, v in options.items() for b, sub in _v1_targets(k) if b == "conv"}
+            moe_opts = {sub: v for k, v in options.items() for b, sub in _v1_targets(k) if b == "moe"}
+            self.conv = replace(self.conv, **conv_opts)
+            self.moe = replace(self.moe, **moe_opts)
         self.validate()
+
+    def _check_blocks(self) -> None:
+        if not isinstance(self.conv, DynamicConvConfig):
+            raise TypeError(f"PadConfig.conv must be a DynamicConvConfig, got {type(self.conv).__name__}")
+        if not isinstance(self.moe, MoEConfig):
+            raise TypeError(f"PadConfig.moe must be a MoEConfig, got {type(self.moe).__name__}")
 
     def validate(self) -> None:
         """Raise ``TypeError`` / ``ValueError`` naming the first invalid field."""
@@ -235,10 +274,7 @@ class PadConfig:
                 raise TypeError(f"target_types must be None or a list, got {self.target_types!r}")
             for t in self.target_types:
                 _choice(t, "target type", TARGET_TYPES)
-        if not isinstance(self.conv, DynamicConvConfig):
-            raise TypeError(f"PadConfig.conv must be a DynamicConvConfig, got {type(self.conv).__name__}")
-        if not isinstance(self.moe, MoEConfig):
-            raise TypeError(f"PadConfig.moe must be a MoEConfig, got {type(self.moe).__name__}")
+        self._check_blocks()
         self.conv.validate()
         self.moe.validate()
         if self.seed is not None:

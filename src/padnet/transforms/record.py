@@ -12,12 +12,13 @@ to it, in order::
                {"op": "fold_bn",   "params": {"pairs": [[conv, bn], ...]}}]}
 
 It is plain JSON (``to_dict`` / ``from_dict``), written by :func:`padnet.save`
-into the file header and replayed by :func:`padnet.load`: the ops that change
-the architecture (:data:`ARCHITECTURE_OPS`) are re-applied in order to the
-rebuilt model before the weights are loaded; the others (``partition``: the
-masks themselves live in the state dict) are provenance. Later transforms
-(mode transitions, gates, ...) append their own ops; an op this version does
-not know is refused on load rather than ignored.
+into the file header and replayed by :func:`padnet.load`: ops registered with a
+replay function (:func:`register_op`; built in: :data:`ARCHITECTURE_OPS`,
+whose replays :mod:`padnet.io.serialization` registers) are re-applied in order
+to the rebuilt model before the weights are loaded; the others (``partition``:
+the masks themselves live in the state dict) are provenance. Later transforms
+(mode transitions, gates, ...) register their ops; an op this version does not
+know is refused on load rather than ignored.
 """
 
 from __future__ import annotations
@@ -25,32 +26,62 @@ from __future__ import annotations
 import copy
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from torch import nn
 
 STATE_VERSION = 1
 STATE_ATTRIBUTE = "padnet_state"
 ARCHITECTURE_OPS = ("dynamize", "compact", "fold_bn")
-"""Ops that change the module tree; :func:`padnet.load` replays them in order."""
+"""Built-in ops that change the module tree; :func:`padnet.load` replays them in order."""
 PROVENANCE_OPS = ("partition",)
-"""Ops whose effect is fully in the state dict (recorded for provenance)."""
+"""Built-in ops whose effect is fully in the state dict (recorded for provenance)."""
 
-__all__ = ["PadState", "Step", "get_state", "find_state", "set_model_spec", "STATE_VERSION", "STATE_ATTRIBUTE",
-           "ARCHITECTURE_OPS", "PROVENANCE_OPS", "register_op"]
-
-_KNOWN_OPS: set[str] = set(ARCHITECTURE_OPS) | set(PROVENANCE_OPS)
+__all__ = ["PadState", "Step", "ReplayContext", "get_state", "find_state", "set_model_spec", "register_op",
+           "known_ops", "get_replay", "STATE_VERSION", "STATE_ATTRIBUTE", "ARCHITECTURE_OPS", "PROVENANCE_OPS"]
 
 
-def register_op(op: str) -> None:
-    """Declare a new op name (e.g. ``"transition"``) so records holding it load."""
+@dataclass
+class ReplayContext:
+    """What a replay function may read: the file's tensors and validated header, and its name for errors."""
+
+    tensors: dict[str, Any]
+    metadata: dict[str, Any]
+    source: str
+
+
+Replay = Callable[[nn.Module, dict, ReplayContext], None]
+"""``replay(model, params, context)``: re-apply one recorded architecture change to a rebuilt model."""
+
+_KNOWN_OPS: dict[str, Replay | None] = {op: None for op in (*ARCHITECTURE_OPS, *PROVENANCE_OPS)}
+
+
+def register_op(op: str, replay: Replay | None = None, *, overwrite: bool = False) -> None:
+    """Declare an op name (e.g. ``"transition"``) so records holding it load.
+
+    ``replay`` (for ops that change the module tree) is called by :func:`padnet.load`
+    in record order, before the weights are loaded; ops without one are provenance.
+    Re-registering an op with a different replay needs ``overwrite=True``.
+    """
     if not isinstance(op, str) or not op:
         raise ValueError(f"an op name must be a non-empty string, got {op!r}")
-    _KNOWN_OPS.add(op)
+    if replay is not None and not callable(replay):
+        raise TypeError(f"replay for op {op!r} must be callable, got {type(replay).__name__}")
+    current = _KNOWN_OPS.get(op)
+    if current is not None and replay is not current and not overwrite:
+        raise ValueError(f"op {op!r} already has a replay function (pass overwrite=True)")
+    _KNOWN_OPS[op] = replay if replay is not None else current
 
 
 def known_ops() -> list[str]:
     return sorted(_KNOWN_OPS)
+
+
+def get_replay(op: str) -> Replay | None:
+    """The replay function of ``op`` (``None`` for provenance ops); ``KeyError`` if unknown."""
+    if op not in _KNOWN_OPS:
+        raise KeyError(f"unknown transform op {op!r}; known: {known_ops()}")
+    return _KNOWN_OPS[op]
 
 
 def _check_json(value: Any, what: str) -> None:
