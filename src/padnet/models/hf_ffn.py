@@ -436,7 +436,9 @@ def _convert_hf_ffn(model: nn.Module, site: Site, cfg) -> None:
     swap_module(model, site.name, build_moe(block, ffn, **moe_options(cfg.moe)))
 
 
-HF_FFN = register_converter(Converter("hf_ffn", "ffn", _match_hf_ffn, _convert_hf_ffn), priority=5)
+# The generic structural matcher is the fallback: any converter registered with the default
+# priority (0) or higher, e.g. for a family's own surgery, is tried first.
+HF_FFN = register_converter(Converter("hf_ffn", "ffn", _match_hf_ffn, _convert_hf_ffn), priority=-10)
 
 
 def _mapping_converter_name(mapping: FFNMapping) -> str:
