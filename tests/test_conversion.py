@@ -72,8 +72,26 @@ def test_registering_a_converter_is_the_one_place_a_new_family_needs(gated_regis
     torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-6)
 
 
+class FunctionalFFN(nn.Module):
+    """An FFN no registered converter knows: the activation is a function call, not a child module
+    (the structural ``hf_ffn`` matcher needs an activation module; ``GatedFFN`` it now recognises)."""
+
+    def __init__(self, d=6, h=12):
+        super().__init__()
+        self.up, self.down = nn.Linear(d, h), nn.Linear(h, d)
+
+    def forward(self, x):
+        return self.down(torch.nn.functional.gelu(self.up(x)))
+
+
+class FunctionalBlock(Block):
+    def __init__(self):
+        super().__init__()
+        self.mlp = FunctionalFFN()
+
+
 def test_unregistered_family_is_not_converted_and_errors_name_the_registry():
-    model = nn.Sequential(Block())
+    model = nn.Sequential(FunctionalBlock())
     assert find_sites(model) == []
     with pytest.raises(ValueError, match="cannot convert"):
         padnet.dynamize_(model, PadConfig(target_modules=["mlp"]))

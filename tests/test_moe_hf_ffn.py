@@ -258,3 +258,24 @@ def test_text_classifier_on_other_families_converts_with_the_text_recipe_config(
     assert len(moe_layers(model)) == 2
     with torch.no_grad():
         torch.testing.assert_close(model(ids, attention_mask=mask), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_zoo_classifier_on_another_family_saves_and_loads_from_its_spec_alone(tmp_path):
+    """padnet.load(path) with no model: the spec is checked on the meta device (shapes only, no probe)."""
+    from padnet.models.bert import bert_classifier
+
+    cfg = {"model_type": "llama", "hidden_size": 16, "intermediate_size": 24, "num_attention_heads": 2,
+           "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 60}
+    torch.manual_seed(0)
+    with _quiet():
+        model = bert_classifier(config=cfg, num_labels=2, dropout=0.0).eval()
+    padnet.dynamize_(model, padnet.PadConfig(target_types=["ffn"], moe=padnet.MoEConfig(routing="noisy"), seed=0))
+    ids = torch.randint(2, 60, (2, 6))
+    with torch.no_grad():
+        ref = model(ids)
+    path = padnet.save(model, tmp_path / "llama_cls.safetensors")
+    with _quiet():
+        loaded = padnet.load(path).eval()
+    assert sum(isinstance(m, MoEFeedForward) and m.gated for m in loaded.modules()) == 2
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids), ref, rtol=0, atol=0)

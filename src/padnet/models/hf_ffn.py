@@ -14,7 +14,8 @@ A projection is an ``nn.Linear`` or a ``Conv1D``-style layer (``weight`` stored
 transposed, ``[in, out]``, with an ``nf`` attribute = out features, as in
 GPT-2). Nothing is matched by model or class name: the roles (which projection
 is in / gate / up / out) come from the weight shapes, and are then *verified*
-by running the block once on a small random probe (eval mode, no gradient)
+by running the block once on a small random probe (eval mode, no gradient;
+on the ``meta`` device, where there are no values, the shapes alone decide)
 and checking that the reconstruction ``out(act(in(x)))`` (or the gated form)
 reproduces the block's own output -- a block that does something else
 (scaling, residuals, extra terms) is not matched. The probe also tells where
@@ -226,7 +227,10 @@ def _verify(
     p_in = projections[in_name]
     h = _features(p_in)[0]
     weight = p_in.weight
-    if weight.is_meta or not weight.is_floating_point():
+    if weight.is_meta:  # no values to probe (load's size check builds models on "meta"): shapes only
+        gate_name, up_name = gate_candidates[0]
+        return gate_name, up_name, {}, None
+    if not weight.is_floating_point():
         return None
     gen = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(2, _PROBE_TOKENS // 2, h, generator=gen).to(device=weight.device, dtype=weight.dtype)
@@ -245,8 +249,10 @@ def _verify(
     return None
 
 
-def _dropout_roles(seen: dict[str, Tensor], y: Tensor) -> tuple[str | None, str | None]:
+def _dropout_roles(seen: dict[str, Tensor], y: Tensor | None) -> tuple[str | None, str | None]:
     output_dropout = hidden_dropout = None
+    if y is None:
+        return None, None
     for name, inp in seen.items():
         if inp.shape == y.shape and _close(inp, y):
             output_dropout = name
@@ -430,7 +436,9 @@ def _convert_hf_ffn(model: nn.Module, site: Site, cfg) -> None:
     swap_module(model, site.name, build_moe(block, ffn, **moe_options(cfg.moe)))
 
 
-HF_FFN = register_converter(Converter("hf_ffn", "ffn", _match_hf_ffn, _convert_hf_ffn), priority=5)
+# The generic structural matcher is the fallback: any converter registered with the default
+# priority (0) or higher, e.g. for a family's own surgery, is tried first.
+HF_FFN = register_converter(Converter("hf_ffn", "ffn", _match_hf_ffn, _convert_hf_ffn), priority=-10)
 
 
 def _mapping_converter_name(mapping: FFNMapping) -> str:
