@@ -1,1 +1,1 @@
-"""Model transforms (see docs/design.md): learned mode gates live in :mod:`padnet.transforms.gates`."""
+"""Model transforms: mode transitions, learned mode gates (more modules arrive with the architecture reshape)."""
