@@ -381,7 +381,14 @@ class Trainer:
         if cfg.variant == "pad" and cfg.partition_warmup_steps >= self.total_steps:
             raise ValueError(f"partition_warmup_steps={cfg.partition_warmup_steps} must be below the run's "
                              f"{self.total_steps} optimizer steps")
+        self.gate_driver = None
+        if cfg.variant == "pad" and cfg.partition == "gates":  # learned mode gates instead of IMP
+            from .gating import GateDriver
+
+            self.gate_driver = GateDriver(cfg, self.model, self.total_steps, self.log)
         self.optimizer = recipe.build_optimizer(cfg, self.model)
+        if self.gate_driver is not None:
+            self.gate_driver.attach_optimizer(self.optimizer)  # own param group, before the LR scheduler
         self.scheduler = recipe.build_scheduler(cfg, self.optimizer, self.total_steps)
         self.temp_modules = temperature_modules(self.model) if cfg.is_dynamic else []
         anneal_epochs = min(float(cfg.temperature_epochs), cfg.epochs / 2.0)
@@ -464,8 +471,12 @@ class Trainer:
                              f"{self.steps_per_epoch}); was the data or the batch size changed?")
         import tempfile
 
+        if self.gate_driver is not None:
+            self.gate_driver.prepare_restore(ckpt.get("gates") or {}, self.optimizer)
         load_model_bytes(self.model, ckpt["model"], Path(tempfile.gettempdir()), Path(ckpt["path"]))
         self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.gate_driver is not None:
+            self.gate_driver.load_state_dict(ckpt["gates"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.start_epoch = int(ckpt["epoch"])
         self.global_step = int(ckpt["global_step"])
@@ -506,6 +517,7 @@ class Trainer:
             "partition_masks_identical": self.masks_identical,
             "train_seconds": self.train_seconds,
             "config": self.cfg.to_dict(),
+            "gates": None if self.gate_driver is None else self.gate_driver.state_dict(),
         }
         save_checkpoint(self.out, state)
 
@@ -521,7 +533,7 @@ class Trainer:
         self.best_epoch = None
         self.metrics: list[dict[str, Any]] = []
         self.partition_report: dict[str, Any] | None = None
-        self.partitioned = cfg.variant != "pad"
+        self.partitioned = cfg.variant != "pad" or cfg.partition == "gates"
         self.partition_step: int | None = None
         self.masks_identical: bool | None = None
         self.train_seconds = 0.0
@@ -532,6 +544,8 @@ class Trainer:
                  f"{cfg.variant}{'' if cfg.ratio is None else f' kappa={cfg.ratio}'}, {cfg.epochs} epoch(s) x "
                  f"{self.steps_per_epoch} steps, batch {cfg.batch_size} x {ctx.world_size} process(es), "
                  f"{len(self.train_set)} train / {len(self.test_set)} test samples, device {ctx.device}")
+        if self.gate_driver is not None:
+            self.log(self.gate_driver.describe())
         if ckpt is not None:
             self._restore(ckpt)
         else:
@@ -576,6 +590,8 @@ class Trainer:
                     "temperature": temperature,
                     "seconds": seconds,
                 }
+                if self.gate_driver is not None:
+                    row.update(self.gate_driver.epoch_stats(self.model))
                 self.metrics.append(row)
                 if test_acc > self.best:
                     self.best, self.best_epoch = test_acc, epoch + 1
@@ -583,6 +599,7 @@ class Trainer:
                     f"epoch {epoch + 1}/{cfg.epochs}  train loss {train_loss:.4f} acc {fmt_pct(train_acc)}  "
                     f"test loss {test_loss:.4f} acc {fmt_pct(test_acc)}  lr {row['lr']:.5f}"
                     + ("" if temperature is None else f"  T {temperature:.2f}") + f"  {seconds:.1f} s"
+                    + ("" if self.gate_driver is None else self.gate_driver.log_line(row))
                 )
                 if ctx.is_main:
                     write_jsonl(self.out / METRICS, self.metrics)
@@ -612,6 +629,8 @@ class Trainer:
                 self.notes.append(f"partitioned after {self.global_step} warm-up steps "
                                   f"({time.perf_counter() - t0:.1f} s, counted in that epoch's time)")
             self.set_temperature(self.global_step)
+            if self.gate_driver is not None:
+                self.gate_driver.before_step(self.global_step, self.optimizer)  # sharpness, or hardening
             inputs, targets = to_device(inputs, ctx.device), to_device(targets, ctx.device)
             if self.train_tf is not None:
                 inputs = self.train_tf(inputs)
@@ -619,14 +638,23 @@ class Trainer:
             loss = self.loss_fn(outputs, targets)
             aux = recipe.aux_loss(cfg, self.model)
             total = loss if aux is None else loss + aux
+            gate_penalty = None if self.gate_driver is None else self.gate_driver.penalty()
+            if gate_penalty is not None:
+                total = total + gate_penalty
             if not torch.isfinite(total.detach()):
+                if self.gate_driver is not None:
+                    self.gate_driver.check_finite()  # names the layer whose gates went non-finite
                 raise FloatingPointError(f"loss became {float(total)} at step {self.global_step} (epoch {epoch + 1}); "
                                          "lower --lr or enable grad_clip")
             self.optimizer.zero_grad(set_to_none=True)
             total.backward()
+            if self.gate_driver is not None:  # ARM: antithetic forward on the same batch
+                self.gate_driver.after_backward(loss, lambda: self.loss_fn(recipe.forward(model, inputs), targets))
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
             self.optimizer.step()
+            if self.gate_driver is not None:
+                self.gate_driver.optimizer_step()
             self.scheduler.step()
             self.global_step += 1
             n = int(targets.shape[0])
@@ -640,6 +668,8 @@ class Trainer:
                 self.log.file(f"  epoch {epoch + 1}: step {i}/{self.steps_per_epoch}, loss {loss_sum / count:.4f}, "
                               f"acc {correct / count:.4f}, {time.perf_counter() - started:.0f} s")
         bar.close()
+        if self.gate_driver is not None and self.global_step >= self.gate_driver.harden_step:
+            self.gate_driver.before_step(self.global_step, self.optimizer)  # --harden-at 1: harden at the end
         loss_sum, correct, count = D.all_reduce_sums(ctx, [loss_sum, correct, count])
         return loss_sum / max(count, 1), correct / max(count, 1)
 
@@ -696,6 +726,7 @@ class Trainer:
             "partition": self.partition_report,
             "partition_step": self.partition_step,
             "partition_masks_identical": self.masks_identical,
+            "gates": None if self.gate_driver is None else self.gate_driver.summary(),
             "padnet_version": __version__,
             "device": str(ctx.device),
             "config": cfg.to_dict(),
@@ -708,6 +739,8 @@ class Trainer:
             if layers:
                 plot_modes(self.out / MODES, layers, title, summary["dynamic_ratio"])
                 files.append(MODES)
+            if self.gate_driver is not None and self.gate_driver.plot(self.out, title):
+                files.append("gates.png")
             else:
                 self.notes.append("static variant: no PAD layers, so no modes.png")
         except ImportError:

@@ -386,6 +386,7 @@ class ModeGates(nn.Module):
             layer.add_module("mode_gate", gate)
             gate.attach(layer)
         self.__dict__["_layers"] = gates
+        self.__dict__["_model"] = model
         ref = gates[0][2].param
         n_budgets = 1 if scope == "global" else len(gates)
         self.multipliers = nn.Parameter(torch.zeros(n_budgets, 2, device=ref.device, dtype=torch.float32))
@@ -432,6 +433,22 @@ class ModeGates(nn.Module):
             group["lr"] = float(lr)
         optimizer.add_param_group(group)
         return optimizer.param_groups[-1]
+
+    def build_optimizer(self, lr: float = 0.05, multiplier_lr: float | None = None,
+                        betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.Adam:
+        """A separate Adam for the gates (as in the L0 / structured-pruning recipes): ``lr`` for the
+        gate parameters, ``multiplier_lr`` (default ``lr``) for the multipliers. Remove the gate
+        parameters from the model optimizer with :meth:`remove_from_optimizer`."""
+        _check_positive(lr, "lr")
+        mlr = lr if multiplier_lr is None else multiplier_lr
+        _check_positive(mlr, "multiplier_lr")
+        self._check_not_hardened()
+        return torch.optim.Adam([{"params": self.gate_parameters(), "lr": float(lr)},
+                                 {"params": [self.multipliers], "lr": float(mlr)}], betas=betas)
+
+    def remove_from_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Drop the gate parameters and multipliers (and their state) from ``optimizer``'s groups."""
+        _forget_params(optimizer, self.gate_parameters() + [self.multipliers])
 
     # ---- sharpness schedule ---------------------------------------------------------------
     def sharpness_at(self, progress: float) -> float:
@@ -600,72 +617,92 @@ class ModeGates(nn.Module):
                 routing_means: Mapping[str, Tensor] | None = None) -> dict[str, Any]:
         """Deterministic gates -> 0/1 masks with exactly the target ratio; the gates are removed.
 
-        The function is kept: for an entry with deterministic gate ``z`` that
-        becomes dynamic, ``W_k := z W_k + (1 - z) (lambda_s / lambda_d) W_s``
-        (exact for softmax routing, where ``sum_k pi_k = 1``); one that becomes
-        static gets ``W_s := (1 - z) W_s + z (lambda_d / lambda_s) sum_k pbar_k W_k``
-        with ``pbar`` the mean routing weights (``routing_means[layer]`` ``[K]``,
-        else the layer's ``routing_mean`` buffer when it keeps one, else uniform
-        ``1/K``; approximate unless the gate was already 0). Entries whose gate
-        already equals their new mode are not touched. With ``optimizer``, the
-        gate parameters and multipliers leave it and the moments of every
-        rewritten entry are reset. Returns a report (achieved ratios, rewritten
-        entries, the ``pbar`` source per layer).
+        The function is kept, in two steps. (1) The gated layer is rewritten as
+        a 0/1-masked one: every entry with deterministic gate ``0 < z < 1`` becomes
+        dynamic with ``W_k := z W_k + (1 - z) (lambda_s / lambda_d) W_s / total``
+        (exact for softmax routing and MoE, where ``total = 1``), entries with
+        ``z = 1`` dynamic, ``z = 0`` static, unchanged. (2) The masks go to
+        :meth:`hard_masks` through the function-preserving transitions
+        (:func:`padnet.transforms.transitions.set_modes_`): entries that turn
+        static get ``W_s := (lambda_d / lambda_s) sum_k pbar_k W_k`` with ``pbar``
+        the running mean routing weights (or ``routing_means[layer]``), entries
+        that turn dynamic ``W_k := (lambda_s / lambda_d) W_s / total``. With
+        ``optimizer``, the gate parameters and multipliers leave it and the
+        moments of every rewritten entry are reset. Everything is validated
+        before anything changes. Returns a report (achieved ratios, transition
+        counts per layer).
         """
+        from .transitions import reset_optimizer_state_, set_modes_
+
         self._check_not_hardened()
         self.check_finite()
-        masks = self.hard_masks()
-        report: dict[str, Any] = {"layers": {}, "target_ratio": self.target_ratio}
-        changed_params: list[tuple[Tensor, Tensor]] = []
+        layers = self.__dict__["_layers"]
+        names = {name for name, _, _ in layers}
         routing_means = dict(routing_means or {})
-        unknown = set(routing_means) - {name for name, _ in self.layer_gates()}
+        unknown = set(routing_means) - names
         if unknown:
-            raise KeyError(f"routing_means for unknown layer(s) {sorted(unknown)}")
+            raise KeyError(f"routing_means for unknown layer(s) {sorted(unknown)}; gated layers: {sorted(names)}")
+        masks = self.hard_masks()
+        # ---- validate everything first (nothing is half-applied)
         plans = []
-        for name, layer, gate in self.__dict__["_layers"]:
-            z = gate.group_masks(gate.deterministic_units())
-            pbar, source = _routing_mean(name, layer, routing_means.get(name), gate.num_factors)
-            plans.append((name, layer, gate, z, pbar, source))
-        dyn_total = entries_total = 0
-        for name, layer, gate, z, pbar, source in plans:
-            lambda_s, lambda_d = (s.detach() for s in layer.scales())
-            if float(lambda_s) == 0 or float(lambda_d) == 0:
-                raise ValueError(f"{name}: lambda_s or lambda_d is 0; cannot fold the gates into the weights")
-            rewritten = 0
-            for g in layer.mode_groups():
-                m = masks[(name, g.name)].to(g.static.device)
-                zg = z[g.name].to(g.static.dtype)
-                # becomes dynamic with z < 1: blend the static part into every factor
-                up = m & (zg < 1)
-                if bool(up.any()):
-                    new_dyn = zg * g.dynamic + (1 - zg) * (lambda_s / lambda_d) * g.static
-                    g.dynamic.copy_(torch.where(up, new_dyn, g.dynamic))
-                    changed_params.append((g.dynamic, up.unsqueeze(0).expand_as(g.dynamic)))
-                # becomes static with z > 0: blend the mean mixed factor into the static copy
-                down = ~m & (zg > 0)
-                if bool(down.any()):
-                    mixed = torch.einsum("k,k...->...", pbar.to(g.dynamic), g.dynamic)
-                    new_sta = (1 - zg) * g.static + zg * (lambda_d / lambda_s) * mixed
-                    g.static.copy_(torch.where(down, new_sta, g.static))
-                    changed_params.append((g.static, down))
-                rewritten += int(up.sum()) + int(down.sum())
+        for name, layer, gate in layers:
+            z = {k: v.detach() for k, v in gate.group_masks(gate.deterministic_units()).items()}
+            lambda_s, lambda_d = (float(s) for s in layer.scales())
+            if not (math.isfinite(lambda_s) and math.isfinite(lambda_d) and lambda_s != 0 and lambda_d != 0):
+                raise ValueError(f"layer {name!r}: lambda_s={lambda_s}, lambda_d={lambda_d}; hardening folds the "
+                                 "gates into the weights and divides by both (reset layer.scale.phi)")
+            if name in routing_means:
+                mix, total = _check_mix(name, layer, routing_means[name])
+            else:
+                mix, total = layer.mode_transition_weights()  # raises naming the layer on bad statistics
+            plans.append((name, layer, gate, z, lambda_s / lambda_d, float(total)))
+        # ---- (1) gates -> 0/1 masks with the same function
+        blended = 0
+        for name, layer, gate, z, ratio_sd, total in plans:
             gate.detach_hooks()
-            for g in layer.mode_groups():  # mode_groups sees the buffers again (hooks gone)
-                g.mask.copy_(masks[(name, g.name)].to(g.mask.dtype))
+            for g in layer.mode_groups():  # the buffers again (hooks gone)
+                zg = z[g.name].to(device=g.static.device, dtype=g.static.dtype)
+                frac = (zg > 0) & (zg < 1)
+                if bool(frac.any()):
+                    new_dyn = zg * g.dynamic + (1 - zg) * (ratio_sd / total) * g.static
+                    g.dynamic.copy_(torch.where(frac.unsqueeze(0), new_dyn, g.dynamic))
+                    blended += int(frac.sum())
+                    if optimizer is not None:
+                        reset_optimizer_state_(optimizer, g.dynamic, frac.unsqueeze(0))
+                g.mask.copy_((zg > 0).to(g.mask.dtype))
             del layer._modules["mode_gate"]
+        if optimizer is not None:
+            _forget_params(optimizer, [gate.param for _, _, gate in layers] + [self.multipliers])
+        self.hardened.fill_(True)
+        # ---- (2) 0/1 masks -> the target masks, function-preserving
+        spec: dict[str, dict[str, Tensor]] = {}
+        for (name, group), m in masks.items():
+            spec.setdefault(name, {})[group] = m
+        routing = {n: torch.as_tensor(v, dtype=torch.float64) for n, v in routing_means.items()}
+        transition = set_modes_(self.__dict__["_model"], spec, preserve=True, optimizer=optimizer, routing=routing or None)
+        report: dict[str, Any] = {"target_ratio": self.target_ratio, "fractional_gates_folded": blended,
+                                  "transitions": transition.to_dict(), "layers": {}}
+        dyn_total = entries_total = 0
+        for name, layer, _, _, _, _ in plans:
             n_dyn = sum(int(masks[(name, g.name)].sum()) for g in layer.mode_groups())
             n_all = sum(g.mask.numel() for g in layer.mode_groups())
             dyn_total += n_dyn
             entries_total += n_all
-            report["layers"][name] = {"ratio": n_dyn / max(n_all, 1), "rewritten_entries": rewritten,
-                                      "routing_mean": source}
-        if optimizer is not None:
-            _forget_params(optimizer, [gate.param for _, _, gate in self.__dict__["_layers"]] + [self.multipliers])
-            for p, where in changed_params:
-                _reset_moments(optimizer, p, where)
-        self.hardened.fill_(True)
+            report["layers"][name] = n_dyn / max(n_all, 1)
         report["ratio"] = dyn_total / max(entries_total, 1)
         return report
+
+    def remove_(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Take the gates off without touching weights or mask buffers (e.g. before loading a model
+        checkpointed after hardening). The parameters leave ``optimizer``; the gates count as done."""
+        self._check_not_hardened()
+        layers = self.__dict__["_layers"]
+        for _, layer, gate in layers:
+            gate.detach_hooks()
+            del layer._modules["mode_gate"]
+        if optimizer is not None:
+            _forget_params(optimizer, [gate.param for _, _, gate in layers] + [self.multipliers])
+        self.hardened.fill_(True)
 
     def _check_not_hardened(self) -> None:
         if bool(self.hardened):
@@ -696,18 +733,15 @@ def _check_positive(value: Any, name: str) -> None:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
-def _routing_mean(name: str, layer: nn.Module, given: Tensor | None, k: int) -> tuple[Tensor, str]:
-    if given is not None:
-        t = torch.as_tensor(given, dtype=torch.float64).detach()
-        if t.shape != (k,) or not bool(torch.isfinite(t).all()):
-            raise ValueError(f"routing_means[{name!r}] must be {k} finite numbers, got shape {tuple(t.shape)}")
-        return t, "given"
-    buf = getattr(layer, "routing_mean", None)
-    if isinstance(buf, Tensor) and buf.shape == (k,):
-        if not bool(torch.isfinite(buf).all()):
-            raise ValueError(f"{name}: routing_mean buffer is not finite")
-        return buf.detach().double(), "layer buffer"
-    return torch.full((k,), 1.0 / k, dtype=torch.float64), "uniform"
+def _check_mix(name: str, layer: nn.Module, given: Any) -> tuple[Tensor, Tensor]:
+    from ..layers.modes import transition_weights
+
+    k = layer.mode_groups()[0].num_factors
+    if not isinstance(given, Tensor) or tuple(given.shape) != (k,):
+        got = tuple(given.shape) if isinstance(given, Tensor) else type(given).__name__
+        raise ValueError(f"routing_means[{name!r}]: expected a tensor of shape ({k},), got {got}")
+    return transition_weights(given, bool(layer.routing_sums_to_one or layer.routing_normalize_mix),
+                              f"routing_means[{name!r}]")
 
 
 def _forget_params(optimizer: torch.optim.Optimizer, params: list[Tensor]) -> None:
@@ -716,13 +750,3 @@ def _forget_params(optimizer: torch.optim.Optimizer, params: list[Tensor]) -> No
         group["params"] = [p for p in group["params"] if id(p) not in ids]
     for p in params:
         optimizer.state.pop(p, None)
-
-
-def _reset_moments(optimizer: torch.optim.Optimizer, param: Tensor, where: Tensor) -> None:
-    """Zero the optimizer moments (momentum, Adam's exp_avg / exp_avg_sq, ...) of ``param`` at ``where``."""
-    state = optimizer.state.get(param)
-    if not state:
-        return
-    for key, value in state.items():
-        if isinstance(value, Tensor) and value.shape == param.shape:
-            value.masked_fill_(where.to(value.device), 0)
