@@ -243,8 +243,13 @@ class LayerGate(nn.Module):
         self._handles = []
 
     def _pre_forward(self, layer: nn.Module, args) -> None:
-        masks = self.group_masks(self.unit_gates())
-        swap = torch.is_grad_enabled() and any(m.requires_grad for m in masks.values())
+        units = self.unit_gates()
+        swap = torch.is_grad_enabled() and units.requires_grad
+        if swap and bool(((units == 0) | (units == 1)).all()):
+            # every gate saturated by the clamp: d z / d log_alpha = 0, so the forward is the plain
+            # masked layer (and takes its fast paths); no gradient is lost
+            swap = False
+        masks = self.group_masks(units if swap else units.detach())
         for group, value in masks.items():
             attr = self.mask_attrs[group]
             buf = layer._buffers[attr]
@@ -437,13 +442,16 @@ class ModeGates(nn.Module):
     def build_optimizer(self, lr: float = 0.05, multiplier_lr: float | None = None,
                         betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.Adam:
         """A separate Adam for the gates (as in the L0 / structured-pruning recipes): ``lr`` for the
-        gate parameters, ``multiplier_lr`` (default ``lr``) for the multipliers. Remove the gate
+        gate parameters (a step in logit space: ARM's ``phi`` gets ``lr / sharpness``, since its
+        logit is ``k * phi``), ``multiplier_lr`` (default ``lr``) for the multipliers. Remove the gate
         parameters from the model optimizer with :meth:`remove_from_optimizer`."""
         _check_positive(lr, "lr")
         mlr = lr if multiplier_lr is None else multiplier_lr
         _check_positive(mlr, "multiplier_lr")
         self._check_not_hardened()
-        return torch.optim.Adam([{"params": self.gate_parameters(), "lr": float(lr)},
+        # ARM's logit is k * phi: scale phi's step so that ``lr`` is a step in logit space
+        gate_lr = float(lr) / self.sharpness_start if self.estimator_name == "arm" else float(lr)
+        return torch.optim.Adam([{"params": self.gate_parameters(), "lr": gate_lr},
                                  {"params": [self.multipliers], "lr": float(mlr)}], betas=betas)
 
     def remove_from_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
