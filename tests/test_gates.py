@@ -70,8 +70,8 @@ def test_arm_gradient_is_unbiased_against_exact_enumeration():
     """4 channel gates on one conv: the ARM estimate averages to d E[f(z)] / d phi (2^4 configurations)."""
     torch.manual_seed(0)
     layer = DynamicConv2d(2, 4, 3, padding=1, num_kernels=2)
-    x = torch.randn(3, 2, 5, 5)
-    target = torch.randn(3, 4, 5, 5)
+    x = torch.randn(2, 2, 4, 4)
+    target = torch.randn(2, 4, 4, 4)
     gates = ModeGates(layer, target_ratio=0.5, granularity="channel", estimator="arm", sharpness=2.0, init_noise=0.0)
     (_, gate), = list(gates.layer_gates())
     with torch.no_grad():
@@ -99,7 +99,7 @@ def test_arm_gradient_is_unbiased_against_exact_enumeration():
     layer.training = True  # routing stats do not matter; gates sample in training mode
     layer.mode_gate.train()
     est = torch.zeros(4)
-    n = 3000
+    n = 2000
     for _ in range(n):
         gate.phi.grad = None
         with torch.no_grad():
@@ -372,7 +372,7 @@ def test_bad_models_and_runtime_errors():
 
 # ---------------------------------------------------------------------------------- trainer / CLI
 CLI = ["train", "--variant", "pad", "--partition", "gates", "--target-ratio", "0.3", "--width", "0.125",
-       "--max-train-samples", "256", "--max-test-samples", "64", "--batch-size", "64", "--epochs", "2",
+       "--max-train-samples", "128", "--max-test-samples", "32", "--batch-size", "32", "--epochs", "2",
        "--temperature-epochs", "1", "--seed", "1", "--quiet"]
 
 

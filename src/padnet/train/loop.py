@@ -378,7 +378,7 @@ class Trainer:
         self.test_loader = make_eval_loader(data, self.test_set, self.eval_bs, ctx, cfg.num_workers)
         self.steps_per_epoch = len(self.train_loader)
         self.total_steps = self.steps_per_epoch * cfg.epochs
-        if cfg.variant == "pad" and cfg.partition_warmup_steps >= self.total_steps:
+        if cfg.variant == "pad" and cfg.partition == "imp" and cfg.partition_warmup_steps >= self.total_steps:
             raise ValueError(f"partition_warmup_steps={cfg.partition_warmup_steps} must be below the run's "
                              f"{self.total_steps} optimizer steps")
         self.gate_driver = None
