@@ -61,18 +61,20 @@ class GateDriver:
                 f"Adam lr {self.gate_lr:g}, hardening at step {self.harden_step}/{self.total_steps}")
 
     # --------------------------------------------------------------- per step
-    def before_step(self, step: int, optimizer: torch.optim.Optimizer) -> None:
+    def before_step(self, step: int, optimizer: torch.optim.Optimizer) -> bool:
+        """Sharpness for ``step``, or hardening at ``harden_step``; True when the gates were hardened now."""
         if self.hardened:
-            return
+            return False
         if step >= self.harden_step:
             self.harden(step, optimizer)
-            return
+            return True
         self.gate_optimizer.zero_grad(set_to_none=True)
         self.gates.step(step / self.harden_step)
         if step % self.every == 0:
             st = self.gates.stats()
             self.history.append({"step": step, "expected_ratio": st["expected_ratio"], "sharpness": st["sharpness"],
                                  "entropy": st["entropy"]})
+        return False
 
     def penalty(self) -> Tensor | None:
         return None if self.hardened else self.gates.penalty()

@@ -610,10 +610,22 @@ class Trainer:
             epoch_bar.close()
         return self._finish()
 
+    def _rewrap_after_hardening(self, model: nn.Module) -> nn.Module:
+        """DDP cannot lose parameters: after the gates are hardened, wrap the model afresh."""
+        if not self.ctx.active:
+            return model
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        self.rewrapped = DDP(self.model, device_ids=[self.ctx.device.index] if self.ctx.device.type == "cuda" else None,
+                             find_unused_parameters=self.cfg.find_unused_parameters)
+        return self.rewrapped
+
     def _train_epoch(self, model: nn.Module, epoch: int) -> tuple[float, float]:
         from tqdm.auto import tqdm
 
         cfg, ctx, recipe = self.cfg, self.ctx, self.recipe
+        if getattr(self, "rewrapped", None) is not None:
+            model = self.rewrapped
         model.train()
         loss_sum = correct = count = 0.0
         bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not self.bars,
@@ -629,8 +641,8 @@ class Trainer:
                 self.notes.append(f"partitioned after {self.global_step} warm-up steps "
                                   f"({time.perf_counter() - t0:.1f} s, counted in that epoch's time)")
             self.set_temperature(self.global_step)
-            if self.gate_driver is not None:
-                self.gate_driver.before_step(self.global_step, self.optimizer)  # sharpness, or hardening
+            if self.gate_driver is not None and self.gate_driver.before_step(self.global_step, self.optimizer):
+                model = self._rewrap_after_hardening(model)  # the gate parameters left the model
             inputs, targets = to_device(inputs, ctx.device), to_device(targets, ctx.device)
             if self.train_tf is not None:
                 inputs = self.train_tf(inputs)
@@ -669,7 +681,8 @@ class Trainer:
                               f"acc {correct / count:.4f}, {time.perf_counter() - started:.0f} s")
         bar.close()
         if self.gate_driver is not None and self.global_step >= self.gate_driver.harden_step:
-            self.gate_driver.before_step(self.global_step, self.optimizer)  # --harden-at 1: harden at the end
+            if self.gate_driver.before_step(self.global_step, self.optimizer):  # --harden-at 1: at the end
+                self._rewrap_after_hardening(model)
         loss_sum, correct, count = D.all_reduce_sums(ctx, [loss_sum, correct, count])
         return loss_sum / max(count, 1), correct / max(count, 1)
 
