@@ -440,10 +440,12 @@ class ModeGates(nn.Module):
         return optimizer.param_groups[-1]
 
     def build_optimizer(self, lr: float = 0.05, multiplier_lr: float | None = None,
-                        betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.Adam:
+                        betas: tuple[float, float] = (0.5, 0.999)) -> torch.optim.Adam:
         """A separate Adam for the gates (as in the L0 / structured-pruning recipes): ``lr`` for the
         gate parameters (a step in logit space: ARM's ``phi`` gets ``lr / sharpness``, since its
-        logit is ``k * phi``), ``multiplier_lr`` (default ``lr``) for the multipliers. Remove the gate
+        logit is ``k * phi``), ``multiplier_lr`` (default ``lr``) for the multipliers. ``beta1 = 0.5``
+        (less momentum than Adam's 0.9) damps the overshoot of the expected ratio around the target:
+        Adam moves every gate at about ``lr`` per step whatever the multiplier's size. Remove the gate
         parameters from the model optimizer with :meth:`remove_from_optimizer`."""
         _check_positive(lr, "lr")
         mlr = lr if multiplier_lr is None else multiplier_lr
