@@ -177,7 +177,7 @@ def test_penalty_is_cost_weighted_and_multipliers_ascend():
     c = (3 * exp["0"] + 2 * exp["2"]) / (3 * n["0"] + 2 * n["2"])
     with torch.no_grad():
         gates.multipliers.copy_(torch.tensor([[2.0, 3.0]]))
-    assert float(gates.penalty()) == pytest.approx(2 * (c - 0.3) + 3 * (c - 0.3) ** 2, rel=1e-5)
+    assert float(gates.penalty().detach()) == pytest.approx(2 * (c - 0.3) + 3 * (c - 0.3) ** 2, rel=1e-5)
     s = gates.stats()
     assert s["expected_cost_fraction"] == pytest.approx(c, rel=1e-6)
     assert s["expected_ratio"] == pytest.approx((exp["0"] + exp["2"]) / (n["0"] + n["2"]), rel=1e-6)
