@@ -159,8 +159,8 @@ class GateDriver:
 
     # ----------------------------------------------------------------- finish
     def summary(self) -> dict[str, Any]:
-        return {"config": self.gates.config(), "gate_lr": self.gate_lr, "harden_step": self.harden_step, "hardened_step": self.hardened_step,
-                "harden_report": self.harden_report}
+        return {"config": self.gates.config(), "gate_lr": self.gate_lr, "harden_step": self.harden_step,
+                "hardened_step": self.hardened_step, "harden_report": self.harden_report}
 
     def plot(self, out_dir: Path, title: str) -> str | None:
         """Expected dynamic ratio (and sharpness) over training -> ``gates.png``; its name, or None."""

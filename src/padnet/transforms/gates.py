@@ -586,11 +586,6 @@ class ModeGates(nn.Module):
             p.grad = grad.to(p.dtype) if p.grad is None else p.grad + grad.to(p.dtype)
             g._arm_u = None
 
-    def resample_(self) -> None:
-        """ARM: forget the drawn ``u`` so that the next training forward draws a new one."""
-        for _, g in self.layer_gates():
-            g._arm_u = None
-
     # ---- hardening -------------------------------------------------------------------------
     @torch.no_grad()
     def hard_masks(self) -> dict[tuple[str, str], Tensor]:
@@ -689,7 +684,8 @@ class ModeGates(nn.Module):
         for (name, group), m in masks.items():
             spec.setdefault(name, {})[group] = m
         routing = {n: torch.as_tensor(v, dtype=torch.float64) for n, v in routing_means.items()}
-        transition = set_modes_(self.__dict__["_model"], spec, preserve=True, optimizer=optimizer, routing=routing or None)
+        transition = set_modes_(self.__dict__["_model"], spec, preserve=True, optimizer=optimizer,
+                                routing=routing or None)
         report: dict[str, Any] = {"target_ratio": self.target_ratio, "fractional_gates_folded": blended,
                                   "transitions": transition.to_dict(), "layers": {}}
         dyn_total = entries_total = 0
