@@ -355,6 +355,8 @@ def test_bad_models_and_runtime_errors():
     gates = ModeGates(model)
     with pytest.raises(ValueError, match="already has gates"):
         ModeGates(model)
+    with pytest.raises(ValueError, match="harden them first"):
+        padnet.compact_(model)
     for bad in (-1.0, float("nan"), 0.0):
         with pytest.raises(ValueError, match="sharpness"):
             gates.set_sharpness(bad)

@@ -46,6 +46,10 @@ def compact_(model: nn.Module, fold_bn: bool = False) -> nn.Module:
         raise ValueError("compact_: the model has no PAD layers (run padnet.dynamize_ first)")
     if layers[0][0] == "":
         raise ValueError("compact_: the model is itself a PAD layer; use compact_layer(layer) instead")
+    gated = [name for name, layer in layers if "mode_gate" in layer._modules]  # padnet.ModeGates attached
+    if gated:
+        raise ValueError(f"compact_: layer(s) {gated[:3]} carry learned mode gates; harden them first "
+                         "(gates.harden_()), the deploy form needs fixed 0/1 masks")
     if fold_bn:  # refuse before changing anything
         from .fold_bn import check_foldable, find_conv_bn_pairs
 
