@@ -432,3 +432,54 @@ def test_cli_arm_gates_and_bad_flags(tmp_path, fmnist):
                         ("--partition", "magic"), ("--gate-schedule", "cosine")):
         assert main([*CLI, flag, value, "--output-dir", str(tmp_path / "bad")]) != 0
         assert not (tmp_path / "bad" / "summary.json").exists()
+
+
+def test_gate_driver_schedule_hardening_and_checkpoint_state():
+    """The trainer glue without data: hardening step, optimizer groups, checkpoint round trip, mismatch."""
+    from padnet.train import TrainConfig
+    from padnet.train.gating import GateDriver
+
+    cfg = TrainConfig(variant="pad", partition="gates", ratio=0.3, gate_estimator="arm", harden_at=1.0).validate()
+    x = torch.randn(2, 3, 5, 5)
+
+    def build():
+        model = _convnet(11)
+        driver = GateDriver(cfg, model, total_steps=4, log=lambda msg: None)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        driver.attach_optimizer(opt)
+        return model, driver, opt
+
+    model, driver, opt = build()
+    assert driver.harden_step == 4 and driver.gates.schedule == "npn"
+    gate_ids = {id(p) for p in driver.gates.gate_parameters()}
+    assert not gate_ids & {id(p) for g in opt.param_groups for p in g["params"]}
+    model.train()
+    for step in range(3):
+        assert driver.before_step(step, opt) is False
+        loss = model(x).square().mean()
+        (loss + driver.penalty()).backward()
+        driver.after_backward(loss, lambda: model(x).square().mean())
+        opt.step(), driver.optimizer_step()
+        opt.zero_grad()
+    state = driver.state_dict()
+    # a fresh driver restores the gate state, its Adam and the multipliers exactly
+    model2, driver2, opt2 = build()
+    model2.load_state_dict(model.state_dict())
+    driver2.prepare_restore(state, opt2)
+    driver2.load_state_dict(state)
+    assert torch.equal(driver2.gates.multipliers, driver.gates.multipliers)
+    assert driver2.gate_optimizer.state_dict()["state"].keys() == driver.gate_optimizer.state_dict()["state"].keys()
+    # harden at the end (--harden-at 1), then a checkpoint taken after hardening restores without gates
+    assert driver.before_step(4, opt) is True and driver.hardened
+    assert driver.epoch_stats(model)["gate_expected_ratio"] == pytest.approx(0.3, abs=0.005)
+    after = driver.state_dict()
+    model3, driver3, opt3 = build()
+    driver3.prepare_restore(after, opt3)
+    model3.load_state_dict(model.state_dict())
+    opt3.load_state_dict(opt.state_dict())
+    driver3.load_state_dict(after)
+    assert driver3.hardened and driver3.penalty() is None and not hasattr(model3[0], "mode_gate")
+    other = TrainConfig(variant="pad", partition="gates", ratio=0.4, gate_estimator="arm").validate()
+    model4 = _convnet(11)
+    with pytest.raises(ValueError, match="same gate settings"):
+        GateDriver(other, model4, total_steps=4, log=print).load_state_dict(state)
