@@ -155,6 +155,31 @@ def test_moe_gates_fixed_equal_plain_moe():
     assert torch.equal(model(x), plain(x))
 
 
+@pytest.mark.parametrize("granularity", ["element", "channel"])
+def test_fractional_gates_mix_both_copies_in_eval_and_under_no_grad(granularity):
+    """Deterministic hard-concrete gates in (0, 1): W_hat = lambda_d z sum pi W_k + lambda_s (1 - z) W_s."""
+    torch.manual_seed(0)
+    layer = DynamicConv2d(3, 4, 3, padding=1)
+    gates = ModeGates(layer, target_ratio=0.5, granularity=granularity)
+    (_, gate), = list(gates.layer_gates())
+    with torch.no_grad():
+        gate.log_alpha.copy_(torch.linspace(-1.0, 1.0, gate.num_units))
+    x = torch.randn(2, 3, 5, 5)
+    layer.eval()
+    z = gate.group_masks(gate.deterministic_units())["weight"].detach()
+    assert ((z > 0) & (z < 1)).any()
+    pi = layer.routing_weights(x)
+    lambda_s, lambda_d = layer.scales()
+    w = (lambda_d * z * torch.einsum("bk,k...->b...", pi, layer.weight_dynamic)
+         + lambda_s * (1 - z) * layer.weight_static)
+    ref = torch.cat([torch.nn.functional.conv2d(x[i:i + 1], w[i], padding=1) for i in range(2)])
+    with torch.no_grad():
+        y_nograd = layer(x)
+    y_grad = layer(x)
+    torch.testing.assert_close(y_nograd, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(y_grad.detach(), ref, rtol=1e-5, atol=1e-6)
+
+
 def test_hard_concrete_gate_is_in_the_graph_and_buffers_are_restored():
     model = _convnet()
     gates = ModeGates(model, target_ratio=0.3)

@@ -24,13 +24,15 @@ the weights so the function is kept, and removes the gates.
 
 How the gate reaches the forward pass (no layer code changes): a forward
 pre-hook on each PAD layer puts the gate into the layer's mask attributes for
-the duration of the call. With autograd recording and a differentiable gate
-(hard concrete in training) the mask *buffer* is swapped for the gate tensor
-(which requires grad, so the layer takes its general ``combine_factors`` path,
-exactly as during IMP scoring) and restored by a forward hook; otherwise the
-gate values are copied into the buffer in place (a 0/1 sample for ARM, the
-deterministic gate in evaluation), so the layer's fast paths and their caches
-see an ordinary mask. The gate parameters live in a child module
+the duration of the call. Gates that are all exactly 0 or 1 (ARM's samples, a
+hard-concrete sample saturated by the clamp, where ``dz/dlog_alpha = 0``) are
+copied into the mask buffers in place, so the layer runs as the plain masked
+layer, fast paths included. Fractional gates (hard concrete) replace the mask
+buffers with a tensor that requires grad -- the differentiable gate while
+autograd records, a detached leaf otherwise -- so the layer takes its general
+``combine_factors`` path (the rule IMP's ``dL/dM`` relies on; the fast paths
+would read a fractional mask as 0/1); a forward hook restores the buffers.
+The gate parameters live in a child module
 ``layer.mode_gate`` (ordinary parameters: saved with ``model.state_dict()``,
 synchronised by DDP); the multipliers and the sharpness schedule live in the
 :class:`ModeGates` module (its own ``state_dict``).
@@ -244,21 +246,23 @@ class LayerGate(nn.Module):
 
     def _pre_forward(self, layer: nn.Module, args) -> None:
         units = self.unit_gates()
-        swap = torch.is_grad_enabled() and units.requires_grad
-        if swap and bool(((units == 0) | (units == 1)).all()):
-            # every gate saturated by the clamp: d z / d log_alpha = 0, so the forward is the plain
-            # masked layer (and takes its fast paths); no gradient is lost
-            swap = False
-        masks = self.group_masks(units if swap else units.detach())
+        if bool(((units == 0) | (units == 1)).all()):
+            # 0/1 gates (ARM, or hard concrete saturated by the clamp, where d z / d log_alpha = 0):
+            # an ordinary mask -- copy it into the buffers, the layer takes its fast paths
+            with torch.no_grad():
+                for group, value in self.group_masks(units.detach()).items():
+                    layer._buffers[self.mask_attrs[group]].copy_(value)
+            return
+        # fractional gates: the layer must mix both copies, i.e. take its general path, which it
+        # does for a mask that requires grad (without autograd recording: a leaf that does)
+        masks = self.group_masks(units)
         for group, value in masks.items():
             attr = self.mask_attrs[group]
             buf = layer._buffers[attr]
-            if swap:
-                self._swapped[attr] = buf
-                layer._buffers[attr] = value.to(buf.dtype)
-            else:
-                with torch.no_grad():
-                    buf.copy_(value)
+            if not value.requires_grad:
+                value = value.detach().to(buf.dtype).requires_grad_(True)
+            self._swapped[attr] = buf
+            layer._buffers[attr] = value.to(buf.dtype)
 
     def _post_forward(self, layer: nn.Module, args, output) -> None:
         for attr, buf in self._swapped.items():
