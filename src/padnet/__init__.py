@@ -27,6 +27,7 @@ from .transforms.flops import count_flops
 from .transforms.record import PadState, get_state
 from .transforms.diagnostics import measure_routing
 from .transforms.transitions import ModeTransition, TransitionReport, set_modes_
+from .transforms.gates import ModeGates
 
 __all__ = [
     "__version__",
@@ -54,4 +55,5 @@ __all__ = [
     "ModeTransition",
     "TransitionReport",
     "measure_routing",
+    "ModeGates",
 ]

@@ -26,7 +26,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("what to train")
     g.add_argument("--recipe", default=S, help="recipe name (default fashion-mnist; see --list-recipes)")
     g.add_argument("--variant", default=S, help="static | dynamic | pad (default pad)")
-    g.add_argument("--ratio", type=float, default=S, help="dynamic ratio kappa in (0, 1], pad only (default 0.3)")
+    g.add_argument("--ratio", "--target-ratio", dest="ratio", type=float, default=S,
+                   help="dynamic ratio kappa in (0, 1], pad only (default 0.3)")
     g.add_argument("--model", default=S, help="model (vision: a zoo name, e.g. resnet10, resnet18, mobilenet_v2)")
     g.add_argument("--width", type=float, default=S, help="channel width multiplier of the zoo model")
     g.add_argument("--num-kernels", type=int, default=S, help="K: kernels per dynamic conv / experts per MoE (4)")
@@ -42,6 +43,15 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--partition-preserve", action=argparse.BooleanOptionalAction, default=S,
                    help="function-preserving mode transitions when partitioning (default on; "
                         "--no-partition-preserve: masks only, as the paper at init)")
+    g = p.add_argument_group("learned mode gates (pad, --partition gates; docs/partition.md)")
+    g.add_argument("--partition", default=S, help="imp (Iterative Mode Partition, default) | gates (learned gates)")
+    g.add_argument("--gate-estimator", default=S, help="hard_concrete (default) | arm")
+    g.add_argument("--gate-init", default=S, help="open (sparsify, default) | hibernate (expand)")
+    g.add_argument("--gate-sharpness", type=float, default=S, help="hard concrete 1/beta (1.5) or ARM k (7)")
+    g.add_argument("--gate-sharpness-end", type=float, default=S, help="sharpness at the end of the schedule")
+    g.add_argument("--gate-schedule", default=S, help="constant | linear | geometric | npn (arm default: npn)")
+    g.add_argument("--gate-lr", type=float, default=S, help="Adam learning rate of gates and multipliers (0.05)")
+    g.add_argument("--harden-at", type=float, default=S, help="harden the gates after this fraction of the run (0.8)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=S)
     g.add_argument("--batch-size", type=int, default=S, help="per process")

@@ -66,6 +66,15 @@ class TrainConfig:
     partition_warmup_steps: int = _PARTITION.warmup_steps  # 0: at init; N: after N optimizer steps (--partition-at-step N)
     partition_train_mode: bool = True  # trainer default: score with BatchNorm batch statistics
     partition_preserve: bool = _PARTITION.preserve  # function-preserving mode transitions
+    # learned mode gates (pad, partition="gates"; padnet.transforms.gates, docs/partition.md)
+    partition: str = "imp"  # imp: Iterative Mode Partition | gates: learned gates, hardened at harden_at
+    gate_estimator: str = "hard_concrete"  # hard_concrete | arm
+    gate_init: str = "open"  # open (sparsify) | hibernate (expand)
+    gate_sharpness: float | None = None  # hard concrete 1/beta (1.5), ARM k (7)
+    gate_sharpness_end: float | None = None
+    gate_schedule: str | None = None  # constant | linear | geometric | npn (default: npn for arm, else constant)
+    gate_lr: float | None = None  # Adam learning rate of gates and multipliers (default 0.05)
+    harden_at: float = 0.8  # fraction of the run's optimizer steps after which the gates are hardened
     # model
     model: str | None = None
     width: float | None = None
@@ -175,6 +184,7 @@ class TrainConfig:
         if not isinstance(self.pad_config, dict) or not isinstance(self.options, dict):
             raise ValueError("pad_config and options must be mappings")
         self.partition_config()  # checks the partition options (PartitionConfig's checks, named as here)
+        self._validate_gates()
         if self.pad_config:
             from ..transforms.config import check_override_keys
 
@@ -210,6 +220,28 @@ class TrainConfig:
                 setattr(self, f.name, _parse_number(value, f.name, float))
             elif isinstance(value, str) and kind in ("int", "int | None"):
                 setattr(self, f.name, _parse_number(value, f.name, int))
+
+    def _validate_gates(self) -> None:
+        from ..transforms.gates import ESTIMATORS, INITS, SCHEDULES
+
+        if self.partition not in ("imp", "gates"):
+            raise ValueError(f"unknown partition {self.partition!r}; expected 'imp' or 'gates'")
+        if self.partition != "gates":
+            return
+        if self.variant != "pad":
+            raise ValueError(f"--partition gates needs --variant pad (got --variant {self.variant})")
+        if self.gate_estimator not in ESTIMATORS:
+            raise ValueError(f"unknown gate_estimator {self.gate_estimator!r}; expected one of {tuple(ESTIMATORS)}")
+        if self.gate_init not in INITS:
+            raise ValueError(f"unknown gate_init {self.gate_init!r}; expected one of {INITS}")
+        if self.gate_schedule is not None and self.gate_schedule not in SCHEDULES:
+            raise ValueError(f"unknown gate_schedule {self.gate_schedule!r}; expected one of {SCHEDULES}")
+        for name in ("gate_sharpness", "gate_sharpness_end", "gate_lr"):
+            if getattr(self, name) is not None:
+                _positive_float(name, getattr(self, name))
+        h = self.harden_at
+        if isinstance(h, bool) or not isinstance(h, (int, float)) or not math.isfinite(h) or not 0.0 < h <= 1.0:
+            raise ValueError(f"harden_at must be a fraction of the run in (0, 1], got {h!r}")
 
     # ------------------------------------------------------------ conversions
     def to_dict(self) -> dict[str, Any]:

@@ -472,10 +472,17 @@ class Trainer:
         self.test_loader = make_eval_loader(data, self.test_set, self.eval_bs, ctx, cfg.num_workers)
         self.steps_per_epoch = len(self.train_loader)
         self.total_steps = self.steps_per_epoch * cfg.epochs
-        if cfg.variant == "pad" and cfg.partition_warmup_steps >= self.total_steps:
+        if cfg.variant == "pad" and cfg.partition == "imp" and cfg.partition_warmup_steps >= self.total_steps:
             raise ValueError(f"partition_warmup_steps={cfg.partition_warmup_steps} must be below the run's "
                              f"{self.total_steps} optimizer steps")
+        self.gate_driver = None
+        if cfg.variant == "pad" and cfg.partition == "gates":  # learned mode gates instead of IMP
+            from .gating import GateDriver
+
+            self.gate_driver = GateDriver(cfg, self.model, self.total_steps, self.log)
         self.optimizer = recipe.build_optimizer(cfg, self.model)
+        if self.gate_driver is not None:
+            self.gate_driver.attach_optimizer(self.optimizer)  # own param group, before the LR scheduler
         self.scheduler = recipe.build_scheduler(cfg, self.optimizer, self.total_steps)
         self.temp_modules = temperature_modules(self.model) if cfg.is_dynamic else []
         if cfg.temperature_anneal_fraction is not None:
@@ -594,8 +601,12 @@ class Trainer:
                              f"{self.steps_per_epoch}); was the data or the batch size changed?")
         import tempfile
 
+        if self.gate_driver is not None:
+            self.gate_driver.prepare_restore(ckpt.get("gates") or {}, self.optimizer)
         load_model_bytes(self.model, ckpt["model"], Path(tempfile.gettempdir()), Path(ckpt["path"]))
         self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.gate_driver is not None:
+            self.gate_driver.load_state_dict(ckpt["gates"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.start_epoch = int(ckpt["epoch"])
         self.global_step = int(ckpt["global_step"])
@@ -636,6 +647,7 @@ class Trainer:
             "partition_masks_identical": self.masks_identical,
             "train_seconds": self.train_seconds,
             "config": self.cfg.to_dict(),
+            "gates": None if self.gate_driver is None else self.gate_driver.state_dict(),
         }
         save_checkpoint(self.out, state)
 
@@ -651,7 +663,7 @@ class Trainer:
         self.best_epoch = None
         self.metrics: list[dict[str, Any]] = []
         self.partition_report: dict[str, Any] | None = None
-        self.partitioned = cfg.variant != "pad"
+        self.partitioned = cfg.variant != "pad" or cfg.partition == "gates"
         self.partition_step: int | None = None
         self.masks_identical: bool | None = None
         self.train_seconds = 0.0
@@ -662,6 +674,8 @@ class Trainer:
                  f"{cfg.variant}{'' if cfg.ratio is None else f' kappa={cfg.ratio}'}, {cfg.epochs} epoch(s) x "
                  f"{self.steps_per_epoch} steps, batch {cfg.batch_size} x {ctx.world_size} process(es), "
                  f"{len(self.train_set)} train / {len(self.test_set)} test samples, device {ctx.device}")
+        if self.gate_driver is not None:
+            self.log(self.gate_driver.describe())
         if ckpt is not None:
             self._restore(ckpt)
         else:
@@ -715,6 +729,8 @@ class Trainer:
                     row["kernel_spread"] = mean_of(routing, "kernel_spread")
                     row["routing"] = {name: {k: v for k, v in r.items() if k != "pi_mean"}
                                       for name, r in routing.items()}
+                if self.gate_driver is not None:
+                    row.update(self.gate_driver.epoch_stats(self.model))
                 self.metrics.append(row)
                 if test_acc > self.best:
                     self.best, self.best_epoch = test_acc, epoch + 1
@@ -726,6 +742,7 @@ class Trainer:
                        f"  routing std {row['routing_std']:.3f} H {row['routing_entropy']:.3f}"
                        + ("" if row.get("kernel_spread") is None else f" spread {row['kernel_spread']:.3f}"))
                     + f"  {seconds:.1f} s"
+                    + ("" if self.gate_driver is None else self.gate_driver.log_line(row))
                 )
                 if ctx.is_main:
                     write_jsonl(self.out / METRICS, self.metrics)
@@ -736,10 +753,22 @@ class Trainer:
             epoch_bar.close()
         return self._finish()
 
+    def _rewrap_after_hardening(self, model: nn.Module) -> nn.Module:
+        """DDP cannot lose parameters: after the gates are hardened, wrap the model afresh."""
+        if not self.ctx.active:
+            return model
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        self.rewrapped = DDP(self.model, device_ids=[self.ctx.device.index] if self.ctx.device.type == "cuda" else None,
+                             find_unused_parameters=self.cfg.find_unused_parameters)
+        return self.rewrapped
+
     def _train_epoch(self, model: nn.Module, epoch: int) -> tuple[float, float]:
         from tqdm.auto import tqdm
 
         cfg, ctx, recipe = self.cfg, self.ctx, self.recipe
+        if getattr(self, "rewrapped", None) is not None:
+            model = self.rewrapped
         model.train()
         loss_sum = correct = count = 0.0
         bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not self.bars,
@@ -755,6 +784,8 @@ class Trainer:
                 self.notes.append(f"partitioned after {self.global_step} warm-up steps "
                                   f"({time.perf_counter() - t0:.1f} s, counted in that epoch's time)")
             self.set_temperature(self.global_step)
+            if self.gate_driver is not None and self.gate_driver.before_step(self.global_step, self.optimizer):
+                model = self._rewrap_after_hardening(model)  # the gate parameters left the model
             inputs, targets = to_device(inputs, ctx.device), to_device(targets, ctx.device)
             if self.train_tf is not None:
                 inputs = self.train_tf(inputs)
@@ -762,14 +793,23 @@ class Trainer:
             loss = self.loss_fn(outputs, targets)
             aux = recipe.aux_loss(cfg, self.model)
             total = loss if aux is None else loss + aux
+            gate_penalty = None if self.gate_driver is None else self.gate_driver.penalty()
+            if gate_penalty is not None:
+                total = total + gate_penalty
             if not torch.isfinite(total.detach()):
+                if self.gate_driver is not None:
+                    self.gate_driver.check_finite()  # names the layer whose gates went non-finite
                 raise FloatingPointError(f"loss became {float(total)} at step {self.global_step} (epoch {epoch + 1}); "
                                          "lower --lr or enable grad_clip")
             self.optimizer.zero_grad(set_to_none=True)
             total.backward()
+            if self.gate_driver is not None:  # ARM: antithetic forward on the same batch
+                self.gate_driver.after_backward(loss, lambda: self.loss_fn(recipe.forward(model, inputs), targets))
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
             self.optimizer.step()
+            if self.gate_driver is not None:
+                self.gate_driver.optimizer_step()
             self.scheduler.step()
             update_expert_biases(self.model)  # MoE aux-loss-free balancing (no-op without bias_balancing)
             self.global_step += 1
@@ -784,6 +824,9 @@ class Trainer:
                 self.log.file(f"  epoch {epoch + 1}: step {i}/{self.steps_per_epoch}, loss {loss_sum / count:.4f}, "
                               f"acc {correct / count:.4f}, {time.perf_counter() - started:.0f} s")
         bar.close()
+        if self.gate_driver is not None and self.global_step >= self.gate_driver.harden_step:
+            if self.gate_driver.before_step(self.global_step, self.optimizer):  # --harden-at 1: at the end
+                self._rewrap_after_hardening(model)
         loss_sum, correct, count = D.all_reduce_sums(ctx, [loss_sum, correct, count])
         return loss_sum / max(count, 1), correct / max(count, 1)
 
@@ -845,6 +888,7 @@ class Trainer:
             "partition_masks_identical": self.masks_identical,
             "classes": record["classes"],
             "input": record["input"],
+            "gates": None if self.gate_driver is None else self.gate_driver.summary(),
             "padnet_version": __version__,
             "device": str(ctx.device),
             "config": cfg.to_dict(),
@@ -857,6 +901,8 @@ class Trainer:
             if layers:
                 plot_modes(self.out / MODES, layers, title, summary["dynamic_ratio"])
                 files.append(MODES)
+            if self.gate_driver is not None and self.gate_driver.plot(self.out, title):
+                files.append("gates.png")
             else:
                 self.notes.append("static variant: no PAD layers, so no modes.png")
         except ImportError:

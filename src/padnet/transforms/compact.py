@@ -7,6 +7,7 @@ from torch import nn
 from ..layers.dynamic_conv import DynamicConv2d
 from ..layers.modes import is_compact_layer, is_pad_layer, pad_layers
 from .conversion import deploy_form, swap_module
+from .gates import LayerGate
 from .fold_bn import check_foldable, find_conv_bn_pairs, fold_batchnorm_
 from .record import get_state
 
@@ -54,6 +55,10 @@ def compact_(model: nn.Module, fold_bn: bool = False) -> nn.Module:
         raise ValueError("compact_: the model has no PAD layers (run padnet.dynamize_ first)")
     if layers[0][0] == "":
         raise ValueError("compact_: the model is itself a PAD layer; use compact_layer(layer) instead")
+    gated = [name for name, layer in layers if isinstance(getattr(layer, "mode_gate", None), LayerGate)]
+    if gated:  # padnet.ModeGates attached: the deploy form needs fixed 0/1 masks
+        raise ValueError(f"compact_: layer(s) {gated[:3]} carry learned mode gates; harden them first "
+                         "(gates.harden_())")
     if fold_bn:  # refuse before changing anything
         check_foldable(model, find_conv_bn_pairs(model, (DynamicConv2d,)))
     for name, layer in layers:
