@@ -35,7 +35,6 @@ from padnet.io.exporters import export_onnx, export_program, run_onnx
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-XFAIL_OTHER_BRANCH = pytest.mark.xfail(strict=True, reason="fixed on branch ops-speed/arch-state")
 
 
 # ---------------------------------------------------------------- building blocks
@@ -177,18 +176,13 @@ def effnet(num_classes: int = 5) -> nn.Module:
 
 MODELS = {"vgg": vgg, "vgg_bn": vgg_bn, "mbv3": mbv3, "resnext_timm": resnext_timm, "effnet": effnet}
 # An in-place activation directly after a converted conv: VGG's conv -> ReLU(inplace=True), MobileNetV3's
-# SE conv -> Hardsigmoid(inplace=True). Training crashes (issue 14 item 1, fixed on branch ops-speed).
-INPLACE_AFTER_CONV = {"vgg", "mbv3"}
-# Fused BatchNorm + activation modules after converted convs: fold_bn drops the activation
-# (issue 14 item 2, fixed on branch arch-state).
-FUSED_BN_ACT = {"resnext_timm"}
+# Regressions covered by the zoo: "vgg" and "mbv3" put an in-place activation right after a converted conv
+# (training used to crash, issue 14 item 1); "resnext_timm" has fused BatchNorm + activation modules that
+# fold_bn used to replace by Identity, dropping the activation (issue 14 item 2).
 
 
-def _case(name: str, *, inplace_xfail: bool = True, fused_xfail: bool = False):
-    marks = []
-    if (inplace_xfail and name in INPLACE_AFTER_CONV) or (fused_xfail and name in FUSED_BN_ACT):
-        marks.append(XFAIL_OTHER_BRANCH)
-    return pytest.param(name, marks=marks, id=name)
+def _case(name: str):
+    return pytest.param(name, id=name)
 
 
 def _data(seed: int = 0, n: int = 8):
@@ -261,7 +255,7 @@ def test_partition_and_compact(name):
     assert padnet.count_parameters(compact).total < padnet.count_parameters(model).total
 
 
-@pytest.mark.parametrize("name", [_case(n, fused_xfail=True) for n in MODELS])
+@pytest.mark.parametrize("name", [_case(n) for n in MODELS])
 def test_compact_fold_bn_keeps_outputs(name):
     """Folding must never drop what a fused norm+act module does (or must refuse clearly)."""
     model, x = _partitioned(name)

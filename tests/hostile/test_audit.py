@@ -10,9 +10,6 @@ execution (hostile pickles try to create a marker file); never unbounded memory
 cases must exit with status 1 or 2 and print one ``padnet VERB: error: ...``
 line (or an argparse usage error), never a traceback.
 
-Cases whose fix lives on another branch are ``xfail(strict=True)`` with the
-branch named, so that they turn into failures (and the marks get removed) when
-that branch is merged.
 """
 
 from __future__ import annotations
