@@ -149,7 +149,11 @@ def rebuild(meta: dict[str, Any], tensors: dict[str, torch.Tensor], model: nn.Mo
             name, group = where.rsplit(":", 1)
             if name not in layers or key not in tensors:
                 raise CheckpointError(f"{path}: mask {key!r} for layer {name!r} does not fit the model")
-            layers[name].set_mode_mask(group, tensors[key])
+            live_key = key[: -len("mask")] + "live"  # packed live mask (pruned entries), if any
+            if live_key in tensors:
+                layers[name].set_modes(group, tensors[key], tensors[live_key])
+            else:
+                layers[name].set_mode_mask(group, tensors[key])
         compact_(model)
     return model
 

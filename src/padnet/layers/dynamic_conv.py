@@ -220,11 +220,13 @@ class DynamicConv2d(_ConvGeometry, PadLayerMixin, nn.Module):
     def combined_factors(self) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
         """``(dyn, sta, bias_dyn, bias_sta)`` with mask and scales folded in."""
         lambda_s, lambda_d = self.scales()
-        dyn, sta = combine_factors(self.weight_dynamic, self.weight_static, self.mode_mask, lambda_s, lambda_d)
+        dyn, sta = combine_factors(self.weight_dynamic, self.weight_static, self.mode_mask, lambda_s, lambda_d,
+                                   getattr(self, "live_mask", None))
         if self.bias_dynamic is None:
             return dyn, sta, None, None
         bias_dyn, bias_sta = combine_factors(
-            self.bias_dynamic, self.bias_static, self.bias_mode_mask, lambda_s, lambda_d
+            self.bias_dynamic, self.bias_static, self.bias_mode_mask, lambda_s, lambda_d,
+            getattr(self, "bias_live_mask", None),
         )
         return dyn, sta, bias_dyn, bias_sta
 
@@ -259,13 +261,15 @@ class DynamicConv2d(_ConvGeometry, PadLayerMixin, nn.Module):
             tensors.append(self.scale.phi)
         if self.bias_dynamic is not None:
             tensors += [self.bias_dynamic, self.bias_static, self.bias_mode_mask]
-        return tuple(tensors)
+        return tuple(tensors + self.live_masks())
 
     def _masks_require_grad(self) -> bool:
         return self.mode_mask.requires_grad or (self.bias_mode_mask is not None and self.bias_mode_mask.requires_grad)
 
     def mask_structure(self) -> "MaskStructure":
         """How the weight mask is structured (cached until the mask changes); see :class:`MaskStructure`."""
+        if self.has_pruned():  # pruned entries: only the general (element) path multiplies by the live mask
+            return MaskStructure("element")
         mask = self.mode_mask
         key = (mask._version, mask.data_ptr(), str(mask.device), self.groups)
         cached = self.__dict__.get("_mask_structure_cache")
@@ -466,6 +470,8 @@ class CompactDynamicConv2d(_ConvGeometry, CompactLayerMixin, nn.Module):
 
     def mask_structure(self) -> MaskStructure:
         """:class:`MaskStructure` of the packed weight mask (cached until the mask changes)."""
+        if self.weight.has_pruned or (self.bias is not None and self.bias.has_pruned):
+            return MaskStructure("element")
         mask = self.weight.mask
         cached = self.__dict__.get("_mask_structure_cache")
         if is_exporting() and cached is not None:
@@ -502,11 +508,11 @@ class CompactDynamicConv2d(_ConvGeometry, CompactLayerMixin, nn.Module):
             return self.dense_factors()
         # autograd: index_copy (its backward is a parallel index_select; masked_scatter's is serial)
         sta_index, dyn_index = _cached(self, "index", (packed.mask,), lambda: (
-            (~packed.mask).flatten().nonzero().squeeze(1), packed.mask.flatten().nonzero().squeeze(1)))
+            packed.static_mask.flatten().nonzero().squeeze(1), packed.mask.flatten().nonzero().squeeze(1)))
         shape = self._kernel_shape()
         k = packed.num_factors
         sv, dv = packed.static_values, packed.dynamic_values
-        sta = sv.new_zeros(sta_index.numel() + dyn_index.numel()).index_copy(0, sta_index, sv).view(shape)
+        sta = sv.new_zeros(packed.mask.numel()).index_copy(0, sta_index, sv).view(shape)
         dyn = dv.new_zeros(k, sta.numel()).index_copy(1, dyn_index, dv).view(k, *shape)
         return dyn, sta
 
@@ -588,20 +594,23 @@ class CompactDynamicConv2d(_ConvGeometry, CompactLayerMixin, nn.Module):
         mask = self.weight.mask
         channel = torch.arange(self.out_channels, device=device).view(-1, *([1] * (mask.dim() - 1))).expand_as(mask)
         sv, dv = self.weight.static_values, self.weight.dynamic_values
-        sv.copy_((sv.double() * a[channel[~mask]]).to(dtype))
+        sv.copy_((sv.double() * a[channel[self.weight.static_mask]]).to(dtype))
         dv.copy_((dv.double() * a[channel[mask]].unsqueeze(0)).to(dtype))
 
         shift = c
         if self.bias is not None:
             bm = self.bias.mask
             bsv, bdv = self.bias.static_values, self.bias.dynamic_values
-            new_static = bsv.double() * a[~bm] + c[~bm]
+            bsm = self.bias.static_mask
+            new_static = bsv.double() * a[bsm] + c[bsm]
             new_dynamic = bdv.double() * a[bm].unsqueeze(0)
             shift = torch.zeros_like(c)
             if self.routing == "softmax":
                 new_dynamic = new_dynamic + c[bm].unsqueeze(0)  # exact: sum_k pi_k = 1
             else:
                 shift[bm] = c[bm]  # sigmoid weights do not sum to one: keep it static
+            if self.bias.has_pruned:  # a pruned bias entry stores nothing: its shift goes to bias_shift
+                shift[~self.bias.live] = c[~self.bias.live]
             bsv.copy_(new_static.to(dtype))
             bdv.copy_(new_dynamic.to(dtype))
         if self.bias_shift is not None:
@@ -614,7 +623,7 @@ class CompactDynamicConv2d(_ConvGeometry, CompactLayerMixin, nn.Module):
 
     def _needs_bias_shift(self) -> bool:
         """Folding a BN shift needs a separate static bias: no bias group, or sigmoid with dynamic bias entries."""
-        if self.bias is None:
+        if self.bias is None or self.bias.has_pruned:
             return True
         return self.routing != "softmax" and not self.bias.all_static
 
@@ -642,7 +651,7 @@ def _packed_dense(packed: PackedModeGroup) -> tuple[Tensor | None, Tensor | None
     if packed.all_static:
         return None, packed.static_values.view(shape)
     mask = packed.mask
-    sta = packed.static_values.new_zeros(shape).masked_scatter(~mask, packed.static_values)
+    sta = packed.static_values.new_zeros(shape).masked_scatter(packed.static_mask, packed.static_values)
     dyn = packed.dynamic_values.new_zeros((k, *shape)).masked_scatter(
         mask.unsqueeze(0).expand(k, *shape), packed.dynamic_values
     )

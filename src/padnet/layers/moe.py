@@ -461,17 +461,22 @@ class MoEFeedForward(_MoERouting, PadLayerMixin, nn.Module):
         """
         lambda_s, lambda_d = self.scales()
 
-        def combined(dyn: Tensor | None, sta: Tensor | None, mask: Tensor | None) -> Tensor | None:
+        def combined(dyn: Tensor | None, sta: Tensor | None, mask: Tensor | None,
+                     live: Tensor | None = None) -> Tensor | None:
             if dyn is None:
                 return None
-            d, s = combine_factors(dyn, sta, mask.to(dyn.dtype), lambda_s, lambda_d)
+            d, s = combine_factors(dyn, sta, mask.to(dyn.dtype), lambda_s, lambda_d,
+                                   None if live is None else live.to(dyn.dtype))
             return d + s
 
+        # live masks (pruned entries) are registered only after pruning
         return (
-            combined(self.experts_in, self.static_in, self.mode_mask_in),
-            combined(self.experts_bias_in, self.static_bias_in, self.mode_mask_bias_in),
-            combined(self.experts_out, self.static_out, self.mode_mask_out),
-            combined(self.experts_bias_out, self.static_bias_out, self.mode_mask_bias_out),
+            combined(self.experts_in, self.static_in, self.mode_mask_in, getattr(self, "live_mask_in", None)),
+            combined(self.experts_bias_in, self.static_bias_in, self.mode_mask_bias_in,
+                     getattr(self, "live_mask_bias_in", None)),
+            combined(self.experts_out, self.static_out, self.mode_mask_out, getattr(self, "live_mask_out", None)),
+            combined(self.experts_bias_out, self.static_bias_out, self.mode_mask_bias_out,
+                     getattr(self, "live_mask_bias_out", None)),
         )
 
     def forward(self, x: Tensor) -> Tensor:

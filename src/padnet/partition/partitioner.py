@@ -300,6 +300,9 @@ def partition_(
     monotone: bool | None = None,
     train_mode: bool = False,
     process_group=None,
+    density: float | None = None,
+    density_distribution: str = "uniform",
+    prune_criterion: str = "magnitude",
 ) -> PartitionReport:
     """Partition the modes of every PAD layer of ``model`` in place.
 
@@ -335,6 +338,15 @@ def partition_(
             mode, no side effects.
         process_group: ``torch.distributed`` group (default: the world) whose
             statistics are summed so every rank ends with the same masks.
+        density: fraction of entries that stay live (not pruned), in (0, 1]
+            and >= ``ratio`` (both are fractions of all entries). ``None``
+            (default) prunes nothing. Before scoring, every mode group keeps
+            its best ``round(d_g * n_g)`` entries by ``prune_criterion``
+            (``"magnitude"`` of the effective weights or seeded ``"random"``)
+            with ``d_g`` from ``density_distribution`` (``"uniform"`` or
+            ``"erk"``); pruned entries are zeroed and never become dynamic.
+            Needs ``granularity="element"`` when below 1. See
+            :mod:`padnet.transforms.sparsity`.
 
     Returns:
         :class:`PartitionReport`. Train/eval flags, parameter ``.grad`` and
@@ -371,10 +383,32 @@ def partition_(
         if loss_fn is None or not callable(loss_fn):
             raise ValueError(f"criterion {crit.name!r} needs a callable loss_fn(outputs, targets), got {loss_fn!r}")
         data = _Data(batches, num_batches)
+    if density is not None:
+        from padnet.transforms.sparsity import DISTRIBUTIONS, check_density
+
+        density = check_density(density, "density")
+        if kappa > density:
+            raise ValueError(f"ratio={kappa} exceeds density={density}: dynamic entries must be live (not pruned)")
+        if density < 1.0 and granularity != "element":
+            raise ValueError(f"density < 1 needs granularity='element' (got {granularity!r})")
+        if density_distribution not in DISTRIBUTIONS:
+            raise ValueError(f"unknown density_distribution {density_distribution!r}; expected one of {DISTRIBUTIONS}")
+        if prune_criterion not in ("magnitude", "random"):
+            raise ValueError(f"unknown prune_criterion {prune_criterion!r}; expected 'magnitude' or 'random'")
     use_monotone = crit.monotone if monotone is None else bool(monotone)
     kwargs = dict(criterion_kwargs or {})
     dist_active, world_size, src = _dist_info(process_group)
 
+    mode_snapshot = None
+    if density is not None and density < 1.0:  # prune first (restored below if the call fails)
+        from padnet.transforms.sparsity import prune_to_density_
+
+        mode_snapshot = {(n, k): v.detach().clone() for n, m in layers for k, v in m.state_dict().items()}
+        try:
+            prune_to_density_(model, density, density_distribution, prune_criterion, seed=seed)
+        except BaseException:
+            _restore_modes(layers, mode_snapshot)
+            raise
     plans = [LayerPlan(n, m, granularity) for n, m in layers]
     device = plans[0].groups[0].mask.device
     total = sum(p.num_entries for p in plans)
@@ -441,6 +475,8 @@ def partition_(
                 if not ok:
                     with torch.no_grad():
                         g.mask.copy_(saved_masks[(p.name, g.name)])
+        if not ok and mode_snapshot is not None:
+            _restore_modes(layers, mode_snapshot)
         for param, flag in requires:
             param.requires_grad_(flag)
         for param, grad in grads:
@@ -507,6 +543,17 @@ def partition_(
     )
 
 
+def _restore_modes(layers, snapshot) -> None:
+    """Undo pruning of a failed call: weights and masks from the snapshot, live masks re-registered as saved."""
+    with torch.no_grad():
+        for name, layer in layers:
+            state = {k: v for (n, k), v in snapshot.items() if n == name}
+            for g in layer.mode_groups():
+                if g.live is not None:
+                    g.live.fill_(1.0)  # all live unless the snapshot (loaded next) had a live mask
+            layer.load_state_dict(state, strict=False)
+
+
 def _score(
     crit: Criterion,
     plans: list[LayerPlan],
@@ -543,6 +590,8 @@ def _score(
                     s = s.float()
                 if p.name in symmetric and crit.symmetric_zero:
                     s = torch.zeros_like(s)
+                if g.live is not None:  # pruned entries never become dynamic
+                    s = s.masked_fill(g.live.detach() < 0.5, -math.inf)
                 layer_scores[g.name] = s
             if not crit.stochastic and all(not bool(s.any()) for s in layer_scores.values()):
                 zero_layers.add(p.name)

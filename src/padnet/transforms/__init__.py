@@ -1,0 +1,1 @@
+"""Model transforms: conversion, partition, compaction (see docs/design.md)."""
