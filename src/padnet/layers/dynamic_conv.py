@@ -13,9 +13,13 @@ from torch.nn.modules.utils import _pair
 from .conv_functional import (
     BACKENDS, channel_split_conv2d, channel_split_runs_dense, dynamic_conv2d, is_exporting, mix_bias,
 )
-from .modes import CompactLayerMixin, PackedModeGroup, PadLayerMixin, ScaleFactors, combine_factors, register_mask
+from .modes import (
+    CompactLayerMixin, PackedModeGroup, PadLayerMixin, ScaleFactors, combine_factors, register_mask,
+    register_routing_stats,
+)
 
 ROUTINGS = ("softmax", "sigmoid")
+ROUTER_INITS = ("official", "torch")
 
 
 class KernelAttention(nn.Module):
@@ -24,11 +28,30 @@ class KernelAttention(nn.Module):
     ``forward(x [B, C, H, W]) -> logits [B, K]``.
     """
 
-    def __init__(self, in_channels: int, num_kernels: int, reduction: int, device=None, dtype=None) -> None:
+    def __init__(self, in_channels: int, num_kernels: int, reduction: int, device=None, dtype=None,
+                 init: str = "official") -> None:
         super().__init__()
         hidden = max(in_channels // reduction, 4)
         self.fc1 = nn.Linear(in_channels, hidden, device=device, dtype=dtype)
         self.fc2 = nn.Linear(hidden, num_kernels, device=device, dtype=dtype)
+        self.reset_parameters(init)
+
+    @torch.no_grad()
+    def reset_parameters(self, init: str = "official") -> None:
+        """``"official"`` (PAD-Net / DY-Conv reference code): ``fc1.weight ~ N(0, 2 / hidden)``
+        (He-normal, fan-out), ``fc2.weight ~ N(0, 2 / K)``, zero biases -- logits of order
+        one, so routing depends on the input from the start. ``"torch"``: ``nn.Linear``'s
+        default (tiny logits, near-uniform routing for every input)."""
+        if init not in ROUTER_INITS:
+            raise ValueError(f"unknown router_init {init!r}; expected one of {ROUTER_INITS}")
+        if init == "torch":
+            self.fc1.reset_parameters()
+            self.fc2.reset_parameters()
+            return
+        nn.init.normal_(self.fc1.weight, 0.0, math.sqrt(2.0 / self.fc1.out_features))
+        nn.init.normal_(self.fc2.weight, 0.0, math.sqrt(2.0 / self.fc2.out_features))
+        nn.init.zeros_(self.fc1.bias)
+        nn.init.zeros_(self.fc2.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         pooled = x.mean(dim=(2, 3))
@@ -152,9 +175,12 @@ class DynamicConv2d(_ConvGeometry, PadLayerMixin, nn.Module):
         backend: str = "auto",
         device=None,
         dtype=None,
+        router_init: str = "official",
     ) -> None:
         super().__init__()
         _check_conv_args(in_channels, out_channels, groups, num_kernels, reduction)
+        if router_init not in ROUTER_INITS:
+            raise ValueError(f"unknown router_init {router_init!r}; expected one of {ROUTER_INITS}")
         self._set_geometry(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, routing,
                            temperature, backend)
         self.num_kernels = num_kernels
@@ -171,19 +197,33 @@ class DynamicConv2d(_ConvGeometry, PadLayerMixin, nn.Module):
             self.register_parameter("bias_dynamic", None)
             self.register_parameter("bias_static", None)
             self.register_buffer("bias_mode_mask", None)
-        self.attention = KernelAttention(in_channels, num_kernels, reduction, **factory)
+        self.router_init = router_init
+        self.attention = KernelAttention(in_channels, num_kernels, reduction, init=router_init, **factory)
         self.scale = ScaleFactors(scale, **factory)
+        register_routing_stats(self, num_kernels, 1.0 / num_kernels if routing == "softmax" else 0.5, device=device)
         self.reset_parameters()
 
+    @property
+    def routing_sums_to_one(self) -> bool:  # type: ignore[override]
+        return self.routing == "softmax"
+
+    @torch.no_grad()
     def reset_parameters(self) -> None:
-        """nn.Conv2d's default init for every kernel and the static copy."""
+        """The ``"fresh"`` initialisation of the official PAD-Net code.
+
+        Every kernel ``W_k`` and the static copy ``W_s`` independently
+        He-normal with fan-out, ``N(0, 2 / (O * kh * kw))``; biases zero. With
+        independent kernels the mixed kernel of a (near-uniformly routed)
+        dynamic conv has ``1 / sqrt(K)`` of a single kernel's norm, which keeps
+        its relative update size that of a static conv when a normalisation
+        layer follows (docs/core.md, "Initialisation"). The router is
+        initialised by :meth:`KernelAttention.reset_parameters` (``router_init``).
+        """
         for w in (*self.weight_dynamic, self.weight_static):
-            nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+            nn.init.kaiming_normal_(w, mode="fan_out", nonlinearity="relu")
         if self.bias_dynamic is not None:
-            fan_in = self.weight_static[0].numel()
-            bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
-            nn.init.uniform_(self.bias_dynamic, -bound, bound)
-            nn.init.uniform_(self.bias_static, -bound, bound)
+            nn.init.zeros_(self.bias_dynamic)
+            nn.init.zeros_(self.bias_static)
 
     @classmethod
     def from_conv(
@@ -197,9 +237,13 @@ class DynamicConv2d(_ConvGeometry, PadLayerMixin, nn.Module):
     ) -> "DynamicConv2d":
         """Build from a static ``nn.Conv2d``.
 
-        ``init="inherit"``: ``W_s = W`` and ``W_k = W + noise_std * std(W) * N(0, 1)``
-        (the noise breaks the symmetry that would zero the Taylor scores);
-        ``init="fresh"``: default random init. Bias follows the same rule.
+        ``init="inherit"`` (for a *trained* conv: the dynamic layer starts as
+        the same function): ``W_s = W`` and ``W_k = W + noise_std * std(W) * N(0, 1)``
+        (the noise breaks the symmetry that would zero the Taylor scores).
+        ``init="fresh"`` (training from scratch): independent He-normal fan-out
+        kernels as the official PAD-Net code (:meth:`reset_parameters`); the
+        conv's values are not used. Bias follows the same rule. The router is
+        initialised per ``router_init`` (keyword, default ``"official"``).
         """
         if init not in ("inherit", "fresh"):
             raise ValueError(f"unknown init {init!r}; expected 'inherit' or 'fresh'")
@@ -238,6 +282,7 @@ class DynamicConv2d(_ConvGeometry, PadLayerMixin, nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         pi = self.routing_weights(x)
+        self._observe_routing(pi)
         if self.backend != "auto" or is_exporting() or self._masks_require_grad():
             # An explicit backend is honoured literally (FLOP counting relies on "weight"); a mask that
             # requires grad (mode partition scoring dL/dM) must stay in the graph via combine_factors.
@@ -253,6 +298,16 @@ class DynamicConv2d(_ConvGeometry, PadLayerMixin, nn.Module):
                 factors = self.combined_factors()
             return self._conv(x, pi, *factors)
         return self._structured_forward(x, pi, structure)
+
+    def _observe_routing(self, pi: Tensor) -> None:
+        """Running routing statistics (training) and an optional diagnostics probe (``pi [B, K]``)."""
+        if is_exporting():
+            return
+        if self.training:
+            self.update_routing_stats_(pi.detach().float().mean(0))
+        probe = self.__dict__.get("_routing_probe")
+        if probe is not None:
+            probe.append(pi.detach().float())
 
     def _factor_tensors(self) -> tuple[Tensor, ...]:
         """Every tensor the combined factors depend on (cache key material)."""

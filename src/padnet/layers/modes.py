@@ -24,6 +24,16 @@ static mask is S = L * (1 - D) = L - D and
 
 A pruned entry contributes 0, stores 0 values and gets zero gradient. See
 ``set_modes()``, ``set_live_mask()`` and ``density()``.
+
+Routing statistics (for function-preserving mode transitions,
+:mod:`padnet.transforms.transitions`): every PAD layer keeps ``routing_mean``
+``[K]``, a running mean of its routing weights over training forwards (dynamic
+conv: ``pi_k(x)`` averaged over the batch; MoE: the gate weight of expert ``k``
+averaged over tokens, zero where the expert was not chosen), and
+``routing_updates`` (how many batches it has seen). The first ``1 / momentum``
+batches are averaged exactly, later ones with an exponential moving average of
+momentum :data:`ROUTING_STATS_MOMENTUM`. ``mode_transition_weights()`` turns it
+into the mixing weights a dynamic -> static transition folds the K factors with.
 """
 
 from __future__ import annotations
@@ -35,6 +45,7 @@ import torch
 from torch import Tensor, nn
 
 SCALE_MODES = ("learned", "none")
+ROUTING_STATS_MOMENTUM = 0.01  # EMA weight of one batch once 1 / momentum batches were seen
 
 
 @dataclass(frozen=True)
@@ -261,12 +272,81 @@ class PadLayerMixin:
             buf = getattr(self, name)
         return buf
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # a file written after pruning holds live masks: register them before loading (older files have none)
+    def _register_saved_live_masks(self, state_dict, prefix: str) -> None:
+        """A file written after pruning holds live masks: register them before loading (older files have none)."""
         for _, dyn, _, mask_attr, _, _ in self._mode_group_specs:
             if getattr(self, dyn, None) is not None and prefix + live_mask_attr(mask_attr) in state_dict:
                 self._ensure_live_mask(mask_attr)
+
+
+    # ---- routing statistics (function-preserving transitions) -----------------------------
+    # Subclasses call ``register_routing_stats(self, K)`` in ``__init__`` and
+    # ``self.update_routing_stats_(weights)`` in training forwards.
+    routing_mean: Tensor
+    routing_updates: Tensor
+    #: the K routing weights of one input sum to one (softmax conv; MoE gates act per expert,
+    #: so a shared entry is exact there too): static -> dynamic is then exact
+    routing_sums_to_one: bool = True
+    #: dynamic -> static folds with normalised mixing weights (MoE: every expert shares the static
+    #: value, so the fold is a gate-weighted average of the experts)
+    routing_normalize_mix: bool = False
+
+    @torch.no_grad()
+    def update_routing_stats_(self, weights: Tensor) -> None:
+        """Fold one batch's mean routing weights ``weights [K]`` into ``routing_mean``."""
+        n = int(self.routing_updates)
+        momentum = max(1.0 / (n + 1), ROUTING_STATS_MOMENTUM)
+        self.routing_mean.lerp_(weights.detach().to(self.routing_mean.dtype), momentum)
+        self.routing_updates.add_(1)
+
+    def mode_transition_weights(self) -> tuple[Tensor, Tensor]:
+        """``(mix [K], total)`` (float64) for mode transitions.
+
+        dynamic -> static: ``W_s := (lambda_d / lambda_s) * sum_k mix_k W_k``;
+        static -> dynamic: ``W_k := (lambda_s / lambda_d) * W_s / total``.
+        Softmax routing: ``mix = routing_mean`` normalised, ``total = 1`` (static -> dynamic
+        exact). Sigmoid routing: ``mix = routing_mean``, ``total = sum(routing_mean)``
+        (approximate: exact only for inputs whose weights equal the mean). MoE: ``mix`` the
+        normalised mean gate per expert, ``total = 1`` (static -> dynamic exact).
+        Raises ``ValueError`` naming the layer for NaN/inf/negative or all-zero statistics.
+        """
+        return transition_weights(self.routing_mean, self.routing_sums_to_one or self.routing_normalize_mix,
+                                  type(self).__name__)
+
+    def _fill_missing_routing_stats(self, state_dict, prefix: str) -> None:
+        """Files written before routing statistics existed load with the initial (uniform) values."""
+        for key in ("routing_mean", "routing_updates"):
+            if prefix + key not in state_dict and getattr(self, key, None) is not None:
+                state_dict[prefix + key] = getattr(self, key).detach().clone()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self._fill_missing_routing_stats(state_dict, prefix)
+        self._register_saved_live_masks(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)  # type: ignore[misc]
+
+
+def transition_weights(mean: Tensor, normalize: bool, what: str = "layer") -> tuple[Tensor, Tensor]:
+    """``(mix [K], total)`` in float64 from mean routing weights ``mean [K]`` (see ``mode_transition_weights``).
+
+    ``normalize``: ``mix = mean / sum(mean)`` and ``total = 1``; else ``mix = mean`` and
+    ``total = sum(mean)``. Raises ``ValueError`` (naming ``what``) for NaN/inf/negative or all-zero means.
+    """
+    mean = mean.detach().double()
+    if not bool(torch.isfinite(mean).all()) or bool((mean < 0).any()):
+        raise ValueError(f"{what}: routing statistics (routing_mean) hold NaN, inf or negative values: "
+                         f"{mean.tolist()}")
+    total = mean.sum()
+    if not float(total) > 0:
+        raise ValueError(f"{what}: routing statistics (routing_mean) are all zero")
+    if normalize:
+        return mean / total, torch.ones((), dtype=torch.float64, device=mean.device)
+    return mean, total
+
+
+def register_routing_stats(module: nn.Module, num_factors: int, initial: float, device=None) -> None:
+    """Register ``routing_mean`` ``[K]`` (float32, filled with ``initial``) and ``routing_updates`` (long)."""
+    module.register_buffer("routing_mean", torch.full((num_factors,), float(initial), device=device))
+    module.register_buffer("routing_updates", torch.zeros((), dtype=torch.long, device=device))
 
 
 def is_pad_layer(module: nn.Module) -> bool:

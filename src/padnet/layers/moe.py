@@ -42,7 +42,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .modes import CompactLayerMixin, PackedModeGroup, PadLayerMixin, ScaleFactors, combine_factors, register_mask
+from .modes import (
+    CompactLayerMixin, PackedModeGroup, PadLayerMixin, ScaleFactors, combine_factors, register_mask,
+    register_routing_stats,
+)
 
 __all__ = [
     "MoEFeedForward",
@@ -307,7 +310,29 @@ class _MoERouting:
         counts = torch.bincount(topk_idx.reshape(-1), minlength=self.num_experts)
         self.aux_loss = self.aux_loss_coef * switch_load_balancing_loss(probs, counts, self.top_k)
         self.last_expert_counts = counts.detach()
+        self._observe_routing(topk_idx, topk_gates)
         return topk_idx, topk_gates
+
+    def _observe_routing(self, topk_idx: Tensor, topk_gates: Tensor) -> None:
+        """Running mean gate per expert (PAD layer, training) and the diagnostics probe.
+
+        The per-token gate matrix ``[N, E]`` is zero for experts a token was not routed to.
+        """
+        stats = self.training and hasattr(self, "update_routing_stats_")
+        probe = self.__dict__.get("_routing_probe")
+        if (not stats and probe is None) or topk_idx.shape[0] == 0:
+            return
+        from .conv_functional import is_exporting
+
+        if is_exporting():
+            return
+        with torch.no_grad():
+            dense = torch.zeros(topk_idx.shape[0], self.num_experts, device=topk_gates.device, dtype=torch.float32)
+            dense.scatter_add_(1, topk_idx, topk_gates.detach().float())
+            if stats:
+                self.update_routing_stats_(dense.mean(0))
+            if probe is not None:
+                probe.append(dense)
 
     def _moe_forward(self, x: Tensor, weights: Callable[[], WeightTuple]) -> Tensor:
         self._check_input(x)
@@ -436,8 +461,14 @@ class MoEFeedForward(_MoERouting, PadLayerMixin, nn.Module):
                 self.register_buffer(name, None)
         self.router = nn.Linear(h, e, bias=False, **fk)
         self.scale = ScaleFactors(scale, **fk)
+        register_routing_stats(self, e, 1.0 / e, device=device)
         self.reset_parameters()
         self._init_routing_state(device)
+
+    #: every expert holds the same value at a static entry: static -> dynamic is exact for any
+    #: gates, and dynamic -> static folds the experts with their normalised mean gate weights
+    routing_sums_to_one = True
+    routing_normalize_mix = True
 
     @property
     def has_bias(self) -> bool:

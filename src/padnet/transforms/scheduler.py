@@ -23,9 +23,9 @@ of entries (cosine decay, as RigL and the seed paper):
    ``repartition`` score are demoted to static and as many static entries with
    the highest ``growth`` score are promoted (entries moved in step 1 are left
    alone). These moves go through the function-preserving transitions
-   (``padnet.transforms.transitions`` when present; the same rule otherwise:
-   ``W_s := lambda_d / lambda_s * mean_k W_k`` on demotion,
-   ``W_k := lambda_s / lambda_d * W_s`` on promotion).
+   (:func:`padnet.transforms.transitions.set_modes_`: ``W_s := lambda_d /
+   lambda_s * sum_k pbar_k W_k`` on demotion with the layer's running mean
+   routing weights ``pbar``, ``W_k := lambda_s / lambda_d * W_s`` on promotion).
 
 Counts are exact per PAD layer (``scope="layer"``, default) or over the whole
 model (``scope="global"``: layers may trade entries). Optimizer moments of
@@ -44,7 +44,6 @@ masks are broadcast from rank 0, so every rank holds identical masks.
 from __future__ import annotations
 
 import collections.abc
-import importlib.util
 import math
 import time
 from typing import Any, Callable, Iterable
@@ -54,13 +53,14 @@ from torch import Tensor, nn
 
 from ..layers.modes import ModeGroup, is_compact_layer, pad_layers
 from .sparsity import effective_grad, effective_view, effective_weight, round_half_up
+from .transitions import reset_optimizer_state_, set_modes_
 
 try:  # the criteria registry (moving to padnet.transforms.partition in the architecture round)
     from .partition.criteria import Criterion, GroupStats, get_criterion
 except ImportError:  # pragma: no cover - layout before the move
     from ..partition.criteria import Criterion, GroupStats, get_criterion
 
-__all__ = ["ModeScheduler", "SCHEDULER_SCOPES", "reset_optimizer_state_"]
+__all__ = ["ModeScheduler", "SCHEDULER_SCOPES", "apply_mode_transitions"]
 
 SCHEDULER_SCOPES = ("layer", "global")
 _ALL_STATS = ("mask_grad", "dynamic_grad", "static_grad")
@@ -137,66 +137,18 @@ def _flat(tensors: list[Tensor], op: str, process_group, src: int) -> list[Tenso
     return out
 
 
-def reset_optimizer_state_(optimizer: torch.optim.Optimizer | None, param: Tensor, entries: Tensor) -> None:
-    """Zero the optimizer moments of ``param`` at ``entries`` (bool ``[*shape]``).
-
-    Every state tensor of the parameter's shape (SGD ``momentum_buffer``, Adam
-    ``exp_avg`` / ``exp_avg_sq`` / ``max_exp_avg_sq``) is zeroed there; for a
-    ``[K, *shape]`` dynamic factor the entries are zeroed in every factor.
-    Scalar state (Adam's ``step``) is left alone.
-    """
-    if optimizer is None or param not in optimizer.state:
-        return
-    for value in optimizer.state[param].values():
-        if isinstance(value, Tensor) and value.shape == param.shape:
-            if value.dim() == entries.dim() + 1:
-                value[:, entries] = 0
-            else:
-                value[entries] = 0
-
-
-def _transition_modes_fallback(layer: nn.Module, group: str, new_mask: Tensor, optimizer) -> None:
-    """Function-preserving mode flips (softmax routing, uniform mean routing weight when unknown)."""
-    g = {gr.name: gr for gr in layer.mode_groups()}[group]
-    old = g.mask.detach() > 0.5
-    new = new_mask > 0.5
-    promoted, demoted = new & ~old, old & ~new
-    lambda_s, lambda_d = (s.detach() for s in layer.scales())
-    with torch.no_grad():
-        if bool(demoted.any()):
-            mean_k = g.dynamic[:, demoted].mean(0)
-            g.static[demoted] = (lambda_d / lambda_s * mean_k).to(g.static.dtype)
-        if bool(promoted.any()):
-            g.dynamic[:, promoted] = (lambda_s / lambda_d * g.static[promoted]).to(g.dynamic.dtype)
-    layer.set_mode_mask(group, new.to(g.mask.dtype))
-    moved = promoted | demoted
-    reset_optimizer_state_(optimizer, g.dynamic, moved)
-    reset_optimizer_state_(optimizer, g.static, moved)
-
-
 def apply_mode_transitions(model: nn.Module, masks: dict[GroupKey, Tensor], optimizer, preserve: bool) -> None:
-    """Change mode masks through the transitions of issue 11 (the one adapter to that API).
+    """Change mode masks through the function-preserving transitions (:func:`padnet.transforms.transitions.set_modes_`).
 
-    Uses ``padnet.transforms.transitions.apply_masks_`` when that module is
-    installed, else the same function-preserving rule implemented here.
+    ``masks``: ``{(layer_name, group): new mode mask}``. Optimizer moments of
+    the entries that changed mode are reset there.
     """
     if not masks:
         return
-    if importlib.util.find_spec("padnet.transforms.transitions") is not None:
-        from .transitions import apply_masks_  # type: ignore[import-not-found]
-
-        apply_masks_(model, masks, preserve=preserve, optimizer=optimizer)
-        return
-    layers = dict(pad_layers(model))
+    spec: dict[str, dict[str, Tensor]] = {}
     for (name, group), mask in masks.items():
-        if preserve:
-            _transition_modes_fallback(layers[name], group, mask, optimizer)
-        else:
-            layers[name].set_mode_mask(group, mask)
-            g = {gr.name: gr for gr in layers[name].mode_groups()}[group]
-            moved = (g.mask.detach() > 0.5) != (mask > 0.5)
-            reset_optimizer_state_(optimizer, g.dynamic, moved)
-            reset_optimizer_state_(optimizer, g.static, moved)
+        spec.setdefault(name, {})[group] = mask
+    set_modes_(model, spec, preserve=preserve, optimizer=optimizer)
 
 
 # --------------------------------------------------------------------------------------------
@@ -637,7 +589,7 @@ class ModeScheduler:
                     layers[k[0]].set_modes(k[1], mid_d[a:b].view(shape), new_l[a:b].view(shape))
                     g.static.data[pr.to(g.static.device)] = 0
                     g.dynamic.data[:, pr.to(g.dynamic.device)] = 0
-                    reset_optimizer_state_(self.optimizer, g.dynamic, pr)
+                    reset_optimizer_state_(self.optimizer, g.dynamic, pr.unsqueeze(0))
                     reset_optimizer_state_(self.optimizer, g.static, pr)
                 moved = (counts["promoted"][a:b] | counts["demoted"][a:b])
                 if bool(moved.any()):
