@@ -14,6 +14,7 @@ from .convert import dynamize_  # noqa: E402
 from .export.compact import compact_  # noqa: E402
 from .partition import PartitionReport, SymmetricModesWarning, list_criteria, partition_, register_criterion  # noqa: E402
 from .serialization import CheckpointError, load, save  # noqa: E402
+from .transforms.scheduler import ModeScheduler  # noqa: E402
 
 __all__ = [
     "PadConfig",
@@ -31,4 +32,5 @@ __all__ = [
     "save",
     "load",
     "CheckpointError",
+    "ModeScheduler",
 ]
