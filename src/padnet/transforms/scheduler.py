@@ -230,6 +230,10 @@ class ModeScheduler:
         if not self.layers:
             raise ValueError("ModeScheduler: the model has no PAD layers; run padnet.dynamize_ first")
         self.model = model
+        self._slots = []  # (parent, attribute, layer): a cheap per-step check that no layer was swapped
+        for name, layer in self.layers:
+            parent_name, _, child = name.rpartition(".")
+            self._slots.append((model.get_submodule(parent_name) if parent_name else model, child, layer))
         self.optimizer = optimizer
         self.update_interval = _check_int(update_interval, "update_interval", 1)
         if total_steps is not None:
@@ -310,9 +314,10 @@ class ModeScheduler:
     # ---- lifecycle ---------------------------------------------------------------------------
     def step(self) -> dict[str, Any] | None:
         """Advance one training step; at update steps move entries and return the update's record."""
-        if any(is_compact_layer(m) for _, m in self.layers) or any(
-                is_compact_layer(m) for m in self.model.children()):
-            raise RuntimeError("ModeScheduler.step(): the model was compacted; masks can no longer change")
+        if any(child and parent._modules.get(child) is not layer for parent, child, layer in self._slots):
+            raise RuntimeError("ModeScheduler.step(): the model was compacted or its PAD layers were replaced "
+                               "(compact_, re-dynamize); masks can no longer change: create a new scheduler "
+                               "on the training form")
         self.step_count += 1
         t = self.step_count
         is_update = t % self.update_interval == 0 and t < self.end_step
@@ -320,10 +325,6 @@ class ModeScheduler:
         if not (is_update or wants_stats):
             return None
         started = time.perf_counter()
-        current = pad_layers(self.model)
-        if any(id(m) != id(layer) for (_, layer), (_, m) in zip(self.layers, current)):
-            raise RuntimeError("ModeScheduler.step(): the model's PAD layers were replaced (compact_ or re-dynamize);"
-                               " create a new scheduler")
         stats = self._probe(t) if self.needs_data else {}
         record = self._update(t, stats) if is_update else None
         self.seconds += time.perf_counter() - started
