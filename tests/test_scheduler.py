@@ -391,3 +391,87 @@ def test_two_gloo_ranks_hold_identical_masks_equal_to_single_process_on_union(tm
         assert torch.equal(results[0][key][1], results[1][key][1]), key
         assert torch.equal(results[0][key][0], mask), key
         assert torch.equal(results[0][key][1], live), key
+
+
+# ---------------------------------------------------------------------------- trainer / CLI
+
+from padnet.data import DEFAULT_FASHION_MNIST_ROOT  # noqa: E402
+
+needs_fmnist = pytest.mark.skipif(
+    not any((DEFAULT_FASHION_MNIST_ROOT / f).exists() for f in ("train-images-idx3-ubyte.gz", "train-images-idx3-ubyte")),
+    reason="Fashion-MNIST not installed",
+)
+
+DST_ARGS = ["train", "--variant", "pad", "--ratio", "0.3", "--density", "0.6", "--density-distribution", "erk",
+            "--repartition", "magnitude", "--growth", "gradient", "--update-interval", "3", "--criterion", "magnitude",
+            "--partition-iterations", "1", "--width", "0.125", "--max-train-samples", "256", "--max-test-samples", "64",
+            "--batch-size", "32", "--epochs", "2", "--temperature-epochs", "1", "--seed", "2", "--threads", "1",
+            "--quiet"]
+
+
+def _strip_seconds(obj):
+    if isinstance(obj, dict):
+        return {k: _strip_seconds(v) for k, v in obj.items() if k != "seconds"}
+    if isinstance(obj, list):
+        return [_strip_seconds(v) for v in obj]
+    return obj
+
+
+@pytest.mark.slow
+@needs_fmnist
+def test_trainer_runs_dst_logs_updates_and_resumes_bit_exactly(tmp_path):
+    import json
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from padnet.cli import main
+
+    full = tmp_path / "full"
+    assert main([*DST_ARGS, "--output-dir", str(full)]) == 0
+    summary = json.loads((full / "summary.json").read_text())
+    rows = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
+    updates = [u for r in rows for u in r["mode_updates"]]
+    assert [u["step"] for u in updates] == [3, 6, 9]  # 16 steps, end at 75 % = step 12
+    for u in updates:
+        for v in u["layers"].values():
+            assert v["pruned"] == v["regrown"] > 0 or v["pruned"] == v["regrown"] == 0
+            assert {"kappa", "density", "dynamic_overlap", "demoted", "promoted"} <= set(v)
+    assert summary["mode_scheduler"]["updates"] == 3 and "mask_churn.png" in summary["files"]
+    assert (full / "mask_churn.png").stat().st_size > 0
+    assert summary["dynamic_ratio"] == pytest.approx(0.3, abs=2e-3)
+    # resume from the epoch-1 checkpoint: same metrics and weights, bit for bit
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copy(full / "config.json", resumed / "config.json")
+    shutil.copy(full / "checkpoint.prev.pt", resumed / "checkpoint.pt")
+    assert main(["train", "--resume", "--output-dir", str(resumed), "--quiet"]) == 0
+    rows_b = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert _strip_seconds(rows_b) == _strip_seconds(rows)
+    wa, wb = load_file(full / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert wa.keys() == wb.keys() and any("live_mask" in k for k in wa)
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--repartition", "nope"], "unknown --repartition criterion 'nope'; known: .*gradient"),
+    (["--density", "0"], "--density must be in"),
+    (["--density", "0.2"], "exceeds --density"),
+    (["--prune", "magnitude"], "--prune needs --density below 1"),
+    (["--repartition", "magnitude", "--update-interval", "0"], "update_interval must be"),
+    (["--repartition", "magnitude", "--mode-fraction", "1"], "mode_fraction must be in"),
+    (["--repartition", "magnitude", "--mode-end", "1.5"], "mode_end"),
+    (["--variant", "dynamic", "--ratio", "1", "--repartition", "magnitude"], "only meaningful|need --variant pad"),
+])
+def test_cli_rejects_bad_mode_schedule_flags(extra, match, tmp_path):
+    from padnet.commands.train import add_train_args, resolve_from_args
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_train_args(parser)
+    base = ["--variant", "pad", "--ratio", "0.3", "--output-dir", str(tmp_path / "x")]
+    args = parser.parse_args(base + extra)
+    with pytest.raises(ValueError, match=match):
+        resolve_from_args(args)
+    assert not (tmp_path / "x").exists()

@@ -39,6 +39,19 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--partition-batches", type=int, default=S, help="training batches scored per iteration (4)")
     g.add_argument("--partition-warmup-steps", type=int, default=S,
                    help="0: partition at init; N: after N fully dynamic optimizer steps")
+    g = p.add_argument_group("pruned mode and dynamic sparse training (pad)")
+    g.add_argument("--density", type=float, default=S,
+                   help="fraction of entries not pruned, in (0, 1] (default 1: nothing pruned); >= --ratio")
+    g.add_argument("--density-distribution", default=S, help="uniform | erk (per-layer densities)")
+    g.add_argument("--repartition", default=S,
+                   help="re-partition during training: demotion criterion (e.g. magnitude, taylor, snip)")
+    g.add_argument("--growth", default=S, help="promotion criterion: gradient (|dL/dM|), momentum, random")
+    g.add_argument("--prune", default=S, help="pruning criterion (default magnitude below density 1; none = off)")
+    g.add_argument("--regrow", default=S, help="regrowth criterion: gradient (RigL), momentum, random")
+    g.add_argument("--update-interval", type=int, default=S, help="steps between mode updates (100)")
+    g.add_argument("--mode-fraction", type=float, default=S, help="moved fraction at the first update (0.3)")
+    g.add_argument("--mode-end", type=float, default=S, help="last update at this fraction of training (0.75)")
+    g.add_argument("--mode-scope", default=S, help="layer (exact per-layer counts) | global")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=S)
     g.add_argument("--batch-size", type=int, default=S, help="per process")

@@ -399,6 +399,7 @@ def partition_(
     kwargs = dict(criterion_kwargs or {})
     dist_active, world_size, src = _dist_info(process_group)
 
+    size_before = count_parameters(model).to_dict()  # before pruning (density), so the report shows its effect
     mode_snapshot = None
     if density is not None and density < 1.0:  # prune first (restored below if the call fails)
         from padnet.transforms.sparsity import prune_to_density_
@@ -415,7 +416,6 @@ def partition_(
     saved_masks = {(p.name, g.name): g.mask.detach().clone() for p in plans for g in p.groups}
     ratios_before = {p.name: p.layer.dynamic_ratio() for p in plans}
     start_global = sum(ratios_before[p.name] * p.num_entries for p in plans) / total
-    size_before = count_parameters(model).to_dict()
     symmetric = {p.name for p in plans if _is_symmetric(p.layer)}
     zero_layers: set[str] = set()
     generator = torch.Generator().manual_seed(int(seed))

@@ -384,6 +384,9 @@ class Trainer:
         self.optimizer = recipe.build_optimizer(cfg, self.model)
         self.scheduler = recipe.build_scheduler(cfg, self.optimizer, self.total_steps)
         self.temp_modules = temperature_modules(self.model) if cfg.is_dynamic else []
+        from .mode_schedule import ModeScheduleHook, scheduler_enabled
+
+        self.mode_hook = ModeScheduleHook(self) if scheduler_enabled(cfg) else None
         anneal_epochs = min(float(cfg.temperature_epochs), cfg.epochs / 2.0)
         self.anneal_steps = int(round(anneal_epochs * self.steps_per_epoch))
 
@@ -413,7 +416,8 @@ class Trainer:
             return self._finish_partition(partition_(
                 self.model, None, None, ratio=cfg.ratio, criterion=cfg.criterion,
                 iterations=cfg.partition_iterations, schedule=cfg.partition_schedule, scope=cfg.partition_scope,
-                granularity=cfg.partition_granularity, seed=cfg.seed))
+                granularity=cfg.partition_granularity, seed=cfg.seed, density=cfg.density,
+                density_distribution=cfg.density_distribution))
         sampler = DistributedSampler(self.train_set, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
                                      seed=cfg.seed + 1)
         loader = DataLoader(self.train_set, batch_size=cfg.batch_size, sampler=sampler,
@@ -436,7 +440,7 @@ class Trainer:
             self.model, batches, self.loss_fn, ratio=cfg.ratio, criterion=cfg.criterion,
             iterations=cfg.partition_iterations, schedule=cfg.partition_schedule, scope=cfg.partition_scope,
             granularity=cfg.partition_granularity, progress=self.bars, train_mode=cfg.partition_train_mode,
-            seed=cfg.seed,
+            seed=cfg.seed, density=cfg.density, density_distribution=cfg.density_distribution,
         )
         return self._finish_partition(report)
 
@@ -477,6 +481,8 @@ class Trainer:
         self.partition_step = ckpt.get("partition_step")
         self.masks_identical = ckpt.get("partition_masks_identical")
         self.train_seconds = float(ckpt.get("train_seconds", 0.0))
+        if self.mode_hook is not None:
+            self.mode_hook.load_state_dict(ckpt.get("mode_scheduler"))
         rngs = ckpt["rng"]
         set_rng_state(rngs[ctx.rank] if isinstance(rngs, list) else rngs)
         self.log(f"resumed from {ckpt['path']} at epoch {self.start_epoch}/{self.cfg.epochs} "
@@ -506,6 +512,7 @@ class Trainer:
             "partition_masks_identical": self.masks_identical,
             "train_seconds": self.train_seconds,
             "config": self.cfg.to_dict(),
+            "mode_scheduler": self.mode_hook.state_dict() if self.mode_hook is not None else None,
         }
         save_checkpoint(self.out, state)
 
@@ -576,6 +583,8 @@ class Trainer:
                     "temperature": temperature,
                     "seconds": seconds,
                 }
+                if self.mode_hook is not None:
+                    row.update(self.mode_hook.epoch_metrics())
                 self.metrics.append(row)
                 if test_acc > self.best:
                     self.best, self.best_epoch = test_acc, epoch + 1
@@ -629,6 +638,8 @@ class Trainer:
             self.optimizer.step()
             self.scheduler.step()
             self.global_step += 1
+            if self.mode_hook is not None:
+                self.mode_hook.step()
             n = int(targets.shape[0])
             loss_sum += float(loss.detach()) * n
             c, k = recipe.accuracy_counts(outputs, targets)
@@ -713,6 +724,10 @@ class Trainer:
         except ImportError:
             files.remove(CURVES)
             self.notes.append("matplotlib is not installed: plots skipped (pip install matplotlib)")
+        if self.mode_hook is not None:
+            summary["mode_scheduler"] = self.mode_hook.finish(self.out, title)
+            if "plot" in summary["mode_scheduler"]:
+                files.append(summary["mode_scheduler"]["plot"])
         summary["files"] = sorted(files + [SUMMARY])
         summary["notes"] = list(self.notes)
         write_text(self.out / REPORT, render_report(summary, self.metrics, self.notes))
