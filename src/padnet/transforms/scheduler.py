@@ -495,14 +495,25 @@ class ModeScheduler:
     # ---- decisions ---------------------------------------------------------------------------
     @staticmethod
     def _pick(scores: Tensor, candidates: Tensor, n: int, lowest: bool) -> Tensor:
-        """Bool mask of the ``n`` candidates with the lowest (or highest) score; ties: lower index."""
+        """Bool mask of the ``n`` candidates with the lowest (or highest) score; ties: lower index.
+
+        Linear time: the n-th smallest key (``kthvalue``) is the threshold; every
+        candidate below it is taken, then the lowest-index candidates equal to it.
+        """
         pick = torch.zeros_like(candidates)
         if n <= 0:
             return pick
-        key = scores if lowest else -scores
-        key = torch.where(candidates, key, torch.full_like(key, math.inf))
-        order = torch.argsort(key, stable=True)[:n]
-        pick[order] = True
+        idx = candidates.nonzero().squeeze(1)
+        if n >= idx.numel():
+            pick[idx] = True
+            return pick
+        key = scores[idx] if lowest else -scores[idx]
+        kth = torch.kthvalue(key.cpu(), n).values.to(key.device)
+        below = key < kth
+        need = n - int(below.sum())
+        tied = (key == kth).nonzero().squeeze(1)[:need]
+        pick[idx[below]] = True
+        pick[idx[tied]] = True
         return pick
 
     def _update(self, step: int, stats: dict) -> dict[str, Any]:
@@ -520,16 +531,13 @@ class ModeScheduler:
         for k, size in zip(keys, sizes):
             offsets[k] = (start, start + size)
             start += size
-        if self.scope == "layer":
+        if self.scope == "layer":  # a layer's groups are contiguous in ``keys``
             pools = []
             for name, _ in self.layers:
-                idx = [offsets[k] for k in keys if k[0] == name]
-                sel = torch.zeros(start, dtype=torch.bool, device=device)
-                for a, b in idx:
-                    sel[a:b] = True
-                pools.append(sel)
+                spans = [offsets[k] for k in keys if k[0] == name]
+                pools.append((spans[0][0], spans[-1][1]))
         else:
-            pools = [torch.ones(start, dtype=torch.bool, device=device)]
+            pools = [(0, start)]
 
         def cat(kind: str) -> Tensor:
             return torch.cat([scores[k][kind].to(device) for k in keys])
@@ -538,34 +546,33 @@ class ModeScheduler:
                   "demoted": torch.zeros_like(old_d), "promoted": torch.zeros_like(old_d)}
         if self.prune is not None and frac > 0:
             prune_s, regrow_s = cat("prune"), cat("regrow")
-            for pool in pools:
-                live = pool & old_l
-                dead = pool & ~old_l
+            for a, b in pools:  # slices are views: writes land in the full vectors
+                live, dead = old_l[a:b], ~old_l[a:b]
                 n = min(round_half_up(frac * int(live.sum())), int(dead.sum()))
-                pruned = self._pick(prune_s, live, n, lowest=True)
-                grown = self._pick(regrow_s, dead, n, lowest=False)
-                n_dd = int((pruned & old_d).sum())
-                grown_dyn = self._pick(regrow_s, grown, n_dd, lowest=False)
-                new_l[pruned] = False
-                new_d[pruned] = False
-                new_l[grown] = True
-                new_d[grown_dyn] = True
-                touched |= pruned | grown
-                counts["pruned"] |= pruned
-                counts["regrown"] |= grown
+                pruned = self._pick(prune_s[a:b], live, n, lowest=True)
+                grown = self._pick(regrow_s[a:b], dead, n, lowest=False)
+                n_dd = int((pruned & old_d[a:b]).sum())
+                grown_dyn = self._pick(regrow_s[a:b], grown, n_dd, lowest=False)
+                new_l[a:b][pruned] = False
+                new_d[a:b][pruned] = False
+                new_l[a:b][grown] = True
+                new_d[a:b][grown_dyn] = True
+                touched[a:b] |= pruned | grown
+                counts["pruned"][a:b] |= pruned
+                counts["regrown"][a:b] |= grown
         mid_d = new_d.clone()  # after prune/regrow, before re-partition
         if self.repartition is not None and frac > 0:
             demote_s, promote_s = cat("demote"), cat("promote")
-            for pool in pools:
-                dyn = pool & new_d & ~touched
-                sta = pool & new_l & ~new_d & ~touched
-                n = min(round_half_up(frac * int((pool & new_d).sum())), int(dyn.sum()), int(sta.sum()))
-                demoted = self._pick(demote_s, dyn, n, lowest=True)
-                promoted = self._pick(promote_s, sta, n, lowest=False)
-                new_d[demoted] = False
-                new_d[promoted] = True
-                counts["demoted"] |= demoted
-                counts["promoted"] |= promoted
+            for a, b in pools:
+                dyn = new_d[a:b] & ~touched[a:b]
+                sta = new_l[a:b] & ~new_d[a:b] & ~touched[a:b]
+                n = min(round_half_up(frac * int(new_d[a:b].sum())), int(dyn.sum()), int(sta.sum()))
+                demoted = self._pick(demote_s[a:b], dyn, n, lowest=True)
+                promoted = self._pick(promote_s[a:b], sta, n, lowest=False)
+                new_d[a:b][demoted] = False
+                new_d[a:b][promoted] = True
+                counts["demoted"][a:b] |= demoted
+                counts["promoted"][a:b] |= promoted
         active, src = _dist(self.process_group)
         if active:  # rank 0's decision everywhere (identical already when statistics were all-reduced)
             new_d, mid_d, new_l, *rest = _flat([new_d, mid_d, new_l, *counts.values()], "broadcast",
