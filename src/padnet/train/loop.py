@@ -299,6 +299,8 @@ def _mask_digest(model: nn.Module) -> str:
         for g in layer.mode_groups():
             h.update(name.encode())
             h.update(g.mask.detach().to("cpu", torch.uint8).numpy().tobytes())
+            if g.live is not None:  # pruned entries (density < 1)
+                h.update(g.live.detach().to("cpu", torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
