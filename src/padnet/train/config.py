@@ -304,8 +304,7 @@ def _validate_mode_schedule(cfg: TrainConfig) -> None:
         return
     if cfg.variant != "pad":
         raise ValueError(f"--density / --repartition / --prune need --variant pad (got --variant {cfg.variant})")
-    from ..partition import list_criteria
-    from ..transforms.scheduler import SCHEDULER_SCOPES
+    from ..transforms.scheduler import SCHEDULER_SCOPES, ModeScheduler
     from ..transforms.sparsity import DISTRIBUTIONS, check_density
 
     if cfg.density is not None:
@@ -317,7 +316,7 @@ def _validate_mode_schedule(cfg: TrainConfig) -> None:
     if cfg.density_distribution not in DISTRIBUTIONS:
         raise ValueError(f"unknown --density-distribution {cfg.density_distribution!r}; expected one of "
                          f"{', '.join(DISTRIBUTIONS)}")
-    known = list_criteria()
+    known = ModeScheduler.known_criteria()
     for flag, value in (("--repartition", cfg.repartition), ("--growth", cfg.growth), ("--regrow", cfg.regrow),
                         ("--prune", None if str(cfg.prune).lower() == "none" else cfg.prune)):
         if value is not None and value not in known:

@@ -56,9 +56,9 @@ from .sparsity import effective_grad, effective_view, effective_weight, round_ha
 from .transitions import reset_optimizer_state_, set_modes_
 
 try:  # the criteria registry (moving to padnet.transforms.partition in the architecture round)
-    from .partition.criteria import Criterion, GroupStats, get_criterion
+    from .partition.criteria import Criterion, GroupStats, get_criterion, list_criteria
 except ImportError:  # pragma: no cover - layout before the move
-    from ..partition.criteria import Criterion, GroupStats, get_criterion
+    from ..partition.criteria import Criterion, GroupStats, get_criterion, list_criteria
 
 __all__ = ["ModeScheduler", "SCHEDULER_SCOPES", "apply_mode_transitions"]
 
@@ -120,12 +120,13 @@ def _dist(process_group) -> tuple[bool, int]:
 
 
 def _flat(tensors: list[Tensor], op: str, process_group, src: int) -> list[Tensor]:
-    """All-reduce (``"sum"``) or broadcast (``"broadcast"``) tensors as one float64 buffer."""
+    """All-reduce (``"sum"``) or broadcast (``"broadcast"``) tensors as one buffer (float64; uint8 for masks)."""
     import torch.distributed as dist
 
     if not tensors:
         return tensors
-    flat = torch.cat([t.reshape(-1).to(torch.float64) for t in tensors])
+    dtype = torch.uint8 if all(t.dtype == torch.bool for t in tensors) else torch.float64
+    flat = torch.cat([t.reshape(-1).to(dtype) for t in tensors])
     if op == "sum":
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=process_group)
     else:
@@ -289,6 +290,11 @@ class ModeScheduler:
         self.seconds = 0.0
 
     # ---- configuration ---------------------------------------------------------------------
+    @staticmethod
+    def known_criteria() -> list[str]:
+        """Names usable for ``repartition``, ``growth``, ``prune`` and ``regrow`` (the criteria registry)."""
+        return list_criteria()
+
     def _criteria(self) -> list[Criterion]:
         crits = []
         if self.repartition is not None:
