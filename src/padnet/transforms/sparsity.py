@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from ..layers.modes import ModeGroup, pad_layers
+from .transitions import reset_optimizer_state_
 
 __all__ = [
     "DISTRIBUTIONS",
@@ -140,6 +141,7 @@ def prune_to_density_(
     distribution: str = "uniform",
     criterion: str = "magnitude",
     seed: int = 0,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> dict[str, float]:
     """Prune every PAD layer's mode groups to a density, in place; returns per-layer densities.
 
@@ -148,7 +150,8 @@ def prune_to_density_(
     uniform scores); the top ``round(d_g * n_g)`` stay live (ties: lower
     index), the rest are pruned: their mode mask and live mask become 0 and
     their stored values (``W_s`` and every ``W_k``) are zeroed, so a later
-    regrowth starts from 0. Everything is validated before anything changes.
+    regrowth starts from 0; with ``optimizer`` (pruning mid-training) their
+    optimizer moments are reset too. Everything is validated before anything changes.
     """
     density = check_density(density)
     if criterion not in ("magnitude", "random"):
@@ -181,4 +184,6 @@ def prune_to_density_(
         dead = ~live
         g.static.data[dead] = 0
         g.dynamic.data[:, dead] = 0
+        reset_optimizer_state_(optimizer, g.static, dead)
+        reset_optimizer_state_(optimizer, g.dynamic, dead.unsqueeze(0))
     return {name: layer.density() for name, layer in layers}
