@@ -2,6 +2,7 @@
 
     python experiments/transitions_study.py partition   # dynamic -> static at kappa 0.3, preserve vs not
     python experiments/transitions_study.py routing     # routing spread vs accuracy, 2 epochs on 2,500 images
+    python experiments/transitions_study.py report      # the table of docs/training.md
 
 One intra-op thread (the machine is shared); results go to
 ``experiments/results/transitions-*.json``. Training runs use the padnet
@@ -133,6 +134,7 @@ CONFIGS = {
                                      **_schedule(30.0, 1.0, 0.1)},
     "fresh-official-30to3-10pct": {"pad_config": OFFICIAL, **_schedule(30.0, 3.0, 0.1)},
     "fresh-official-30to5-10pct": {"pad_config": OFFICIAL, **_schedule(30.0, 5.0, 0.1)},
+    "fresh-official-30to2-10pct": {"pad_config": OFFICIAL, **_schedule(30.0, 2.0, 0.1)},
     "after": {},  # the recipe defaults after issue 11 (fresh, official router, 30 -> 3 over the first 10 %)
 }
 
@@ -163,6 +165,45 @@ def cmd_routing(args) -> None:
                   flush=True)
 
 
+DESCRIPTIONS = {
+    "before": "before issue 11: inherit + 1 % noise, torch router init, T 30 -> 1 over 1 epoch",
+    "fresh-torch-T1": "fresh kernels, torch router init, T = 1",
+    "fresh-official-T1": "fresh, official router init, T = 1",
+    "fresh-official-30to1-10pct": "fresh, official router, T 30 -> 1 over 10 %",
+    "fresh-official-30to1-half": "fresh, official router, T 30 -> 1 over 1 epoch",
+    "fresh-torch-30to1-10pct": "fresh, torch router, T 30 -> 1 over 10 %",
+    "inherit-official-30to1-10pct": "inherit, official router, T 30 -> 1 over 10 %",
+    "fresh-official-30to5-10pct": "fresh, official router, T 30 -> 5 over 10 %",
+    "fresh-official-30to3-10pct": "fresh, official router, T 30 -> 3 over 10 %",
+    "fresh-official-30to2-10pct": "fresh, official router, T 30 -> 2 over 10 %",
+    "after": "**after (recipe defaults): fresh, official router, T 30 -> 3 over 10 %**",
+}
+
+
+def cmd_report(args) -> None:
+    """Markdown table of every routing result file (mean over seeds)."""
+    import statistics
+
+    rows: dict[str, list[dict]] = {}
+    for path in sorted(RESULTS.glob("transitions-routing*.json")):
+        for key, row in json.loads(path.read_text()).items():
+            rows.setdefault(key.split("/")[0], []).append(row)
+    base = statistics.mean(r["pi_std"] for r in rows["before"])
+    print("| configuration | seeds | test accuracy | pi std (layers min-max) | x before | entropy | kernel spread |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name in DESCRIPTIONS:
+        if name not in rows:
+            continue
+        rs = rows[name]
+        acc = [100 * r["test_accuracy"] for r in rs]
+        acc_s = f"{statistics.mean(acc):.1f} %" + (f" (±{statistics.stdev(acc):.1f})" if len(acc) > 1 else "")
+        std = statistics.mean(r["pi_std"] for r in rs)
+        lo, hi = min(r["pi_std_min"] for r in rs), max(r["pi_std_max"] for r in rs)
+        print(f"| {DESCRIPTIONS[name]} | {len(rs)} | {acc_s} | {std:.4f} ({lo:.4f}-{hi:.4f}) | {std / base:.1f}x | "
+              f"{statistics.mean(r['entropy_normalized'] for r in rs):.3f} | "
+              f"{statistics.mean(r['kernel_spread'] for r in rs):.4f} |")
+
+
 def main(argv=None) -> None:
     torch.set_num_threads(1)
     p = argparse.ArgumentParser(description=__doc__)
@@ -177,10 +218,11 @@ def main(argv=None) -> None:
     b.add_argument("--test", type=int, default=2000)
     b.add_argument("--force", action="store_true")
     b.add_argument("--results", help="result file name under experiments/results (parallel sweeps)")
+    sub.add_parser("report")
     args = p.parse_args(argv)
     RESULTS.mkdir(parents=True, exist_ok=True)
     RUNS.mkdir(parents=True, exist_ok=True)
-    {"partition": cmd_partition, "routing": cmd_routing}[args.cmd](args)
+    {"partition": cmd_partition, "routing": cmd_routing, "report": cmd_report}[args.cmd](args)
 
 
 if __name__ == "__main__":
