@@ -175,7 +175,7 @@ def effnet(num_classes: int = 5) -> nn.Module:
 
 
 MODELS = {"vgg": vgg, "vgg_bn": vgg_bn, "mbv3": mbv3, "resnext_timm": resnext_timm, "effnet": effnet}
-# An in-place activation directly after a converted conv: VGG's conv -> ReLU(inplace=True), MobileNetV3's
+
 # Regressions covered by the zoo: "vgg" and "mbv3" put an in-place activation right after a converted conv
 # (training used to crash, issue 14 item 1); "resnext_timm" has fused BatchNorm + activation modules that
 # fold_bn used to replace by Identity, dropping the activation (issue 14 item 2).

@@ -28,6 +28,7 @@ from .transforms.record import PadState, get_state
 from .transforms.diagnostics import measure_routing
 from .transforms.transitions import ModeTransition, TransitionReport, set_modes_
 from .transforms.gates import ModeGates
+from .transforms.scheduler import ModeScheduler
 
 __all__ = [
     "__version__",
@@ -56,4 +57,5 @@ __all__ = [
     "TransitionReport",
     "measure_routing",
     "ModeGates",
+    "ModeScheduler",
 ]

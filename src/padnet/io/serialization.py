@@ -323,8 +323,12 @@ def _set_masks_from_file(model: nn.Module, meta: dict[str, Any], tensors: dict[s
         name, group = where.rsplit(":", 1)
         if name not in layers or key not in tensors:
             raise CheckpointError(f"{path}: mask {key!r} for layer {name!r} does not fit the model")
+        live_key = key[: -len("mask")] + "live"  # packed live mask (pruned entries), if any
         try:
-            layers[name].set_mode_mask(group, tensors[key])
+            if live_key in tensors:
+                layers[name].set_modes(group, tensors[key], tensors[live_key])
+            else:
+                layers[name].set_mode_mask(group, tensors[key])
         except (KeyError, ValueError) as exc:
             raise CheckpointError(f"{path}: mask {key!r} of layer {name!r}: {exc}") from None
 

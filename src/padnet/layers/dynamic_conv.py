@@ -288,11 +288,13 @@ class DynamicConv2d(_ConvGeometry, PadLayerMixin, nn.Module):
     def combined_factors(self) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
         """``(dyn, sta, bias_dyn, bias_sta)`` with mask and scales folded in."""
         lambda_s, lambda_d = self.scales()
-        dyn, sta = combine_factors(self.weight_dynamic, self.weight_static, self.mode_mask, lambda_s, lambda_d)
+        dyn, sta = combine_factors(self.weight_dynamic, self.weight_static, self.mode_mask, lambda_s, lambda_d,
+                                   getattr(self, "live_mask", None))
         if self.bias_dynamic is None:
             return dyn, sta, None, None
         bias_dyn, bias_sta = combine_factors(
-            self.bias_dynamic, self.bias_static, self.bias_mode_mask, lambda_s, lambda_d
+            self.bias_dynamic, self.bias_static, self.bias_mode_mask, lambda_s, lambda_d,
+            getattr(self, "bias_live_mask", None),
         )
         return dyn, sta, bias_dyn, bias_sta
 
@@ -313,9 +315,10 @@ class DynamicConv2d(_ConvGeometry, PadLayerMixin, nn.Module):
         pi = self.routing_weights(x)
         exporting = is_exporting()
         self._observe_routing(pi, exporting)
-        if self.backend != "auto" or exporting or self._masks_require_grad():
+        if self.backend != "auto" or exporting or self._masks_require_grad() or self.has_pruned():
             # An explicit backend is honoured literally (FLOP counting relies on "weight"); a mask that
-            # requires grad (mode partition scoring dL/dM) must stay in the graph via combine_factors.
+            # requires grad (mode partition scoring dL/dM) must stay in the graph via combine_factors; pruned
+            # entries (live mask) are zeroed there too.
             return self._conv(x, pi, *self.combined_factors())
         cache = getattr(self, "cache_weights", True) and not torch.is_grad_enabled()  # inference caches
         if not cache:
@@ -352,7 +355,7 @@ class DynamicConv2d(_ConvGeometry, PadLayerMixin, nn.Module):
             tensors.append(self.scale.phi)
         if self.bias_dynamic is not None:
             tensors += [self.bias_dynamic, self.bias_static, self.bias_mode_mask]
-        return tuple(tensors)
+        return tuple(tensors + self.live_masks())
 
     def _bias_factors(self, lambda_s: Tensor, lambda_d: Tensor) -> tuple[Tensor | None, Tensor | None]:
         """``(bias_dyn [K, O], bias_sta [O])`` with mask and scales folded in, or ``(None, None)``."""
@@ -365,6 +368,8 @@ class DynamicConv2d(_ConvGeometry, PadLayerMixin, nn.Module):
 
     def mask_structure(self) -> "MaskStructure":
         """How the weight mask is structured (cached until the mask changes); see :class:`MaskStructure`."""
+        if self.has_pruned():  # pruned entries: only the general (element) path multiplies by the live mask
+            return MaskStructure("element")
         return _mask_structure(self, self.mode_mask)
 
     def _structured_forward(self, x: Tensor, pi: Tensor, st: "MaskStructure", cache: bool = False) -> Tensor:
@@ -594,7 +599,10 @@ class CompactDynamicConv2d(_ConvGeometry, CompactLayerMixin, nn.Module):
     # ---- plan: everything about the forward that the packed mask decides --------------------
     def _build_plan(self) -> "_DeployPlan":
         mask = self.weight.mask
-        structure = MaskStructure.from_mask(mask, self.groups, self.in_channels)
+        if self.weight.has_pruned or (self.bias is not None and self.bias.has_pruned):
+            structure = MaskStructure("element")  # pruned entries: only the dense element path zeroes them
+        else:
+            structure = MaskStructure.from_mask(mask, self.groups, self.in_channels)
         plan = _DeployPlan(structure, tuple(mask.shape), self.weight.num_factors)
         self.__dict__["_plan"] = plan
         return plan
@@ -644,10 +652,10 @@ class CompactDynamicConv2d(_ConvGeometry, CompactLayerMixin, nn.Module):
             return self.dense_factors()  # zero-copy view
         # autograd: index_copy (its backward is a parallel index_select; masked_scatter's is serial)
         plan = self.__dict__.get("_plan") or self._build_plan()
-        sta_index, dyn_index = plan.scatter_index(packed.mask)
+        sta_index, dyn_index = plan.scatter_index(packed)
         k = packed.num_factors
         sv, dv = packed.static_values, packed.dynamic_values
-        sta = sv.new_zeros(sta_index.numel() + dyn_index.numel()).index_copy(0, sta_index, sv).view(plan.shape)
+        sta = sv.new_zeros(packed.mask.numel()).index_copy(0, sta_index, sv).view(plan.shape)
         dyn = dv.new_zeros(k, sta.numel()).index_copy(1, dyn_index, dv).view(k, *plan.shape)
         return dyn, sta
 
@@ -728,20 +736,23 @@ class CompactDynamicConv2d(_ConvGeometry, CompactLayerMixin, nn.Module):
         mask = self.weight.mask
         channel = torch.arange(self.out_channels, device=device).view(-1, *([1] * (mask.dim() - 1))).expand_as(mask)
         sv, dv = self.weight.static_values, self.weight.dynamic_values
-        sv.copy_((sv.double() * a[channel[~mask]]).to(dtype))
+        sv.copy_((sv.double() * a[channel[self.weight.static_mask]]).to(dtype))
         dv.copy_((dv.double() * a[channel[mask]].unsqueeze(0)).to(dtype))
 
         shift = c
         if self.bias is not None:
             bm = self.bias.mask
             bsv, bdv = self.bias.static_values, self.bias.dynamic_values
-            new_static = bsv.double() * a[~bm] + c[~bm]
+            bsm = self.bias.static_mask
+            new_static = bsv.double() * a[bsm] + c[bsm]
             new_dynamic = bdv.double() * a[bm].unsqueeze(0)
             shift = torch.zeros_like(c)
             if self.routing == "softmax":
                 new_dynamic = new_dynamic + c[bm].unsqueeze(0)  # exact: sum_k pi_k = 1
             else:
                 shift[bm] = c[bm]  # sigmoid weights do not sum to one: keep it static
+            if self.bias.has_pruned:  # a pruned bias entry stores nothing: its shift goes to bias_shift
+                shift[~self.bias.live] = c[~self.bias.live]
             bsv.copy_(new_static.to(dtype))
             bdv.copy_(new_dynamic.to(dtype))
         if self.bias_shift is not None:
@@ -754,7 +765,7 @@ class CompactDynamicConv2d(_ConvGeometry, CompactLayerMixin, nn.Module):
 
     def _needs_bias_shift(self) -> bool:
         """Folding a BN shift needs a separate static bias: no bias group, or sigmoid with dynamic bias entries."""
-        if self.bias is None:
+        if self.bias is None or self.bias.has_pruned:
             return True
         return self.routing != "softmax" and not self.bias.all_static
 
@@ -792,10 +803,11 @@ class _DeployPlan:
         self.dynamic_rows_shape = (num_factors, n_dyn, *shape[1:])
         self._scatter_index = None
 
-    def scatter_index(self, mask: Tensor) -> tuple[Tensor, Tensor]:
+    def scatter_index(self, packed: PackedModeGroup) -> tuple[Tensor, Tensor]:
+        """Flat indices ``(static entries, dynamic entries)`` of ``packed`` (pruned entries in neither)."""
         if self._scatter_index is None:
-            flat = mask.flatten()
-            self._scatter_index = ((~flat).nonzero().squeeze(1), flat.nonzero().squeeze(1))
+            self._scatter_index = (packed.static_mask.flatten().nonzero().squeeze(1),
+                                   packed.mask.flatten().nonzero().squeeze(1))
         return self._scatter_index
 
 
@@ -812,7 +824,7 @@ def _packed_dense(packed: PackedModeGroup) -> tuple[Tensor | None, Tensor | None
     if packed.all_static:
         return None, packed.static_values.view(shape)
     mask = packed.mask
-    sta = packed.static_values.new_zeros(shape).masked_scatter(~mask, packed.static_values)
+    sta = packed.static_values.new_zeros(shape).masked_scatter(packed.static_mask, packed.static_values)
     dyn = packed.dynamic_values.new_zeros((k, *shape)).masked_scatter(
         mask.unsqueeze(0).expand(k, *shape), packed.dynamic_values
     )

@@ -14,6 +14,17 @@ with lambda_d = 2 * sigmoid(phi), lambda_s = 2 - lambda_d and one scalar phi per
 layer. Partitioning, counting, compaction and saving reach layers only through
 this module: ``mode_groups()``, ``scales()`` and ``set_mode_mask()``.
 
+Pruned entries (third mode, dynamic sparse training): a group may also hold a
+*live mask* L (float buffer, 1 = live, 0 = pruned; registered only once a layer
+has been pruned, so older files and unpruned layers are unchanged). With D the
+mode mask and the invariant D <= L (a pruned entry is never dynamic), the
+static mask is S = L * (1 - D) = L - D and
+
+    W_hat = lambda_d * D * sum_k pi_k W_k + lambda_s * S * W_s.
+
+A pruned entry contributes 0, stores 0 values and gets zero gradient. See
+``set_modes()``, ``set_live_mask()`` and ``density()``.
+
 Routing statistics (for function-preserving mode transitions,
 :mod:`padnet.transforms.transitions`): every PAD layer keeps ``routing_mean``
 ``[K]``, a running mean of its routing weights over training forwards (dynamic
@@ -50,6 +61,8 @@ class ModeGroup:
             granularity groups entries along it), or ``None`` for vectors.
         kernel_dims: number of leading axes of ``shape`` that identify one
             "kernel" (output x input pair); trailing axes are its spatial taps.
+        live: ``[*shape]`` float buffer, 1 = live (dynamic or static), 0 =
+            pruned; ``None`` when the layer has never been pruned (all live).
     """
 
     name: str
@@ -58,6 +71,15 @@ class ModeGroup:
     mask: Tensor
     channel_dim: int | None = 0
     kernel_dims: int = 2
+    live: Tensor | None = None
+
+    def live_or_ones(self) -> Tensor:
+        """The live mask, or ones of the mask's shape/dtype when never pruned."""
+        return self.live if self.live is not None else torch.ones_like(self.mask)
+
+    def num_live(self) -> int:
+        """Entries that are not pruned (dynamic + static)."""
+        return self.mask.numel() if self.live is None else int(self.live.detach().sum())
 
     @property
     def num_factors(self) -> int:
@@ -112,16 +134,18 @@ def validate_mask(mask: Tensor, shape: torch.Size, what: str) -> Tensor:
 
 
 def combine_factors(
-    dynamic: Tensor, static: Tensor, mask: Tensor, lambda_s: Tensor, lambda_d: Tensor
+    dynamic: Tensor, static: Tensor, mask: Tensor, lambda_s: Tensor, lambda_d: Tensor, live: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """Fold mask and scales into the factors.
 
     Returns ``(dyn, sta)`` with ``dyn = lambda_d * M * W_k`` (``[K, *shape]``)
     and ``sta = lambda_s * (1 - M) * W_s`` (``[*shape]``), so that
-    ``W_hat = sum_k pi_k dyn_k + sta``. Dead entries get exactly zero gradient.
+    ``W_hat = sum_k pi_k dyn_k + sta``. With a live mask ``L`` (pruned entries
+    0, ``M <= L``) the static part is ``lambda_s * (L - M) * W_s``: pruned
+    entries contribute nothing. Dead entries get exactly zero gradient.
     """
     dyn = dynamic * (lambda_d * mask)
-    sta = static * (lambda_s * (1.0 - mask))
+    sta = static * (lambda_s * ((1.0 if live is None else live) - mask))
     return dyn, sta
 
 
@@ -142,7 +166,8 @@ class PadLayerMixin:
             d = getattr(self, dyn)
             if d is None:
                 continue
-            groups.append(ModeGroup(name, d, getattr(self, sta), getattr(self, mask), channel_dim, kernel_dims))
+            groups.append(ModeGroup(name, d, getattr(self, sta), getattr(self, mask), channel_dim, kernel_dims,
+                                    getattr(self, live_mask_attr(mask), None)))
         return groups
 
     def scales(self) -> tuple[Tensor, Tensor]:
@@ -154,10 +179,16 @@ class PadLayerMixin:
         return self.mode_groups()[0].num_factors
 
     def set_mode_mask(self, group: str, mask: Tensor) -> None:
-        """Replace one group's mask in place (values 0/1, the group's shape)."""
+        """Replace one group's mask in place (values 0/1, the group's shape).
+
+        On a pruned layer the mask may not mark a pruned entry dynamic
+        (``ValueError``; use :meth:`set_modes` to change both masks).
+        """
         for g in self.mode_groups():
             if g.name == group:
                 m = validate_mask(mask, g.shape, f"{type(self).__name__}.{group}")
+                if g.live is not None:
+                    _check_dynamic_within_live(m, g.live, f"{type(self).__name__}.{group}")
                 with torch.no_grad():
                     g.mask.copy_(m.to(g.mask.dtype))
                 return
@@ -165,16 +196,87 @@ class PadLayerMixin:
         raise KeyError(f"{type(self).__name__} has no mode group {group!r}; groups: {names}")
 
     def set_all_modes(self, dynamic: bool) -> None:
-        """Make every entry dynamic (``True``) or static (``False``)."""
+        """Make every live entry dynamic (``True``) or static (``False``); pruned entries stay pruned."""
         with torch.no_grad():
             for g in self.mode_groups():
-                g.mask.fill_(1.0 if dynamic else 0.0)
+                if dynamic and g.live is not None:
+                    g.mask.copy_(g.live)
+                else:
+                    g.mask.fill_(1.0 if dynamic else 0.0)
 
     def dynamic_ratio(self) -> float:
         """Fraction of maskable entries that are dynamic (kappa)."""
         total = sum(g.mask.numel() for g in self.mode_groups())
         live = sum(float(g.mask.sum()) for g in self.mode_groups())
         return live / max(total, 1)
+
+    # ---- pruned mode (live masks) -----------------------------------------------------------
+    def density(self) -> float:
+        """Fraction of maskable entries that are not pruned (1.0 for a never-pruned layer)."""
+        groups = self.mode_groups()
+        total = sum(g.mask.numel() for g in groups)
+        return sum(g.num_live() for g in groups) / max(total, 1)
+
+    def live_masks(self) -> list[Tensor]:
+        """The registered live-mask buffers (empty for a never-pruned layer)."""
+        return [g.live for g in self.mode_groups() if g.live is not None]
+
+    def has_pruned(self) -> bool:
+        """Whether any entry is pruned (cached until a live mask changes)."""
+        lives = self.live_masks()
+        if not lives:
+            return False
+        key = tuple((t._version, t.data_ptr()) for t in lives)
+        cached = self.__dict__.get("_has_pruned_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, any(bool((t.detach() == 0).any()) for t in lives))
+            self.__dict__["_has_pruned_cache"] = cached
+        return cached[1]
+
+    def set_modes(self, group: str, dynamic: Tensor, live: Tensor) -> None:
+        """Set one group's mode mask D and live mask L together (0/1, D <= L).
+
+        Registers the live mask the first time. Validates everything before
+        writing anything. Weights are not touched (see
+        :class:`padnet.transforms.scheduler.ModeScheduler` for transitions).
+        """
+        spec = self._group_spec(group)
+        what = f"{type(self).__name__}.{group}"
+        mask = getattr(self, spec[3])
+        d = validate_mask(dynamic, mask.shape, what + " (dynamic mask)")
+        l_ = validate_mask(live, mask.shape, what + " (live mask)")
+        _check_dynamic_within_live(d, l_, what)
+        with torch.no_grad():
+            live_buf = self._ensure_live_mask(spec[3])
+            live_buf.copy_(l_.to(live_buf.dtype))
+            mask.copy_(d.to(mask.dtype))
+
+    def set_live_mask(self, group: str, live: Tensor) -> None:
+        """Set one group's live mask (1 = live, 0 = pruned); pruned entries must not be dynamic."""
+        spec = self._group_spec(group)
+        self.set_modes(group, getattr(self, spec[3]).detach(), live)
+
+    def _group_spec(self, group: str):
+        for spec in self._mode_group_specs:
+            if spec[0] == group and getattr(self, spec[1]) is not None:
+                return spec
+        names = [g.name for g in self.mode_groups()]
+        raise KeyError(f"{type(self).__name__} has no mode group {group!r}; groups: {names}")
+
+    def _ensure_live_mask(self, mask_attr: str) -> Tensor:
+        name = live_mask_attr(mask_attr)
+        buf = getattr(self, name, None)
+        if buf is None:
+            mask = getattr(self, mask_attr)
+            self.register_buffer(name, torch.ones_like(mask))  # type: ignore[attr-defined]
+            buf = getattr(self, name)
+        return buf
+
+    def _register_saved_live_masks(self, state_dict, prefix: str) -> None:
+        """A file written after pruning holds live masks: register them before loading (older files have none)."""
+        for _, dyn, _, mask_attr, _, _ in self._mode_group_specs:
+            if getattr(self, dyn, None) is not None and prefix + live_mask_attr(mask_attr) in state_dict:
+                self._ensure_live_mask(mask_attr)
 
 
     # ---- routing statistics (function-preserving transitions) -----------------------------
@@ -219,6 +321,7 @@ class PadLayerMixin:
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         self._fill_missing_routing_stats(state_dict, prefix)
+        self._register_saved_live_masks(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)  # type: ignore[misc]
 
 
@@ -257,6 +360,18 @@ def pad_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
             yield name, module
 
 
+def live_mask_attr(mask_attr: str) -> str:
+    """Buffer name of the live mask paired with a mode-mask buffer (``mode_mask`` -> ``live_mask``)."""
+    return mask_attr.replace("mode_mask", "live_mask") if "mode_mask" in mask_attr else mask_attr + "_live"
+
+
+def _check_dynamic_within_live(dynamic: Tensor, live: Tensor, what: str) -> None:
+    bad = (dynamic.to(torch.bool) & ~live.to(device=dynamic.device).to(torch.bool))
+    if bool(bad.any()):
+        raise ValueError(f"{what}: {int(bad.sum())} entries are marked dynamic but pruned "
+                         f"(a pruned entry cannot be dynamic: the mode mask must be <= the live mask)")
+
+
 def register_mask(module: nn.Module, name: str, shape, device=None, dtype=None) -> None:
     """Register an all-dynamic (ones) float mask buffer."""
     module.register_buffer(name, torch.ones(shape, device=device, dtype=dtype or torch.float32))
@@ -268,26 +383,50 @@ class PackedModeGroup(nn.Module):
     Stores ``static_values`` ``[n_static]`` (= lambda_s * W_s where M = 0) and
     ``dynamic_values`` ``[K, n_dynamic]`` (= lambda_d * W_k where M = 1) plus a
     bool ``mask`` buffer of the group's shape. Dead entries are not stored.
+    A group with pruned entries also holds a bool ``live`` buffer (registered
+    only then); static values are then stored for ``live & ~mask`` only and
+    pruned entries store nothing.
     """
 
-    def __init__(self, mask: Tensor, num_factors: int, device=None, dtype=None) -> None:
+    def __init__(self, mask: Tensor, num_factors: int, device=None, dtype=None, live: Tensor | None = None) -> None:
         super().__init__()
         mask = mask.detach().to(device=device).bool()
         self.register_buffer("mask", mask)
+        if live is not None:
+            live = live.detach().to(device=mask.device).bool()
+            if tuple(live.shape) != tuple(mask.shape):
+                raise ValueError(f"live mask has shape {tuple(live.shape)}, expected {tuple(mask.shape)}")
+            _check_dynamic_within_live(mask, live, "PackedModeGroup")
+            self.register_buffer("live", live)
+        else:
+            self.register_buffer("live", None)
         self.group_name: str | None = None  # the PAD layer's mode group this packs
         n_dyn = int(mask.sum())
-        self.static_values = nn.Parameter(torch.zeros(mask.numel() - n_dyn, device=mask.device, dtype=dtype))
+        n_live = mask.numel() if live is None else int(live.sum())
+        self.static_values = nn.Parameter(torch.zeros(n_live - n_dyn, device=mask.device, dtype=dtype))
         self.dynamic_values = nn.Parameter(torch.zeros(num_factors, n_dyn, device=mask.device, dtype=dtype))
 
     @classmethod
     def from_group(cls, group: ModeGroup, lambda_s: Tensor, lambda_d: Tensor) -> "PackedModeGroup":
         mask = group.mask.detach() > 0.5
-        packed = cls(mask, group.num_factors, device=group.static.device, dtype=group.static.dtype)
+        live = None
+        if group.live is not None and not bool((group.live.detach() > 0.5).all()):
+            live = group.live.detach() > 0.5
+        packed = cls(mask, group.num_factors, device=group.static.device, dtype=group.static.dtype, live=live)
         packed.group_name = group.name
         with torch.no_grad():
-            packed.static_values.copy_((lambda_s * group.static)[~mask])
+            packed.static_values.copy_((lambda_s * group.static)[packed.static_mask])
             packed.dynamic_values.copy_((lambda_d * group.dynamic)[:, mask])
         return packed
+
+    @property
+    def static_mask(self) -> Tensor:
+        """Bool ``[*shape]``: entries whose value is in ``static_values`` (live and not dynamic)."""
+        return ~self.mask if self.live is None else self.live & ~self.mask
+
+    @property
+    def has_pruned(self) -> bool:
+        return self.live is not None
 
     @property
     def num_factors(self) -> int:
@@ -295,11 +434,19 @@ class PackedModeGroup(nn.Module):
 
     @property
     def all_static(self) -> bool:
-        return self.dynamic_values.shape[1] == 0
+        """No dynamic and no pruned entry: ``static_values`` is the whole dense tensor."""
+        return self.dynamic_values.shape[1] == 0 and self.live is None
 
     @property
     def all_dynamic(self) -> bool:
-        return self.static_values.numel() == 0
+        """No static and no pruned entry: ``dynamic_values`` is the whole dense ``[K, *shape]`` tensor."""
+        return self.static_values.numel() == 0 and self.live is None
+
+    def storage_bits(self) -> int:
+        """Honest storage of this group: value bits plus one bit per mask entry (two with a live mask)."""
+        value_bits = (self.static_values.numel() + self.dynamic_values.numel()) * self.static_values.element_size() * 8
+        mask_bits = self.mask.numel() * (1 if self.live is None else 2)
+        return value_bits + mask_bits
 
     def materialize(self) -> tuple[Tensor, Tensor]:
         """Return ``(dyn [K, *shape], sta [*shape])`` with zeros at dead entries."""
@@ -309,14 +456,21 @@ class PackedModeGroup(nn.Module):
             return self.dynamic_values.reshape(k, *shape), self.dynamic_values.new_zeros(shape)
         if self.all_static:
             return self.static_values.new_zeros(k, *shape), self.static_values.reshape(shape)
-        sta = self.static_values.new_zeros(shape).masked_scatter(~self.mask, self.static_values)
+        sta = self.static_values.new_zeros(shape).masked_scatter(self.static_mask, self.static_values)
         flat_mask = self.mask.reshape(-1)
         dyn = self.dynamic_values.new_zeros(k, flat_mask.numel())
         dyn = _scatter_columns(dyn, flat_mask, self.dynamic_values)
         return dyn.reshape(k, *shape), sta
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if prefix + "live" in state_dict and self.live is None:
+            raise ValueError(f"{prefix}live: the file has pruned entries but this deploy form was built without "
+                             f"them (set the live masks before compact_)")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def extra_repr(self) -> str:
-        return f"shape={tuple(self.mask.shape)}, K={self.num_factors}, dynamic={self.dynamic_values.shape[1]}"
+        extra = "" if self.live is None else f", pruned={int((~self.live).sum())}"
+        return f"shape={tuple(self.mask.shape)}, K={self.num_factors}, dynamic={self.dynamic_values.shape[1]}{extra}"
 
 
 def _scatter_columns(dst: Tensor, column_mask: Tensor, values: Tensor) -> Tensor:

@@ -59,7 +59,8 @@ from ..ops.moe_routing import (
 )
 from ..ops.exporting import is_exporting
 from .modes import (
-    CompactLayerMixin, PackedModeGroup, PadLayerMixin, ScaleFactors, register_mask, register_routing_stats,
+    CompactLayerMixin, PackedModeGroup, PadLayerMixin, ScaleFactors, live_mask_attr, register_mask,
+    register_routing_stats,
 )
 
 __all__ = [
@@ -625,8 +626,9 @@ class MoEFeedForward(_MoERouting, PadLayerMixin, nn.Module):
         self.router.reset_parameters()
 
     def _combined(self, group: str) -> Tensor | None:
-        """``lambda_d * M * W_e + lambda_s * (1 - M) * W_s`` for every expert ``[E, *shape]``.
+        """``lambda_d * M * W_e + lambda_s * (L - M) * W_s`` for every expert ``[E, *shape]``.
 
+        ``L`` is the group's live mask (ones unless it has pruned entries).
         Same terms as :func:`modes.combine_factors`, fused into one ``addcmul``
         pass over the expert tensor (one read of ``W_e``, one write).
         """
@@ -635,7 +637,9 @@ class MoEFeedForward(_MoERouting, PadLayerMixin, nn.Module):
             return None
         lambda_s, lambda_d = self.scales()
         mask = getattr(self, f"mode_mask_{group}").to(dyn.dtype)
-        static_term = getattr(self, f"static_{group}") * (lambda_s * (1.0 - mask))
+        live = getattr(self, live_mask_attr(f"mode_mask_{group}"), None)  # registered only once pruned
+        static_mask = (1.0 - mask) if live is None else (live.to(dyn.dtype) - mask)
+        static_term = getattr(self, f"static_{group}") * (lambda_s * static_mask)
         return torch.addcmul(static_term, dyn, lambda_d * mask)
 
     def effective_weights(self) -> WeightTuple:

@@ -40,6 +40,8 @@ PARTITION_FIELDS = {
     "warmup_steps": "partition_warmup_steps",
     "train_mode": "partition_train_mode",
     "preserve": "partition_preserve",
+    "density": "density",
+    "density_distribution": "density_distribution",
     "seed": "seed",
 }
 
@@ -75,6 +77,17 @@ class TrainConfig:
     gate_schedule: str | None = None  # constant | linear | geometric | npn (default: npn for arm, else constant)
     gate_lr: float | None = None  # Adam learning rate of gates and multipliers (default 0.05)
     harden_at: float = 0.8  # fraction of the run's optimizer steps after which the gates are hardened
+    # pruned mode and dynamic sparse training (pad variant; see padnet.train.mode_schedule)
+    density: float | None = None  # fraction of entries not pruned (None = 1: nothing pruned)
+    density_distribution: str = "uniform"  # uniform | erk
+    repartition: str | None = None  # demotion criterion: re-partition during training (None = off)
+    growth: str = "gradient"  # promotion criterion
+    prune: str | None = None  # pruning criterion (None: magnitude when density < 1 and --repartition; "none" = off)
+    regrow: str = "gradient"  # regrowth criterion
+    update_interval: int = 100
+    mode_fraction: float = 0.3  # moved fraction at the first update, cosine-decayed to 0
+    mode_end: float = 0.75  # last update at this fraction of training
+    mode_scope: str = "layer"  # layer (exact per-layer counts) | global
     # model
     model: str | None = None
     width: float | None = None
@@ -185,6 +198,7 @@ class TrainConfig:
             raise ValueError("pad_config and options must be mappings")
         self.partition_config()  # checks the partition options (PartitionConfig's checks, named as here)
         self._validate_gates()
+        _validate_mode_schedule(self)
         if self.pad_config:
             from ..transforms.config import check_override_keys
 
@@ -429,6 +443,44 @@ def _check_options(recipe, values: dict[str, Any], source_name: str) -> None:
             f"{source_name}: unknown options {bad} for recipe {recipe.name!r}; "
             f"known options: {', '.join(sorted(recipe.options)) or 'none'}"
         )
+
+
+def _validate_mode_schedule(cfg: TrainConfig) -> None:
+    """Density and ModeScheduler settings (pad variant only); errors name the flag."""
+    uses = cfg.density is not None or cfg.repartition is not None or cfg.prune is not None
+    if not uses:
+        return
+    if cfg.variant != "pad":
+        raise ValueError(f"--density / --repartition / --prune need --variant pad (got --variant {cfg.variant})")
+    from ..transforms.scheduler import SCHEDULER_SCOPES, ModeScheduler
+    from ..transforms.sparsity import DISTRIBUTIONS, check_density
+
+    if cfg.density is not None:
+        cfg.density = check_density(cfg.density, "--density")
+        if cfg.ratio is not None and cfg.ratio > cfg.density:
+            raise ValueError(f"--ratio {cfg.ratio} exceeds --density {cfg.density}: dynamic entries must be live")
+        if cfg.density < 1.0 and cfg.partition_granularity != "element":
+            raise ValueError("--density below 1 needs --partition-granularity element")
+    if cfg.density_distribution not in DISTRIBUTIONS:
+        raise ValueError(f"unknown --density-distribution {cfg.density_distribution!r}; expected one of "
+                         f"{', '.join(DISTRIBUTIONS)}")
+    known = ModeScheduler.known_criteria()
+    for flag, value in (("--repartition", cfg.repartition), ("--growth", cfg.growth), ("--regrow", cfg.regrow),
+                        ("--prune", None if str(cfg.prune).lower() == "none" else cfg.prune)):
+        if value is not None and value not in known:
+            raise ValueError(f"unknown {flag} criterion {value!r}; known: {', '.join(known)}")
+    prune_on = cfg.prune is not None and str(cfg.prune).lower() != "none"
+    if prune_on and (cfg.density is None or cfg.density >= 1.0):
+        raise ValueError("--prune needs --density below 1 (there is nothing pruned to regrow)")
+    _positive_int("update_interval", cfg.update_interval)
+    for name in ("mode_fraction",):
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
+            raise ValueError(f"{name} must be in (0, 1), got {value!r}")
+    if isinstance(cfg.mode_end, bool) or not isinstance(cfg.mode_end, (int, float)) or not 0.0 < cfg.mode_end <= 1.0:
+        raise ValueError(f"mode_end (fraction of training with updates) must be in (0, 1], got {cfg.mode_end!r}")
+    if cfg.mode_scope not in SCHEDULER_SCOPES:
+        raise ValueError(f"unknown mode_scope {cfg.mode_scope!r}; expected one of {', '.join(SCHEDULER_SCOPES)}")
 
 
 def _positive_int(name: str, value: Any) -> None:

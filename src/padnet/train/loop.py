@@ -392,6 +392,8 @@ def _mask_digest(model: nn.Module) -> str:
         for g in layer.mode_groups():
             h.update(name.encode())
             h.update(g.mask.detach().to("cpu", torch.uint8).numpy().tobytes())
+            if g.live is not None:  # pruned entries (density < 1)
+                h.update(g.live.detach().to("cpu", torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -490,6 +492,9 @@ class Trainer:
         else:
             anneal_epochs = min(float(cfg.temperature_epochs), cfg.epochs / 2.0)
             self.anneal_steps = int(round(anneal_epochs * self.steps_per_epoch))
+        from .mode_schedule import ModeScheduleHook, scheduler_enabled
+
+        self.mode_hook = ModeScheduleHook(self) if scheduler_enabled(cfg) else None
 
     def temperature_at(self, step: int) -> float:
         cfg = self.cfg
@@ -618,6 +623,8 @@ class Trainer:
         self.partition_step = ckpt.get("partition_step")
         self.masks_identical = ckpt.get("partition_masks_identical")
         self.train_seconds = float(ckpt.get("train_seconds", 0.0))
+        if self.mode_hook is not None:
+            self.mode_hook.load_state_dict(ckpt.get("mode_scheduler"))
         rngs = ckpt["rng"]
         set_rng_state(rngs[ctx.rank] if isinstance(rngs, list) else rngs)
         self.log(f"resumed from {ckpt['path']} at epoch {self.start_epoch}/{self.cfg.epochs} "
@@ -648,6 +655,7 @@ class Trainer:
             "train_seconds": self.train_seconds,
             "config": self.cfg.to_dict(),
             "gates": None if self.gate_driver is None else self.gate_driver.state_dict(),
+            "mode_scheduler": self.mode_hook.state_dict() if self.mode_hook is not None else None,
         }
         save_checkpoint(self.out, state)
 
@@ -731,6 +739,8 @@ class Trainer:
                                       for name, r in routing.items()}
                 if self.gate_driver is not None:
                     row.update(self.gate_driver.epoch_stats(self.model))
+                if self.mode_hook is not None:
+                    row.update(self.mode_hook.epoch_metrics())
                 self.metrics.append(row)
                 if test_acc > self.best:
                     self.best, self.best_epoch = test_acc, epoch + 1
@@ -813,6 +823,8 @@ class Trainer:
             self.scheduler.step()
             update_expert_biases(self.model)  # MoE aux-loss-free balancing (no-op without bias_balancing)
             self.global_step += 1
+            if self.mode_hook is not None:
+                self.mode_hook.step()
             n = int(targets.shape[0])
             loss_sum += float(loss.detach()) * n
             c, k = recipe.accuracy_counts(outputs, targets)
@@ -908,6 +920,10 @@ class Trainer:
         except ImportError:
             files.remove(CURVES)
             self.notes.append("matplotlib is not installed: plots skipped (pip install matplotlib)")
+        if self.mode_hook is not None:
+            summary["mode_scheduler"] = self.mode_hook.finish(self.out, title)
+            if "plot" in summary["mode_scheduler"]:
+                files.append(summary["mode_scheduler"]["plot"])
         summary["files"] = sorted(files + [SUMMARY])
         summary["notes"] = list(self.notes)
         write_text(self.out / REPORT, render_report(summary, self.metrics, self.notes))

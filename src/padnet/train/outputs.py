@@ -22,7 +22,7 @@ EVALUATION = "evaluation.json"
 
 # Everything a run writes (``--overwrite`` removes exactly these).
 RUN_FILES = (CONFIG, METRICS, SUMMARY, MODEL, REPORT, CURVES, MODES, LOG, EVALUATION,
-             "checkpoint.pt", "checkpoint.prev.pt", "compact.safetensors")
+             "checkpoint.pt", "checkpoint.prev.pt", "compact.safetensors", "mask_churn.png")
 
 
 def publish(path: str | Path) -> None:

@@ -1,6 +1,6 @@
 """Deployable parameter counts (docs/design.md, "The math").
 
-A dynamic entry costs K numbers and a static entry 1; entries the mask hides
+A dynamic entry costs K numbers, a static entry 1 and a pruned entry 0; entries the mask hides
 (W_s where M = 1, W_k where M = 0) are dead and not counted. Router and scale
 parameters of PAD layers count as ``router``; everything else as ``other``.
 """
@@ -48,8 +48,8 @@ def _layer_count(layer: nn.Module) -> ParameterCount:
     mode_params: set[int] = set()
     if is_pad_layer(layer):
         for g in layer.mode_groups():
-            live = int(g.mask.detach().sum())
-            static += g.mask.numel() - live
+            live = int(g.mask.detach().sum())  # dynamic entries; pruned entries (live mask 0) count 0
+            static += g.num_live() - live
             dynamic += g.num_factors * live
             mode_params.update({id(g.dynamic), id(g.static)})
     else:
@@ -93,3 +93,23 @@ def count_parameters(model: nn.Module) -> ParameterCount:
     for c in layer_counts(model).values():
         total = total + c
     return total
+
+
+def deploy_storage(model: nn.Module) -> dict[str, int]:
+    """Honest storage of a deploy-form (compact) model: values plus mask bits.
+
+    ``value_bytes``: every parameter and non-mask buffer (``numel * element_size``);
+    ``mask_bits``: one bit per entry of every packed mode mask, two where the
+    group also has a live mask (pruned entries); ``bytes`` = value bytes + mask
+    bits rounded up to bytes. Raises ``ValueError`` on a model that is not compact.
+    """
+    from ..layers.modes import PackedModeGroup
+
+    packed = [m for m in model.modules() if isinstance(m, PackedModeGroup)]
+    if not packed:
+        raise ValueError("deploy_storage: the model has no deploy-form (compact) layers; run padnet.compact_ first")
+    mask_ids = {id(t) for m in packed for t in (m.mask, m.live) if t is not None}
+    value_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    value_bytes += sum(b.numel() * b.element_size() for b in model.buffers() if id(b) not in mask_ids)
+    mask_bits = sum(m.mask.numel() * (1 if m.live is None else 2) for m in packed)
+    return {"value_bytes": value_bytes, "mask_bits": mask_bits, "bytes": value_bytes + (mask_bits + 7) // 8}

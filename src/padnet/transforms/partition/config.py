@@ -21,6 +21,9 @@ field              default          meaning
 ``criterion_kwargs`` ``{}``         extra keyword arguments of the criterion (JSON values)
 ``monotone``       ``None``         override the criterion's ranking rule
 ``preserve``       ``True``         function-preserving mode transitions (``False``: masks only)
+``density``        ``None``         fraction of entries kept live (not pruned); ``None``: prune nothing
+``density_distribution`` ``"uniform"`` per-group density: ``uniform`` or ``erk``
+``prune_criterion`` ``"magnitude"`` which entries stay live: ``magnitude`` or seeded ``random``
 =================  ===============  =====================================================
 
 The trainer keeps its own defaults for two options that only make sense there
@@ -40,6 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from ..config import check_ratio
+from ..sparsity import DISTRIBUTIONS, check_density
 from .criteria import Criterion, get_criterion
 from .schedules import get_schedule
 from .units import GRANULARITIES
@@ -48,6 +52,7 @@ __all__ = ["DEFAULT_RATIO", "SCOPES", "PartitionConfig", "check_ratio"]
 
 DEFAULT_RATIO = 0.3
 SCOPES = ("global", "layer")
+PRUNE_CRITERIA = ("magnitude", "random")
 
 
 
@@ -82,6 +87,9 @@ class PartitionConfig:
     criterion_kwargs: dict[str, Any] = field(default_factory=dict)
     monotone: bool | None = None
     preserve: bool = True
+    density: float | None = None
+    density_distribution: str = "uniform"
+    prune_criterion: str = "magnitude"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -127,6 +135,20 @@ class PartitionConfig:
             raise TypeError(f"{name('monotone')} must be None or a bool, got {self.monotone!r}")
         if not isinstance(self.preserve, bool):
             raise TypeError(f"{name('preserve')} must be a bool, got {self.preserve!r}")
+        if self.density is not None:
+            self.density = check_density(self.density, name("density"))
+            if self.ratio > self.density:
+                raise ValueError(f"{name('ratio')}={self.ratio} exceeds {name('density')}={self.density}: dynamic "
+                                 "entries must be live (not pruned)")
+            if self.density < 1.0 and self.granularity != "element":
+                raise ValueError(f"{name('density')} < 1 needs {name('granularity')}='element' "
+                                 f"(got {self.granularity!r})")
+        if self.density_distribution not in DISTRIBUTIONS:
+            raise ValueError(f"unknown {name('density_distribution')} {self.density_distribution!r}; expected one "
+                             f"of {DISTRIBUTIONS}")
+        if self.prune_criterion not in PRUNE_CRITERIA:
+            raise ValueError(f"unknown {name('prune_criterion')} {self.prune_criterion!r}; expected one of "
+                             f"{PRUNE_CRITERIA}")
         return self
 
     # ---- construction ----------------------------------------------------------------------

@@ -312,3 +312,67 @@ def taylor2(group: ModeGroup, stats: GroupStats, layer: nn.Module) -> Tensor:
     w = _f32(group.dynamic)
     g = _need(stats, "dynamic_grad", "taylor2")
     return (w * g).pow(2).mean(0)
+
+
+# --------------------------------------------------------------------------------------------
+# dynamic sparse training (Nowak et al. 2023, "Fantastic Weights and How to Find Them")
+# --------------------------------------------------------------------------------------------
+# The criteria above score the dynamic factors of a mode group (which entries stay dynamic).
+# The ModeScheduler also prunes and regrows entries; it scores them through the same registry
+# on an *effective view* of the group (padnet.transforms.sparsity.effective_view: K = 1,
+# W_1j = the entry's effective weight w_j, g_1j = dL/dW_hat_j), where the formulas reduce to the
+# seed paper's per-weight definitions (magnitude |w|, MEST |w| + gamma |g|, SNIP |w g|, ...).
+# Growth criteria score candidates to grow: higher = grow first. A criterion function may set
+# ``running_beta`` (float): the scheduler then feeds it exponential running averages of the
+# gradient statistics (beta * old + (1 - beta) * new per scoring round) instead of the last round.
+
+GRADSTEP_GAMMA = 1.0
+
+
+@register_criterion("gradstep", needs_data=True, needs=("dynamic_grad",), monotone=True)
+def gradstep(group: ModeGroup, stats: GroupStats, layer: nn.Module, gamma: float = GRADSTEP_GAMMA) -> Tensor:
+    """GradStep: ``s_j = mean_k | W_kj - gamma g_kj |`` (magnitude after a virtual gradient step)."""
+    w = _f32(group.dynamic)
+    g = _need(stats, "dynamic_grad", "gradstep")
+    return (w - gamma * g).abs().mean(0)
+
+
+@register_criterion("set_signed", monotone=True)
+def set_signed(group: ModeGroup, stats: GroupStats, layer: nn.Module) -> Tensor:
+    """SET as in the seed paper: prune the smallest positive and the near-zero negative weights equally.
+
+    With ``w_j = mean_k W_kj``, positive and negative entries are ranked
+    separately by ``|w_j|`` and the score is the rank within the entry's sign
+    class, so removing the ``n`` lowest removes about ``n / 2`` from each side;
+    exact zeros score -1 (removed first).
+    """
+    w = _f32(group.dynamic).mean(0).reshape(-1)
+    scores = torch.full_like(w, -1.0)
+    for sign in (w > 0, w < 0):
+        idx = sign.nonzero().squeeze(1)
+        if idx.numel():
+            order = torch.argsort(w[idx].abs(), stable=True)
+            ranks = torch.empty_like(order)
+            ranks[order] = torch.arange(order.numel(), device=order.device)
+            scores[idx] = ranks.to(scores.dtype)
+    return scores.view(group.shape)
+
+
+@register_criterion("gradient", needs_data=True, needs=("dynamic_grad",))
+def gradient(group: ModeGroup, stats: GroupStats, layer: nn.Module) -> Tensor:
+    """Growth by gradient magnitude (RigL): ``s_j = mean_k |g_kj|``.
+
+    For regrowth the scheduler's effective view gives ``|dL/dW_hat_j|`` (the
+    dense gradient of a pruned entry); for promotion (static -> dynamic) it
+    gives ``|dL/dM_j|``, PAD's first-order loss change of the mode flip.
+    """
+    return _need(stats, "dynamic_grad", "gradient").abs().mean(0)
+
+
+def _momentum(group: ModeGroup, stats: GroupStats, layer: nn.Module) -> Tensor:
+    """Growth by momentum (SNFS): ``|gradient|`` of the running average of the gradient statistics."""
+    return _need(stats, "dynamic_grad", "momentum").abs().mean(0)
+
+
+_momentum.running_beta = 0.9  # type: ignore[attr-defined]
+register_criterion("momentum", _momentum, needs_data=True, needs=("dynamic_grad",))

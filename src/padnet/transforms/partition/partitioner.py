@@ -47,6 +47,7 @@ from .statistics import BatchSource, collect_statistics
 from .units import LayerPlan
 from ..counting import count_parameters
 from ..record import find_state, get_state
+from ..sparsity import prune_to_density_
 from ..transitions import ModeTransition
 
 
@@ -102,6 +103,9 @@ def partition_(
     monotone: bool | None = UNSET,
     train_mode: bool = UNSET,
     preserve: bool = UNSET,
+    density: float | None = UNSET,
+    density_distribution: str = UNSET,
+    prune_criterion: str = UNSET,
     optimizer: torch.optim.Optimizer | None = None,
     process_group=None,
 ) -> PartitionReport:
@@ -149,6 +153,17 @@ def partition_(
             dynamic ``W_k = (lambda_s / lambda_d) W_s``. Every iteration is
             measured from the state the call started from. ``False``: masks only
             (the paper's partition at initialisation).
+        density: fraction of entries that stay live (not pruned), in (0, 1]
+            and >= ``ratio`` (both are fractions of all entries). ``None``
+            (default) prunes nothing. Before scoring, every mode group keeps
+            its best ``round(d_g * n_g)`` entries by ``prune_criterion``
+            (``"magnitude"`` of the effective weights or seeded ``"random"``)
+            with ``d_g`` from ``density_distribution`` (``"uniform"`` or
+            ``"erk"``); pruned entries are zeroed and never become dynamic.
+            Needs ``granularity="element"`` when below 1. See
+            :mod:`padnet.transforms.sparsity`.
+        density_distribution: ``"uniform"`` or ``"erk"`` (per-group densities).
+        prune_criterion: ``"magnitude"`` or ``"random"`` (which entries stay live).
         optimizer: the training optimizer, when partitioning mid-training: the
             state (momentum, Adam moments) of entries that changed mode is reset.
         process_group: ``torch.distributed`` group (default: the world) whose
@@ -169,7 +184,8 @@ def partition_(
     cfg = resolve_config(
         config, ratio=ratio, criterion=criterion, iterations=iterations, schedule=schedule, scope=scope,
         granularity=granularity, num_batches=num_batches, seed=seed, criterion_kwargs=criterion_kwargs,
-        monotone=monotone, train_mode=train_mode, preserve=preserve,
+        monotone=monotone, train_mode=train_mode, preserve=preserve, density=density,
+        density_distribution=density_distribution, prune_criterion=prune_criterion,
     )
     if not isinstance(model, nn.Module):
         raise TypeError(f"partition_ expects an nn.Module, got {type(model).__name__}")
@@ -185,12 +201,21 @@ def partition_(
     use_monotone = crit.monotone if cfg.monotone is None else bool(cfg.monotone)
     collective = Collective.of(process_group)
 
+    size_before = count_parameters(model).to_dict()  # before pruning (density): the report shows its effect
+    mode_snapshot = None
+    if cfg.density is not None and cfg.density < 1.0:  # prune first (restored if the call fails)
+        mode_snapshot = {(n, k): v.detach().clone() for n, m in layers for k, v in m.state_dict().items()}
+        try:
+            prune_to_density_(model, cfg.density, cfg.density_distribution, cfg.prune_criterion, seed=cfg.seed,
+                              optimizer=optimizer)
+        except BaseException:
+            _restore_modes(layers, mode_snapshot)
+            raise
     plans = [LayerPlan(n, m, cfg.granularity) for n, m in layers]
     device = plans[0].groups[0].mask.device
     total = sum(p.num_entries for p in plans)
     ratios_before = {p.name: p.layer.dynamic_ratio() for p in plans}
     start_global = sum(ratios_before[p.name] * p.num_entries for p in plans) / total
-    size_before = count_parameters(model).to_dict()
     symmetric = {p.name for p in plans if is_symmetric(p.layer)}
     zero_layers: set[str] = set()
     generator = torch.Generator().manual_seed(int(cfg.seed))
@@ -222,8 +247,11 @@ def partition_(
                         f"({kept / total:.4f}), {batches_used} batches, {time.perf_counter() - started:.1f} s",
                         file=sys.stderr,
                     )
+            _check_pruned_stay_static(plans, cfg.ratio)
     except BaseException:
         transition.rollback()
+        if mode_snapshot is not None:
+            _restore_modes(layers, mode_snapshot)
         raise
     transition_report = transition.commit()
 
@@ -257,6 +285,27 @@ def partition_(
     )
     _record_partition(model, cfg, report)
     return report
+
+
+def _check_pruned_stay_static(plans: list[LayerPlan], ratio: float) -> None:
+    """Pruned entries are never dynamic (scores are -inf there; the counts must fit too)."""
+    for p in plans:
+        for g in p.groups:
+            if g.live is not None and bool(((g.mask.detach() > 0.5) & (g.live.detach() < 0.5)).any()):
+                raise ValueError(f"layer {p.name!r} group {g.name!r}: the target ratio needs more dynamic entries "
+                                 f"than are live (ratio={ratio} vs the layer's density {p.layer.density():.4f}); "
+                                 "lower ratio or raise density")
+
+
+def _restore_modes(layers: list[tuple[str, nn.Module]], snapshot: dict[tuple[str, str], Tensor]) -> None:
+    """Undo pruning of a failed call: weights and masks from the snapshot, live masks re-registered as saved."""
+    with torch.no_grad():
+        for name, layer in layers:
+            state = {k: v for (n, k), v in snapshot.items() if n == name}
+            for g in layer.mode_groups():
+                if g.live is not None:
+                    g.live.fill_(1.0)  # all live unless the snapshot (loaded next) had a live mask
+            layer.load_state_dict(state, strict=False)
 
 
 def _batch_source(crit: Criterion, batches: Iterable | None, loss_fn: Callable | None,

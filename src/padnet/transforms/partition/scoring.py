@@ -8,6 +8,7 @@ equal scales) gets zero scores from criteria that measure a mode flip
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -82,6 +83,8 @@ def score_layers(
                     s = s.float()
                 if p.name in symmetric and crit.symmetric_zero:
                     s = torch.zeros_like(s)
+                if g.live is not None:  # pruned entries never become dynamic
+                    s = s.masked_fill(g.live.detach() < 0.5, -math.inf)
                 layer_scores[g.name] = s
             if not crit.stochastic and all(not bool(s.any()) for s in layer_scores.values()):
                 zero_layers.add(p.name)
