@@ -212,7 +212,8 @@ class TrainConfig:
         """
         options = {field: getattr(self, name) for field, name in PARTITION_FIELDS.items()}
         options["ratio"] = DEFAULT_PAD_RATIO if self.ratio is None else self.ratio
-        labels = {**PARTITION_FIELDS, "ratio": "--ratio"}
+        labels = {**PARTITION_FIELDS, "ratio": "--ratio", "density": "--density",
+                  "density_distribution": "--density-distribution"}
         try:
             return PartitionConfig.from_options(options, labels=labels)
         except TypeError as exc:  # a wrong type in a config file is a bad setting like any other
