@@ -440,7 +440,7 @@ def test_fresh_init_follows_the_official_code():
     assert abs(float(fc2.weight.detach().std()) / math.sqrt(2.0 / 16) - 1) < 0.1
     assert not fc1.bias.any() and not fc2.bias.any()
     torch_init = DynamicConv2d(32, 64, 3, num_kernels=4, router_init="torch")
-    assert float(torch_init.attention.fc2.weight.abs().max()) <= 1 / math.sqrt(torch_init.attention.fc1.out_features)
+    assert float(torch_init.attention.fc2.weight.detach().abs().max()) <= 1 / math.sqrt(torch_init.attention.fc1.out_features)
     with pytest.raises(ValueError, match="router_init"):
         DynamicConv2d(4, 4, 3, router_init="zeros")
 
