@@ -12,7 +12,6 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-import padnet
 from padnet.transforms import compact_
 from padnet.layers import DynamicConv2d, MoEFeedForward, pad_layers
 from padnet.transforms.partition import GroupStats, get_criterion, list_criteria, partition_
@@ -116,7 +115,6 @@ def test_schedule_is_cosine_decayed_and_counts_follow_it():
     rec = sched.step()
     frac = sched.fraction_at(100)
     for name, v in rec["layers"].items():
-        assert v["demoted"] == min(math.floor(frac * dyn[name] + 0.5 + 1e-9), v["demoted"] + 10 ** 6)
         assert v["demoted"] == math.floor(frac * dyn[name] + 0.5 + 1e-9)
         assert 0.0 <= v["dynamic_overlap"] <= 1.0
         assert math.isclose(v["dynamic_overlap"], 1 - v["demoted"] / dyn[name])
@@ -183,11 +181,8 @@ def test_repartition_moves_are_function_preserving_for_promotion():
     with torch.no_grad():
         flipped = plain(x)
     assert (out - ref).norm() < 0.5 * (flipped - ref).norm()
-    sched_p = ModeScheduler(model, None, total_steps=10, update_interval=1, fraction=0.5, repartition="magnitude",
-                            growth="random", preserve=True)
-    with torch.no_grad():  # promotion only: demote nothing by hand, promote via the transitions
-        layer = model.conv
-        g = layer.mode_groups()[0]
+    with torch.no_grad():  # promotion only, through the scheduler's adapter to the transitions: exact
+        g = model.conv.mode_groups()[0]
         static = (g.mask < 0.5).nonzero()[:3]
         new = g.mask.clone()
         new[tuple(static.t())] = 1.0
@@ -196,7 +191,6 @@ def test_repartition_moves_are_function_preserving_for_promotion():
 
         apply_mode_transitions(model, {("conv", "weight"): new}, None, True)
         torch.testing.assert_close(model(x), before, rtol=1e-10, atol=1e-12)
-    assert sched_p.step_count == 0
 
 
 def test_resume_mid_schedule_is_bit_exact():
