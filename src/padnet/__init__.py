@@ -14,6 +14,8 @@ from .convert import dynamize_  # noqa: E402
 from .export.compact import compact_  # noqa: E402
 from .partition import PartitionReport, SymmetricModesWarning, list_criteria, partition_, register_criterion  # noqa: E402
 from .serialization import CheckpointError, load, save  # noqa: E402
+from .transforms.diagnostics import measure_routing  # noqa: E402
+from .transforms.transitions import ModeTransition, TransitionReport, set_modes_  # noqa: E402
 from .transforms.gates import ModeGates  # noqa: E402
 
 __all__ = [
@@ -32,5 +34,9 @@ __all__ = [
     "save",
     "load",
     "CheckpointError",
+    "set_modes_",
+    "ModeTransition",
+    "TransitionReport",
+    "measure_routing",
     "ModeGates",
 ]

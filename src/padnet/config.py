@@ -10,6 +10,7 @@ from typing import Any
 CONFIG_VERSION = 1
 TARGET_TYPES = ("conv2d", "ffn")
 INITS = ("inherit", "fresh")
+ROUTER_INITS = ("official", "torch")
 MOE_INITS = ("upcycle", "split")
 
 
@@ -45,7 +46,8 @@ class PadConfig:
     routing: str = "softmax"
     scale: str = "learned"
     dynamic_ratio: float = 0.3
-    init: str = "inherit"
+    init: str = "inherit"  # "inherit": keep a trained conv's function; "fresh": official He fan-out kernels
+    router_init: str = "official"  # dynamic-conv router: "official" (PAD-Net code) or "torch" (nn.Linear default)
     noise_std: float = 0.01
     backend: str = "auto"
     num_experts: int = 4
@@ -75,6 +77,8 @@ class PadConfig:
             raise ValueError(f"noise_std must be >= 0, got {self.noise_std}")
         if self.init not in INITS:
             raise ValueError(f"unknown init {self.init!r}; expected one of {INITS}")
+        if self.router_init not in ROUTER_INITS:
+            raise ValueError(f"unknown router_init {self.router_init!r}; expected one of {ROUTER_INITS}")
         if self.moe_init not in MOE_INITS:
             raise ValueError(f"unknown moe_init {self.moe_init!r}; expected one of {MOE_INITS}")
         for t in self.target_types or []:

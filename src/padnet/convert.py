@@ -153,7 +153,7 @@ def _convert(model: nn.Module, site: Candidate, cfg: PadConfig) -> None:
         new = DynamicConv2d.from_conv(
             module, num_kernels=cfg.num_kernels, init=cfg.init, noise_std=cfg.noise_std,
             reduction=cfg.reduction, temperature=cfg.temperature, routing=cfg.routing, scale=cfg.scale,
-            backend=cfg.backend,
+            backend=cfg.backend, router_init=cfg.router_init,
         )
         new.train(module.training)
         _set_submodule(model, site.name, new)

@@ -38,8 +38,11 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--partition-scope", default=S, help="global | layer (default global)")
     g.add_argument("--partition-granularity", default=S, help="element | kernel | channel (default element)")
     g.add_argument("--partition-batches", type=int, default=S, help="training batches scored per iteration (4)")
-    g.add_argument("--partition-warmup-steps", type=int, default=S,
-                   help="0: partition at init; N: after N fully dynamic optimizer steps")
+    g.add_argument("--partition-warmup-steps", "--partition-at-step", dest="partition_warmup_steps", type=int,
+                   default=S, help="0: partition at init; N: after N fully dynamic optimizer steps")
+    g.add_argument("--partition-preserve", action=argparse.BooleanOptionalAction, default=S,
+                   help="function-preserving mode transitions when partitioning (default on; "
+                        "--no-partition-preserve: masks only, as the paper at init)")
     g = p.add_argument_group("learned mode gates (pad, --partition gates; docs/partition.md)")
     g.add_argument("--partition", default=S, help="imp (Iterative Mode Partition, default) | gates (learned gates)")
     g.add_argument("--gate-estimator", default=S, help="hard_concrete (default) | arm")
@@ -67,6 +70,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--temperature-end", type=float, default=S, help="temperature after annealing (1)")
     g.add_argument("--temperature-epochs", type=float, default=S,
                    help="anneal linearly over this many epochs (3; at most half the run)")
+    g.add_argument("--temperature-anneal-fraction", type=float, default=S,
+                   help="anneal over this fraction of all steps instead (vision recipes: 0.1, as the paper)")
     g = p.add_argument_group("data")
     g.add_argument("--data-dir", default=S, help="dataset location (fashion-mnist default: "
                                                   "/usr/share/datasets/fashion-mnist)")

@@ -192,8 +192,8 @@ class PadLayerMixin:
     @torch.no_grad()
     def update_routing_stats_(self, weights: Tensor) -> None:
         """Fold one batch's mean routing weights ``weights [K]`` into ``routing_mean``."""
-        n = int(self.routing_updates)
-        momentum = max(1.0 / (n + 1), ROUTING_STATS_MOMENTUM)
+        # on the device, no host sync: momentum = max(1 / (n + 1), ROUTING_STATS_MOMENTUM)
+        momentum = (1.0 / (self.routing_updates + 1).to(self.routing_mean.dtype)).clamp_min(ROUTING_STATS_MOMENTUM)
         self.routing_mean.lerp_(weights.detach().to(self.routing_mean.dtype), momentum)
         self.routing_updates.add_(1)
 

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from ..analysis.counting import count_parameters
 from ..config import check_ratio
 from ..layers.modes import pad_layers
+from ..transforms.transitions import ModeTransition
 from .criteria import Criterion, GroupStats, get_criterion
 from .report import IterationRecord, LayerPartition, PartitionReport
 from .schedules import get_schedule
@@ -300,6 +301,8 @@ def partition_(
     monotone: bool | None = None,
     train_mode: bool = False,
     process_group=None,
+    preserve: bool = True,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> PartitionReport:
     """Partition the modes of every PAD layer of ``model`` in place.
 
@@ -335,11 +338,20 @@ def partition_(
             mode, no side effects.
         process_group: ``torch.distributed`` group (default: the world) whose
             statistics are summed so every rank ends with the same masks.
+        preserve: apply the masks through function-preserving mode transitions
+            (:mod:`padnet.transforms.transitions`): an entry that turns static
+            gets ``W_s = (lambda_d / lambda_s) sum_k pbar_k W_k``, one that turns
+            dynamic ``W_k = (lambda_s / lambda_d) W_s``. Every iteration is
+            measured from the state the call started from. ``False``: masks only
+            (the paper's partition at initialisation).
+        optimizer: the training optimizer, when partitioning mid-training: the
+            state (momentum, Adam moments) of entries that changed mode is reset.
 
     Returns:
-        :class:`PartitionReport`. Train/eval flags, parameter ``.grad`` and
-        ``requires_grad`` are as before the call; masks are the only change
-        (restored if the call raises).
+        :class:`PartitionReport` (``transition``: what the transitions changed).
+        Train/eval flags, parameter ``.grad`` and ``requires_grad`` are as
+        before the call; masks and, with ``preserve``, the factors of entries
+        that changed mode are the only change (both restored if the call raises).
     """
     started = time.perf_counter()
     if not isinstance(model, nn.Module):
@@ -385,6 +397,7 @@ def partition_(
     symmetric = {p.name for p in plans if _is_symmetric(p.layer)}
     zero_layers: set[str] = set()
     generator = torch.Generator().manual_seed(int(seed))
+    transition = ModeTransition(model, preserve=preserve, optimizer=optimizer)
 
     # state to restore
     training = [(m, m.training) for m in model.modules()]
@@ -424,7 +437,7 @@ def partition_(
                     flat = iter(_flat_reduce(flat, "broadcast", process_group, src))
                     scores = {p.name: {g.name: next(flat) for g in p.groups} for p in plans}
                 target_entries = _apply(plans, scores, scope, sched, t, iterations, kappa, start_global,
-                                        ratios_before, use_monotone, total)
+                                        ratios_before, use_monotone, total, transition)
                 kept = sum(int(g.mask.detach().sum()) for p in plans for g in p.groups)
                 history.append(IterationRecord(t, target_entries / total, kept, kept / total))
                 if progress:
@@ -435,6 +448,7 @@ def partition_(
                     )
         ok = True
     finally:
+        transition_report = transition.commit() if ok else transition.rollback()
         for p in plans:
             for g in p.groups:
                 g.mask.requires_grad_(False)
@@ -504,6 +518,7 @@ def partition_(
         history=history,
         symmetric_layers=flagged,
         warnings=messages,
+        transition=transition_report.to_dict(),
     )
 
 
@@ -562,6 +577,7 @@ def _apply(
     ratios_before: dict[str, float],
     use_monotone: bool,
     total: int,
+    transition: ModeTransition,
 ) -> float:
     """Select and write the masks of iteration ``t``; returns the scheduled number of entries (float)."""
 
@@ -608,8 +624,5 @@ def _apply(
             u = units[i][0].to(device)
             keeps.append(select_top(u, sizes_of(i), target, None if lives[i] is None else lives[i].to(device)))
             scheduled_entries += r * p.num_entries
-    for p, keep in zip(plans, keeps):
-        masks = p.decode(keep.to(p.groups[0].mask.device))
-        for g in p.groups:
-            p.layer.set_mode_mask(g.name, masks[g.name])
+    transition.set_masks({p.name: p.decode(keep.to(p.groups[0].mask.device)) for p, keep in zip(plans, keeps)})
     return scheduled_entries

@@ -64,6 +64,7 @@ class PartitionReport:
     history: list[IterationRecord] = field(default_factory=list)
     symmetric_layers: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    transition: dict[str, Any] | None = None  # TransitionReport.to_dict() of the mask change (issue 11)
 
     # ---- serialisation ---------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

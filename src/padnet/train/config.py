@@ -44,7 +44,8 @@ class TrainConfig:
     partition_scope: str = "global"
     partition_granularity: str = "element"
     partition_batches: int = 4
-    partition_warmup_steps: int = 0  # 0: partition at init; N: after N optimizer steps
+    partition_warmup_steps: int = 0  # 0: partition at init; N: after N optimizer steps (--partition-at-step N)
+    partition_preserve: bool = True  # function-preserving mode transitions (padnet.transforms.transitions)
     partition_train_mode: bool = True  # score with BatchNorm batch statistics
     # learned mode gates (pad, partition="gates"; padnet.transforms.gates, docs/partition.md)
     partition: str = "imp"  # imp: Iterative Mode Partition | gates: learned gates, hardened at harden_at
@@ -81,6 +82,9 @@ class TrainConfig:
     temperature_start: float = 30.0
     temperature_end: float = 1.0
     temperature_epochs: float = 3.0
+    # if set: anneal over this fraction of the run's optimizer steps instead of temperature_epochs
+    # (the official PAD-Net code: 31 -> 1 over the first 10 of 100 epochs)
+    temperature_anneal_fraction: float | None = None
     # data
     data_dir: str | None = None
     augment: bool = True
@@ -132,6 +136,12 @@ class TrainConfig:
         _positive_float("temperature_start", self.temperature_start)
         _positive_float("temperature_end", self.temperature_end)
         _nonneg_float("temperature_epochs", self.temperature_epochs)
+        if self.temperature_anneal_fraction is not None:
+            _nonneg_float("temperature_anneal_fraction", self.temperature_anneal_fraction)
+            if self.temperature_anneal_fraction > 1:
+                raise ValueError(f"temperature_anneal_fraction must be in [0, 1], got {self.temperature_anneal_fraction}")
+        if not isinstance(self.partition_preserve, bool):
+            raise ValueError(f"partition_preserve must be true or false, got {self.partition_preserve!r}")
         _nonneg_float("weight_decay", self.weight_decay)
         _nonneg_float("momentum", self.momentum)
         _nonneg_float("min_lr", self.min_lr)
@@ -299,6 +309,10 @@ def resolve_config(flags: dict[str, Any], file_values: dict[str, Any] | None = N
                     + (f"; options of recipe {recipe.name!r}: {', '.join(sorted(recipe.options))}"
                        if recipe.options else "")
                 )
+    # an explicit --temperature-epochs wins over a recipe's default anneal fraction (and vice versa)
+    explicit = set(file_values) | set(flags)
+    if "temperature_epochs" in explicit and "temperature_anneal_fraction" not in explicit:
+        merged["temperature_anneal_fraction"] = None
     merged["recipe"] = recipe.name
     merged["options"] = options
     merged["pad_config"] = pad_config

@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, S
 from .. import __version__
 from ..analysis.counting import count_parameters
 from ..layers.modes import pad_layers
+from ..transforms.diagnostics import mean_of, routing_diagnostics, routing_probe
 from . import distributed as D
 from .checkpoint import (
     CHECKPOINT,
@@ -391,8 +392,11 @@ class Trainer:
             self.gate_driver.attach_optimizer(self.optimizer)  # own param group, before the LR scheduler
         self.scheduler = recipe.build_scheduler(cfg, self.optimizer, self.total_steps)
         self.temp_modules = temperature_modules(self.model) if cfg.is_dynamic else []
-        anneal_epochs = min(float(cfg.temperature_epochs), cfg.epochs / 2.0)
-        self.anneal_steps = int(round(anneal_epochs * self.steps_per_epoch))
+        if cfg.temperature_anneal_fraction is not None:
+            self.anneal_steps = int(round(cfg.temperature_anneal_fraction * self.total_steps))
+        else:
+            anneal_epochs = min(float(cfg.temperature_epochs), cfg.epochs / 2.0)
+            self.anneal_steps = int(round(anneal_epochs * self.steps_per_epoch))
 
     def temperature_at(self, step: int) -> float:
         cfg = self.cfg
@@ -411,16 +415,36 @@ class Trainer:
 
     # ---------------------------------------------------------- partition
     def partition(self) -> dict[str, Any]:
+        """Partition the modes now (any step): function-preserving transitions, optimizer state of changed
+        entries reset (the LR schedule is per step and unaffected); logs the loss on the partition batches
+        before and after."""
         from ..partition import get_criterion, partition_
 
         cfg, ctx = self.cfg, self.ctx
+        batches = self._partition_batches()
+        loss_before = self._batches_loss(batches)
         if not get_criterion(cfg.criterion).needs_data:  # data-free (magnitude, random, ...)
             self.log(f"partition: {cfg.criterion} (data-free), {cfg.partition_iterations} iteration(s), "
                      f"target kappa={cfg.ratio}, at step {self.global_step}")
-            return self._finish_partition(partition_(
+            report = partition_(
                 self.model, None, None, ratio=cfg.ratio, criterion=cfg.criterion,
                 iterations=cfg.partition_iterations, schedule=cfg.partition_schedule, scope=cfg.partition_scope,
-                granularity=cfg.partition_granularity, seed=cfg.seed))
+                granularity=cfg.partition_granularity, seed=cfg.seed, preserve=cfg.partition_preserve,
+                optimizer=self.optimizer)
+            return self._finish_partition(report, loss_before, batches)
+        self.log(f"partition: {cfg.criterion}, {cfg.partition_iterations} iteration(s), target kappa={cfg.ratio}, "
+                 f"{len(batches)} batch(es) of {cfg.batch_size} per rank, at step {self.global_step}")
+        report = partition_(
+            self.model, batches, self.loss_fn, ratio=cfg.ratio, criterion=cfg.criterion,
+            iterations=cfg.partition_iterations, schedule=cfg.partition_schedule, scope=cfg.partition_scope,
+            granularity=cfg.partition_granularity, progress=self.bars, train_mode=cfg.partition_train_mode,
+            seed=cfg.seed, preserve=cfg.partition_preserve, optimizer=self.optimizer,
+        )
+        return self._finish_partition(report, loss_before, batches)
+
+    def _partition_batches(self) -> list:
+        """The first ``partition_batches`` batches of a fixed shuffle (eval transform), the same count on every rank."""
+        cfg, ctx = self.cfg, self.ctx
         sampler = DistributedSampler(self.train_set, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
                                      seed=cfg.seed + 1)
         loader = DataLoader(self.train_set, batch_size=cfg.batch_size, sampler=sampler,
@@ -436,18 +460,35 @@ class Trainer:
                 break
         # every rank runs the same number of scoring passes (statistics are all-reduced)
         n = int(min(D.all_gather_objects(ctx, len(batches))))
-        batches = batches[:n]
-        self.log(f"partition: {cfg.criterion}, {cfg.partition_iterations} iteration(s), target kappa={cfg.ratio}, "
-                 f"{n} batch(es) of {cfg.batch_size} per rank, at step {self.global_step}")
-        report = partition_(
-            self.model, batches, self.loss_fn, ratio=cfg.ratio, criterion=cfg.criterion,
-            iterations=cfg.partition_iterations, schedule=cfg.partition_schedule, scope=cfg.partition_scope,
-            granularity=cfg.partition_granularity, progress=self.bars, train_mode=cfg.partition_train_mode,
-            seed=cfg.seed,
-        )
-        return self._finish_partition(report)
+        return batches[:n]
 
-    def _finish_partition(self, report) -> dict[str, Any]:
+    @torch.no_grad()
+    def _batches_loss(self, batches: list) -> float:
+        """Mean loss over ``batches`` in the partition's train/eval mode; buffers and RNG left as they were."""
+        cfg, ctx = self.cfg, self.ctx
+        model = self.model
+        modes = [(m, m.training) for m in model.modules()]
+        saved = [(b, b.detach().clone()) for b in model.buffers()]
+        cuda = [ctx.device.index or 0] if ctx.device.type == "cuda" else []
+        total = count = 0.0
+        try:
+            with torch.random.fork_rng(devices=cuda):
+                model.train(bool(cfg.partition_train_mode))
+                for inputs, targets in batches:
+                    outputs = self.recipe.forward(model, inputs)
+                    n = int(targets.shape[0])
+                    total += float(self.loss_fn(outputs, targets)) * n
+                    count += n
+        finally:
+            for m, flag in modes:
+                m.training = flag
+            for b, v in saved:
+                b.copy_(v)
+        total, count = D.all_reduce_sums(ctx, [total, count])
+        return total / max(count, 1.0)
+
+    def _finish_partition(self, report, loss_before: float | None = None, batches: list | None = None
+                          ) -> dict[str, Any]:
         ctx = self.ctx
         digests = D.all_gather_objects(ctx, _mask_digest(self.model))
         self.masks_identical = len(set(digests)) == 1
@@ -456,8 +497,16 @@ class Trainer:
                      "using rank 0's", always=True)
         D.broadcast_state(ctx, self.model)  # identical masks and weights everywhere, to be safe
         d = report.to_dict()
+        if loss_before is not None and batches is not None:
+            d["loss_before"] = loss_before
+            d["loss_after"] = self._batches_loss(batches)
+            d["preserve"] = self.cfg.partition_preserve
         self.log(f"partition done: kappa={d['ratio']:.4f}, deployable params {fmt_int(d['size_before']['total'])} "
-                 f"-> {fmt_int(d['size_after']['total'])} ({d['seconds']:.1f} s)")
+                 f"-> {fmt_int(d['size_after']['total'])} ({d['seconds']:.1f} s)"
+                 + (f"; loss on the partition batches {d['loss_before']:.4f} -> {d['loss_after']:.4f} "
+                    f"({'function-preserving transitions' if self.cfg.partition_preserve else 'masks only'}, "
+                    f"{(d.get('transition') or {}).get('optimizer_entries_reset', 0):,} optimizer entries reset)"
+                    if "loss_after" in d else ""))
         return d
 
     # -------------------------------------------------------------- resume
@@ -575,8 +624,11 @@ class Trainer:
                 train_loss, train_acc = self._train_epoch(model, epoch)
                 temperature = self.set_temperature(self.global_step)
                 D.broadcast_buffers(ctx, self.model)  # evaluate rank 0's BatchNorm statistics everywhere
-                test_loss, test_acc, _ = evaluate_model(self.model, self.test_loader, recipe, cfg, self.loss_fn,
-                                                        ctx, self.eval_tf, progress=self.bars)
+                with routing_probe(self.model) as probe:
+                    test_loss, test_acc, _ = evaluate_model(self.model, self.test_loader, recipe, cfg, self.loss_fn,
+                                                            ctx, self.eval_tf, progress=self.bars)
+                routing = routing_diagnostics(self.model, probe) if cfg.is_dynamic else {}
+                del probe
                 seconds = time.perf_counter() - t0
                 self.train_seconds += seconds
                 row = {
@@ -590,6 +642,12 @@ class Trainer:
                     "temperature": temperature,
                     "seconds": seconds,
                 }
+                if routing:  # on this rank's share of the test set
+                    row["routing_entropy"] = mean_of(routing, "entropy_normalized")
+                    row["routing_std"] = mean_of(routing, "pi_std")
+                    row["kernel_spread"] = mean_of(routing, "kernel_spread")
+                    row["routing"] = {name: {k: v for k, v in r.items() if k != "pi_mean"}
+                                      for name, r in routing.items()}
                 if self.gate_driver is not None:
                     row.update(self.gate_driver.epoch_stats(self.model))
                 self.metrics.append(row)
@@ -598,7 +656,11 @@ class Trainer:
                 self.log(
                     f"epoch {epoch + 1}/{cfg.epochs}  train loss {train_loss:.4f} acc {fmt_pct(train_acc)}  "
                     f"test loss {test_loss:.4f} acc {fmt_pct(test_acc)}  lr {row['lr']:.5f}"
-                    + ("" if temperature is None else f"  T {temperature:.2f}") + f"  {seconds:.1f} s"
+                    + ("" if temperature is None else f"  T {temperature:.2f}")
+                    + ("" if row.get("routing_std") is None else
+                       f"  routing std {row['routing_std']:.3f} H {row['routing_entropy']:.3f}"
+                       + ("" if row.get("kernel_spread") is None else f" spread {row['kernel_spread']:.3f}"))
+                    + f"  {seconds:.1f} s"
                     + ("" if self.gate_driver is None else self.gate_driver.log_line(row))
                 )
                 if ctx.is_main:
@@ -729,6 +791,9 @@ class Trainer:
             "params": count_parameters(model).to_dict(),
             "params_fully_dynamic": fully_dynamic_counts(model) if cfg.is_dynamic else None,
             "params_static": self.params_static,
+            # the effective PadConfig (init, router_init, ...) the PAD layers were built with
+            "pad_config": (model.padnet_config.to_dict() if cfg.is_dynamic and hasattr(model, "padnet_config")
+                           else None),
             "flops": flops,
             "train_seconds": self.train_seconds,
             "dynamic_ratio": (sum(l.dynamic_ratio() * sum(g.mask.numel() for g in l.mode_groups())

@@ -148,6 +148,13 @@ def render_report(summary: dict[str, Any], metrics: list[dict[str, Any]], notes:
             f"({fmt_int(part['dynamic_entries'])} of {fmt_int(part['entries'])} entries)",
             f"- partitioned at step {summary.get('partition_step', 0)}",
         ]
+        if part.get("loss_after") is not None:
+            tr = part.get("transition") or {}
+            lines.append(f"- loss on the partition batches {part['loss_before']:.4f} -> {part['loss_after']:.4f} "
+                         f"({'function-preserving transitions' if part.get('preserve') else 'masks only'}: "
+                         f"{fmt_int(tr.get('to_static', 0))} entries to static, "
+                         f"{fmt_int(tr.get('to_dynamic', 0))} to dynamic, "
+                         f"{fmt_int(tr.get('optimizer_entries_reset', 0))} optimizer entries reset)")
         for w in part.get("warnings", []):
             lines.append(f"- warning: {w}")
         lines.append("")
@@ -160,6 +167,18 @@ def render_report(summary: dict[str, Any], metrics: list[dict[str, Any]], notes:
                      f"{m['test_loss']:.4f} | "
                      f"{fmt_pct(m['test_accuracy'])} | {m['lr']:.5f} | {temp} | {m['seconds']:.1f} |")
     lines.append("")
+    last = metrics[-1] if metrics else {}
+    if last.get("routing"):
+        lines += ["## Routing (last epoch, test inputs)", "",
+                  "Does each dynamic layer route input-dependently? `pi std`: standard deviation of the routing "
+                  "weights over inputs (0 = the same kernel for every input); `entropy`: normalised (1 = uniform); "
+                  "`kernel spread`: mean pairwise cosine distance of the live dynamic factors.", "",
+                  "| layer | pi std | entropy | kernel spread |", "|---|---:|---:|---:|"]
+        for name, r in last["routing"].items():
+            fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+            lines.append(f"| {name} | {fmt(r.get('pi_std'))} | {fmt(r.get('entropy_normalized'))} | "
+                         f"{fmt(r.get('kernel_spread'))} |")
+        lines.append("")
     lines += ["## Files", ""]
     for f in summary.get("files", []):
         lines.append(f"- `{f}`")
