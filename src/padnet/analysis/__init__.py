@@ -1,1 +1,0 @@
-"""Latency measurement helpers (benchmark suites). Counting and FLOPs live in :mod:`padnet.transforms`."""
