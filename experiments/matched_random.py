@@ -21,8 +21,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -82,6 +83,27 @@ def matched_scores(model: nn.Module, targets: dict[str, int], seed: int) -> dict
     return scores
 
 
+@contextmanager
+def prepared_scores(model: nn.Module, targets: dict[str, int], seed: int) -> Iterator[None]:
+    """Within the block, the ``matched_random`` criterion scores ``model``'s layers by :func:`matched_scores`."""
+    layers = dict(pad_layers(model))
+    scores = matched_scores(model, targets, seed)
+    _ACTIVE.clear()
+    _ACTIVE.update({(id(layers[n]), g): s for (n, g), s in scores.items()})
+    try:
+        yield
+    finally:
+        _ACTIVE.clear()
+
+
+def check_counts(report: dict[str, Any], targets: dict[str, int]) -> None:
+    """Raise unless the partition report's per-layer dynamic counts equal ``targets`` exactly."""
+    got = {row["name"]: row["dynamic_entries"] for row in report["layers"]}
+    if got != targets:
+        bad = {n: (got.get(n), c) for n, c in targets.items() if got.get(n) != c}
+        raise RuntimeError(f"matched random partition missed the per-layer targets (got, wanted): {bad}")
+
+
 def _criterion(group: ModeGroup, stats, layer: nn.Module, **kwargs) -> Tensor:
     key = (id(layer), group.name)
     if key not in _ACTIVE:
@@ -109,18 +131,9 @@ class MatchedRandomTrainer(Trainer):
             raise ValueError(f"matched random needs --criterion {CRITERION} --partition-iterations 1 "
                              f"--partition-scope global (got {cfg.criterion}, {cfg.partition_iterations}, "
                              f"{cfg.partition_scope})")
-        layers = dict(pad_layers(self.model))
-        scores = matched_scores(self.model, self.targets, cfg.seed)
-        _ACTIVE.clear()
-        _ACTIVE.update({(id(layers[n]), g): s for (n, g), s in scores.items()})
-        try:
+        with prepared_scores(self.model, self.targets, cfg.seed):
             report = super().partition()
-        finally:
-            _ACTIVE.clear()
-        got = {row["name"]: row["dynamic_entries"] for row in report["layers"]}
-        if got != self.targets:
-            bad = {n: (got.get(n), c) for n, c in self.targets.items() if got.get(n) != c}
-            raise RuntimeError(f"matched random partition missed the per-layer targets (got, wanted): {bad}")
+        check_counts(report, self.targets)
         report["matched_targets"] = dict(self.targets)
         return report
 

@@ -272,7 +272,7 @@ def reproduce_command(run: Run) -> str:
     """The run's command as recorded in its result file (paths relative to the repository)."""
     if run.match is None:
         return "padnet train " + " ".join([*run.args, "--seed", str(run.seed)])
-    return ("python experiments/matched_random.py --match " + str(run.match_path.relative_to(ROOT)) + " "
+    return (f"python experiments/matched_random.py --match experiments/results/{run.subdir}/{run.match}.json "
             + " ".join([*run.args, "--ratio", repr(_matched_ratio(run.match_path)), "--seed", str(run.seed)]))
 
 
