@@ -85,13 +85,14 @@ def paired(a: dict[int, dict], b: dict[int, dict]) -> dict | None:
     return out
 
 
-def paired_row(name: str, result: dict | None) -> str:
+def paired_row(name: str, result: dict | None, p_holm: float | None = None) -> str:
     if result is None:
-        return f"| {name} | – | – | – | – |"
+        return f"| {name} | – | – | – | – | – |"
     diffs = ", ".join(f"{d:+.2f}" for d in result["diffs"])
     p = f"{result['p']:.3f}" if "p" in result else "–"
     std = f" ± {result['std']:.2f}" if "std" in result else ""
-    return f"| {name} | {diffs} | {result['mean']:+.2f}{std} | {result['wins']}/{result['n']} | {p} |"
+    holm_text = "–" if p_holm is None else f"{p_holm:.3f}"
+    return f"| {name} | {diffs} | {result['mean']:+.2f}{std} | {result['wins']}/{result['n']} | {p} | {holm_text} |"
 
 
 def condition_table(runs, order, speed) -> list[str]:
@@ -208,16 +209,18 @@ def generated_markdown(runs, speed) -> str:
     out += ["Per seed:", ""] + per_seed_table(runs, TEXT_ORDER) + [""]
     out += ["### Paired comparisons (runs with the same seed are paired)", "",
             "Differences in test-accuracy points, A - B per seed; p from a two-sided paired t-test "
-            "(n = 3 seeds, 2 degrees of freedom: only large, consistent effects reach p < 0.05).", "",
-            "| A - B | per seed | mean ± std | A wins | p |", "|---|---|---:|---:|---:|"]
+            "(n = 3 seeds, 2 degrees of freedom: only large, consistent effects reach p < 0.05); "
+            "Holm p: corrected over all comparisons in this table (added for issue 16).", "",
+            "| A - B | per seed | mean ± std | A wins | p | Holm p |", "|---|---|---:|---:|---:|---:|"]
     pairs = [(f"fm-pad-k{k}", "fm-dynamic") for k in (0.1, 0.3, 0.5, 0.7)]
     pairs += [(f"fm-pad-k{k}", "fm-static") for k in (0.1, 0.3, 0.5, 0.7)]
     pairs += [("fm-dynamic", "fm-static"), ("fm-pad-k0.3", "fm-pad-k0.3-random"),
               ("fm-pad-k0.3", "fm-pad-k0.3-magnitude"), ("fm-pad-k0.3", "fm-pad-k0.3-noscale"),
               ("text-pad-k0.5", "text-moe"), ("text-pad-k0.5", "text-static"), ("text-moe", "text-static")]
-    for a, b in pairs:
-        if a in runs and b in runs:
-            out.append(paired_row(f"{LABELS[a]} - {LABELS[b]}", paired(runs[a], runs[b])))
+    tested = {(a, b): paired(runs[a], runs[b]) for a, b in pairs if a in runs and b in runs}
+    adjusted = holm({f"{a}|{b}": (r or {}).get("p") for (a, b), r in tested.items()})
+    for (a, b), result in tested.items():
+        out.append(paired_row(f"{LABELS[a]} - {LABELS[b]}", result, adjusted[f"{a}|{b}"]))
     out.append("")
     if speed:
         m = speed["machine"]
@@ -471,6 +474,7 @@ def study2_markdown(results: dict[str, dict[str, dict[int, dict]]] | None = None
                 out += [f"(no run logged {', '.join(missing)}: left out of the figure)", ""]
         else:
             out += ["Curves: no finished runs yet.", ""]
+    out += timing_markdown(STUDY2 / "timing.json", study)
     text = results.get("text", {})
     out += [f"### Text, MiniLM MoE ({sum(len(v) for v in text.values())} of "
             f"{len(study.TEXT2_ARMS) * len(study.TEXT_SEEDS2)} runs finished)", ""]
@@ -485,6 +489,28 @@ def study2_markdown(results: dict[str, dict[str, dict[int, dict]]] | None = None
         mean = f"{r['mean']:+.2f}" if r["n"] else "–"
         out.append(f"| {label} | {per} | {mean} | {_fmt_ci(r['ci'])} | {_fmt_p(r['p'])} |")
     return "\n".join(out).rstrip() + "\n"
+
+
+def timing_markdown(path: Path, study) -> list[str]:
+    """The measured step times (``study.py --measure``), labelled with the load they were taken under."""
+    if not path.is_file():
+        return ["Step times: not measured yet (`python experiments/study.py --study second --measure 20`).", ""]
+    t = json.loads(path.read_text())
+    out = [f"Step times measured {t['date']}: {t['what']}; **under load** (1-minute load average "
+           f"{t['load_1m_before']:.1f} before, {t['load_1m_after']:.1f} after, on {t['cpus']} cores shared with "
+           "other jobs), so several times slower than on a quiet machine; the budget check uses the quiet "
+           "reference instead:", "",
+           "| arm | measured s / step (under load) | quiet reference s / step | reference run estimate (min) |",
+           "|---|---:|---:|---:|"]
+    settings = study.Settings()
+    for arm in study.ARMS2:
+        row = t["arms"].get(arm, {})
+        got = f"{row['step_seconds']:.2f}" if "step_seconds" in row else (
+            "blocked" if "blocked" in row else ("failed" if "failed" in row else "–"))
+        ref = study.REFERENCE_STEP_SECONDS.get(arm)
+        est = study.estimate_seconds(arm, settings)
+        out.append(f"| {arm} | {got} | {ref:.3f} | {est / 60:.0f} |" if ref else f"| {arm} | {got} | – | – |")
+    return out + [""]
 
 
 def replace_block(text: str, begin: str, end: str, body: str) -> str:

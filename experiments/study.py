@@ -117,10 +117,15 @@ BUDGET_MIN_STATIC = 0.91  # static test accuracy at seed 0 must reach this ...
 BUDGET_MAX_COST = 1.3  # ... and no run may cost more than this times its estimate
 FAIR_INIT = ("--set", "pad_config.init=fresh", "--set", "pad_config.router_init=official")
 
-# Measured seconds per training step, ResNet-10 width 0.25, batch 64, one thread, Fashion-MNIST
-# (experiments/results/study2/timing.json; measured under load, see docs/results.md "Compute estimate").
-STEP_SECONDS_FILE = RESULTS / "study2" / "timing.json"
-EVAL_OVERHEAD = 1.10  # per-epoch test-set evaluation and checkpoints, on top of the steps (rough)
+# Seconds per training step on a quiet machine, one thread, batch 64, ResNet-10 width 0.25 (the budget
+# check's reference): PAD / fully dynamic 0.29 s (docs/training.md, "Per-step CPU cost"); static from the
+# static / dynamic step ratio measured here (0.235, under load, experiments/results/study2/timing.json);
+# re-partition and gates at issue 12's / 13's overhead targets (<= 1.05x, <= 1.4x a PAD step).
+REFERENCE_STEP_SECONDS = {"static": 0.29 * 0.235, "dynamic": 0.29, "imp-init": 0.29, "imp-warmup": 0.29,
+                          "random-uniform": 0.29, "random-matched": 0.29, "repartition": 0.29 * 1.05,
+                          "gates": 0.29 * 1.4}
+EVAL_OVERHEAD = 1.10  # per-epoch test-set evaluation, checkpoints and the partition, on top of the steps (rough)
+TIMING = RESULTS / "study2" / "timing.json"  # python experiments/study.py --measure 20 (under load: labelled)
 
 
 @dataclass(frozen=True)
@@ -340,21 +345,65 @@ def run_batch(runs: list[Run], jobs: int, threads: int, execute_fn=None, log=pri
     return messages
 
 
-def step_seconds() -> dict[str, float]:
-    """Measured seconds per training step per arm (width 0.25, 1 thread, under load), {} if not measured."""
-    if not STEP_SECONDS_FILE.is_file():
-        return {}
-    return {arm: row["step_seconds"] for arm, row in json.loads(STEP_SECONDS_FILE.read_text())["arms"].items()}
-
-
 def estimate_seconds(arm: str, settings: Settings, per_step: dict[str, float] | None = None) -> float | None:
-    """Estimated wall seconds of one run: measured s/step x steps x eval overhead; the per-step time scales
-    with width^2 (FLOPs of the convs) away from the measured width 0.25 -- a rough extrapolation."""
-    per_step = step_seconds() if per_step is None else per_step
-    key = arm if arm in per_step else ("imp-init" if arm in ("random-matched", "random-uniform") else None)
-    if key is None or key not in per_step:
+    """Estimated wall seconds of one run: reference s/step x steps x overhead; the per-step time scales
+    with width^2 (the convs' FLOPs) away from the reference width 0.25 -- a rough extrapolation."""
+    per_step = REFERENCE_STEP_SECONDS if per_step is None else per_step
+    if arm not in per_step:
         return None
-    return per_step[key] * (settings.width / 0.25) ** 2 * settings.total_steps * EVAL_OVERHEAD
+    return per_step[arm] * (settings.width / 0.25) ** 2 * settings.total_steps * EVAL_OVERHEAD
+
+
+def _matched_ratio_summary(summary: dict) -> float:
+    rows = summary["partition"]["layers"]
+    return sum(r["dynamic_entries"] for r in rows) / sum(r["entries"] for r in rows)
+
+
+def measure(steps: int, settings: Settings, threads: int = 1) -> dict:
+    """Time ``steps`` training steps of every runnable vision arm (seed 0, one at a time, ``threads``
+    threads) and write ``TIMING``. Step time = (train seconds - partition seconds) / steps. The load
+    average before and after is recorded: other jobs on the machine inflate these numbers."""
+    import platform
+
+    rows, base = {}, RUNS / "timing"
+    probe = {r.arm: r for r in second_grid(settings, seeds=(0,), text_seeds=())}
+    load_before = os.getloadavg()[0]
+    for arm, run in probe.items():
+        if run.match is None and blocked_reason(run):
+            rows[arm] = {"blocked": blocked_reason(run)}
+            continue
+        out = base / arm
+        args = [*run.args, "--max-train-samples", str(steps * settings.batch_size), "--epochs", "1",
+                "--max-test-samples", "512", "--seed", "0", "--output-dir", str(out), "--threads", str(threads),
+                "--quiet", "--overwrite"]  # the later --epochs 1 overrides the grid's
+        if arm == "imp-warmup":  # partition after 10 % of the timed steps
+            args[args.index("--partition-at-step") + 1] = str(max(1, steps // 10))
+        if run.match is not None:
+            match = base / MATCHED_TO / "summary.json"
+            if not match.is_file():
+                rows[arm] = {"blocked": f"time {MATCHED_TO} first"}
+                continue
+            ratio = _matched_ratio_summary(json.loads(match.read_text()))
+            cmd = [sys.executable, str(ROOT / "experiments" / "matched_random.py"), "--match", str(match),
+                   *args, "--ratio", repr(ratio)]
+        else:
+            cmd = [sys.executable, "-m", "padnet", "train", *args]
+        rc = subprocess.call(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, cwd=ROOT)
+        if rc != 0:
+            rows[arm] = {"failed": rc}
+            continue
+        summary = json.loads((out / "summary.json").read_text())
+        part = (summary.get("partition") or {}).get("seconds", 0.0)
+        rows[arm] = {"train_seconds": summary["train_seconds"], "partition_seconds": part, "steps": steps,
+                     "step_seconds": (summary["train_seconds"] - part) / steps}
+    record = {"what": f"{steps} training steps per arm, batch {settings.batch_size}, width {settings.width:g}, "
+                      f"{threads} thread(s), seed 0; step = (train - partition seconds) / steps",
+              "under_load": True, "load_1m_before": load_before, "load_1m_after": os.getloadavg()[0],
+              "cpus": os.cpu_count(), "machine": platform.processor() or platform.machine(),
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "arms": rows}
+    TIMING.parent.mkdir(parents=True, exist_ok=True)
+    TIMING.write_text(json.dumps(record, indent=1) + "\n")
+    return record
 
 
 def budget_check(settings: Settings, per_step: dict[str, float] | None = None) -> tuple[bool, list[str]]:
@@ -399,12 +448,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel (default 2: one per core)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
     p.add_argument("--list", action="store_true", help="print the grid with its state and exit")
+    p.add_argument("--measure", type=int, metavar="STEPS",
+                   help="second study: time STEPS steps of every runnable vision arm, write "
+                        "experiments/results/study2/timing.json and exit")
     args = p.parse_args(argv)
     if args.jobs < 1 or args.threads < 1:
         p.error("--jobs and --threads must be >= 1")
     if args.epochs < 1 or not 0 < args.width <= 4:
         p.error("--epochs must be >= 1 and --width in (0, 4]")
     settings = Settings(epochs=args.epochs, width=args.width)
+    if args.measure:
+        record = measure(args.measure, settings, args.threads)
+        for arm, row in record["arms"].items():
+            print(f"{arm:15s} " + (f"{row['step_seconds']:.3f} s/step" if "step_seconds" in row else str(row)))
+        return 0
     if args.study == "first":
         runs = grid()
     else:
