@@ -146,7 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--match", required=True, type=Path, help="result file (or summary.json) of the run to match")
     add_train_args(p)
     args = p.parse_args(argv)
-    record = json.loads(args.match.read_text())
+    match_path: Path = args.match
+    del args.match  # not a training setting: the rest of the namespace is exactly padnet train's
+    record = json.loads(match_path.read_text())
     targets = matched_targets(record)
     register()
     cfg: TrainConfig = resolve_from_args(args)

@@ -365,3 +365,14 @@ def test_report_main_rewrites_both_blocks(tmp_path, monkeypatch):
     doc.write_text("no markers")
     with pytest.raises(SystemExit, match="markers"):
         report.main()
+
+
+def test_matched_random_main_refuses_a_ratio_other_than_the_matched_runs(tmp_path, capsys):
+    path = tmp_path / "imp.json"
+    path.write_text(json.dumps(_partition_record({"layer1.0.conv1": (3, 10)})))
+    args = ["--match", str(path), "--variant", "pad", "--criterion", "matched_random", "--partition-iterations", "1",
+            "--output-dir", str(tmp_path / "run")]
+    with pytest.raises(SystemExit):
+        matched.main([*args, "--ratio", "0.5"])
+    assert "matched run's achieved kappa 0.3" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # refused before anything was written
