@@ -8,7 +8,7 @@ First study (2026-11-21, committed results in ``experiments/results/*.json``)::
 Second study (issue 16; design and statistics plan in docs/results.md)::
 
     python experiments/study.py --study second --seeds 0 --jobs 2 --threads 1   # seed 0, then the budget check
-    python experiments/study.py --study second --seeds 1 2 3 4 --jobs 2 --threads 1
+    python experiments/study.py --study second --seeds 1 2 3 4 --jobs 2 --threads 1   # vision2 is the default group
     python experiments/study.py --study second --group text2 --seeds 0 1 2
     python experiments/study.py --study second --list      # the grid and what is done / blocked
     python experiments/study.py --study second --epochs 4 --width 0.25 ...   # a budget-checked setting
@@ -439,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="which study (default second; first = the committed 2026-11-21 grid)")
     p.add_argument("--group", action="append",
                    choices=["vision", "ablation", "text", "vision2", "text2"],
-                   help="only these groups (repeatable; default all of the study)")
+                   help="only these groups (repeatable; default: all of the first study, vision2 of the second)")
     p.add_argument("--only", action="append", default=[], help="only runs whose name contains this")
     p.add_argument("--seeds", type=int, nargs="+", help="second study: only these seeds (run in this order)")
     p.add_argument("--epochs", type=int, default=Settings.epochs, help="second study: vision epochs (6)")
@@ -467,7 +467,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         seeds = tuple(args.seeds) if args.seeds else SEEDS2
         runs = second_grid(settings, [s for s in seeds if s in SEEDS2], [s for s in seeds if s in TEXT_SEEDS2])
-    runs = [r for r in runs if (not args.group or r.group in args.group)
+    groups = args.group or (["vision2"] if args.study == "second" else None)  # text2 only when asked for
+    runs = [r for r in runs if (not groups or r.group in groups)
             and (not args.only or any(s in r.name for s in args.only))]
     if args.list:
         for r in runs:
@@ -479,13 +480,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.study == "first":
         failures = sum(m.startswith("FAILED") for m in run_batch(runs, args.jobs, args.threads))
         return 1 if failures else 0
-    for seed in dict.fromkeys(r.seed for r in runs):  # one seed at a time, in the order given
-        batch = [r for r in runs if r.seed == seed]
+    for group, seed in dict.fromkeys((r.group, r.seed) for r in runs):  # one seed at a time, vision first
+        batch = [r for r in runs if (r.group, r.seed) == (group, seed)]
         failures += sum(m.startswith("FAILED") for m in run_batch(batch, args.jobs, args.threads))
-        if seed == 0 and any(r.group == "vision2" for r in batch):
+        if (group, seed) == ("vision2", 0):
             ok, lines = budget_check(settings)
             print("\n".join(lines), flush=True)
-            if not ok and not args.ignore_budget and any(r.seed != 0 for r in runs):
+            if not ok and not args.ignore_budget and any((r.group, r.seed) != ("vision2", 0) for r in runs):
                 print("stopping before the next seed (budget check failed)", flush=True)
                 return 2
     return 1 if failures else 0

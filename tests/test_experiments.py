@@ -203,6 +203,13 @@ def test_main_runs_one_seed_at_a_time_and_stops_on_a_failed_budget(monkeypatch):
     assert all(n.endswith("-s0") for n in order) and len(order) == 8
     order.clear()
     assert study.main(["--seeds", "0", "1", "--group", "vision2", "--ignore-budget"]) == 0 and len(order) == 16
+    order.clear()  # default group: vision only; text runs only when asked for, after the vision seeds
+    monkeypatch.setattr(study, "budget_check", lambda settings: (True, ["budget ok"]))
+    assert study.main(["--seeds", "0"]) == 0 and all(n.startswith("fm2-") for n in order) and len(order) == 8
+    order.clear()
+    assert study.main(["--seeds", "0", "1", "--group", "vision2", "--group", "text2"]) == 0
+    assert [n.split("-")[0] + n.rsplit("-s", 1)[1] for n in order] == (["fm20"] * 8 + ["fm21"] * 8 + ["text20"] * 4
+                                                                         + ["text21"] * 4)
 
 
 def test_budget_check_reads_seed0(tmp_path, monkeypatch):
