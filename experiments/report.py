@@ -498,9 +498,9 @@ def timing_markdown(path: Path, study) -> list[str]:
     t = json.loads(path.read_text())
     out = [f"Step times measured {t['date']}: {t['what']}; **under load** (1-minute load average "
            f"{t['load_1m_before']:.1f} before, {t['load_1m_after']:.1f} after, on {t['cpus']} cores shared with "
-           "other jobs), so several times slower than on a quiet machine; the budget check uses the quiet "
-           "reference instead:", "",
-           "| arm | measured s / step (under load) | quiet reference s / step | reference run estimate (min) |",
+           "other jobs), so slower than on a quiet machine; the budget check uses the reference step times "
+           "(docs/training.md; study.py REFERENCE_STEP_SECONDS) instead:", "",
+           "| arm | measured s / step (under load) | reference s / step | reference run estimate (min) |",
            "|---|---:|---:|---:|"]
     settings = study.Settings()
     for arm in study.ARMS2:
