@@ -481,7 +481,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.study == "first":
         failures = sum(m.startswith("FAILED") for m in run_batch(runs, args.jobs, args.threads))
         return 1 if failures else 0
-    for group, seed in dict.fromkeys((r.group, r.seed) for r in runs):  # one seed at a time, vision first
+    batches = list(dict.fromkeys((r.group, r.seed) for r in runs))
+    if ("vision2", 0) not in batches and any(g == "vision2" for g, _ in batches):
+        ok, lines = budget_check(settings)  # later seeds only after seed 0 passed the check
+        print("\n".join(lines), flush=True)
+        if not ok and not args.ignore_budget:
+            print("not starting (budget check of seed 0 failed or seed 0 is not finished)", flush=True)
+            return 2
+    for group, seed in batches:  # one seed at a time, vision first
         batch = [r for r in runs if (r.group, r.seed) == (group, seed)]
         failures += sum(m.startswith("FAILED") for m in run_batch(batch, args.jobs, args.threads))
         if (group, seed) == ("vision2", 0):

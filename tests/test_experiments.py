@@ -203,6 +203,10 @@ def test_main_runs_one_seed_at_a_time_and_stops_on_a_failed_budget(monkeypatch):
     assert all(n.endswith("-s0") for n in order) and len(order) == 8
     order.clear()
     assert study.main(["--seeds", "0", "1", "--group", "vision2", "--ignore-budget"]) == 0 and len(order) == 16
+    order.clear()  # later seeds alone: seed 0's check is read first, and a failure starts nothing
+    monkeypatch.setattr(study, "budget_check", lambda settings: (False, ["budget FAIL"]))
+    assert study.main(["--seeds", "1", "2"]) == 2 and order == []
+    assert study.main(["--seeds", "1", "--ignore-budget"]) == 0 and len(order) == 8
     order.clear()  # default group: vision only; text runs only when asked for, after the vision seeds
     monkeypatch.setattr(study, "budget_check", lambda settings: (True, ["budget ok"]))
     assert study.main(["--seeds", "0"]) == 0 and all(n.startswith("fm2-") for n in order) and len(order) == 8
