@@ -2,9 +2,10 @@
 
     python experiments/report.py
 
-Reads ``experiments/results/*.json`` (from ``study.py`` and ``speed.py``),
-rewrites the generated part of ``docs/results.md`` (between the
-``<!-- generated -->`` markers) and the figures in ``docs/figures/``.
+Reads ``experiments/results/*.json`` (first study, from ``study.py --study first`` and ``speed.py``) and
+``experiments/results/study2/<setting>/*.json`` (second study), rewrites the two generated parts of
+``docs/results.md`` (between the ``<!-- generated ... -->`` markers) and the figures in ``docs/figures/``.
+Arms and seeds without a result file are reported as not run.
 Everything here is computed from the committed result files; nothing is typed in.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import statistics
 from collections import defaultdict
@@ -43,6 +45,8 @@ def load_runs() -> dict[str, dict[int, dict]]:
         if path.name == "speed.json":
             continue
         record = json.loads(path.read_text())
+        if "name" not in record or "seed" not in record:  # not a study run (e.g. transitions-partition-*.json)
+            continue
         condition = re.sub(r"-s\d+$", "", record["name"])
         runs[condition][record["seed"]] = record
     return runs
@@ -81,13 +85,14 @@ def paired(a: dict[int, dict], b: dict[int, dict]) -> dict | None:
     return out
 
 
-def paired_row(name: str, result: dict | None) -> str:
+def paired_row(name: str, result: dict | None, p_holm: float | None = None) -> str:
     if result is None:
-        return f"| {name} | – | – | – | – |"
+        return f"| {name} | – | – | – | – | – |"
     diffs = ", ".join(f"{d:+.2f}" for d in result["diffs"])
     p = f"{result['p']:.3f}" if "p" in result else "–"
     std = f" ± {result['std']:.2f}" if "std" in result else ""
-    return f"| {name} | {diffs} | {result['mean']:+.2f}{std} | {result['wins']}/{result['n']} | {p} |"
+    holm_text = "–" if p_holm is None else f"{p_holm:.3f}"
+    return f"| {name} | {diffs} | {result['mean']:+.2f}{std} | {result['wins']}/{result['n']} | {p} | {holm_text} |"
 
 
 def condition_table(runs, order, speed) -> list[str]:
@@ -204,16 +209,18 @@ def generated_markdown(runs, speed) -> str:
     out += ["Per seed:", ""] + per_seed_table(runs, TEXT_ORDER) + [""]
     out += ["### Paired comparisons (runs with the same seed are paired)", "",
             "Differences in test-accuracy points, A - B per seed; p from a two-sided paired t-test "
-            "(n = 3 seeds, 2 degrees of freedom: only large, consistent effects reach p < 0.05).", "",
-            "| A - B | per seed | mean ± std | A wins | p |", "|---|---|---:|---:|---:|"]
+            "(n = 3 seeds, 2 degrees of freedom: only large, consistent effects reach p < 0.05); "
+            "Holm p: corrected over all comparisons in this table (added for issue 16).", "",
+            "| A - B | per seed | mean ± std | A wins | p | Holm p |", "|---|---|---:|---:|---:|---:|"]
     pairs = [(f"fm-pad-k{k}", "fm-dynamic") for k in (0.1, 0.3, 0.5, 0.7)]
     pairs += [(f"fm-pad-k{k}", "fm-static") for k in (0.1, 0.3, 0.5, 0.7)]
     pairs += [("fm-dynamic", "fm-static"), ("fm-pad-k0.3", "fm-pad-k0.3-random"),
               ("fm-pad-k0.3", "fm-pad-k0.3-magnitude"), ("fm-pad-k0.3", "fm-pad-k0.3-noscale"),
               ("text-pad-k0.5", "text-moe"), ("text-pad-k0.5", "text-static"), ("text-moe", "text-static")]
-    for a, b in pairs:
-        if a in runs and b in runs:
-            out.append(paired_row(f"{LABELS[a]} - {LABELS[b]}", paired(runs[a], runs[b])))
+    tested = {(a, b): paired(runs[a], runs[b]) for a, b in pairs if a in runs and b in runs}
+    adjusted = holm({f"{a}|{b}": (r or {}).get("p") for (a, b), r in tested.items()})
+    for (a, b), result in tested.items():
+        out.append(paired_row(f"{LABELS[a]} - {LABELS[b]}", result, adjusted[f"{a}|{b}"]))
     out.append("")
     if speed:
         m = speed["machine"]
@@ -228,18 +235,302 @@ def generated_markdown(runs, speed) -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
+# ------------------------------------------------------------------ second study (issue 16)
+BEGIN2, END2 = "<!-- generated study2: begin (experiments/report.py) -->", "<!-- generated study2: end -->"
+STUDY2 = RESULTS / "study2"
+NI_MARGIN = 0.2  # accuracy points: PAD "no worse than" B means mean(PAD - B) > -0.2
+ALPHA = 0.025  # one-sided, family-wise over the primary questions (Holm): matches a two-sided 95 % interval
+PRIMARY = [  # (key, question, A, B, kind): Holm-corrected together
+    ("a", "PAD (IMP at init) >= fully dynamic", "imp-init", "dynamic", "noninferiority"),
+    ("b", "PAD (IMP at init) >= static", "imp-init", "static", "noninferiority"),
+    ("c", "IMP > random with IMP's per-layer counts", "imp-init", "random-matched", "superiority"),
+]
+SECONDARY = [  # exploratory: unadjusted, two-sided
+    ("re-partition vs IMP at init", "repartition", "imp-init"),
+    ("learned gates vs IMP at init", "gates", "imp-init"),
+    ("IMP after warm-up vs IMP at init", "imp-warmup", "imp-init"),
+    ("IMP at init vs random uniform", "imp-init", "random-uniform"),
+    ("random matched vs random uniform (allocation alone)", "random-matched", "random-uniform"),
+    ("fully dynamic vs static", "dynamic", "static"),
+]
+TEXT2_COMPARISONS = [
+    ("PAD-MoE (IMP) vs MoE", "pad-imp", "moe"), ("PAD-MoE (IMP) vs static", "pad-imp", "static"),
+    ("PAD-MoE (gates) vs PAD-MoE (IMP)", "pad-gates", "pad-imp"), ("MoE vs static", "moe", "static"),
+]
+
+
+def _study_module():
+    import importlib.util
+    import sys
+
+    name = "experiments_study_for_report"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / "study.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def paired_test(diffs: list[float], kind: str = "two-sided", margin: float = 0.0,
+                level: float = 0.95) -> dict:
+    """Paired t statistics of per-seed differences ``diffs`` (A - B, points).
+
+    ``ci``: two-sided ``level`` t interval of the mean difference. ``p``: ``kind`` = "superiority"
+    (H0: mean <= 0), "noninferiority" (H0: mean <= -margin) -- one-sided -- or "two-sided" (H0: mean = 0).
+    ``p`` and ``ci`` are None with fewer than 2 differences or zero spread (no t distribution to refer to).
+    """
+    from scipy import stats
+
+    n = len(diffs)
+    out = {"n": n, "diffs": list(diffs), "mean": statistics.fmean(diffs) if n else float("nan"),
+           "sd": None, "ci": None, "p": None, "kind": kind, "margin": margin}
+    if n < 2:
+        return out
+    sd = statistics.stdev(diffs)
+    out["sd"] = sd
+    if sd == 0:
+        return out
+    se = sd / math.sqrt(n)
+    half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * se
+    out["ci"] = (out["mean"] - half, out["mean"] + half)
+    if kind == "superiority":
+        out["p"] = float(stats.t.sf(out["mean"] / se, n - 1))
+    elif kind == "noninferiority":
+        out["p"] = float(stats.t.sf((out["mean"] + margin) / se, n - 1))
+    elif kind == "two-sided":
+        out["p"] = float(2 * stats.t.sf(abs(out["mean"]) / se, n - 1))
+    else:
+        raise ValueError(f"unknown test kind {kind!r}: superiority | noninferiority | two-sided")
+    return out
+
+
+def holm(pvalues: dict[str, float | None]) -> dict[str, float | None]:
+    """Holm step-down adjusted p-values over the family ``pvalues`` (None = not testable, left out of the
+    family size: only the questions with data are corrected together)."""
+    ordered = sorted((p, k) for k, p in pvalues.items() if p is not None)
+    m, running, out = len(ordered), 0.0, {k: None for k in pvalues}
+    for i, (p, k) in enumerate(ordered):
+        running = max(running, min(1.0, (m - i) * p))
+        out[k] = running
+    return out
+
+
+def load_study2(root: Path | None = None) -> dict[str, dict[str, dict[int, dict]]]:
+    """``{setting: {arm: {seed: record}}}`` from ``experiments/results/study2/<setting>/*.json``."""
+    root = STUDY2 if root is None else root
+    out: dict[str, dict[str, dict[int, dict]]] = {}
+    if not root.is_dir():
+        return out
+    for d in sorted(p for p in root.iterdir() if p.is_dir()):
+        for path in sorted(d.glob("*.json")):
+            record = json.loads(path.read_text())
+            arm = record.get("arm") or re.sub(r"^(fm2|text2)-|-s\d+$", "", record["name"])
+            out.setdefault(d.name, {}).setdefault(arm, {})[int(record["seed"])] = record
+    return out
+
+
+def _diffs(runs: dict[str, dict[int, dict]], a: str, b: str) -> tuple[list[int], list[float]]:
+    seeds = sorted(set(runs.get(a, {})) & set(runs.get(b, {})))
+    return seeds, [acc(runs[a][s]) - acc(runs[b][s]) for s in seeds]
+
+
+def _fmt_p(p: float | None) -> str:
+    return "–" if p is None else (f"{p:.4f}" if p >= 1e-4 else f"{p:.1e}")
+
+
+def _fmt_ci(ci) -> str:
+    return "–" if ci is None else f"[{ci[0]:+.2f}, {ci[1]:+.2f}]"
+
+
+def primary_rows(runs: dict[str, dict[int, dict]]) -> list[dict]:
+    """The three primary questions with per-seed differences, 95 % CIs, one-sided and Holm p, verdict."""
+    rows = []
+    for key, question, a, b, kind in PRIMARY:
+        seeds, diffs = _diffs(runs, a, b)
+        r = paired_test(diffs, kind, NI_MARGIN if kind == "noninferiority" else 0.0)
+        rows.append({"key": key, "question": question, "a": a, "b": b, "seeds": seeds, **r})
+    adjusted = holm({r["key"]: r["p"] for r in rows})
+    for r in rows:
+        r["p_holm"] = adjusted[r["key"]]
+        if r["n"] == 0:
+            r["verdict"] = "not yet run"
+        elif r["p_holm"] is None:
+            r["verdict"] = f"not testable yet ({r['n']} paired seed(s))"
+        elif r["p_holm"] < ALPHA:
+            r["verdict"] = "shown"
+        else:
+            r["verdict"] = "not shown"
+    return rows
+
+
+def _arm_table(runs, arms: dict[str, tuple], seeds: tuple[int, ...]) -> list[str]:
+    rows = ["| arm | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± std | deployable params "
+            "| of which dynamic | train s / run (median) |", "|---|" + "---:|" * (len(seeds) + 4)]
+    for arm, spec in arms.items():
+        got = runs.get(arm, {})
+        cells = [f"{acc(got[s]):.2f}" if s in got else "not run" for s in seeds]
+        if got:
+            recs = [got[s] for s in sorted(got)]
+            p = recs[0]["summary"].get("params", {})
+            secs = [r["summary"].get("train_seconds") for r in recs if r["summary"].get("train_seconds")]
+            tail = [fmt_pm([acc(r) for r in recs]),
+                    f"{p['total'] / 1e6:.3f} M" if "total" in p else "–",
+                    f"{p['dynamic'] / 1e6:.3f} M" if "dynamic" in p else "–",
+                    f"{statistics.median(secs):.0f}" if secs else "–"]
+        else:
+            tail = ["not run", "–", "–", "–"]
+        rows.append(f"| {spec[0]} | " + " | ".join(cells + tail) + " |")
+    return rows
+
+
+def _curve(records: list[dict], field: str) -> tuple[list[int], list[float]] | None:
+    """Mean over seeds of ``field`` per epoch (epochs every record has); None when no record logs it."""
+    series = [{m["epoch"]: m[field] for m in r.get("metrics", []) if m.get(field) is not None} for r in records]
+    series = [s for s in series if s]
+    if not series:
+        return None
+    epochs = sorted(set.intersection(*(set(s) for s in series)))
+    return epochs, [statistics.fmean(s[e] for s in series) for e in epochs]
+
+
+CURVE_FIELDS = [("train_loss", "training loss"), ("routing_entropy", "routing entropy (normalised)"),
+                ("kernel_spread", "kernel spread (mean pairwise cosine distance)"),
+                ("routing_std", "routing std of pi over inputs")]
+
+
+def plot_curves(runs, arms: dict[str, tuple], path: Path) -> list[str]:
+    """One panel per metrics field (mean over seeds per epoch, one line per arm); fields no run logs are
+    left out. Returns the fields plotted."""
+    panels = []
+    for field_, title in CURVE_FIELDS:
+        lines = {arm: _curve(list(runs[arm].values()), field_) for arm in arms if runs.get(arm)}
+        lines = {a: c for a, c in lines.items() if c is not None}
+        if lines:
+            panels.append((field_, title, lines))
+    if not panels:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    for ax, (field_, title, lines) in zip(axes[0], panels):
+        for i, (arm, (xs, ys)) in enumerate(lines.items()):
+            ax.plot(xs, ys, marker="o", ms=3, color=f"C{list(arms).index(arm) % 10}", label=arms[arm][0])
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("epoch")
+    axes[0][0].legend(fontsize=6)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [f for f, _, _ in panels]
+
+
+def study2_markdown(results: dict[str, dict[str, dict[int, dict]]] | None = None,
+                    figures: Path | None = None) -> str:
+    """The generated second-study section: every arm x seed (``not run`` where no result file exists),
+    the primary questions with Holm correction, the exploratory comparisons and the curves."""
+    study = _study_module()
+    results = load_study2() if results is None else results
+    figures = FIGURES if figures is None else figures
+    default = study.Settings().tag
+    settings = [s for s in results if s != "text"] or [default]
+    out: list[str] = []
+    for tag in settings:
+        runs = results.get(tag, {})
+        n_runs = sum(len(v) for v in runs.values())
+        out += [f"### Vision, setting `{tag}` ({n_runs} of {len(study.ARMS2) * len(study.SEEDS2)} runs finished)", ""]
+        if not n_runs:
+            out += [f"Not yet run: no result files in `experiments/results/study2/{tag}/`.", ""]
+        out += ["Test accuracy % per seed:", ""] + _arm_table(runs, study.ARMS2, study.SEEDS2) + [""]
+        out += ["Primary questions (paired by seed; differences A - B in accuracy points; one-sided t-tests, "
+                f"non-inferiority margin {NI_MARGIN} points; Holm over the questions with data, family-wise "
+                f"one-sided alpha = {ALPHA}):", "",
+                "| | question | A - B per seed | mean | 95 % CI | one-sided p | Holm p | verdict |",
+                "|---|---|---|---:|---:|---:|---:|---|"]
+        for r in primary_rows(runs):
+            per = ", ".join(f"{d:+.2f}" for d in r["diffs"]) or "–"
+            mean = f"{r['mean']:+.2f}" if r["n"] else "–"
+            out.append(f"| ({r['key']}) | {r['question']} | {per} | {mean} | {_fmt_ci(r['ci'])} | "
+                       f"{_fmt_p(r['p'])} | {_fmt_p(r['p_holm'])} | {r['verdict']} |")
+        out += ["", "Exploratory comparisons (two-sided, not corrected):", "",
+                "| A - B | per seed | mean | 95 % CI | p |", "|---|---|---:|---:|---:|"]
+        for label, a, b in SECONDARY:
+            _, diffs = _diffs(runs, a, b)
+            r = paired_test(diffs, "two-sided")
+            per = ", ".join(f"{d:+.2f}" for d in diffs) or "not yet run"
+            mean = f"{r['mean']:+.2f}" if r["n"] else "–"
+            out.append(f"| {label} | {per} | {mean} | {_fmt_ci(r['ci'])} | {_fmt_p(r['p'])} |")
+        out.append("")
+        fig = figures / f"study2_curves_{tag}.png"
+        fields = plot_curves(runs, study.ARMS2, fig)
+        if fields:
+            missing = [f for f, _ in CURVE_FIELDS if f not in fields]
+            out += [f"![curves]({os.path.relpath(fig, DOC.parent)})", ""]
+            if missing:
+                out += [f"(no run logged {', '.join(missing)}: left out of the figure)", ""]
+        else:
+            out += ["Curves: no finished runs yet.", ""]
+    out += timing_markdown(STUDY2 / "timing.json", study)
+    text = results.get("text", {})
+    out += [f"### Text, MiniLM MoE ({sum(len(v) for v in text.values())} of "
+            f"{len(study.TEXT2_ARMS) * len(study.TEXT_SEEDS2)} runs finished)", ""]
+    if not text:
+        out += ["Not yet run: no result files in `experiments/results/study2/text/`.", ""]
+    out += _arm_table(text, study.TEXT2_ARMS, study.TEXT_SEEDS2) + [""]
+    out += ["| A - B (two-sided, uncorrected) | per seed | mean | 95 % CI | p |", "|---|---|---:|---:|---:|"]
+    for label, a, b in TEXT2_COMPARISONS:
+        _, diffs = _diffs(text, a, b)
+        r = paired_test(diffs, "two-sided")
+        per = ", ".join(f"{d:+.2f}" for d in diffs) or "not yet run"
+        mean = f"{r['mean']:+.2f}" if r["n"] else "–"
+        out.append(f"| {label} | {per} | {mean} | {_fmt_ci(r['ci'])} | {_fmt_p(r['p'])} |")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def timing_markdown(path: Path, study) -> list[str]:
+    """The measured step times (``study.py --measure``), labelled with the load they were taken under."""
+    if not path.is_file():
+        return ["Step times: not measured yet (`python experiments/study.py --study second --measure 20`).", ""]
+    t = json.loads(path.read_text())
+    out = [f"Step times measured {t['date']}: {t['what']}; **under load** (1-minute load average "
+           f"{t['load_1m_before']:.1f} before, {t['load_1m_after']:.1f} after, on {t['cpus']} cores shared with "
+           "other jobs), so slower than on a quiet machine; the budget check uses the reference step times "
+           "(docs/training.md; study.py REFERENCE_STEP_SECONDS) instead:", "",
+           "| arm | measured s / step (under load) | reference s / step | reference run estimate (min) |",
+           "|---|---:|---:|---:|"]
+    settings = study.Settings()
+    for arm in study.ARMS2:
+        row = t["arms"].get(arm, {})
+        got = f"{row['step_seconds']:.2f}" if "step_seconds" in row else (
+            "blocked" if "blocked" in row else ("failed" if "failed" in row else "–"))
+        ref = study.REFERENCE_STEP_SECONDS.get(arm)
+        est = study.estimate_seconds(arm, settings)
+        out.append(f"| {arm} | {got} | {ref:.3f} | {est / 60:.0f} |" if ref else f"| {arm} | {got} | – | – |")
+    return out + [""]
+
+
+def replace_block(text: str, begin: str, end: str, body: str) -> str:
+    if begin not in text or end not in text:
+        raise SystemExit(f"{DOC} lacks the markers {begin!r} ... {end!r}")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{begin}\n{body}{end}{tail}"
+
+
 def main() -> int:
     runs = load_runs()
     speed_path = RESULTS / "speed.json"
     speed = json.loads(speed_path.read_text()) if speed_path.is_file() else {}
-    body = generated_markdown(runs, speed)
-    text = DOC.read_text() if DOC.is_file() else f"# Results\n\n{BEGIN}\n{END}\n"
-    if BEGIN not in text or END not in text:
-        raise SystemExit(f"{DOC} lacks the markers {BEGIN!r} ... {END!r}")
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    DOC.write_text(f"{head}{BEGIN}\n{body}{END}{tail}")
-    print(f"updated {DOC} ({sum(len(v) for v in runs.values())} runs)")
+    text = DOC.read_text() if DOC.is_file() else f"# Results\n\n{BEGIN}\n{END}\n\n{BEGIN2}\n{END2}\n"
+    text = replace_block(text, BEGIN, END, generated_markdown(runs, speed))
+    text = replace_block(text, BEGIN2, END2, study2_markdown())
+    DOC.write_text(text)
+    n2 = sum(len(v) for arms in load_study2().values() for v in arms.values())
+    print(f"updated {DOC} (first study: {sum(len(v) for v in runs.values())} runs; second study: {n2} runs)")
     return 0
 
 
