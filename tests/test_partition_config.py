@@ -47,7 +47,8 @@ def test_defaults_match_the_documented_ones():
     assert dataclasses.asdict(cfg) == {
         "ratio": 0.3, "criterion": "taylor", "iterations": 5, "schedule": "exponential", "scope": "global",
         "granularity": "element", "num_batches": None, "warmup_steps": 0, "train_mode": False, "seed": 0,
-        "criterion_kwargs": {}, "monotone": None, "preserve": True,
+        "criterion_kwargs": {}, "monotone": None, "preserve": True, "density": None,
+        "density_distribution": "uniform", "prune_criterion": "magnitude",
     }
 
 

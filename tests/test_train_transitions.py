@@ -144,7 +144,7 @@ def test_flags_and_bad_values(capsys):
     assert cfg.pad_config == {"init": "fresh", "router_init": "official"}  # vision: trained from scratch
     for key, value, match in (("temperature_anneal_fraction", 1.5, "temperature_anneal_fraction"),
                               ("temperature_anneal_fraction", -0.1, "temperature_anneal_fraction"),
-                              ("partition_preserve", "yes", "partition_preserve")):
+                              ("partition_preserve", "maybe", "partition_preserve")):
         with pytest.raises(ValueError, match=match):
             resolve_config({"recipe": "fashion-mnist", key: value})
     from padnet.train.recipes import get_recipe
