@@ -36,6 +36,13 @@ The gate parameters live in a child module
 ``layer.mode_gate`` (ordinary parameters: saved with ``model.state_dict()``,
 synchronised by DDP); the multipliers and the sharpness schedule live in the
 :class:`ModeGates` module (its own ``state_dict``).
+
+The transform record (:mod:`padnet.transforms.record`): attaching gates
+records a ``"gates"`` step (the config and the gated layers' unit counts), which
+:func:`padnet.load` replays -- the gates come back attached, their values from
+the file; :meth:`ModeGates.from_model` rebuilds the controller around them.
+:meth:`ModeGates.harden_` / :meth:`ModeGates.remove_` record ``"harden_gates"``;
+a load then skips the earlier ``"gates"`` step.
 """
 
 from __future__ import annotations
@@ -314,7 +321,8 @@ class ModeGates(nn.Module):
     Use: add ``gates.penalty()`` to the loss, put :meth:`parameters` of the
     gates in the optimizer (:meth:`add_to_optimizer`), call :meth:`step` with the
     training progress, and with ARM call :meth:`arm_update_` after
-    ``loss.backward()``; finally :meth:`harden_`.
+    ``loss.backward()``; finally :meth:`harden_`. After :func:`padnet.load` of a
+    gated model, :meth:`from_model` gives the controller back.
     """
 
     def __init__(
