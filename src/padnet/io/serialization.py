@@ -24,6 +24,8 @@ crash never leaves a half-written file under the final name.
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import math
 import os
@@ -44,7 +46,12 @@ from ..transforms.compact import compact_
 from ..transforms.config import PadConfig, migrate_v1
 from ..transforms.dynamize import dynamize_, select_targets
 from ..transforms.fold_bn import find_conv_bn_pairs, replay_fold_bn_
-from ..transforms.record import STATE_ATTRIBUTE, PadState, ReplayContext, find_state, get_replay, get_state, register_op
+from ..transforms.record import (
+    STATE_ATTRIBUTE, PadState, ReplayContext, find_state, get_check, get_replay, get_state, register_op,
+)
+# the modules that register the ops of later transforms ("gates", "harden_gates", "transition",
+# "mode_scheduler"): a file that records them must load even if the caller never imported them
+from ..transforms import gates as _gates, scheduler as _scheduler, transitions as _transitions  # noqa: F401
 
 FORMAT_VERSION = 2
 READABLE_FORMATS = (1, 2)
@@ -377,6 +384,15 @@ register_op("fold_bn", _replay_fold_bn)
 def rebuild(meta: dict[str, Any], tensors: dict[str, torch.Tensor], model: nn.Module | None, path) -> nn.Module:
     """Architecture from the transform record: zoo spec (or the given base model), then the recorded transforms."""
     state = PadState.from_dict(meta["state"])
+    ctx = ReplayContext(tensors=tensors, metadata=meta, source=str(path))
+    for i, step in enumerate(state.steps):  # every recorded step against the file, before anything is built
+        check = get_check(step.op)
+        if check is None:
+            continue
+        try:
+            check(step.params, dataclasses.replace(ctx, index=i))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{path}: recorded step {i} ({step.op!r}) does not fit the file: {exc}") from None
     if model is None:
         spec = state.model_spec
         if not spec:
@@ -389,16 +405,15 @@ def rebuild(meta: dict[str, Any], tensors: dict[str, torch.Tensor], model: nn.Mo
         model.to(FLOAT_DTYPES[meta["dtype"]])
     steps = [s.to_dict() for s in state.steps]
     skip = _already_applied(model, steps)
-    ctx = ReplayContext(tensors=tensors, metadata=meta, source=str(path))
     done = 0
     try:
-        for step in steps:
+        for i, step in enumerate(steps):
             replay = get_replay(step["op"])
             if replay is None:
                 continue
             done += 1
             if done > skip:
-                replay(model, step["params"], ctx)
+                replay(model, step["params"], dataclasses.replace(ctx, index=i))
     except CheckpointError:
         raise
     except (KeyError, TypeError, ValueError) as exc:

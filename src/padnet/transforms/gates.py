@@ -36,6 +36,13 @@ The gate parameters live in a child module
 ``layer.mode_gate`` (ordinary parameters: saved with ``model.state_dict()``,
 synchronised by DDP); the multipliers and the sharpness schedule live in the
 :class:`ModeGates` module (its own ``state_dict``).
+
+The transform record (:mod:`padnet.transforms.record`): attaching gates
+records a ``"gates"`` step (the config and the gated layers' unit counts), which
+:func:`padnet.load` replays -- the gates come back attached, their values from
+the file; :meth:`ModeGates.from_model` rebuilds the controller around them.
+:meth:`ModeGates.harden_` / :meth:`ModeGates.remove_` record ``"harden_gates"``;
+a load then skips the earlier ``"gates"`` step.
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ from torch import Tensor, nn
 
 from ..layers.modes import is_compact_layer, is_pad_layer
 from .partition.units import GRANULARITIES, LayerPlan, round_half_up, select_top
+from .record import ReplayContext, find_state, get_state, register_op
 
 __all__ = [
     "ModeGates",
@@ -313,7 +321,8 @@ class ModeGates(nn.Module):
     Use: add ``gates.penalty()`` to the loss, put :meth:`parameters` of the
     gates in the optimizer (:meth:`add_to_optimizer`), call :meth:`step` with the
     training progress, and with ARM call :meth:`arm_update_` after
-    ``loss.backward()``; finally :meth:`harden_`.
+    ``loss.backward()``; finally :meth:`harden_`. After :func:`padnet.load` of a
+    gated model, :meth:`from_model` gives the controller back.
     """
 
     def __init__(
@@ -333,71 +342,61 @@ class ModeGates(nn.Module):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        est = get_estimator(estimator)
-        target_ratio = _check_ratio(target_ratio)
-        if granularity not in GRANULARITIES:
-            raise ValueError(f"unknown granularity {granularity!r}; expected one of {GRANULARITIES}")
-        if scope not in SCOPES:
-            raise ValueError(f"unknown scope {scope!r}; expected one of {SCOPES}")
-        if init not in INITS:
-            raise ValueError(f"unknown init {init!r}; expected one of {INITS}")
-        if schedule not in SCHEDULES:
-            raise ValueError(f"unknown schedule {schedule!r}; expected one of {SCHEDULES}")
-        sharpness = _check_sharpness(est.default_sharpness if sharpness is None else sharpness, "sharpness")
-        if sharpness_end is None:
-            sharpness_end = 100.0 * sharpness if schedule == "npn" else sharpness
-        sharpness_end = _check_sharpness(sharpness_end, "sharpness_end")
-        if schedule == "geometric" and (sharpness <= 0 or sharpness_end <= 0):
-            raise ValueError("schedule='geometric' needs sharpness and sharpness_end > 0")
-        p_drop = (0.05 if init == "open" else 0.95) if init_drop is None else init_drop
-        if not (isinstance(p_drop, (int, float)) and 0.0 < p_drop < 1.0):
-            raise ValueError(f"init_drop must be in (0, 1), got {p_drop!r}")
-        a, b = (float(x) for x in npn_stages)
-        if not 0.0 <= a <= b <= 1.0:
-            raise ValueError(f"npn_stages must satisfy 0 <= a <= b <= 1, got {npn_stages!r}")
-        if not (math.isfinite(init_noise) and init_noise >= 0):
-            raise ValueError(f"init_noise must be a finite number >= 0, got {init_noise!r}")
+        cfg = _validated_config(dict(
+            target_ratio=target_ratio, granularity=granularity, estimator=estimator, scope=scope, init=init,
+            init_drop=init_drop, sharpness=sharpness, sharpness_end=sharpness_end, schedule=schedule,
+            npn_stages=npn_stages, init_noise=init_noise, seed=seed))
+        est = get_estimator(cfg["estimator"])
         for name, module in model.named_modules():
             if is_compact_layer(module):
                 raise ValueError(f"ModeGates: layer {name!r} is in compact (deploy) form; gates need the "
                                  "training form (attach them before compact_)")
             if isinstance(getattr(module, "mode_gate", None), LayerGate):
-                raise ValueError(f"ModeGates: layer {name!r} already has gates attached")
+                raise ValueError(f"ModeGates: layer {name!r} already has gates attached "
+                                 "(ModeGates.from_model(model) rebuilds their controller)")
         layers = [(n, m) for n, m in model.named_modules() if is_pad_layer(m)]
         if not layers:
             raise ValueError("ModeGates: the model has no PAD layers (run padnet.dynamize_ first)")
-
-        self.target_ratio = target_ratio
-        self.granularity = granularity
-        self.estimator_name = estimator
-        self.scope = scope
-        self.init = init
-        self.init_drop = float(p_drop)
-        self.schedule = schedule
-        self.sharpness_start = sharpness
-        self.sharpness_end = sharpness_end
-        self.npn_stages = (a, b)
-        self.init_noise = float(init_noise)
-        self.seed = int(seed)
+        self._set_config(cfg)
         # NPN: phi is initialised relative to the stochastic-phase sharpness
-        k_init = sharpness
+        k_init = self.sharpness_start
         k0 = self.sharpness_at(0.0)
         gen = torch.Generator().manual_seed(self.seed)
         gates: list[tuple[str, nn.Module, LayerGate]] = []
         for name, layer in layers:
-            plan_units = LayerPlan(name, layer, granularity).num_units
+            plan_units = LayerPlan(name, layer, self.granularity).num_units
             init_t = torch.full((plan_units,), est.init_value(self.init_drop, k_init))
             if self.init_noise > 0:
                 init_t += self.init_noise * torch.randn(plan_units, generator=gen) / (
-                    k_init if estimator == "arm" else 1.0)
-            gates.append((name, layer, LayerGate(name, layer, granularity, estimator, init_t, k0)))
+                    k_init if self.estimator_name == "arm" else 1.0)
+            gates.append((name, layer, LayerGate(name, layer, self.granularity, self.estimator_name, init_t, k0)))
         for name, layer, gate in gates:  # all built: now change the model
             layer.add_module("mode_gate", gate)
             gate.attach(layer)
+        self._finish(model, gates)
+        get_state(model).append("gates", config=self.config(),
+                                layers=[[name, gate.num_units] for name, _, gate in gates])
+
+    def _set_config(self, cfg: dict[str, Any]) -> None:
+        self.target_ratio = cfg["target_ratio"]
+        self.granularity = cfg["granularity"]
+        self.estimator_name = cfg["estimator"]
+        self.scope = cfg["scope"]
+        self.init = cfg["init"]
+        self.init_drop = cfg["init_drop"]
+        self.schedule = cfg["schedule"]
+        self.sharpness_start = cfg["sharpness"]
+        self.sharpness_end = cfg["sharpness_end"]
+        self.npn_stages = tuple(cfg["npn_stages"])
+        self.init_noise = cfg["init_noise"]
+        self.seed = cfg["seed"]
+
+    def _finish(self, model: nn.Module, gates: list[tuple[str, nn.Module, "LayerGate"]]) -> None:
+        """The controller's own state around attached gates: multipliers, progress, layer costs."""
         self.__dict__["_layers"] = gates
         self.__dict__["_model"] = model
         ref = gates[0][2].param
-        n_budgets = 1 if scope == "global" else len(gates)
+        n_budgets = 1 if self.scope == "global" else len(gates)
         self.multipliers = nn.Parameter(torch.zeros(n_budgets, 2, device=ref.device, dtype=torch.float32))
         self.register_buffer("progress", torch.zeros((), dtype=torch.float64, device=ref.device))
         self.register_buffer("hardened", torch.zeros((), dtype=torch.bool, device=ref.device))
@@ -405,6 +404,52 @@ class ModeGates(nn.Module):
         if float(cost.sum()) == 0:
             cost = torch.ones_like(cost)  # K = 1 everywhere: charge entries equally
         self.register_buffer("layer_cost", cost.to(ref.device), persistent=False)
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> "ModeGates":
+        """The controller of the gates attached to ``model`` (e.g. after :func:`padnet.load` of a gated model).
+
+        Rebuilt from the model's last ``"gates"`` step of the transform record
+        around the attached :class:`LayerGate` modules (their parameters and
+        sharpness came with the model's state dict); nothing is re-initialised
+        and no step is recorded. The multipliers and the schedule progress are
+        the controller's own state: restore them with ``load_state_dict`` (the
+        trainer checkpoint stores it). Raises ``ValueError`` if the model has
+        no recorded gates, they were hardened or removed, or the attached gates
+        do not match the record.
+        """
+        state = find_state(model)
+        steps = state.steps if state is not None else []
+        last = max((i for i, st in enumerate(steps) if st.op == "gates"), default=None)
+        if last is None:
+            raise ValueError("ModeGates.from_model: the model's transform record has no 'gates' step "
+                             "(attach gates with ModeGates(model, ...))")
+        if any(st.op == "harden_gates" for st in steps[last + 1:]):
+            raise ValueError("ModeGates.from_model: the model's gates were hardened (or removed); "
+                             "its masks are fixed, there is nothing to resume")
+        params = steps[last].params
+        cfg = _validated_config(params.get("config"))
+        gates: list[tuple[str, nn.Module, LayerGate]] = []
+        for name, units in _check_layers(params.get("layers")):
+            try:
+                layer = model.get_submodule(name)
+            except AttributeError:
+                raise ValueError(f"ModeGates.from_model: recorded gated layer {name!r} is not in the model") from None
+            gate = layer._modules.get("mode_gate")
+            if not isinstance(gate, LayerGate):
+                raise ValueError(f"ModeGates.from_model: layer {name!r} has no LayerGate attached")
+            if gate.num_units != units or gate.granularity != cfg["granularity"] \
+                    or gate.estimator_name != cfg["estimator"]:
+                raise ValueError(f"ModeGates.from_model: the gate of layer {name!r} ({gate.extra_repr()}) does not "
+                                 f"match the record ({units} units, {cfg['granularity']}, {cfg['estimator']})")
+            gates.append((name, layer, gate))
+        if not gates:
+            raise ValueError("ModeGates.from_model: the recorded 'gates' step lists no layers")
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self._set_config(cfg)
+        self._finish(model, gates)
+        return self
 
     # ---- access -------------------------------------------------------------------------------
     def layer_gates(self) -> Iterator[tuple[str, LayerGate]]:
@@ -689,7 +734,7 @@ class ModeGates(nn.Module):
             spec.setdefault(name, {})[group] = m
         routing = {n: torch.as_tensor(v, dtype=torch.float64) for n, v in routing_means.items()}
         transition = set_modes_(self.__dict__["_model"], spec, preserve=True, optimizer=optimizer,
-                                routing=routing or None)
+                                routing=routing or None, record=False)  # in the harden_gates step
         report: dict[str, Any] = {"target_ratio": self.target_ratio, "fractional_gates_folded": blended,
                                   "transitions": transition.to_dict(), "layers": {}}
         dyn_total = entries_total = 0
@@ -700,6 +745,9 @@ class ModeGates(nn.Module):
             entries_total += n_all
             report["layers"][name] = n_dyn / max(n_all, 1)
         report["ratio"] = dyn_total / max(entries_total, 1)
+        get_state(self.__dict__["_model"]).append(
+            "harden_gates", mode="harden", target_ratio=self.target_ratio, ratio=report["ratio"],
+            fractional_gates_folded=blended, transition=transition.summary())
         return report
 
     def remove_(self, optimizer: torch.optim.Optimizer | None = None) -> None:
@@ -713,6 +761,7 @@ class ModeGates(nn.Module):
         if optimizer is not None:
             _forget_params(optimizer, [gate.param for _, _, gate in layers] + [self.multipliers])
         self.hardened.fill_(True)
+        get_state(self.__dict__["_model"]).append("harden_gates", mode="remove")
 
     def _check_not_hardened(self) -> None:
         if bool(self.hardened):
@@ -722,6 +771,160 @@ class ModeGates(nn.Module):
     def extra_repr(self) -> str:
         return (f"target_ratio={self.target_ratio}, estimator={self.estimator_name!r}, "
                 f"granularity={self.granularity!r}, scope={self.scope!r}, layers={len(self.__dict__['_layers'])}")
+
+
+# ----------------------------------------------------------------------------- the transform record
+# "gates" (params: {"config": ModeGates.config(), "layers": [[layer_name, num_units], ...]}) is replayed
+# by padnet.load: the LayerGate modules are re-attached (zero-initialised: their parameters and sharpness
+# come from the file) -- unless a later "harden_gates" step (params: {"mode": "harden" | "remove",
+# totals}; provenance) took them off: then the replay skips (nothing is built, the file holds the
+# hardened masks and weights and no gate tensors). Each "gates" step is checked against the file before
+# any model is built (_check_gates_step).
+_CONFIG_KEYS = ("target_ratio", "granularity", "estimator", "scope", "init", "init_drop", "sharpness",
+                "sharpness_end", "schedule", "npn_stages", "init_noise", "seed")
+MAX_GATED_LAYERS = 100_000
+
+
+def _validated_config(cfg: Any) -> dict[str, Any]:
+    """The ModeGates options, validated and resolved (defaults filled in); ``ValueError`` naming the option."""
+    if not isinstance(cfg, Mapping):
+        raise ValueError(f"gate config must be an object, got {type(cfg).__name__}")
+    unknown = sorted(set(cfg) - set(_CONFIG_KEYS))
+    if unknown:
+        raise ValueError(f"unknown gate config keys {unknown}")
+    estimator = cfg.get("estimator", "hard_concrete")
+    if not isinstance(estimator, str):
+        raise ValueError(f"unknown estimator {estimator!r}; expected one of {tuple(ESTIMATORS)}")
+    est = get_estimator(estimator)
+    target_ratio = _check_ratio(cfg.get("target_ratio", 0.3))
+    granularity, scope = cfg.get("granularity", "element"), cfg.get("scope", "global")
+    init, schedule = cfg.get("init", "open"), cfg.get("schedule", "constant")
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"unknown granularity {granularity!r}; expected one of {GRANULARITIES}")
+    if scope not in SCOPES:
+        raise ValueError(f"unknown scope {scope!r}; expected one of {SCOPES}")
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}; expected one of {INITS}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; expected one of {SCHEDULES}")
+    sharpness = cfg.get("sharpness")
+    sharpness = _check_sharpness(est.default_sharpness if sharpness is None else sharpness, "sharpness")
+    sharpness_end = cfg.get("sharpness_end")
+    if sharpness_end is None:
+        sharpness_end = 100.0 * sharpness if schedule == "npn" else sharpness
+    sharpness_end = _check_sharpness(sharpness_end, "sharpness_end")
+    p_drop = cfg.get("init_drop")
+    p_drop = (0.05 if init == "open" else 0.95) if p_drop is None else p_drop
+    if isinstance(p_drop, bool) or not (isinstance(p_drop, (int, float)) and 0.0 < p_drop < 1.0):
+        raise ValueError(f"init_drop must be in (0, 1), got {p_drop!r}")
+    stages = cfg.get("npn_stages", (0.2, 0.7))
+    if not isinstance(stages, (tuple, list)) or len(stages) != 2 \
+            or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in stages):
+        raise ValueError(f"npn_stages must be two numbers, got {stages!r}")
+    a, b = (float(x) for x in stages)
+    if not 0.0 <= a <= b <= 1.0:
+        raise ValueError(f"npn_stages must satisfy 0 <= a <= b <= 1, got {stages!r}")
+    init_noise = cfg.get("init_noise", 0.01)
+    if isinstance(init_noise, bool) or not isinstance(init_noise, (int, float)) \
+            or not (math.isfinite(init_noise) and init_noise >= 0):
+        raise ValueError(f"init_noise must be a finite number >= 0, got {init_noise!r}")
+    seed = cfg.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    return {"target_ratio": target_ratio, "granularity": granularity, "estimator": estimator, "scope": scope,
+            "init": init, "init_drop": float(p_drop), "sharpness": sharpness, "sharpness_end": sharpness_end,
+            "schedule": schedule, "npn_stages": [a, b], "init_noise": float(init_noise), "seed": int(seed)}
+
+
+def _check_layers(layers: Any) -> list[tuple[str, int]]:
+    """``[[layer_name, num_units], ...]`` of a "gates" step; ``ValueError`` naming the bad entry."""
+    if not isinstance(layers, list) or not layers or len(layers) > MAX_GATED_LAYERS:
+        raise ValueError(f"gates step 'layers' must be a non-empty list of [layer_name, num_units] "
+                         f"(at most {MAX_GATED_LAYERS}), got {type(layers).__name__}")
+    out, seen = [], set()
+    for entry in layers:
+        if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)
+                and isinstance(entry[1], int) and not isinstance(entry[1], bool) and entry[1] > 0):
+            raise ValueError(f"gates step 'layers': bad entry {entry!r} (expected [layer_name, num_units > 0])")
+        if entry[0] in seen:
+            raise ValueError(f"gates step 'layers': layer {entry[0]!r} listed twice")
+        seen.add(entry[0])
+        out.append((entry[0], entry[1]))
+    return out
+
+
+def _removed_later(ctx: ReplayContext) -> bool:
+    """Whether the "gates" step at ``ctx.index`` was hardened or removed by a later "harden_gates" step."""
+    steps = ctx.metadata["state"]["steps"]
+    for step in steps[ctx.index + 1:]:
+        if step["op"] in ("gates", "harden_gates"):
+            return step["op"] == "harden_gates"
+    return False
+
+
+def _check_gates_step(params: dict, ctx: ReplayContext) -> None:
+    """Before anything is built: the config is valid and the file holds each gate's tensors, of the recorded size."""
+    unknown = sorted(set(params) - {"config", "layers"})
+    if unknown:
+        raise ValueError(f"gates step: unknown params {unknown}")
+    cfg = _validated_config(params.get("config"))
+    param_name = get_estimator(cfg["estimator"]).param_name
+    layers = _check_layers(params.get("layers"))
+    if _removed_later(ctx):
+        return  # hardened: not replayed, the file holds no gate tensors
+    for name, units in layers:
+        key = f"{name}.mode_gate.{param_name}"
+        t = ctx.tensors.get(key)
+        if t is None:
+            raise ValueError(f"gates step: layer {name!r} is gated but the file has no tensor {key!r}")
+        if tuple(t.shape) != (units,):
+            raise ValueError(f"gates step: tensor {key!r} has shape {tuple(t.shape)}, the record says "
+                             f"({units},) units")
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"gates step: tensor {key!r} holds NaN/inf")
+        k = ctx.tensors.get(f"{name}.mode_gate.sharpness")
+        if k is None or k.dim() != 0 or not (math.isfinite(float(k)) and float(k) > 0):
+            raise ValueError(f"gates step: layer {name!r}: the file's gate sharpness is missing or not a "
+                             "finite number > 0")
+
+
+def _replay_gates(model: nn.Module, params: dict, ctx: ReplayContext) -> None:
+    """Re-attach the recorded gates (zero parameters; the state dict fills them). Validates all first."""
+    if _removed_later(ctx):
+        return
+    cfg = _validated_config(params["config"])
+    built: list[tuple[nn.Module, LayerGate]] = []
+    for name, units in _check_layers(params["layers"]):
+        try:
+            layer = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"gates step: gated layer {name!r} is not in the rebuilt model") from None
+        if not is_pad_layer(layer) or is_compact_layer(layer):
+            raise ValueError(f"gates step: {name!r} is a {type(layer).__name__}, not a PAD layer in training form")
+        if isinstance(layer._modules.get("mode_gate"), LayerGate):
+            raise ValueError(f"gates step: layer {name!r} already has gates attached")
+        plan_units = LayerPlan(name, layer, cfg["granularity"]).num_units
+        if plan_units != units:
+            raise ValueError(f"gates step: layer {name!r} has {plan_units} {cfg['granularity']} units, "
+                             f"the record says {units}")
+        built.append((layer, LayerGate(name, layer, cfg["granularity"], cfg["estimator"], torch.zeros(units),
+                                       cfg["sharpness"])))
+    for layer, gate in built:  # all built: now change the model
+        layer.add_module("mode_gate", gate)
+        gate.attach(layer)
+
+
+def _check_harden_step(params: dict, ctx: ReplayContext) -> None:
+    if params.get("mode") not in ("harden", "remove"):
+        raise ValueError(f"harden_gates step: mode must be 'harden' or 'remove', got {params.get('mode')!r}")
+    steps = ctx.metadata["state"]["steps"]
+    before = [s["op"] for s in steps[: ctx.index] if s["op"] in ("gates", "harden_gates")]
+    if not before or before[-1] != "gates":
+        raise ValueError("harden_gates step without gates attached before it")
+
+
+register_op("gates", _replay_gates, check=_check_gates_step)
+register_op("harden_gates", check=_check_harden_step)
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -36,41 +36,64 @@ ARCHITECTURE_OPS = ("dynamize", "compact", "fold_bn")
 """Built-in ops that change the module tree; :func:`padnet.load` replays them in order."""
 PROVENANCE_OPS = ("partition",)
 """Built-in ops whose effect is fully in the state dict (recorded for provenance)."""
+# Registered by their modules (imported by padnet.io.serialization, so a load knows them):
+# "gates" / "harden_gates" (transforms/gates.py, replayed), "transition" (transforms/transitions.py)
+# and "mode_scheduler" (transforms/scheduler.py), provenance.
 
 __all__ = ["PadState", "Step", "ReplayContext", "get_state", "find_state", "set_model_spec", "register_op",
-           "known_ops", "get_replay", "STATE_VERSION", "STATE_ATTRIBUTE", "ARCHITECTURE_OPS", "PROVENANCE_OPS"]
+           "known_ops", "get_replay", "get_check", "STATE_VERSION", "STATE_ATTRIBUTE", "ARCHITECTURE_OPS", "PROVENANCE_OPS"]
 
 
 @dataclass
 class ReplayContext:
-    """What a replay function may read: the file's tensors and validated header, and its name for errors."""
+    """What a replay function may read: the file's tensors and validated header, and its name for errors.
+
+    ``index``: the position of the step being replayed or checked in
+    ``metadata["state"]["steps"]`` (a replay may look at the steps after it).
+    """
 
     tensors: dict[str, Any]
     metadata: dict[str, Any]
     source: str
+    index: int = -1
 
 
 Replay = Callable[[nn.Module, dict, ReplayContext], None]
 """``replay(model, params, context)``: re-apply one recorded architecture change to a rebuilt model."""
+Check = Callable[[dict, ReplayContext], None]
+"""``check(params, context)``: validate one recorded step against the file before any model is built."""
 
 _KNOWN_OPS: dict[str, Replay | None] = {op: None for op in (*ARCHITECTURE_OPS, *PROVENANCE_OPS)}
+_CHECKS: dict[str, Check] = {}
 
 
-def register_op(op: str, replay: Replay | None = None, *, overwrite: bool = False) -> None:
+def register_op(op: str, replay: Replay | None = None, *, check: Check | None = None,
+                overwrite: bool = False) -> None:
     """Declare an op name (e.g. ``"transition"``) so records holding it load.
 
     ``replay`` (for ops that change the module tree) is called by :func:`padnet.load`
     in record order, before the weights are loaded; ops without one are provenance.
+    ``check`` (optional) is called by :func:`padnet.load` on every step of the op
+    before anything is built (raise ``ValueError`` naming the problem).
     Re-registering an op with a different replay needs ``overwrite=True``.
     """
     if not isinstance(op, str) or not op:
         raise ValueError(f"an op name must be a non-empty string, got {op!r}")
     if replay is not None and not callable(replay):
         raise TypeError(f"replay for op {op!r} must be callable, got {type(replay).__name__}")
+    if check is not None and not callable(check):
+        raise TypeError(f"check for op {op!r} must be callable, got {type(check).__name__}")
     current = _KNOWN_OPS.get(op)
     if current is not None and replay is not current and not overwrite:
         raise ValueError(f"op {op!r} already has a replay function (pass overwrite=True)")
     _KNOWN_OPS[op] = replay if replay is not None else current
+    if check is not None:
+        _CHECKS[op] = check
+
+
+def get_check(op: str) -> Check | None:
+    """The pre-build check of ``op`` (``None`` if it has none)."""
+    return _CHECKS.get(op)
 
 
 def known_ops() -> list[str]:

@@ -53,6 +53,7 @@ from torch import Tensor, nn
 
 from ..layers.modes import ModeGroup, is_compact_layer, pad_layers
 from .sparsity import effective_grad, effective_view, effective_weight, round_half_up
+from .record import get_state, register_op
 from .transitions import reset_optimizer_state_, set_modes_
 
 from .partition.criteria import Criterion, GroupStats, get_criterion, list_criteria
@@ -60,6 +61,7 @@ from .partition.criteria import Criterion, GroupStats, get_criterion, list_crite
 __all__ = ["ModeScheduler", "SCHEDULER_SCOPES", "apply_mode_transitions"]
 
 SCHEDULER_SCOPES = ("layer", "global")
+register_op("mode_scheduler")  # provenance: its config, once per scheduler; the masks are in the state dict
 _ALL_STATS = ("mask_grad", "dynamic_grad", "static_grad")
 GroupKey = tuple[str, str]
 
@@ -146,7 +148,9 @@ def apply_mode_transitions(model: nn.Module, masks: dict[GroupKey, Tensor], opti
     spec: dict[str, dict[str, Tensor]] = {}
     for (name, group), mask in masks.items():
         spec.setdefault(name, {})[group] = mask
-    set_modes_(model, spec, preserve=preserve, optimizer=optimizer)
+    # not one "transition" step per update: the scheduler's config step stands for them all (its history
+    # holds the per-update counts, in its own state_dict)
+    set_modes_(model, spec, preserve=preserve, optimizer=optimizer, record=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -190,7 +194,8 @@ class ModeScheduler:
 
     ``history`` holds one record per update (see :meth:`step`); ``state_dict()`` /
     ``load_state_dict()`` make a resumed run bit-exact (masks and weights live in the
-    model's own state_dict).
+    model's own state_dict). Creating a scheduler appends one ``"mode_scheduler"`` step
+    (:meth:`config`) to the model's transform record; its updates add no steps.
     """
 
     def __init__(
@@ -285,6 +290,22 @@ class ModeScheduler:
         self.running: dict[str, Tensor] = {}
         self._data_iter = None
         self.seconds = 0.0
+        get_state(model).append("mode_scheduler", **self.config())
+
+    def config(self) -> dict[str, Any]:
+        """The schedule's options (JSON; criteria by name): the ``"mode_scheduler"`` step of the record."""
+        def name(crit: Criterion | None) -> str | None:
+            return None if crit is None else crit.name
+
+        return {
+            "total_steps": self.total_steps, "update_interval": self.update_interval, "end_step": self.end_step,
+            "fraction": self.fraction, "repartition": name(self.repartition),
+            "growth": name(self.growth) if self.repartition is not None else None,
+            "prune": name(self.prune), "regrow": name(self.regrow) if self.prune is not None else None,
+            "scope": self.scope, "running_average": self.running_average, "stats_interval": self.stats_interval,
+            "probe_batches": self.probe_batches, "preserve": self.preserve, "start_step": self.step_count,
+            "seed": self.seed, "layers": len(self.layers),
+        }
 
     # ---- configuration ---------------------------------------------------------------------
     @staticmethod

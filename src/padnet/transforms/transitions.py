@@ -45,6 +45,9 @@ import torch
 from torch import Tensor, nn
 
 from ..layers.modes import is_compact_layer, is_pad_layer, transition_weights, validate_mask
+from .record import get_state, register_op
+
+register_op("transition")  # provenance: the masks and factors it wrote are in the state dict
 
 __all__ = [
     "LayerTransition",
@@ -102,6 +105,16 @@ class TransitionReport:
             "to_static": self.to_static,
             "optimizer_entries_reset": self.optimizer_entries_reset,
             "layers": [asdict(r) for r in self.layers],
+        }
+
+    def summary(self) -> dict[str, Any]:
+        """Totals only (the ``"transition"`` step of the transform record): JSON, no per-layer rows."""
+        return {
+            "preserve": self.preserve,
+            "layers_changed": sum(1 for r in self.layers if r.to_dynamic or r.to_static),
+            "to_dynamic": self.to_dynamic,
+            "to_static": self.to_static,
+            "exact": all(r.exact for r in self.layers),
         }
 
 
@@ -209,6 +222,12 @@ class ModeTransition:
         keep_reference: keep copies of changed groups so that later proposals
             and ``rollback()`` start from the original state (default). The
             one-shot :func:`set_modes_` turns it off (no copies).
+        record: on a ``commit()`` that changed any mode, append a ``"transition"``
+            step (:meth:`TransitionReport.summary`, totals only) to the model's
+            transform record. Transforms that record the change in their own step
+            (``partition_``, ``ModeGates.harden_``, ``ModeScheduler``) pass ``False``.
+            A bare PAD layer passed as ``model`` is never recorded on (the record
+            belongs to the whole model).
     """
 
     def __init__(
@@ -219,6 +238,7 @@ class ModeTransition:
         optimizer: torch.optim.Optimizer | None = None,
         routing: Mapping[str, Tensor] | None = None,
         keep_reference: bool = True,
+        record: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"mode transitions need an nn.Module, got {type(model).__name__}")
@@ -227,6 +247,8 @@ class ModeTransition:
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         model = _unwrap(model)
+        self.record = bool(record) and not is_pad_layer(model)
+        self._model = model
         self.layers: dict[str, nn.Module] = {n: m for n, m in model.named_modules() if is_pad_layer(m)}
         self.compact = [n for n, m in model.named_modules() if is_compact_layer(m)]
         if not self.layers:
@@ -376,7 +398,10 @@ class ModeTransition:
         self._closed = True
         self._reference.clear()
         order = list(self.layers)
-        return TransitionReport(self.preserve, sorted(rows.values(), key=lambda r: order.index(r.name)))
+        report = TransitionReport(self.preserve, sorted(rows.values(), key=lambda r: order.index(r.name)))
+        if self.record and (report.to_dynamic or report.to_static):
+            get_state(self._model).append("transition", **report.summary())
+        return report
 
     def rollback(self) -> None:
         """Restore masks and factors of every changed group (needs ``keep_reference``). Ends the session."""
@@ -401,6 +426,7 @@ def set_modes_(
     preserve: bool = True,
     optimizer: torch.optim.Optimizer | None = None,
     routing: Mapping[str, Tensor] | None = None,
+    record: bool = True,
 ) -> TransitionReport:
     """Set any PAD masks of ``model`` with function-preserving transitions, in place.
 
@@ -416,11 +442,14 @@ def set_modes_(
             that changed mode is reset to zero.
         routing: optional ``{layer_name: [K] mixing weights}`` replacing the
             running ``routing_mean`` for dynamic -> static.
+        record: append a ``"transition"`` step (totals) to the model's transform
+            record when any mode changed (see :class:`ModeTransition`).
 
     Returns:
         :class:`TransitionReport`. On any error nothing is changed.
     """
-    session = ModeTransition(model, preserve=preserve, optimizer=optimizer, routing=routing, keep_reference=False)
+    session = ModeTransition(model, preserve=preserve, optimizer=optimizer, routing=routing, keep_reference=False,
+                             record=record)
     session.set_masks(masks)
     return session.commit()
 

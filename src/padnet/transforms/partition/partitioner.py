@@ -222,7 +222,7 @@ def partition_(
     history: list[IterationRecord] = []
     batches_used = 0
 
-    transition = ModeTransition(model, preserve=cfg.preserve, optimizer=optimizer)
+    transition = ModeTransition(model, preserve=cfg.preserve, optimizer=optimizer, record=False)  # in the partition step
     try:
         with PartitionGuard(model, plans, crit.needs if crit.needs_data else (), cfg.train_mode):
             for t in range(1, cfg.iterations + 1):
@@ -334,7 +334,15 @@ def partition_record(cfg: PartitionConfig, report: PartitionReport) -> dict[str,
         "dynamic_entries": report.dynamic_entries,
         "entries": report.entries,
         "layer_ratios": {row.name: row.ratio_after for row in report.layers},
+        "transition": _transition_totals(report.transition),
     }
+
+
+def _transition_totals(transition: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The totals of the partition's own mode transition (no per-layer rows): the record stays small."""
+    if transition is None:
+        return None
+    return {k: transition[k] for k in ("preserve", "to_dynamic", "to_static") if k in transition}
 
 
 def _record_partition(model: nn.Module, cfg: PartitionConfig, report: PartitionReport) -> None:
