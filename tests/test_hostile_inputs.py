@@ -414,3 +414,33 @@ def test_cli_evaluate_and_predict_bad_device(tmp_path, capsys):
     assert main(["predict", str(run), str(tmp_path / "x.png"), "--device", "bogus"]) == 2
     err = capsys.readouterr().err
     assert "unknown device 'bogus'" in err and "Traceback" not in err
+
+
+# ------------------------------------------------------- siblings found after the merge
+
+
+def test_load_rejects_a_bogus_map_location_before_reading(tmp_path):
+    missing = tmp_path / "never_read.safetensors"  # not read: the device is checked first
+    with pytest.raises(ValueError, match="map_location 'bogus' is not a device"):
+        padnet.load(missing, map_location="bogus")
+
+
+@pytest.mark.parametrize("shapes", ["64", "64@x", "0@8", "64@32,@"])
+def test_bench_rejects_malformed_shapes(shapes, capsys):
+    from padnet.cli import main
+
+    assert main(["bench", "--suite", "layers", "--shapes", shapes, "--repeats", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "--shapes" in err and "Traceback" not in err
+
+
+def test_temperature_layers_are_found_structurally():
+    from padnet.layers.modes import temperature_layers
+    from padnet.models import create_model
+
+    model = create_model("resnet10", num_classes=3, in_chans=1, small_input=True, width=0.125)
+    padnet.dynamize_(model, padnet.PadConfig(seed=0))
+    names = [n for n, _ in temperature_layers(model)]
+    assert names and all(isinstance(model.get_submodule(n), padnet.layers.DynamicConv2d) for n in names)
+    padnet.compact_(model)
+    assert [n for n, _ in temperature_layers(model)] == names  # the deploy form keeps its temperature

@@ -88,11 +88,8 @@ def run(args: argparse.Namespace) -> int:
     suites = ("layers", "moe", "models") if args.suite == "all" else (args.suite,)
     for suite in suites:
         if suite == "layers":
-            shapes = []
-            for item in args.shapes.split(","):
-                c, hw = item.split("@")
-                shapes.append((int(c), int(hw)))
-            batches = tuple(int(b) for b in args.batches.split(","))
+            shapes = parse_shapes(args.shapes)
+            batches = parse_positive_ints(args.batches, "--batches")
             rows = latency.conv_layer_suite(shapes, batches, modes, repeats=args.repeats, include=include, log=_log)
             print("\n## conv layers (ratio = time / static conv, same run)\n")
             print(latency.format_rows(rows, ["shape", "batch", "mode", "variant", "ms", "ratio", "cpu_ratio", "load"]))
@@ -119,3 +116,29 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return 0
+
+
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    """``"64@32,128@16"`` -> ``[(64, 32), (128, 16)]`` (channels @ spatial size, both >= 1)."""
+    shapes = []
+    for item in str(text).split(","):
+        c, sep, hw = item.strip().partition("@")
+        try:
+            shape = (int(c), int(hw))
+        except ValueError:
+            shape = None
+        if not sep or shape is None or min(shape) < 1:
+            raise ValueError(f"--shapes: {item.strip()!r} is not CHANNELS@SIZE with positive integers (e.g. 64@32)")
+        shapes.append(shape)
+    return shapes
+
+
+def parse_positive_ints(text: str, flag: str) -> tuple[int, ...]:
+    """``"1,32"`` -> ``(1, 32)``; every item an integer >= 1."""
+    try:
+        values = tuple(int(b) for b in str(text).split(",") if b.strip())
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1:
+        raise ValueError(f"{flag}: expected comma-separated integers >= 1, got {text!r}")
+    return values

@@ -40,7 +40,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .._version import __version__
-from ..layers.modes import PackedModeGroup, is_compact_layer, is_pad_layer, pad_layers, validate_mask
+from ..layers.modes import PackedModeGroup, is_compact_layer, pad_layers, temperature_layers, validate_mask
 from ..models import create_model
 from ..transforms.compact import compact_
 from ..transforms.config import PadConfig, migrate_v1
@@ -110,10 +110,7 @@ def _mask_keys(model: nn.Module) -> dict[str, str]:
 
 def _temperatures(model: nn.Module) -> dict[str, float]:
     """Router temperatures of PAD layers and deploy forms that have one (a float, not in the state dict)."""
-    return {
-        n: float(m.temperature) for n, m in model.named_modules()
-        if (is_pad_layer(m) or is_compact_layer(m)) and isinstance(getattr(type(m), "temperature", None), property)
-    }
+    return {n: float(m.temperature) for n, m in temperature_layers(model)}
 
 
 def build_metadata(model: nn.Module, extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -456,6 +453,10 @@ def load(path: str | Path, model: nn.Module | None = None, map_location: str | t
     """
     if model is not None and not isinstance(model, nn.Module):
         raise TypeError(f"padnet.load: model must be an nn.Module or None, got {type(model).__name__}")
+    try:  # checked before reading anything
+        map_location = torch.device(map_location)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"padnet.load: map_location {map_location!r} is not a device ({exc})") from None
     meta, tensors = read_file(path)
     model = rebuild(meta, tensors, model, path)
     _check_dtype(model, meta, tensors, path)

@@ -353,6 +353,18 @@ def is_pad_layer(module: nn.Module) -> bool:
     return isinstance(module, PadLayerMixin)
 
 
+def temperature_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``(qualified_name, layer)`` of every PAD or deploy-form layer with a router temperature.
+
+    Structural: the layer is a PAD / compact layer and its type defines a
+    ``temperature`` property (the dynamic conv does; MoE routing has none).
+    """
+    for name, module in model.named_modules():
+        if (is_pad_layer(module) or is_compact_layer(module)) and isinstance(
+                getattr(type(module), "temperature", None), property):
+            yield name, module
+
+
 def pad_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """Yield ``(qualified_name, layer)`` for every PAD layer in ``model``."""
     for name, module in model.named_modules():

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, S
 
 from .._version import __version__
 from ..transforms.counting import count_parameters
-from ..layers.modes import pad_layers
+from ..layers.modes import pad_layers, temperature_layers
 from ..transforms.diagnostics import mean_of, routing_diagnostics, routing_probe
 from ..transforms.partition import get_criterion, partition_
 from ..transforms.record import find_state
@@ -169,7 +169,8 @@ def fully_dynamic_counts(model: nn.Module) -> dict[str, int]:
 
 
 def temperature_modules(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if m is not model and hasattr(m, "temperature")]
+    """The layers whose router temperature the trainer anneals (:func:`padnet.layers.modes.temperature_layers`)."""
+    return [m for _, m in temperature_layers(model)]
 
 
 def resume_config(output_dir: str | Path, explicit: dict[str, Any] | None = None) -> TrainConfig:

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from torch import Tensor, nn
 
-from ..layers.modes import pad_layers
+from ..layers.modes import pad_layers, temperature_layers
 from ..layers.moe import collect_aux_loss, summarize_expert_load, update_expert_biases
 
 __all__ = ["PadTrainingHooks", "dynamic_ratio", "temperature_at"]
@@ -47,7 +47,7 @@ def temperature_at(step: int, start: float, end: float, steps: int) -> float:
 
 
 def _temperature_modules(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if m is not model and hasattr(m, "_temperature")]
+    return [m for _, m in temperature_layers(model)]
 
 
 def _partition_function():
