@@ -57,6 +57,7 @@ from .record import get_state, register_op
 from .transitions import reset_optimizer_state_, set_modes_
 
 from .partition.criteria import Criterion, GroupStats, get_criterion, list_criteria
+from .partition.statistics import call_model, to_device
 
 __all__ = ["ModeScheduler", "SCHEDULER_SCOPES", "apply_mode_transitions"]
 
@@ -91,22 +92,6 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-def _to_device(obj: Any, device: torch.device) -> Any:
-    if isinstance(obj, Tensor):
-        return obj.to(device)
-    if isinstance(obj, dict):
-        return {k: _to_device(v, device) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_device(v, device) for v in obj)
-    return obj
-
-
-def _call(model: nn.Module, inputs: Any) -> Any:
-    if isinstance(inputs, collections.abc.Mapping):
-        return model(**inputs)
-    if isinstance(inputs, (list, tuple)):
-        return model(*inputs)
-    return model(inputs)
 
 
 def _dist(process_group) -> tuple[bool, int]:
@@ -402,8 +387,8 @@ class ModeScheduler:
                 for batch in self._batches(step):
                     if not (isinstance(batch, (list, tuple)) and len(batch) == 2):
                         raise ValueError("ModeScheduler: each batch must be an (inputs, targets) pair")
-                    inputs, targets = _to_device(batch[0], device), _to_device(batch[1], device)
-                    loss = self.loss_fn(_call(self.model, inputs), targets)
+                    inputs, targets = to_device(batch[0], device), to_device(batch[1], device)
+                    loss = self.loss_fn(call_model(self.model, inputs), targets)
                     if not isinstance(loss, Tensor) or loss.numel() != 1 or not loss.requires_grad:
                         raise ValueError("ModeScheduler: loss_fn must return a scalar tensor that depends on the "
                                          "model")

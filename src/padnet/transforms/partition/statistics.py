@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from .collective import Collective
 from .units import LayerPlan
 
-__all__ = ["BatchSource", "StatKey", "collect_statistics"]
+__all__ = ["BatchSource", "StatKey", "call_model", "collect_statistics", "to_device"]
 
 StatKey = tuple[str, str, str]  # (layer name, group name, statistic)
 _LEAF_OF = {"mask_grad": "mask", "dynamic_grad": "dynamic", "static_grad": "static"}
@@ -49,17 +49,19 @@ class BatchSource:
         return itertools.islice(iter(self.source), self.num_batches)
 
 
-def _to_device(obj: Any, device: torch.device) -> Any:
+def to_device(obj: Any, device: torch.device) -> Any:
+    """``obj`` (a tensor, or dicts / lists / tuples of them) on ``device``."""
     if isinstance(obj, Tensor):
         return obj if obj.device == device else obj.to(device, non_blocking=True)
     if isinstance(obj, dict):
-        return {k: _to_device(v, device) for k, v in obj.items()}
+        return {k: to_device(v, device) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_device(v, device) for v in obj)
+        return type(obj)(to_device(v, device) for v in obj)
     return obj
 
 
-def _call(model: nn.Module, inputs: Any) -> Any:
+def call_model(model: nn.Module, inputs: Any) -> Any:
+    """``model(**inputs)`` for a mapping, ``model(*inputs)`` for a sequence, else ``model(inputs)``."""
     if isinstance(inputs, collections.abc.Mapping):
         return model(**inputs)
     if isinstance(inputs, (list, tuple)):
@@ -149,8 +151,8 @@ def collect_statistics(
     with torch.enable_grad():
         for batch in data:
             inputs, targets = _split_batch(batch)
-            inputs, targets = _to_device(inputs, device), _to_device(targets, device)
-            loss = loss_fn(_call(model, inputs), targets)
+            inputs, targets = to_device(inputs, device), to_device(targets, device)
+            loss = loss_fn(call_model(model, inputs), targets)
             if not isinstance(loss, Tensor) or loss.numel() != 1:
                 raise ValueError(
                     f"loss_fn must return a scalar tensor, got "
