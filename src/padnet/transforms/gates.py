@@ -37,6 +37,13 @@ The gate parameters live in a child module
 synchronised by DDP); the multipliers and the sharpness schedule live in the
 :class:`ModeGates` module (its own ``state_dict``).
 
+With ``density`` (the pruned mode, :mod:`padnet.layers.modes`), a second gate
+``z_l`` per unit decides live vs pruned with its own budget: the layer sees the
+live mask ``L = z_l`` and the mode mask ``D = z_d * z_l`` (put into its live-mask
+buffers by the same hooks), ``W_hat = lambda_d z_d z_l sum_k pi_k W_k +
+lambda_s (z_l - z_d z_l) W_s``; hardening keeps ``round(density * N)`` live
+entries and prunes the rest.
+
 The transform record (:mod:`padnet.transforms.record`): attaching gates
 records a ``"gates"`` step (the config and the gated layers' unit counts), which
 :func:`padnet.load` replays -- the gates come back attached, their values from
@@ -53,7 +60,7 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 from torch import Tensor, nn
 
-from ..layers.modes import is_compact_layer, is_pad_layer
+from ..layers.modes import is_compact_layer, is_pad_layer, live_mask_attr
 from .partition.units import GRANULARITIES, LayerPlan, round_half_up, select_top
 from .record import ReplayContext, find_state, get_state, register_op
 
@@ -157,12 +164,15 @@ class LayerGate(nn.Module):
     """The gates of one PAD layer: one parameter per decision unit.
 
     ``log_alpha`` (hard concrete) or ``phi`` (ARM): ``[num_units]``;
-    ``sharpness``: 0-d buffer (saved). The gate hooks itself into the layer it
-    was built for (:meth:`attach`).
+    ``sharpness``: 0-d buffer (saved). With ``live_init`` (``ModeGates(density=...)``)
+    a second gate ``live_log_alpha`` / ``live_phi`` ``[num_units]`` decides live vs
+    pruned (same estimator and units): the layer then sees the live mask
+    ``L = z_l`` and the mode mask ``D = z_d * z_l``. The gate hooks itself into
+    the layer it was built for (:meth:`attach`).
     """
 
     def __init__(self, layer_name: str, layer: nn.Module, granularity: str, estimator: str, init: Tensor,
-                 sharpness: float) -> None:
+                 sharpness: float, live_init: Tensor | None = None) -> None:
         super().__init__()
         self.layer_name = layer_name
         self.granularity = granularity
@@ -174,6 +184,12 @@ class LayerGate(nn.Module):
             raise ValueError(f"{layer_name}: gate init has shape {tuple(init.shape)}, expected ({plan.num_units},)")
         self.register_parameter(self.estimator.param_name,
                                 nn.Parameter(init.to(device=ref.device, dtype=torch.float32)))
+        if live_init is not None:
+            if live_init.shape != (plan.num_units,):
+                raise ValueError(f"{layer_name}: live gate init has shape {tuple(live_init.shape)}, "
+                                 f"expected ({plan.num_units},)")
+            self.register_parameter("live_" + self.estimator.param_name,
+                                    nn.Parameter(live_init.to(device=ref.device, dtype=torch.float32)))
         self.register_buffer("sharpness", torch.tensor(float(sharpness), dtype=torch.float32, device=ref.device))
         _, sizes = plan.unit_sums({g.name: torch.ones(g.shape) for g in plan.groups}, torch.float32)
         self.register_buffer("unit_sizes", sizes.to(ref.device), persistent=False)
@@ -181,9 +197,12 @@ class LayerGate(nn.Module):
         # group name -> mask attribute of the layer
         buffers = {id(b): n for n, b in layer.named_buffers(recurse=False)}
         self.mask_attrs = {g.name: buffers[id(g.mask)] for g in plan.groups}
+        # group name -> live-mask attribute (registered by attach() through layer.set_modes)
+        self.live_attrs = {g: live_mask_attr(a) for g, a in self.mask_attrs.items()} if live_init is not None else {}
         self._handles: list[Any] = []
         self._swapped: dict[str, Tensor] = {}
         self._arm_u: Tensor | None = None
+        self._arm_u_live: Tensor | None = None
         self._arm_antithetic = False
 
     # ---- parameters and probabilities --------------------------------------------------------
@@ -194,6 +213,15 @@ class LayerGate(nn.Module):
     @property
     def param(self) -> Tensor:
         return getattr(self, self.estimator.param_name)
+
+    @property
+    def live_param(self) -> Tensor | None:
+        """The live gate's parameter ``[num_units]``, or ``None`` without a live gate."""
+        return self._parameters.get("live_" + self.estimator.param_name)
+
+    @property
+    def has_live_gate(self) -> bool:
+        return self.live_param is not None
 
     @property
     def plan(self) -> LayerPlan:
@@ -214,27 +242,58 @@ class LayerGate(nn.Module):
         """``[num_units]`` probability that each unit's gate is non-zero (dynamic)."""
         return self.estimator.prob_open(self.param, self.k())
 
+    def live_prob_open(self) -> Tensor:
+        """``[num_units]`` probability that each unit's live gate is non-zero (live); ones without one."""
+        lp = self.live_param
+        if lp is None:
+            return torch.ones_like(self.param)
+        return self.estimator.prob_open(lp, self.k())
+
     def expected_dynamic(self) -> Tensor:
-        """Expected number of dynamic entries (0-d, differentiable)."""
-        return (self.prob_open() * self.unit_sizes).sum()
+        """Expected number of dynamic entries (0-d, differentiable in the dynamic gate only).
+
+        With a live gate an entry is dynamic only if also live: ``P(z_d != 0) P(z_l != 0)``,
+        the live factor detached (the live gate answers to its own budget)."""
+        p = self.prob_open()
+        if self.has_live_gate:
+            p = p * self.live_prob_open().detach()
+        return (p * self.unit_sizes).sum()
+
+    def expected_live(self) -> Tensor:
+        """Expected number of live (not pruned) entries (0-d, differentiable in the live gate)."""
+        return (self.live_prob_open() * self.unit_sizes).sum()
 
     def deterministic_units(self) -> Tensor:
         return self.estimator.deterministic(self.param, self.k())
 
+    def deterministic_live_units(self) -> Tensor:
+        """The live gate's test value per unit (ones without a live gate)."""
+        lp = self.live_param
+        return torch.ones_like(self.param) if lp is None else self.estimator.deterministic(lp, self.k())
+
     def unit_gates(self) -> Tensor:
         """The gate of each unit for the current forward: a sample in training, deterministic otherwise."""
+        return self._gates_of(self.param, "_arm_u")
+
+    def live_unit_gates(self) -> Tensor:
+        """The live gate of each unit for the current forward (requires a live gate)."""
+        return self._gates_of(self.live_param, "_arm_u_live")
+
+    def _gates_of(self, param: Tensor, u_attr: str) -> Tensor:
         est = self.estimator
         if not self.training:
-            return self.deterministic_units()
+            return est.deterministic(param, self.k())
         if est.differentiable:
-            return est.sample(self.param, self.k())
-        pi = est.prob_open(self.param.detach(), self.k())
+            return est.sample(param, self.k())
+        pi = est.prob_open(param.detach(), self.k())
         if self._arm_antithetic:  # the antithetic pass reuses the u of the step's forward
-            if self._arm_u is None:
+            u = getattr(self, u_attr)
+            if u is None:
                 raise RuntimeError(f"{self.layer_name}: antithetic ARM pass without a preceding training forward")
-            return (self._arm_u > 1.0 - pi).to(pi.dtype)
-        self._arm_u = torch.rand_like(pi)
-        return (self._arm_u < pi).to(pi.dtype)
+            return (u > 1.0 - pi).to(pi.dtype)
+        u = torch.rand_like(pi)
+        setattr(self, u_attr, u)
+        return (u < pi).to(pi.dtype)
 
     def group_masks(self, units: Tensor) -> dict[str, Tensor]:
         """Unit values ``[num_units]`` -> per-group tensors of the groups' shapes (differentiable)."""
@@ -242,6 +301,10 @@ class LayerGate(nn.Module):
 
     # ---- hooks ---------------------------------------------------------------------------------
     def attach(self, layer: nn.Module) -> None:
+        if self.has_live_gate:  # the live gate needs the layer's live-mask buffers (its own API registers them)
+            for g in layer.mode_groups():
+                if g.live is None:
+                    layer.set_modes(g.name, g.mask.detach(), torch.ones_like(g.mask))
         self._handles = [
             layer.register_forward_pre_hook(self._pre_forward),
             layer.register_forward_hook(self._post_forward, always_call=True),
@@ -254,23 +317,30 @@ class LayerGate(nn.Module):
 
     def _pre_forward(self, layer: nn.Module, args) -> None:
         units = self.unit_gates()
-        if bool(((units == 0) | (units == 1)).all()):
+        put: list[tuple[dict[str, str], Tensor]] = []  # (group -> buffer attribute, unit values)
+        if self.has_live_gate:
+            live = self.live_unit_gates()
+            put = [(self.mask_attrs, units * live), (self.live_attrs, live)]  # D = z_d z_l, L = z_l
+        else:
+            put = [(self.mask_attrs, units)]
+        if all(bool(((u == 0) | (u == 1)).all()) for _, u in put):
             # 0/1 gates (ARM, or hard concrete saturated by the clamp, where d z / d log_alpha = 0):
             # an ordinary mask -- copy it into the buffers, the layer takes its fast paths
             with torch.no_grad():
-                for group, value in self.group_masks(units.detach()).items():
-                    layer._buffers[self.mask_attrs[group]].copy_(value)
+                for attrs, u in put:
+                    for group, value in self.group_masks(u.detach()).items():
+                        layer._buffers[attrs[group]].copy_(value)
             return
         # fractional gates: the layer must mix both copies, i.e. take its general path, which it
         # does for a mask that requires grad (without autograd recording: a leaf that does)
-        masks = self.group_masks(units)
-        for group, value in masks.items():
-            attr = self.mask_attrs[group]
-            buf = layer._buffers[attr]
-            if not value.requires_grad:
-                value = value.detach().to(buf.dtype).requires_grad_(True)
-            self._swapped[attr] = buf
-            layer._buffers[attr] = value.to(buf.dtype)
+        for attrs, u in put:
+            for group, value in self.group_masks(u).items():
+                attr = attrs[group]
+                buf = layer._buffers[attr]
+                if not value.requires_grad:
+                    value = value.detach().to(buf.dtype).requires_grad_(True)
+                self._swapped[attr] = buf
+                layer._buffers[attr] = value.to(buf.dtype)
 
     def _post_forward(self, layer: nn.Module, args, output) -> None:
         for attr, buf in self._swapped.items():
@@ -279,7 +349,7 @@ class LayerGate(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"layer={self.layer_name!r}, estimator={self.estimator_name!r}, granularity={self.granularity!r}, "
-                f"units={self.num_units}, entries={self.num_entries}")
+                f"units={self.num_units}, entries={self.num_entries}, live_gate={self.has_live_gate}")
 
 
 class _ReverseGrad(torch.autograd.Function):
@@ -317,6 +387,13 @@ class ModeGates(nn.Module):
         npn_stages: the two stage boundaries of ``"npn"`` as fractions of the schedule.
         init_noise: std of N(0, .) noise added to the initial parameters (breaks ties).
         seed: seed of that noise.
+        density: ``None`` (no live gate: nothing is pruned) or a float in
+            ``(0, 1]``, at least ``target_ratio``: a second gate ``z_l`` per unit
+            (same estimator and units) decides live vs pruned, with its own
+            budget (its own multipliers; one stored number per live entry)
+            driving the expected live fraction to ``density``. The layer sees
+            ``L = z_l`` and ``D = z_d * z_l``; hardening keeps exactly
+            ``round(density * N)`` live entries, the dynamic ones among them.
 
     Use: add ``gates.penalty()`` to the loss, put :meth:`parameters` of the
     gates in the optimizer (:meth:`add_to_optimizer`), call :meth:`step` with the
@@ -340,12 +417,13 @@ class ModeGates(nn.Module):
         npn_stages: tuple[float, float] = (0.2, 0.7),
         init_noise: float = 0.01,
         seed: int = 0,
+        density: float | None = None,
     ) -> None:
         super().__init__()
         cfg = _validated_config(dict(
             target_ratio=target_ratio, granularity=granularity, estimator=estimator, scope=scope, init=init,
             init_drop=init_drop, sharpness=sharpness, sharpness_end=sharpness_end, schedule=schedule,
-            npn_stages=npn_stages, init_noise=init_noise, seed=seed))
+            npn_stages=npn_stages, init_noise=init_noise, seed=seed, density=density))
         est = get_estimator(cfg["estimator"])
         for name, module in model.named_modules():
             if is_compact_layer(module):
@@ -369,7 +447,14 @@ class ModeGates(nn.Module):
             if self.init_noise > 0:
                 init_t += self.init_noise * torch.randn(plan_units, generator=gen) / (
                     k_init if self.estimator_name == "arm" else 1.0)
-            gates.append((name, layer, LayerGate(name, layer, self.granularity, self.estimator_name, init_t, k0)))
+            live_t = None
+            if self.density is not None:  # the live gate starts open (p_drop = 0.05): pruning is learned
+                live_t = torch.full((plan_units,), est.init_value(0.05, k_init))
+                if self.init_noise > 0:
+                    live_t += self.init_noise * torch.randn(plan_units, generator=gen) / (
+                        k_init if self.estimator_name == "arm" else 1.0)
+            gates.append((name, layer, LayerGate(name, layer, self.granularity, self.estimator_name, init_t, k0,
+                                                 live_init=live_t)))
         for name, layer, gate in gates:  # all built: now change the model
             layer.add_module("mode_gate", gate)
             gate.attach(layer)
@@ -390,6 +475,7 @@ class ModeGates(nn.Module):
         self.npn_stages = tuple(cfg["npn_stages"])
         self.init_noise = cfg["init_noise"]
         self.seed = cfg["seed"]
+        self.density = cfg["density"]
 
     def _finish(self, model: nn.Module, gates: list[tuple[str, nn.Module, "LayerGate"]]) -> None:
         """The controller's own state around attached gates: multipliers, progress, layer costs."""
@@ -398,6 +484,8 @@ class ModeGates(nn.Module):
         ref = gates[0][2].param
         n_budgets = 1 if self.scope == "global" else len(gates)
         self.multipliers = nn.Parameter(torch.zeros(n_budgets, 2, device=ref.device, dtype=torch.float32))
+        if self.density is not None:  # the live gate's own budget
+            self.live_multipliers = nn.Parameter(torch.zeros(n_budgets, 2, device=ref.device, dtype=torch.float32))
         self.register_buffer("progress", torch.zeros((), dtype=torch.float64, device=ref.device))
         self.register_buffer("hardened", torch.zeros((), dtype=torch.bool, device=ref.device))
         cost = torch.tensor([float(g.num_factors - 1) for _, _, g in gates], dtype=torch.float32)
@@ -439,7 +527,7 @@ class ModeGates(nn.Module):
             if not isinstance(gate, LayerGate):
                 raise ValueError(f"ModeGates.from_model: layer {name!r} has no LayerGate attached")
             if gate.num_units != units or gate.granularity != cfg["granularity"] \
-                    or gate.estimator_name != cfg["estimator"]:
+                    or gate.estimator_name != cfg["estimator"] or gate.has_live_gate != (cfg["density"] is not None):
                 raise ValueError(f"ModeGates.from_model: the gate of layer {name!r} ({gate.extra_repr()}) does not "
                                  f"match the record ({units} units, {cfg['granularity']}, {cfg['estimator']})")
             gates.append((name, layer, gate))
@@ -459,7 +547,12 @@ class ModeGates(nn.Module):
 
     def gate_parameters(self) -> list[nn.Parameter]:
         """The per-unit gate parameters (they live in the model, under ``<layer>.mode_gate``)."""
-        return [g.param for _, g in self.layer_gates()]
+        out = [g.param for _, g in self.layer_gates()]
+        return out + [g.live_param for _, g in self.layer_gates() if g.live_param is not None]
+
+    def budget_parameters(self) -> list[nn.Parameter]:
+        """The Lagrange multipliers: the dynamic budget's, then the live budget's (with ``density``)."""
+        return [self.multipliers] + ([self.live_multipliers] if self.density is not None else [])
 
     def config(self) -> dict[str, Any]:
         """The constructor arguments (JSON-serialisable): ``ModeGates(model, **gates.config())`` rebuilds."""
@@ -467,7 +560,7 @@ class ModeGates(nn.Module):
             "target_ratio": self.target_ratio, "granularity": self.granularity, "estimator": self.estimator_name,
             "scope": self.scope, "init": self.init, "init_drop": self.init_drop, "sharpness": self.sharpness_start,
             "sharpness_end": self.sharpness_end, "schedule": self.schedule, "npn_stages": list(self.npn_stages),
-            "init_noise": self.init_noise, "seed": self.seed,
+            "init_noise": self.init_noise, "seed": self.seed, "density": self.density,
         }
 
     def add_to_optimizer(self, optimizer: torch.optim.Optimizer, lr: float | None = None) -> dict[str, Any]:
@@ -477,7 +570,7 @@ class ModeGates(nn.Module):
         built from ``model.parameters()``). Returns the new group.
         """
         self._check_not_hardened()
-        mine = self.gate_parameters() + [self.multipliers]
+        mine = self.gate_parameters() + self.budget_parameters()
         ids = {id(p) for p in mine}
         for group in optimizer.param_groups:
             group["params"] = [p for p in group["params"] if id(p) not in ids]
@@ -503,11 +596,11 @@ class ModeGates(nn.Module):
         # ARM's logit is k * phi: scale phi's step so that ``lr`` is a step in logit space
         gate_lr = float(lr) / self.sharpness_start if self.estimator_name == "arm" else float(lr)
         return torch.optim.Adam([{"params": self.gate_parameters(), "lr": gate_lr},
-                                 {"params": [self.multipliers], "lr": float(mlr)}], betas=betas)
+                                 {"params": self.budget_parameters(), "lr": float(mlr)}], betas=betas)
 
     def remove_from_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Drop the gate parameters and multipliers (and their state) from ``optimizer``'s groups."""
-        _forget_params(optimizer, self.gate_parameters() + [self.multipliers])
+        _forget_params(optimizer, self.gate_parameters() + self.budget_parameters())
 
     # ---- sharpness schedule ---------------------------------------------------------------
     def sharpness_at(self, progress: float) -> float:
@@ -557,6 +650,9 @@ class ModeGates(nn.Module):
         or ``c_l = E[n_l] / N_l`` (``scope="layer"``) -- the term is
         ``sum_b lambda_b1 * (c_b - t) + lambda_b2 * (c_b - t)^2``; the multipliers
         ``lambda`` get the negated gradient (ascent), the gates the ordinary one.
+        With ``density`` a second term of the same form, with its own multipliers
+        ``live_multipliers``, drives the expected live fraction (every live entry
+        stores one number: ``sum_l E[live_l] / sum_l N_l``, or per layer) to ``density``.
         """
         exp, n, cost = self._expected()
         if self.scope == "global":
@@ -564,7 +660,14 @@ class ModeGates(nn.Module):
         else:
             gap = exp / n - self.target_ratio
         lam = _ReverseGrad.apply(self.multipliers)
-        return (lam[:, 0] * gap + lam[:, 1] * gap * gap).sum()
+        total = (lam[:, 0] * gap + lam[:, 1] * gap * gap).sum()
+        if self.density is not None:  # the live budget: every live entry stores one number
+            live = torch.stack([g.expected_live() for _, g in self.layer_gates()])
+            live_gap = (live.sum() / n.sum() - self.density).reshape(1) if self.scope == "global" \
+                else live / n - self.density
+            lam_l = _ReverseGrad.apply(self.live_multipliers)
+            total = total + (lam_l[:, 0] * live_gap + lam_l[:, 1] * live_gap * live_gap).sum()
+        return total
 
     @torch.no_grad()
     def stats(self) -> dict[str, Any]:
@@ -586,15 +689,25 @@ class ModeGates(nn.Module):
             "sharpness": self.sharpness,
             "multipliers": self.multipliers.detach().cpu().tolist(),
             "target_ratio": self.target_ratio,
+            **self._live_stats(n, names),
         }
+
+    def _live_stats(self, n: Tensor, names: list[str]) -> dict[str, Any]:
+        if self.density is None:
+            return {}
+        live = torch.stack([g.expected_live() for _, g in self.layer_gates()])
+        return {"expected_density": float(live.sum() / n.sum()),
+                "layer_densities": {nm: float(e / m) for nm, e, m in zip(names, live, n)},
+                "live_multipliers": self.live_multipliers.detach().cpu().tolist(), "density": self.density}
 
     def check_finite(self) -> None:
         """Raise ``FloatingPointError`` naming every layer whose gate parameters are not finite."""
-        bad = [name for name, g in self.layer_gates() if not bool(torch.isfinite(g.param).all())]
+        bad = [name for name, g in self.layer_gates() if not bool(torch.isfinite(g.param).all())
+               or (g.live_param is not None and not bool(torch.isfinite(g.live_param).all()))]
         if bad:
             raise FloatingPointError(f"ModeGates: non-finite gate parameters in layer(s) {bad} "
                                      "(lower the gate learning rate)")
-        if not bool(torch.isfinite(self.multipliers).all()):
+        if not all(bool(torch.isfinite(m).all()) for m in self.budget_parameters()):
             raise FloatingPointError("ModeGates: non-finite Lagrange multipliers")
 
     # ---- ARM -----------------------------------------------------------------------------------
@@ -627,13 +740,19 @@ class ModeGates(nn.Module):
             raise FloatingPointError(f"arm_update_: loss is not finite (f={f}, antithetic f={f_anti})")
         dist = torch.distributed.is_available() and torch.distributed.is_initialized()
         for g in gates:
-            grad = g.k() * (f_anti - f) * (g._arm_u - 0.5)
-            if dist:
-                torch.distributed.all_reduce(grad)
-                grad /= torch.distributed.get_world_size()
-            p = g.param
-            p.grad = grad.to(p.dtype) if p.grad is None else p.grad + grad.to(p.dtype)
+            pairs = [(g.param, g._arm_u)]
+            if g.has_live_gate:  # the live gate's u drew its samples in the same forward
+                if g._arm_u_live is None:
+                    raise RuntimeError(f"arm_update_: layer {g.layer_name!r}: no live gate sample drawn")
+                pairs.append((g.live_param, g._arm_u_live))
+            for p, u in pairs:
+                grad = g.k() * (f_anti - f) * (u - 0.5)
+                if dist:
+                    torch.distributed.all_reduce(grad)
+                    grad /= torch.distributed.get_world_size()
+                p.grad = grad.to(p.dtype) if p.grad is None else p.grad + grad.to(p.dtype)
             g._arm_u = None
+            g._arm_u_live = None
 
     # ---- hardening -------------------------------------------------------------------------
     @torch.no_grad()
@@ -642,24 +761,54 @@ class ModeGates(nn.Module):
 
         Global scope: ``round(t * N)`` entries over all layers (exact for element
         units, to one unit's size for structured ones); layer scope: per layer.
+        With ``density`` only live units (:meth:`hard_live_masks`) can be dynamic.
         """
         gates = [(name, g) for name, g in self.layer_gates()]
         probs = [g.prob_open().float() + 1e-6 * g.deterministic_units().float() for _, g in gates]
+        live = self._hard_live_units() if self.density is not None else None
+        return self._masks_of(gates, self._top_units(gates, probs, self.target_ratio, live))
+
+    @torch.no_grad()
+    def hard_live_masks(self) -> dict[tuple[str, str], Tensor]:
+        """The 0/1 live masks hardening would write (``density`` only): top-k units by live
+        probability, ``round(density * N)`` entries (global) or per layer."""
+        if self.density is None:
+            raise ValueError("hard_live_masks: these gates have no live gate (ModeGates(density=...))")
+        return self._masks_of([(name, g) for name, g in self.layer_gates()], self._hard_live_units())
+
+    def _hard_live_units(self) -> list[Tensor]:
+        gates = [(name, g) for name, g in self.layer_gates()]
+        probs = [g.live_prob_open().float() + 1e-6 * g.deterministic_live_units().float() for _, g in gates]
+        return self._top_units(gates, probs, self.density, None)
+
+    def _top_units(self, gates: list[tuple[str, LayerGate]], probs: list[Tensor], ratio: float,
+                   within: list[Tensor] | None) -> list[Tensor]:
+        """Bool ``[num_units]`` per layer: the top units by ``probs`` holding ``round(ratio * N)`` entries
+        (global or per layer); with ``within`` only among those units."""
         sizes = [g.unit_sizes for _, g in gates]
         structured = self.granularity != "element"
+        if within is not None:  # units outside rank below every unit inside (and are never kept)
+            probs = [torch.where(w, p, torch.full_like(p, -1.0)) for p, w in zip(probs, within)]
         keeps: list[Tensor] = []
         if self.scope == "global":
             total = sum(g.num_entries for _, g in gates)
-            target = round_half_up(self.target_ratio * total)
-            flat = torch.cat(probs)
-            keep = select_top(flat, torch.cat(sizes) if structured else None, target)
+            flat_within = None if within is None else torch.cat(within)
+            keep = select_top(torch.cat(probs), torch.cat(sizes) if structured else None,
+                              round_half_up(ratio * total), flat_within)
             offset = 0
             for p in probs:
                 keeps.append(keep[offset: offset + p.numel()])
                 offset += p.numel()
         else:
-            for (_, g), p, s in zip(gates, probs, sizes):
-                keeps.append(select_top(p, s if structured else None, round_half_up(self.target_ratio * g.num_entries)))
+            for i, ((_, g), p, s) in enumerate(zip(gates, probs, sizes)):
+                keeps.append(select_top(p, s if structured else None, round_half_up(ratio * g.num_entries),
+                                        None if within is None else within[i]))
+        if within is not None:  # structured rounding may overshoot the live units: never dynamic if pruned
+            keeps = [k & w for k, w in zip(keeps, within)]
+        return keeps
+
+    @staticmethod
+    def _masks_of(gates: list[tuple[str, LayerGate]], keeps: list[Tensor]) -> dict[tuple[str, str], Tensor]:
         out: dict[tuple[str, str], Tensor] = {}
         for (name, g), keep in zip(gates, keeps):
             for group, m in g.group_masks(keep.float()).items():
@@ -697,10 +846,12 @@ class ModeGates(nn.Module):
         if unknown:
             raise KeyError(f"routing_means for unknown layer(s) {sorted(unknown)}; gated layers: {sorted(names)}")
         masks = self.hard_masks()
+        live_masks = self.hard_live_masks() if self.density is not None else {}
         # ---- validate everything first (nothing is half-applied)
         plans = []
         for name, layer, gate in layers:
             z = {k: v.detach() for k, v in gate.group_masks(gate.deterministic_units()).items()}
+            z_live = {k: v.detach() for k, v in gate.group_masks(gate.deterministic_live_units()).items()}
             lambda_s, lambda_d = (float(s) for s in layer.scales())
             if not (math.isfinite(lambda_s) and math.isfinite(lambda_d) and lambda_s != 0 and lambda_d != 0):
                 raise ValueError(f"layer {name!r}: lambda_s={lambda_s}, lambda_d={lambda_d}; hardening folds the "
@@ -709,10 +860,10 @@ class ModeGates(nn.Module):
                 mix, total = _check_mix(name, layer, routing_means[name])
             else:
                 mix, total = layer.mode_transition_weights()  # raises naming the layer on bad statistics
-            plans.append((name, layer, gate, z, lambda_s / lambda_d, float(total)))
+            plans.append((name, layer, gate, z, z_live, lambda_s / lambda_d, float(total)))
         # ---- (1) gates -> 0/1 masks with the same function
         blended = 0
-        for name, layer, gate, z, ratio_sd, total in plans:
+        for name, layer, gate, z, z_live, ratio_sd, total in plans:
             gate.detach_hooks()
             for g in layer.mode_groups():  # the buffers again (hooks gone)
                 zg = z[g.name].to(device=g.static.device, dtype=g.static.dtype)
@@ -723,10 +874,22 @@ class ModeGates(nn.Module):
                     blended += int(frac.sum())
                     if optimizer is not None:
                         reset_optimizer_state_(optimizer, g.dynamic, frac.unsqueeze(0))
-                g.mask.copy_((zg > 0).to(g.mask.dtype))
+                if gate.has_live_gate:
+                    # W_hat = z_l * (the z_d-gated weight): fold z_l into both copies (z_l = 0 entries become
+                    # zeros) and mark everything live, so (2) transitions modes freely and (3) prunes
+                    zl = z_live[g.name].to(device=g.static.device, dtype=g.static.dtype)
+                    scaled = zl < 1
+                    g.static.mul_(zl)
+                    g.dynamic.mul_(zl.unsqueeze(0))
+                    if optimizer is not None and bool(scaled.any()):
+                        reset_optimizer_state_(optimizer, g.static, scaled)
+                        reset_optimizer_state_(optimizer, g.dynamic, scaled.unsqueeze(0))
+                    layer.set_modes(g.name, zg > 0, torch.ones_like(g.mask))
+                else:
+                    g.mask.copy_((zg > 0).to(g.mask.dtype))
             del layer._modules["mode_gate"]
         if optimizer is not None:
-            _forget_params(optimizer, [gate.param for _, _, gate in layers] + [self.multipliers])
+            _forget_params(optimizer, self.gate_parameters() + self.budget_parameters())
         self.hardened.fill_(True)
         # ---- (2) 0/1 masks -> the target masks, function-preserving
         spec: dict[str, dict[str, Tensor]] = {}
@@ -735,19 +898,35 @@ class ModeGates(nn.Module):
         routing = {n: torch.as_tensor(v, dtype=torch.float64) for n, v in routing_means.items()}
         transition = set_modes_(self.__dict__["_model"], spec, preserve=True, optimizer=optimizer,
                                 routing=routing or None, record=False)  # in the harden_gates step
+        # ---- (3) with a live gate: prune to the live masks (pruned values and their optimizer state -> 0)
+        for name, layer, *_ in plans:
+            for g in layer.mode_groups() if live_masks else ():
+                live = live_masks[(name, g.name)].to(g.mask.device)
+                layer.set_modes(g.name, masks[(name, g.name)].to(g.mask.device), live)
+                dead = ~live
+                g.static.data[dead] = 0
+                g.dynamic.data[:, dead] = 0
+                if optimizer is not None:
+                    reset_optimizer_state_(optimizer, g.static, dead)
+                    reset_optimizer_state_(optimizer, g.dynamic, dead.unsqueeze(0))
         report: dict[str, Any] = {"target_ratio": self.target_ratio, "fractional_gates_folded": blended,
                                   "transitions": transition.to_dict(), "layers": {}}
+        if live_masks:
+            n_live = sum(int(m.sum()) for m in live_masks.values())
+            report["density"] = n_live / max(sum(m.numel() for m in live_masks.values()), 1)
+            report["layer_densities"] = {name: layer.density() for name, layer, *_ in plans}
         dyn_total = entries_total = 0
-        for name, layer, _, _, _, _ in plans:
+        for name, layer, *_ in plans:
             n_dyn = sum(int(masks[(name, g.name)].sum()) for g in layer.mode_groups())
             n_all = sum(g.mask.numel() for g in layer.mode_groups())
             dyn_total += n_dyn
             entries_total += n_all
             report["layers"][name] = n_dyn / max(n_all, 1)
         report["ratio"] = dyn_total / max(entries_total, 1)
+        extra = {"density": self.density, "achieved_density": report["density"]} if live_masks else {}
         get_state(self.__dict__["_model"]).append(
             "harden_gates", mode="harden", target_ratio=self.target_ratio, ratio=report["ratio"],
-            fractional_gates_folded=blended, transition=transition.summary())
+            fractional_gates_folded=blended, transition=transition.summary(), **extra)
         return report
 
     def remove_(self, optimizer: torch.optim.Optimizer | None = None) -> None:
@@ -755,11 +934,11 @@ class ModeGates(nn.Module):
         checkpointed after hardening). The parameters leave ``optimizer``; the gates count as done."""
         self._check_not_hardened()
         layers = self.__dict__["_layers"]
+        if optimizer is not None:
+            _forget_params(optimizer, self.gate_parameters() + self.budget_parameters())
         for _, layer, gate in layers:
             gate.detach_hooks()
             del layer._modules["mode_gate"]
-        if optimizer is not None:
-            _forget_params(optimizer, [gate.param for _, _, gate in layers] + [self.multipliers])
         self.hardened.fill_(True)
         get_state(self.__dict__["_model"]).append("harden_gates", mode="remove")
 
@@ -769,7 +948,7 @@ class ModeGates(nn.Module):
                                "the masks are fixed now)")
 
     def extra_repr(self) -> str:
-        return (f"target_ratio={self.target_ratio}, estimator={self.estimator_name!r}, "
+        return (f"target_ratio={self.target_ratio}, density={self.density}, estimator={self.estimator_name!r}, "
                 f"granularity={self.granularity!r}, scope={self.scope!r}, layers={len(self.__dict__['_layers'])}")
 
 
@@ -781,7 +960,7 @@ class ModeGates(nn.Module):
 # hardened masks and weights and no gate tensors). Each "gates" step is checked against the file before
 # any model is built (_check_gates_step).
 _CONFIG_KEYS = ("target_ratio", "granularity", "estimator", "scope", "init", "init_drop", "sharpness",
-                "sharpness_end", "schedule", "npn_stages", "init_noise", "seed")
+                "sharpness_end", "schedule", "npn_stages", "init_noise", "seed", "density")
 MAX_GATED_LAYERS = 100_000
 
 
@@ -831,9 +1010,19 @@ def _validated_config(cfg: Any) -> dict[str, Any]:
     seed = cfg.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed must be an integer, got {seed!r}")
+    density = cfg.get("density")
+    if density is not None:
+        if isinstance(density, bool) or not isinstance(density, (int, float)) or not math.isfinite(density) \
+                or not 0.0 < density <= 1.0:
+            raise ValueError(f"density must be None or a number in (0, 1], got {density!r}")
+        if density < target_ratio:
+            raise ValueError(f"density={density} < target_ratio={target_ratio}: a pruned entry cannot be "
+                             "dynamic, so the live fraction must be at least the dynamic one")
+        density = float(density)
     return {"target_ratio": target_ratio, "granularity": granularity, "estimator": estimator, "scope": scope,
             "init": init, "init_drop": float(p_drop), "sharpness": sharpness, "sharpness_end": sharpness_end,
-            "schedule": schedule, "npn_stages": [a, b], "init_noise": float(init_noise), "seed": int(seed)}
+            "schedule": schedule, "npn_stages": [a, b], "init_noise": float(init_noise), "seed": int(seed),
+            "density": density}
 
 
 def _check_layers(layers: Any) -> list[tuple[str, int]]:
@@ -872,16 +1061,18 @@ def _check_gates_step(params: dict, ctx: ReplayContext) -> None:
     layers = _check_layers(params.get("layers"))
     if _removed_later(ctx):
         return  # hardened: not replayed, the file holds no gate tensors
+    names = [param_name] + (["live_" + param_name] if cfg["density"] is not None else [])
     for name, units in layers:
-        key = f"{name}.mode_gate.{param_name}"
-        t = ctx.tensors.get(key)
-        if t is None:
-            raise ValueError(f"gates step: layer {name!r} is gated but the file has no tensor {key!r}")
-        if tuple(t.shape) != (units,):
-            raise ValueError(f"gates step: tensor {key!r} has shape {tuple(t.shape)}, the record says "
-                             f"({units},) units")
-        if not bool(torch.isfinite(t).all()):
-            raise ValueError(f"gates step: tensor {key!r} holds NaN/inf")
+        for pn in names:
+            key = f"{name}.mode_gate.{pn}"
+            t = ctx.tensors.get(key)
+            if t is None:
+                raise ValueError(f"gates step: layer {name!r} is gated but the file has no tensor {key!r}")
+            if tuple(t.shape) != (units,):
+                raise ValueError(f"gates step: tensor {key!r} has shape {tuple(t.shape)}, the record says "
+                                 f"({units},) units")
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"gates step: tensor {key!r} holds NaN/inf")
         k = ctx.tensors.get(f"{name}.mode_gate.sharpness")
         if k is None or k.dim() != 0 or not (math.isfinite(float(k)) and float(k) > 0):
             raise ValueError(f"gates step: layer {name!r}: the file's gate sharpness is missing or not a "
@@ -907,8 +1098,9 @@ def _replay_gates(model: nn.Module, params: dict, ctx: ReplayContext) -> None:
         if plan_units != units:
             raise ValueError(f"gates step: layer {name!r} has {plan_units} {cfg['granularity']} units, "
                              f"the record says {units}")
+        live_init = torch.zeros(units) if cfg["density"] is not None else None
         built.append((layer, LayerGate(name, layer, cfg["granularity"], cfg["estimator"], torch.zeros(units),
-                                       cfg["sharpness"])))
+                                       cfg["sharpness"], live_init=live_init)))
     for layer, gate in built:  # all built: now change the model
         layer.add_module("mode_gate", gate)
         gate.attach(layer)
