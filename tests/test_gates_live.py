@@ -268,3 +268,27 @@ def test_arm_live_gate_gets_the_arm_gradient():
     for _, layer in pad_layers(model):  # the in-place 0/1 masks keep D <= L
         for grp in layer.mode_groups():
             assert bool((grp.mask <= grp.live).all())
+
+
+def test_cli_gates_with_density_learns_pruned_entries(tmp_path):
+    from padnet.data import DEFAULT_FASHION_MNIST_ROOT
+
+    if not any((DEFAULT_FASHION_MNIST_ROOT / f).exists()
+               for f in ("train-images-idx3-ubyte.gz", "train-images-idx3-ubyte")):
+        pytest.skip("Fashion-MNIST not installed")
+    import json
+
+    from padnet.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "--variant", "pad", "--partition", "gates", "--target-ratio", "0.3", "--density", "0.6",
+                 "--width", "0.125", "--max-train-samples", "64", "--max-test-samples", "32", "--batch-size", "32",
+                 "--epochs", "1", "--harden-at", "0.5", "--seed", "1", "--quiet", "--output-dir", str(out)]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["dynamic_ratio"] == pytest.approx(0.3, abs=0.005)
+    report = s["gates"]["harden_report"]
+    assert report["density"] == pytest.approx(0.6, abs=0.005)
+    model = padnet.load(out / "model.safetensors")
+    live = sum(g.num_live() for _, layer in padnet.layers.pad_layers(model) for g in layer.mode_groups())
+    total = sum(g.mask.numel() for _, layer in padnet.layers.pad_layers(model) for g in layer.mode_groups())
+    assert live / total == pytest.approx(0.6, abs=0.005)

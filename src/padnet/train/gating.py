@@ -33,6 +33,7 @@ class GateDriver:
             model, target_ratio=cfg.ratio, granularity=cfg.partition_granularity, estimator=cfg.gate_estimator,
             scope=cfg.partition_scope, init=cfg.gate_init, sharpness=cfg.gate_sharpness,
             sharpness_end=cfg.gate_sharpness_end, schedule=schedule, seed=cfg.seed,
+            density=cfg.density,  # --density: a second (live) gate learns which entries are pruned
         )
         self.cfg = cfg
         self.log = log
@@ -101,6 +102,8 @@ class GateDriver:
                               "ratio": report["ratio"], "layers": report["layers"],
                               "fractional_gates_folded": report["fractional_gates_folded"],
                               "transitions": report["transitions"]}
+        if report.get("density") is not None:  # --density: the live gate's hardened density
+            self.harden_report.update(density=report["density"], layer_densities=report.get("layer_densities"))
         self.history.append({"step": step, "expected_ratio": report["ratio"], "sharpness": None, "entropy": 0.0,
                              "hardened": True})
         self.log(f"gates hardened at step {step}: kappa={report['ratio']:.4f} (target {self.gates.target_ratio}, "
@@ -146,7 +149,8 @@ class GateDriver:
             self.hardened = True
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("config") != self.gates.config():
+        saved = {"density": None, **(state.get("config") or {})}  # checkpoints from before the live gate
+        if saved != self.gates.config():
             raise ValueError(f"checkpoint gates were built with {state.get('config')}, this run builds "
                              f"{self.gates.config()}; resume with the same gate settings")
         if not state.get("hardened"):
