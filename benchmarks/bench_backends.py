@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from latency import format_rows, time_interleaved
 from padnet import ops as cf
 from padnet.ops import bmm_kernels
+from padnet.ops.autotune import autotune_enabled
+from padnet.ops.backend_selection import resolve_backend
 
 
 def main() -> None:
@@ -54,6 +56,8 @@ def main() -> None:
             fns = {"static": run(lambda: F.conv2d(x, w, padding=1))}
             for name in cf.CONCRETE_BACKENDS:
                 fns[name] = run(lambda name=name: cf.dynamic_conv2d(x, pi, dyn, None, padding=1, backend=name))
+            # backend="auto" as users get it: autotuned on its first call (the warm-up), else the cost rule
+            fns["auto"] = run(lambda: cf.dynamic_conv2d(x, pi, dyn, None, padding=1, backend="auto"))
             if not args.grad:  # the memory traffic of materialising B per-sample kernels, alone
                 flat = dyn.detach().reshape(k, -1)
                 buf = torch.empty(b, flat.shape[1])
@@ -71,12 +75,16 @@ def main() -> None:
                 fns[f"bmm[{spec}]"] = run(tiled)
             t = time_interleaved(fns, repeats=args.repeats, min_round_s=0.02)
             base = t["static"].median
-            choice = cf.select_backend("auto", b, c, 1, out_pixels=hw * hw)
-            row = {"shape": shape, "batch": b, "static_ms": base * 1e3}
+            choice = cf.select_backend("auto", b, c, 1, out_pixels=hw * hw, requires_grad=args.grad)
+            with torch.set_grad_enabled(args.grad):
+                tuned = resolve_backend(x, pi, dyn, None, 1, 1, 1, 1, "auto")  # the decision "auto" ran with
+            row = {"shape": shape, "batch": b, "grad": args.grad, "static_ms": base * 1e3}
             row.update({n: v.median / base for n, v in t.items() if n != "static"})
             cbase = t["static"].cpu_median
             row.update({f"cpu:{n}": v.cpu_median / cbase for n, v in t.items() if n != "static"})
-            row.update({"auto_picks": choice, "flops_weight": 1 + k / (hw * hw), "flops_output": float(k),
+            fastest = min(cf.CONCRETE_BACKENDS, key=lambda n: row[n])
+            row.update({"auto_picks": choice, "tuned_picks": tuned, "autotune": autotune_enabled(),
+                        "fastest": fastest, "auto_over_fastest": row["auto"] / row[fastest], "flops_weight": 1 + k / (hw * hw), "flops_output": float(k),
                         "kernel_bytes_MiB": b * c * c * 9 * 4 / 2**20})
             rows.append(row)
             log(str(row))

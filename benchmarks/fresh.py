@@ -29,10 +29,12 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MEASURED = ("ms", "ratio", "cpu_ratio", "load")
+PER_RUN = ("tuned_picks", "fastest")  # decisions that may differ between processes: listed, not grouped by
 
 
 def _row_key(row: dict) -> tuple:
-    return tuple((k, v) for k, v in row.items() if k not in MEASURED and not isinstance(v, float))
+    return tuple((k, v) for k, v in row.items()
+                 if k not in MEASURED and k not in PER_RUN and not isinstance(v, float))
 
 
 def aggregate(payloads: list[dict]) -> list[dict]:
@@ -52,6 +54,9 @@ def aggregate(payloads: list[dict]) -> list[dict]:
                 agg[field] = statistics.median(values)
                 if field == "ratio":
                     agg["ratio_min"], agg["ratio_max"] = min(values), max(values)
+        for field in PER_RUN:
+            if any(field in r for r in rows):
+                agg[field] = "/".join(str(r.get(field, "?")) for r in rows)
         loads = [r["load"] for r in rows if "load" in r]
         if loads:
             agg["load_max"] = max(loads)
@@ -81,6 +86,11 @@ def autotune_gaps(rows: list[dict]) -> list[dict]:
             best = min(forced, key=forced.get)
             gaps.append({"shape": shape, "batch": batch, "mode": mode, "auto": v["dynamic"], "best": best,
                          "best_ratio": forced[best], "auto_over_best": v["dynamic"] / forced[best]})
+    for r in rows:  # functional rows (bench_backends.py): auto vs the fastest backend, per process, median
+        if "auto_over_fastest" in r:
+            gaps.append({"shape": r["shape"], "batch": r["batch"], "mode": "fwd+bwd" if r.get("grad") else "fwd",
+                         "auto": r["auto"], "best": r.get("fastest"), "best_ratio": None,
+                         "auto_over_best": r["auto_over_fastest"]})
     return gaps
 
 

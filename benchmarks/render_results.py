@@ -45,21 +45,58 @@ def machine_line(payload):
 def backends_table(payload, grad=False):
     rows = payload["rows"]
     cols = ["weight", "bmm", "output"] + ([] if grad else ["aggregate_only"])
+    tuned = any("auto" in r for r in rows)
+    extra = " auto (tuned) | tuner picked (per process) | auto / fastest |" if tuned else ""
     out = [machine_line(payload), "",
-           "| shape | batch | static ms | " + " | ".join(cols) + " | auto picks |",
-           "|---|---|---|" + "---|" * len(cols) + "---|"]
+           "| shape | batch | static ms | " + " | ".join(cols) + " | rule picks |" + extra,
+           "|---|---|---|" + "---|" * len(cols) + "---|" + ("---|---|---|" if tuned else "")]
     for r in rows:
         best = min(("weight", "bmm", "output"), key=lambda c: r[c])
         cells = [(f"**{r[c]:.2f}**" if c == best else f"{r[c]:.2f}") for c in cols]
-        out.append(f"| {r['shape']} | {r['batch']} | {r['static_ms']:.1f} | " + " | ".join(cells)
-                   + f" | {r['auto_picks']} |")
+        line = f"| {r['shape']} | {r['batch']} | {r['static_ms']:.1f} | " + " | ".join(cells) + f" | {r['auto_picks']} |"
+        if tuned:
+            line += f" {r['auto']:.2f} | {r.get('tuned_picks', '?')} | {r.get('auto_over_fastest', float('nan')):.2f} |"
+        out.append(line)
     return "\n".join(out)
+
+
+def variant_table(payload, baseline="static"):
+    """Rows ``{shape, batch, mode, variant, ratio}`` as one line per (shape, batch, mode), variants as columns."""
+    rows = payload["rows"]
+    variants = []
+    for r in rows:
+        if r["variant"] != baseline and r["variant"] not in variants:
+            variants.append(r["variant"])
+    out = [machine_line(payload), "",
+           f"| shape | batch | mode | {baseline} ms | " + " | ".join(variants) + " |",
+           "|---|---|---|---|" + "---|" * len(variants)]
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["shape"], r["batch"], r["mode"]), {})[r["variant"]] = r
+    for (shape, batch, mode), by in groups.items():
+        cells = [f"{by[v]['ratio']:.2f}" if v in by else "" for v in variants]
+        out.append(f"| {shape} | {batch} | {mode} | {by[baseline]['ms']:.1f} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def autotune_table(payloads):
+    """Autotune check: ``backend="auto"`` against the fastest concrete backend in the same process."""
+    out = ["| result | shape | batch | mode | auto / fastest (median over processes) | fastest | tuner picked |",
+           "|---|---|---|---|---|---|---|"]
+    for name, payload in payloads:
+        for r in payload["rows"]:
+            if "auto_over_fastest" in r:
+                mode = "fwd+bwd" if r.get("grad") else "fwd"
+                out.append(f"| {name} | {r['shape']} | {r['batch']} | {mode} | {r['auto_over_fastest']:.2f} | "
+                           f"{r.get('fastest', '?')} | {r.get('tuned_picks', '?')} |")
+    return "\n".join(out) if len(out) > 2 else None
 
 
 def layers_tables(payload):
     rows = payload["rows"]
-    variants = ["naive_grouped", "dynamic", "dynamic_bmm", "dynamic_output", "pad_element", "compact_element",
-                "pad_channel", "compact_channel"]
+    variants = ["condconv", "naive_grouped", "dynamic", "dynamic_weight", "dynamic_bmm", "dynamic_output",
+                "pad_element", "compact_element", "pad_channel", "compact_channel"]
+    variants = [v for v in variants if any(r["variant"] == v for r in rows)]
     out = [machine_line(payload)]
     for batch in sorted({r["batch"] for r in rows}, reverse=True):
         for mode in ("fwd", "fwd+bwd"):
@@ -157,12 +194,20 @@ def main() -> None:
         ("models", "models", models_table),
         ("micro-measurements", "micro", micro_table),
         ("channel split: where the time goes", "channel_split", channel_split_table),
+        ("torch.compile", "compile", variant_table),
+        ("fused C++ kernel (opt-in)", "fused", variant_table),
     ]:
         payload = load(name)
         if payload is None:
             continue
         print(f"### {title}\n")
         print(render(payload))
+        print()
+    tuned = [(n, p) for n in ("backends", "backends_grad") if (p := load(n)) is not None]
+    table = autotune_table(tuned)
+    if table:
+        print("### autotune check\n")
+        print(table)
         print()
 
 

@@ -250,9 +250,9 @@ def test_training_form_inference_cache():
     ref = layer_reference(layer, x)
     with torch.no_grad():
         torch.testing.assert_close(layer(x), ref)
-        cached = layer.__dict__["_inference_cache"]["combined"][1][0]
+        cached = layer.__dict__["_inference_cache"]["plan"][1][1][0]
         layer(x)
-        assert layer.__dict__["_inference_cache"]["combined"][1][0] is cached  # reused
+        assert layer.__dict__["_inference_cache"]["plan"][1][1][0] is cached  # reused
         layer.weight_dynamic.mul_(1.5)  # optimizer-like in-place update invalidates
         torch.testing.assert_close(layer(x), layer_reference(layer, x))
         layer.set_mode_mask("weight", torch.ones_like(layer.mode_mask))
@@ -546,6 +546,39 @@ def test_masked_conv_matches_general_path_with_gradients(backend, groups, batch,
                                           2, 1, 1, groups)
     dyn, sta = combine_factors(dynamic, static, mask, 2 - lambda_d, lambda_d)
     ref = per_sample_reference(x, pi, dyn, sta, 2, 1, 1, groups) + bias_sta[:, None, None]
+    torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
+    for g, r in zip(torch.autograd.grad(y, leaves, gy, retain_graph=True), torch.autograd.grad(ref, leaves, gy)):
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_masked_conv_output_space_folds_static_for_softmax_routing(groups, monkeypatch):
+    """``routing_sums_to_one``: the output-space backend runs K convs (static part folded into every factor);
+    values and the gradients of every parameter (routing logits included) equal the unfolded formula."""
+    from padnet.layers.modes import combine_factors
+    from padnet.ops import conv_backends, masked_conv
+
+    monkeypatch.setattr(masked_conv, "resolve_backend", lambda *args, **kwargs: "output")
+    seen = []
+    real = conv_backends.run_backend
+    monkeypatch.setattr(masked_conv, "run_backend",
+                        lambda name, x, pi, dyn, sta, *a: seen.append(sta is None) or real(name, x, pi, dyn, sta, *a))
+    torch.manual_seed(1)
+    x = torch.randn(3, 4, 6, 5, dtype=torch.double, requires_grad=True)
+    logits = torch.randn(3, 3, dtype=torch.double, requires_grad=True)
+    dynamic = torch.randn(3, 6, 4 // groups, 3, 3, dtype=torch.double, requires_grad=True)
+    static = torch.randn(6, 4 // groups, 3, 3, dtype=torch.double, requires_grad=True)
+    mask = (torch.rand(6, 4 // groups, 3, 3) < 0.4).double()
+    phi = torch.tensor(0.3, dtype=torch.double, requires_grad=True)
+    leaves = [x, logits, dynamic, static, phi]
+    gy = torch.randn(3, 6, 3, 3, dtype=torch.double)
+    lambda_d = 2 * torch.sigmoid(phi)
+    pi = torch.softmax(logits, -1)
+    y = masked_conv.masked_dynamic_conv2d(x, pi, dynamic, static, mask, 2 - lambda_d, lambda_d, None, None,
+                                          2, 1, 1, groups, routing_sums_to_one=True)
+    assert seen == [True]  # K convs: no separate static part reached the backend
+    dyn, sta = combine_factors(dynamic, static, mask, 2 - lambda_d, lambda_d)
+    ref = per_sample_reference(x, pi, dyn, sta, 2, 1, 1, groups)
     torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
     for g, r in zip(torch.autograd.grad(y, leaves, gy, retain_graph=True), torch.autograd.grad(ref, leaves, gy)):
         torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-10)

@@ -307,36 +307,72 @@ class DynamicConv2d(_ConvGeometry, PadLayerMixin, nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """``x [B, C, H, W]`` -> ``[B, O, H', W']``.
 
-        Three plans, all computing the same function with the same gradients:
-        the literal formula (explicit backend, export, or a mask that itself
-        needs a gradient), element masks (combined factors; inference caches
-        them), and the structured masks of :meth:`_structured_forward`.
+        Four plans, all computing the same function with the same gradients:
+        inference (no autograd, ``backend="auto"``: one cached plan,
+        :meth:`_inference_forward`), the literal formula (explicit backend,
+        export, a mask that itself needs a gradient, pruned entries), element
+        masks in training (the mask folded into the backends' autograd), and
+        the structured masks of :meth:`_structured_forward`.
         """
         pi = self.routing_weights(x)
         exporting = is_exporting()
         self._observe_routing(pi, exporting)
+        if not exporting and self.backend == "auto" and not torch.is_grad_enabled() \
+                and self.__dict__.get("cache_weights", True):
+            return self._inference_forward(x, pi)
+        self.__dict__.pop("_inference_cache", None)  # autograd (or caching off): free what inference cached
         if self.backend != "auto" or exporting or self._masks_require_grad() or self.has_pruned():
             # An explicit backend is honoured literally (FLOP counting relies on "weight"); a mask that
             # requires grad (mode partition scoring dL/dM) must stay in the graph via combine_factors; pruned
             # entries (live mask) are zeroed there too.
             return self._conv(x, pi, *self.combined_factors())
-        cache = getattr(self, "cache_weights", True) and not torch.is_grad_enabled()  # inference caches
-        if not cache:
-            self.__dict__.pop("_inference_cache", None)  # training: free what inference cached
         structure = self.mask_structure()
         if structure.kind == "element":
-            if cache:
-                return self._conv(x, pi, *self._inference_factors())
-            lambda_s, lambda_d = self.scales()  # training: the mask is folded into the backends' autograd
+            lambda_s, lambda_d = self.scales()  # the mask is folded into the backends' autograd
             return masked_dynamic_conv2d(x, pi, self.weight_dynamic, self.weight_static, self.mode_mask, lambda_s,
                                          lambda_d, *self._bias_factors(lambda_s, lambda_d), self.stride,
-                                         self.padding, self.dilation, self.groups)
-        return self._structured_forward(x, pi, structure, cache)
+                                         self.padding, self.dilation, self.groups,
+                                         routing_sums_to_one=self.routing == "softmax")
+        return self._structured_forward(x, pi, structure)
 
-    def _inference_factors(self) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
-        """Combined factors of an element mask, cached for inference (static part folded in for softmax)."""
-        return _cached(self, "combined", self._factor_tensors(),
-                       lambda: _fold_static_into_dynamic(*self.combined_factors(), self.routing))
+    def _inference_forward(self, x: Tensor, pi: Tensor) -> Tensor:
+        """Inference (no autograd, ``backend="auto"``): one cached plan, checked by one key per call.
+
+        The plan -- mask structure and the scaled (and, for softmax, static-folded)
+        factors it needs -- is rebuilt only when a factor tensor, mask or live mask
+        changes (version counters), so a batch-1 call runs routing, one key
+        comparison and the conv, with no per-call mask analysis.
+        """
+        st, factors = _cached(self, "plan", self._factor_tensors(), self._inference_plan)
+        if st.kind == "channel":
+            dyn_rows, sta_rows, bias_dyn, bias_sta = factors
+            return channel_split_conv2d(
+                x, pi, dyn_rows, sta_rows, st.order, mix_bias(pi, bias_dyn, bias_sta), self.stride, self.padding,
+                self.dilation, self.groups, "auto", st.static_index, st.dynamic_index,
+            )
+        if st.kind == "zeros":
+            weight, bias_dyn, bias_sta = factors
+            y = F.conv2d(x, weight, None, self.stride, self.padding, self.dilation, self.groups)
+            bias = mix_bias(pi, bias_dyn, bias_sta)
+            return y if bias is None else y + bias[:, :, None, None]
+        dyn, sta, bias_dyn, bias_sta = factors  # "ones" and "element" (pruned entries included)
+        return dynamic_conv2d(x, pi, dyn, sta, bias_dyn, bias_sta, self.stride, self.padding, self.dilation,
+                              self.groups, "auto")
+
+    @torch.no_grad()
+    def _inference_plan(self) -> tuple["MaskStructure", tuple]:
+        """``(structure, factors)`` for :meth:`_inference_forward` (see there)."""
+        st = self.mask_structure()
+        lam_s, lam_d = self.scales()
+        if st.kind == "element":
+            return st, _fold_static_into_dynamic(*self.combined_factors(), self.routing)
+        bias_dyn, bias_sta = self._bias_factors(lam_s, lam_d)
+        if st.kind == "channel":
+            return st, (self.weight_dynamic.index_select(1, st.dynamic_index) * lam_d,
+                        self.weight_static.index_select(0, st.static_index) * lam_s, bias_dyn, bias_sta)
+        if st.kind == "ones":
+            return st, (self.weight_dynamic * lam_d, None, bias_dyn, bias_sta)
+        return st, (self.weight_static * lam_s, bias_dyn, bias_sta)
 
     def _observe_routing(self, pi: Tensor, exporting: bool) -> None:
         """Running routing statistics (training) and an optional diagnostics probe (``pi [B, K]``)."""
@@ -349,12 +385,15 @@ class DynamicConv2d(_ConvGeometry, PadLayerMixin, nn.Module):
             probe.append(pi.detach().float())
 
     def _factor_tensors(self) -> tuple[Tensor, ...]:
-        """Every tensor the combined factors depend on (cache key material)."""
-        tensors = [self.weight_dynamic, self.weight_static, self.mode_mask]
-        if self.scale.phi is not None:
-            tensors.append(self.scale.phi)
-        if self.bias_dynamic is not None:
-            tensors += [self.bias_dynamic, self.bias_static, self.bias_mode_mask]
+        """Every tensor the combined factors depend on (cache key material; read straight from the module's
+        parameter / buffer dicts: this runs on every inference call)."""
+        params, buffers = self._parameters, self._buffers
+        tensors = [params["weight_dynamic"], params["weight_static"], buffers["mode_mask"]]
+        phi = self._modules["scale"]._parameters.get("phi")
+        if phi is not None:
+            tensors.append(phi)
+        if params.get("bias_dynamic") is not None:
+            tensors += [params["bias_dynamic"], params["bias_static"], buffers["bias_mode_mask"]]
         return tuple(tensors + self.live_masks())
 
     def _bias_factors(self, lambda_s: Tensor, lambda_d: Tensor) -> tuple[Tensor | None, Tensor | None]:
@@ -372,62 +411,44 @@ class DynamicConv2d(_ConvGeometry, PadLayerMixin, nn.Module):
             return MaskStructure("element")
         return _mask_structure(self, self.mode_mask)
 
-    def _structured_forward(self, x: Tensor, pi: Tensor, st: "MaskStructure", cache: bool = False) -> Tensor:
-        """Fast paths for all-dynamic, all-static and channel-structured masks.
+    def _structured_forward(self, x: Tensor, pi: Tensor, st: "MaskStructure") -> Tensor:
+        """Autograd fast paths for all-dynamic, all-static and channel-structured masks.
 
         Same function (and the same gradients, dead entries included: they get
         exact zeros) as the general path, without materialising the masked
-        factors. With ``cache`` (inference) the scaled weights and biases are
-        computed once and reused until a parameter or the mask changes.
+        factors. (Inference uses the cached plan of :meth:`_inference_forward`.)
         """
         if st.kind == "channel":
-            if not cache and self.groups == 1:
-                # training, wide outputs (grouped-conv territory): the whole layer as one masked dynamic conv,
+            lambda_s, lambda_d = self.scales()
+            if self.groups == 1:
+                # wide outputs (grouped-conv territory): the whole layer as one masked dynamic conv,
                 # the mask folded into its autograd (no weight-sized copies kept for the backward)
                 n_dyn, n_sta = st.dynamic_index.numel(), st.static_index.numel()
                 shape_rows = self.weight_dynamic.narrow(1, 0, n_dyn)  # decision by shapes: views, no copies
                 if channel_split_runs_dense(x, pi, shape_rows, self.stride, self.padding, self.dilation, 1, "auto",
                                             self.weight_static.narrow(0, 0, n_sta), st.order):
-                    lambda_s, lambda_d = self.scales()
                     return masked_dynamic_conv2d(
                         x, pi, self.weight_dynamic, self.weight_static, self.mode_mask, lambda_s, lambda_d,
                         *self._bias_factors(lambda_s, lambda_d), self.stride, self.padding, self.dilation, 1)
-
-            def rows():
-                lam_s, lam_d = self.scales()
-                return (self.weight_dynamic.index_select(1, st.dynamic_index) * lam_d,
-                        self.weight_static.index_select(0, st.static_index) * lam_s,
-                        *self._bias_factors(lam_s, lam_d))
-
-            dyn_rows, sta_rows, bias_dyn, bias_sta = _cached(self, "rows", self._factor_tensors(), rows) if cache \
-                else rows()
-            return channel_split_conv2d(
-                x, pi, dyn_rows, sta_rows, st.order, mix_bias(pi, bias_dyn, bias_sta), self.stride, self.padding,
-                self.dilation, self.groups, "auto", st.static_index, st.dynamic_index,
-            )
-        route = pi  # routing weights the dynamic kernels are mixed with
-        if cache:
-            def scaled():
-                lam_s, lam_d = self.scales()
-                weight = self.weight_dynamic * lam_d if st.kind == "ones" else self.weight_static * lam_s
-                return (weight, *self._bias_factors(lam_s, lam_d))
-
-            weight, bias_dyn, bias_sta = _cached(self, st.kind, self._factor_tensors(), scaled)
-        else:
-            lambda_s, lambda_d = self.scales()
             bias_dyn, bias_sta = self._bias_factors(lambda_s, lambda_d)
-            if st.kind == "ones":  # scale the B x K routing weights, not the K kernels; dead static weight
-                weight = self.weight_dynamic  # gets exact zero gradients, as on the general path
-                route = pi * _with_zero_grads(lambda_d, [self.weight_static]).to(pi.dtype)
-            else:  # dead dynamic weights and routing
-                weight = self.weight_static * _with_zero_grads(lambda_s, [self.weight_dynamic, pi])
-        if st.kind == "ones":
+            return channel_split_conv2d(
+                x, pi, self.weight_dynamic.index_select(1, st.dynamic_index) * lambda_d,
+                self.weight_static.index_select(0, st.static_index) * lambda_s, st.order,
+                mix_bias(pi, bias_dyn, bias_sta), self.stride, self.padding, self.dilation, self.groups, "auto",
+                st.static_index, st.dynamic_index,
+            )
+        lambda_s, lambda_d = self.scales()
+        bias_dyn, bias_sta = self._bias_factors(lambda_s, lambda_d)
+        if st.kind == "ones":  # scale the B x K routing weights, not the K kernels; dead static weight
+            # gets exact zero gradients, as on the general path
+            route = pi * _with_zero_grads(lambda_d, [self.weight_static]).to(pi.dtype)
             if bias_dyn is not None:  # the bias is mixed with the unscaled routing weights
-                y = dynamic_conv2d(x, route, weight, None, None, None, self.stride, self.padding, self.dilation,
-                                   self.groups, "auto")
+                y = dynamic_conv2d(x, route, self.weight_dynamic, None, None, None, self.stride, self.padding,
+                                   self.dilation, self.groups, "auto")
                 return y + mix_bias(pi, bias_dyn, bias_sta)[:, :, None, None]
-            return dynamic_conv2d(x, route, weight, None, None, bias_sta, self.stride, self.padding, self.dilation,
-                                  self.groups, "auto")
+            return dynamic_conv2d(x, route, self.weight_dynamic, None, None, bias_sta, self.stride, self.padding,
+                                  self.dilation, self.groups, "auto")
+        weight = self.weight_static * _with_zero_grads(lambda_s, [self.weight_dynamic, pi])  # dead dynamic part
         y = F.conv2d(x, weight, None, self.stride, self.padding, self.dilation, self.groups)
         bias = mix_bias(pi, bias_dyn, bias_sta)
         return y if bias is None else y + bias[:, :, None, None]

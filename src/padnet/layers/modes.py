@@ -219,7 +219,13 @@ class PadLayerMixin:
 
     def live_masks(self) -> list[Tensor]:
         """The registered live-mask buffers (empty for a never-pruned layer)."""
-        return [g.live for g in self.mode_groups() if g.live is not None]
+        buffers = self._buffers  # read directly: this runs on every forward (cache keys)
+        lives = []
+        for _, dyn, _, mask, _, _ in self._mode_group_specs:
+            live = buffers.get(live_mask_attr(mask))
+            if live is not None and getattr(self, dyn) is not None:
+                lives.append(live)
+        return lives
 
     def has_pruned(self) -> bool:
         """Whether any entry is pruned (cached until a live mask changes)."""

@@ -101,12 +101,15 @@ def masked_dynamic_conv2d(
     padding=0,
     dilation=1,
     groups: int = 1,
+    routing_sums_to_one: bool = False,
 ) -> Tensor:
     """``dynamic_conv2d(x, pi, lambda_d M dynamic, lambda_s (1 - M) static, bias...)`` without the copies.
 
     Shapes: ``x [B, C, H, W]``, ``pi [B, K]``, ``dynamic [K, O, C/groups, kh, kw]``,
     ``static`` and ``mask`` ``[O, C/groups, kh, kw]``, ``lambda_*`` 0-d. Returns ``[B, O, H', W']``.
-    The mask receives no gradient.
+    The mask receives no gradient. ``routing_sums_to_one`` (softmax routing: every row of ``pi``
+    sums to 1) lets the output-space backend fold the static part into the K dynamic factors,
+    ``sum_k pi_k (dyn_k + sta) = sum_k pi_k dyn_k + sta``: K convs instead of K + 1.
     """
     geom = conv_geometry(dynamic.shape[-2:], stride, padding, dilation, groups)
     exporting = is_exporting()
@@ -114,6 +117,8 @@ def masked_dynamic_conv2d(
         x, pi, dynamic, static, stride, padding, dilation, groups, "auto", geom=geom)
     if exporting or name == "output" or (name == "bmm" and groups > 1):
         dyn, sta = masked_factors(dynamic, static, mask, lambda_s, lambda_d)
+        if name == "output" and routing_sums_to_one and sta is not None:
+            dyn, sta = dyn + sta, None
         y = run_backend(name, x, pi, dyn, sta, geom, padding)
     elif name == "weight":
         b, c, h, w = x.shape
