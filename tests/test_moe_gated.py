@@ -231,3 +231,33 @@ def test_gated_partition_touches_the_gate_group():
     live = sum(int(m.sum()) for m in masks.values())
     assert live == round(0.3 * total)
     assert 0 < int(masks["gate"].sum()) < masks["gate"].numel()
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_inference_reuses_effective_weights_until_something_changes(gated):
+    """No-grad forwards reuse the combined expert weights; in-place updates, mask changes and
+    training invalidate / free them; outputs always equal the uncached computation."""
+    from padnet.layers import MoEFeedForward
+
+    torch.manual_seed(0)
+    moe = MoEFeedForward(8, 12, num_experts=4, top_k=2, gated=gated, activation="silu", dtype=torch.float64).eval()
+    x = torch.randn(10, 8, dtype=torch.float64)
+
+    def uncached():
+        return moe._moe_forward(x, moe.effective_weights, moe.effective_gate_weights)
+
+    with torch.no_grad():
+        torch.testing.assert_close(moe(x), uncached(), rtol=0, atol=0)
+        cached = moe.__dict__["_inference_cache"]["effective"][1][0][0]
+        moe(x)
+        assert moe.__dict__["_inference_cache"]["effective"][1][0][0] is cached  # reused
+        moe.experts_in.mul_(1.25)  # optimizer-like in-place update
+        torch.testing.assert_close(moe(x), uncached(), rtol=0, atol=0)
+        mask = torch.zeros_like(moe.mode_mask_in)
+        mask[:, :3] = 1
+        moe.set_mode_mask("in", mask)
+        torch.testing.assert_close(moe(x), uncached(), rtol=0, atol=0)
+    moe.train()
+    moe(x).sum().backward()  # autograd: recombined, nothing cached
+    assert "_inference_cache" not in moe.__dict__ and "_inference_cache" not in moe.state_dict()
+    assert moe.experts_in.grad is not None

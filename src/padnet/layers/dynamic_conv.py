@@ -21,6 +21,8 @@ from .modes import (
     CompactLayerMixin, PackedModeGroup, PadLayerMixin, ScaleFactors, combine_factors, register_mask,
     register_routing_stats,
 )
+from .modes import cached_derived as _cached
+from .modes import tensor_key as _tensor_key
 
 ROUTINGS = ("softmax", "sigmoid")
 ROUTER_INITS = ("official", "torch")
@@ -464,28 +466,6 @@ def _fold_static_into_dynamic(dyn, sta, bias_dyn=None, bias_sta=None, routing="s
     if routing != "softmax" or sta is None or dyn is None:
         return dyn, sta, bias_dyn, bias_sta
     return dyn + sta, None, bias_dyn, bias_sta
-
-
-def _tensor_key(tensors: tuple[Tensor, ...]) -> tuple:
-    """Changes whenever any tensor is updated in place (version counter) or replaced (storage, dtype, device)."""
-    return tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in tensors)
-
-
-def _cached(module: nn.Module, name: str, tensors: tuple[Tensor, ...], compute):
-    """``compute()`` cached on ``module`` under ``name`` until any of ``tensors`` changes (:func:`_tensor_key`).
-
-    Optimizer steps, ``load_state_dict`` and ``set_mode_mask`` all update in
-    place and so invalidate. The cache is a plain attribute: never saved.
-    """
-    key = _tensor_key(tensors)
-    store = module.__dict__.setdefault("_inference_cache", {})
-    hit = store.get(name)
-    if hit is not None and hit[0] == key:
-        return hit[1]
-    store.clear()  # one derived form at a time: the mask kind may have changed
-    value = compute()
-    store[name] = (key, value)
-    return value
 
 
 def _mask_structure(module: nn.Module, mask: Tensor) -> "MaskStructure":

@@ -378,6 +378,28 @@ def pad_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
             yield name, module
 
 
+def tensor_key(tensors: tuple[Tensor, ...]) -> tuple:
+    """Changes whenever any tensor is updated in place (version counter) or replaced (storage, dtype, device)."""
+    return tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in tensors)
+
+
+def cached_derived(module: nn.Module, name: str, tensors: tuple[Tensor, ...], compute):
+    """``compute()`` cached on ``module`` under ``name`` until any of ``tensors`` changes (:func:`tensor_key`).
+
+    Optimizer steps, ``load_state_dict`` and ``set_mode_mask`` all update in
+    place and so invalidate. The cache is a plain attribute: never saved.
+    """
+    key = tensor_key(tensors)
+    store = module.__dict__.setdefault("_inference_cache", {})
+    hit = store.get(name)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    store.clear()  # one derived form at a time: the mask kind may have changed
+    value = compute()
+    store[name] = (key, value)
+    return value
+
+
 def live_mask_attr(mask_attr: str) -> str:
     """Buffer name of the live mask paired with a mode-mask buffer (``mode_mask`` -> ``live_mask``)."""
     return mask_attr.replace("mode_mask", "live_mask") if "mode_mask" in mask_attr else mask_attr + "_live"

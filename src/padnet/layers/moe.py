@@ -59,7 +59,7 @@ from ..ops.moe_routing import (
 )
 from ..ops.exporting import is_exporting
 from .modes import (
-    CompactLayerMixin, PackedModeGroup, PadLayerMixin, ScaleFactors, live_mask_attr, register_mask,
+    CompactLayerMixin, PackedModeGroup, PadLayerMixin, ScaleFactors, cached_derived, live_mask_attr, register_mask,
     register_routing_stats,
 )
 
@@ -656,8 +656,28 @@ class MoEFeedForward(_MoERouting, PadLayerMixin, nn.Module):
         return self._combined("gate"), self._combined("bias_gate")
 
     def forward(self, x: Tensor) -> Tensor:
-        """``[..., H] -> [..., H]``; also sets ``aux_loss`` and ``last_expert_counts``."""
-        return self._moe_forward(x, self.effective_weights, self.effective_gate_weights)
+        """``[..., H] -> [..., H]``; also sets ``aux_loss`` and ``last_expert_counts``.
+
+        Inference (no autograd, not exporting) reuses the combined expert weights
+        until a parameter, mask or live mask changes (version counters), as the
+        deploy form does; with autograd they are recombined every call.
+        """
+        if torch.is_grad_enabled() or is_exporting():
+            self.__dict__.pop("_inference_cache", None)
+            return self._moe_forward(x, self.effective_weights, self.effective_gate_weights)
+        weights, gate_weights = cached_derived(
+            self, "effective", self._factor_tensors(),
+            lambda: (self.effective_weights(), self.effective_gate_weights()))
+        return self._moe_forward(x, lambda: weights, lambda: gate_weights)
+
+    def _factor_tensors(self) -> tuple[Tensor, ...]:
+        """Every tensor the effective weights depend on (cache key material)."""
+        tensors = []
+        for g in self.mode_groups():
+            tensors += [g.dynamic, g.static, g.mask] + ([] if g.live is None else [g.live])
+        if self.scale.phi is not None:
+            tensors.append(self.scale.phi)
+        return tuple(tensors)
 
     def extra_repr(self) -> str:
         return (
