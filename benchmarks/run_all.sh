@@ -16,6 +16,7 @@ $F --name backends -- python benchmarks/bench_backends.py --threads 2 --repeats 
 $F --name backends_grad -- python benchmarks/bench_backends.py --threads 2 --repeats 9 --batches 32 --grad $WAIT
 $F --name channel_split -- python benchmarks/bench_channel_split.py --threads 2 --repeats 15 $WAIT
 $F --name moe -- python benchmarks/bench_moe.py --threads 2 --repeats 11 $WAIT
+$F --name moe_gated -- python benchmarks/bench_moe.py --gated --threads 2 --repeats 11 $WAIT
 $F --name compile -- python benchmarks/bench_compile.py --threads 2 --repeats 9 $WAIT
 $F --name fused -- python benchmarks/bench_fused.py --threads 2 --repeats 9 $WAIT
 $F --name micro -- python benchmarks/bench_micro.py --threads 2 --repeats 9 $WAIT
