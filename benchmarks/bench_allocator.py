@@ -53,7 +53,10 @@ def main() -> None:
         env = {k: v for k, v in os.environ.items() if k not in FIXED}
         env.update(extra)
         code = CHILD.format(threads=args.threads, repeats=args.repeats)
-        res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                             cwd=os.path.dirname(os.path.abspath(__file__)))  # the child imports latency.py
+        if res.returncode:
+            raise SystemExit(f"{label} child failed:\n{res.stderr}")
         out[label] = json.loads(res.stdout.strip().splitlines()[-1])
         log(f"{label}: {out[label]}")
     write("allocator", args, {"machine": info, "settings": FIXED, "runs": out})

@@ -37,7 +37,7 @@ def fmt(v, digits=2):
 
 def machine_line(payload):
     m, a = payload["machine"], payload.get("machine_after", {})
-    runs = f"median of {payload['runs']} fresh processes, " if "runs" in payload else ""
+    runs = f"median of {payload['runs']} fresh processes, " if isinstance(payload.get("runs"), int) else ""
     return (f"_{runs}CPU {m.get('cpu_model', 'not recorded')}; load (1-min avg, max) {m['load_1m']} before, "
             f"{a.get('load_1m', '?')} after; {m['torch_threads']} threads, torch {m['torch']}_")
 
@@ -191,6 +191,7 @@ def main() -> None:
         ("backends (functional, forward+backward)", "backends_grad", lambda p: backends_table(p, grad=True)),
         ("conv layers", "conv_layers", layers_tables),
         ("MoE", "moe", moe_table),
+        ("MoE, gated (SwiGLU) experts", "moe_gated", moe_table),
         ("models", "models", models_table),
         ("micro-measurements", "micro", micro_table),
         ("channel split: where the time goes", "channel_split", channel_split_table),
