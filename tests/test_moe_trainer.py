@@ -69,6 +69,85 @@ def test_hooks_bad_input():
         PadTrainingHooks(step_hooks=[3])
 
 
+def _moe_regression(seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(6, 8), MoEFeedForward(8, 12, num_experts=4, top_k=2))
+    data = [(torch.randn(16, 6), torch.randn(16, 8)) for _ in range(4)]
+    return model, data
+
+
+def test_plain_loop_drives_learned_gates_to_hardening():
+    model, data = _moe_regression()
+    gates = padnet.ModeGates(model, target_ratio=0.25)
+    hooks = PadTrainingHooks(aux_loss=False, gates=gates, harden_step=5, gate_lr=0.1)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    gate_ids = {id(p) for p in gates.gate_parameters()}
+    assert any(id(p) in gate_ids for g in opt.param_groups for p in g["params"])
+    hooks.attach_optimizer(opt)
+    assert not any(id(p) in gate_ids for g in opt.param_groups for p in g["params"])  # own Adam now
+    before = [p.detach().clone() for p in gates.gate_parameters()]
+    for step in range(7):
+        x, y = data[step % 4]
+        hooks.step_begin(model, step)
+        task = F.mse_loss(model(x), y)
+        loss = hooks.loss(model, task)
+        if step < 5:  # the budget penalty is part of the loss until hardening
+            torch.testing.assert_close(loss - task, gates.penalty().detach(), rtol=1e-5, atol=1e-7)
+            assert "padnet/gate_expected_ratio" in hooks.metrics(model)
+        else:
+            assert loss is task
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        hooks.optimizer_step()
+        hooks.step_end(model, step + 1)
+        if step == 0:
+            assert any(not torch.equal(a, b) for a, b in zip(before, gates.gate_parameters()))  # gates learn
+    assert hooks.harden_report is not None and hooks.harden_report["step"] == 5
+    assert hooks.gate_optimizer is None and not hooks.gates_active
+    assert dynamic_ratio(model) == pytest.approx(0.25, abs=0.02)
+
+
+def test_plain_loop_steps_a_mode_scheduler_and_logs_moved_entries():
+    model, data = _moe_regression()
+    padnet.partition_(model, ratio=0.5, batches=data[:2], loss_fn=F.mse_loss, iterations=1, warn_symmetric=False)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    sched = padnet.ModeScheduler(model, opt, total_steps=12, update_interval=3, fraction=0.3,
+                                 repartition="magnitude", growth="random", prune=None)
+    hooks = PadTrainingHooks(mode_scheduler=sched)
+    for step in range(8):
+        x, y = data[step % 4]
+        hooks.step_begin(model, step)
+        loss = hooks.loss(model, F.mse_loss(model(x), y))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        hooks.step_end(model, step + 1)
+    assert [r["step"] for r in hooks.mode_updates] == [3, 6]
+    moved = hooks.metrics(model)["padnet/mode_entries_moved"]
+    assert moved == sum(r["entries_moved"] for r in hooks.mode_updates) > 0
+    assert dynamic_ratio(model) == pytest.approx(0.5, abs=1e-3)  # re-partition keeps kappa
+    assert hooks.metrics(model)["padnet/mode_entries_moved"] == 0.0  # reset per log window
+
+
+def test_hooks_bad_gate_and_scheduler_options():
+    model, _ = _moe_regression()
+    with pytest.raises(TypeError, match="mode_scheduler must be"):
+        PadTrainingHooks(mode_scheduler=object())
+    with pytest.raises(TypeError, match="gates must be"):
+        PadTrainingHooks(gates=object(), harden_step=3)
+    gates = padnet.ModeGates(model, target_ratio=0.25)
+    with pytest.raises(ValueError, match="harden_step"):
+        PadTrainingHooks(gates=gates)
+    with pytest.raises(ValueError, match="gate_lr"):
+        PadTrainingHooks(gates=gates, harden_step=3, gate_lr=float("nan"))
+    with pytest.raises(ValueError, match="harden_step is given but gates is None"):
+        PadTrainingHooks(harden_step=3)
+    hooks = PadTrainingHooks(gates=gates, harden_step=3)
+    with pytest.raises(RuntimeError, match="attach_optimizer"):
+        hooks.step_begin(model, 0)
+
+
 # ----------------------------------------------------------------------------- HF Trainer
 
 
@@ -134,6 +213,28 @@ def test_hf_trainer_end_to_end_with_the_callback(tmp_path):
     assert [h["step"] for h in logs] == [2, 4, 6]
     assert all("padnet/moe/load_max_over_mean" in h and "padnet/moe/z_loss_avg" in h for h in logs)
     assert logs[0]["padnet/dynamic_ratio"] == 1.0 and logs[-1]["padnet/dynamic_ratio"] == pytest.approx(0.5, abs=1e-3)
+
+
+def test_hf_trainer_drives_learned_gates(tmp_path):
+    from padnet.train.hf_callback import add_padnet_callback
+
+    model = _tiny_llama_classifier()
+    padnet.dynamize_(model, padnet.PadConfig(moe=padnet.MoEConfig()))
+    gates = padnet.ModeGates(model, target_ratio=0.5)
+    gate_ids = {id(p) for p in gates.gate_parameters()}
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=8, logging_steps=2, learning_rate=1e-3,
+        report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, dataloader_num_workers=0,
+    )
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=_Dataset())
+    cb = add_padnet_callback(trainer, gates=gates, harden_step=4, gate_lr=0.1)
+    trainer.train()
+    assert not any(id(p) in gate_ids for g in trainer.optimizer.param_groups for p in g["params"])
+    assert cb.hooks.harden_report is not None and cb.hooks.harden_report["step"] == 4
+    assert dynamic_ratio(model) == pytest.approx(0.5, abs=0.02)
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert "padnet/gate_expected_ratio" in logs[0] and "padnet/gate_expected_ratio" not in logs[-1]
+    assert logs[0]["padnet/gate_expected_ratio"] != logs[1]["padnet/gate_expected_ratio"]  # the gates learned
 
 
 def test_add_padnet_callback_rejects_non_trainers_and_bad_options():

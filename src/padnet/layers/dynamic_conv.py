@@ -320,7 +320,8 @@ class DynamicConv2d(_ConvGeometry, PadLayerMixin, nn.Module):
         exporting = is_exporting()
         self._observe_routing(pi, exporting)
         if not exporting and self.backend == "auto" and not torch.is_grad_enabled() \
-                and self.__dict__.get("cache_weights", True):
+                and self.__dict__.get("cache_weights", True) and not self._masks_require_grad():
+            # (a mask that requires grad is not 0/1 -- e.g. fractional gates -- and takes the literal formula)
             return self._inference_forward(x, pi)
         self.__dict__.pop("_inference_cache", None)  # autograd (or caching off): free what inference cached
         if self.backend != "auto" or exporting or self._masks_require_grad() or self.has_pruned():

@@ -662,18 +662,21 @@ class MoEFeedForward(_MoERouting, PadLayerMixin, nn.Module):
         until a parameter, mask or live mask changes (version counters), as the
         deploy form does; with autograd they are recombined every call.
         """
-        if torch.is_grad_enabled() or is_exporting():
+        groups = self.mode_groups()
+        fractional = any(g.mask.requires_grad or (g.live is not None and g.live.requires_grad) for g in groups)
+        if torch.is_grad_enabled() or is_exporting() or fractional:
+            # autograd, export, or a mask that requires grad (fractional gates: a fresh tensor per call)
             self.__dict__.pop("_inference_cache", None)
             return self._moe_forward(x, self.effective_weights, self.effective_gate_weights)
         weights, gate_weights = cached_derived(
-            self, "effective", self._factor_tensors(),
+            self, "effective", self._factor_tensors(groups),
             lambda: (self.effective_weights(), self.effective_gate_weights()))
         return self._moe_forward(x, lambda: weights, lambda: gate_weights)
 
-    def _factor_tensors(self) -> tuple[Tensor, ...]:
-        """Every tensor the effective weights depend on (cache key material)."""
+    def _factor_tensors(self, groups) -> tuple[Tensor, ...]:
+        """Every tensor the effective weights depend on (cache key material); ``groups``: :meth:`mode_groups`."""
         tensors = []
-        for g in self.mode_groups():
+        for g in groups:
             tensors += [g.dynamic, g.static, g.mask] + ([] if g.live is None else [g.live])
         if self.scale.phi is not None:
             tensors.append(self.scale.phi)

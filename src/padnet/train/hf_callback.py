@@ -84,6 +84,10 @@ class PadNetCallback(TrainerCallback):
     - the default partition (``partition_kwargs`` with a ``ratio``, no
       ``partition``) scores on the first ``partition_batches`` batches of the
       Trainer's training dataloader with the model's own loss;
+    - ``mode_scheduler``: stepped at each step end; ``gates`` (with
+      ``harden_step``): removed from the Trainer's optimizer at train begin,
+      their penalty added to the loss by the same forward hook, their Adam
+      stepped in ``on_optimizer_step``, hardened at ``harden_step``;
     - on each training log: :meth:`PadTrainingHooks.metrics` (``padnet/...``
       keys) are added to the log entry and to ``state.log_history``.
 
@@ -102,6 +106,10 @@ class PadNetCallback(TrainerCallback):
         partition_kwargs: dict[str, Any] | None = None,
         partition_batches: int = 8,
         step_hooks: Sequence[Callable[[nn.Module, int], None]] = (),
+        mode_scheduler: Any = None,
+        gates: Any = None,
+        harden_step: int | None = None,
+        gate_lr: float = 0.05,
     ) -> None:
         if isinstance(partition_batches, bool) or not isinstance(partition_batches, int) or partition_batches < 1:
             raise ValueError(f"partition_batches must be an int >= 1, got {partition_batches!r}")
@@ -110,13 +118,21 @@ class PadNetCallback(TrainerCallback):
         self.hooks = PadTrainingHooks(
             aux_loss=aux_loss, bias_update=bias_update, temperature=temperature, partition_step=partition_step,
             partition=partition, partition_kwargs=partition_kwargs, step_hooks=step_hooks,
+            mode_scheduler=mode_scheduler, gates=gates, harden_step=harden_step, gate_lr=gate_lr,
         )
         self.partition_batches = partition_batches
         self._handle = None
 
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if self._handle is None and model is not None and self.hooks.aux_loss:
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if self._handle is None and model is not None and (self.hooks.aux_loss or self.hooks.gates_active):
             self._handle = model.register_forward_hook(_add_aux_to_output(self.hooks))
+        if self.hooks.gates_active and self.hooks.gate_optimizer is None:
+            if optimizer is None:
+                raise RuntimeError("PadNetCallback with gates: the Trainer passed no optimizer to on_train_begin")
+            self.hooks.attach_optimizer(optimizer)
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.hooks.optimizer_step()  # gates: their Adam step while the gradients still exist
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         if model is not None:
