@@ -37,9 +37,10 @@ class MaskedAggregate(torch.autograd.Function):
                 lambda_d: Tensor) -> Tensor:
         ctx.save_for_backward(pi, dynamic, static, mask, lambda_s, lambda_d)
         k = dynamic.shape[0]
-        m = mask.to(dynamic.dtype).reshape(-1)
-        w = pi.to(dynamic.dtype) @ dynamic.reshape(k, -1)  # [B, P]
-        w.mul_(lambda_d * m).add_((static.reshape(-1) * (lambda_s * (1.0 - m))))
+        # mask the K + 1 factors (K * P + P values, freed on return), then one GEMM with the static part as
+        # its bias: cheaper than masking the B per-sample kernels afterwards (2 passes over B * P) when B > K
+        dyn, sta = factor_values(dynamic, static, mask, lambda_s, lambda_d)
+        w = torch.addmm(sta.reshape(-1), pi.to(dynamic.dtype), dyn.reshape(k, -1))  # [B, P]
         return w.view(pi.shape[0], *dynamic.shape[1:])
 
     @staticmethod
