@@ -233,23 +233,21 @@ class DynamicConv2d(_ConvGeometry, PadLayerMixin, nn.Module):
     def routing_sums_to_one(self) -> bool:  # type: ignore[override]
         return self.routing == "softmax"
 
-    @torch.no_grad()
     def _apply(self, fn, recurse=True):
         """``Module.to(memory_format=torch.channels_last)`` converts 4-D and 5-D tensors, but
         channels_last is a 4-D format: ``weight_dynamic [K, O, C/g, kh, kw]`` is converted as
         ``[K * O, C/g, kh, kw]`` (each kernel channels_last) and viewed back."""
         def convert(t):
-            if t.dim() != 5:
-                return fn(t)
             try:
                 return fn(t)
             except RuntimeError as exc:
-                if "channels_last" not in str(exc):
+                if t.dim() != 5 or "channels_last" not in str(exc):
                     raise
                 return fn(t.reshape(t.shape[0] * t.shape[1], *t.shape[2:])).view(t.shape)
 
         return super()._apply(convert, recurse)
 
+    @torch.no_grad()
     def reset_parameters(self) -> None:
         """The ``"fresh"`` initialisation of the official PAD-Net code.
 
