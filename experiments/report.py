@@ -456,15 +456,8 @@ def study2_markdown(results: dict[str, dict[str, dict[int, dict]]] | None = None
             mean = f"{r['mean']:+.2f}" if r["n"] else "–"
             out.append(f"| ({r['key']}) | {r['question']} | {per} | {mean} | {_fmt_ci(r['ci'])} | "
                        f"{_fmt_p(r['p'])} | {_fmt_p(r['p_holm'])} | {r['verdict']} |")
-        out += ["", "Exploratory comparisons (two-sided, not corrected):", "",
-                "| A - B | per seed | mean | 95 % CI | p |", "|---|---|---:|---:|---:|"]
-        for label, a, b in SECONDARY:
-            _, diffs = _diffs(runs, a, b)
-            r = paired_test(diffs, "two-sided")
-            per = ", ".join(f"{d:+.2f}" for d in diffs) or "not yet run"
-            mean = f"{r['mean']:+.2f}" if r["n"] else "–"
-            out.append(f"| {label} | {per} | {mean} | {_fmt_ci(r['ci'])} | {_fmt_p(r['p'])} |")
-        out.append("")
+        out += ["", "Exploratory comparisons (two-sided, not corrected):", ""]
+        out += _comparison_rows(runs, SECONDARY, "A - B") + [""]
         fig = figures / f"study2_curves_{tag}.png"
         fields = plot_curves(runs, study.ARMS2, fig)
         if fields:
@@ -481,14 +474,20 @@ def study2_markdown(results: dict[str, dict[str, dict[int, dict]]] | None = None
     if not text:
         out += ["Not yet run: no result files in `experiments/results/study2/text/`.", ""]
     out += _arm_table(text, study.TEXT2_ARMS, study.TEXT_SEEDS2) + [""]
-    out += ["| A - B (two-sided, uncorrected) | per seed | mean | 95 % CI | p |", "|---|---|---:|---:|---:|"]
-    for label, a, b in TEXT2_COMPARISONS:
-        _, diffs = _diffs(text, a, b)
+    out += _comparison_rows(text, TEXT2_COMPARISONS, "A - B (two-sided, uncorrected)")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def _comparison_rows(runs: dict, comparisons, header: str) -> list[str]:
+    """Markdown table of two-sided paired comparisons ``(label, arm A, arm B)``: per-seed A - B, mean, CI, p."""
+    out = [f"| {header} | per seed | mean | 95 % CI | p |", "|---|---|---:|---:|---:|"]
+    for label, a, b in comparisons:
+        _, diffs = _diffs(runs, a, b)
         r = paired_test(diffs, "two-sided")
         per = ", ".join(f"{d:+.2f}" for d in diffs) or "not yet run"
         mean = f"{r['mean']:+.2f}" if r["n"] else "–"
         out.append(f"| {label} | {per} | {mean} | {_fmt_ci(r['ci'])} | {_fmt_p(r['p'])} |")
-    return "\n".join(out).rstrip() + "\n"
+    return out
 
 
 def timing_markdown(path: Path, study) -> list[str]:

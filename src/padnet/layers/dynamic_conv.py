@@ -362,16 +362,9 @@ class DynamicConv2d(_ConvGeometry, PadLayerMixin, nn.Module):
         """
         st, factors = _cached(self, "plan", self._factor_tensors(), self._inference_plan)
         if st.kind == "channel":
-            dyn_rows, sta_rows, bias_dyn, bias_sta = factors
-            return channel_split_conv2d(
-                x, pi, dyn_rows, sta_rows, st.order, mix_bias(pi, bias_dyn, bias_sta), self.stride, self.padding,
-                self.dilation, self.groups, "auto", st.static_index, st.dynamic_index,
-            )
+            return self._channel_split(x, pi, st, *factors)
         if st.kind == "zeros":
-            weight, bias_dyn, bias_sta = factors
-            y = F.conv2d(x, weight, None, self.stride, self.padding, self.dilation, self.groups)
-            bias = mix_bias(pi, bias_dyn, bias_sta)
-            return y if bias is None else y + bias[:, :, None, None]
+            return self._static_conv(x, pi, *factors)
         dyn, sta, bias_dyn, bias_sta = factors  # "ones" and "element" (pruned entries included)
         return dynamic_conv2d(x, pi, dyn, sta, bias_dyn, bias_sta, self.stride, self.padding, self.dilation,
                               self.groups, "auto")
@@ -383,10 +376,9 @@ class DynamicConv2d(_ConvGeometry, PadLayerMixin, nn.Module):
         lam_s, lam_d = self.scales()
         if st.kind == "element":
             return st, _fold_static_into_dynamic(*self.combined_factors(), self.routing)
-        bias_dyn, bias_sta = self._bias_factors(lam_s, lam_d)
         if st.kind == "channel":
-            return st, (self.weight_dynamic.index_select(1, st.dynamic_index) * lam_d,
-                        self.weight_static.index_select(0, st.static_index) * lam_s, bias_dyn, bias_sta)
+            return st, self._channel_rows(st, lam_s, lam_d)
+        bias_dyn, bias_sta = self._bias_factors(lam_s, lam_d)
         if st.kind == "ones":
             return st, (self.weight_dynamic * lam_d, None, bias_dyn, bias_sta)
         return st, (self.weight_static * lam_s, bias_dyn, bias_sta)
@@ -447,13 +439,7 @@ class DynamicConv2d(_ConvGeometry, PadLayerMixin, nn.Module):
                     return masked_dynamic_conv2d(
                         x, pi, self.weight_dynamic, self.weight_static, self.mode_mask, lambda_s, lambda_d,
                         *self._bias_factors(lambda_s, lambda_d), self.stride, self.padding, self.dilation, 1)
-            bias_dyn, bias_sta = self._bias_factors(lambda_s, lambda_d)
-            return channel_split_conv2d(
-                x, pi, self.weight_dynamic.index_select(1, st.dynamic_index) * lambda_d,
-                self.weight_static.index_select(0, st.static_index) * lambda_s, st.order,
-                mix_bias(pi, bias_dyn, bias_sta), self.stride, self.padding, self.dilation, self.groups, "auto",
-                st.static_index, st.dynamic_index,
-            )
+            return self._channel_split(x, pi, st, *self._channel_rows(st, lambda_s, lambda_d))
         lambda_s, lambda_d = self.scales()
         bias_dyn, bias_sta = self._bias_factors(lambda_s, lambda_d)
         if st.kind == "ones":  # scale the B x K routing weights, not the K kernels; dead static weight
@@ -466,6 +452,25 @@ class DynamicConv2d(_ConvGeometry, PadLayerMixin, nn.Module):
             return dynamic_conv2d(x, route, self.weight_dynamic, None, None, bias_sta, self.stride, self.padding,
                                   self.dilation, self.groups, "auto")
         weight = self.weight_static * _with_zero_grads(lambda_s, [self.weight_dynamic, pi])  # dead dynamic part
+        return self._static_conv(x, pi, weight, bias_dyn, bias_sta)
+
+    def _channel_rows(self, st: "MaskStructure", lambda_s: Tensor, lambda_d: Tensor) -> tuple:
+        """Scaled factors of a channel-structured mask: ``(dyn_rows [K, O_dyn, C/g, kh, kw],
+        sta_rows [O_sta, C/g, kh, kw], bias_dyn, bias_sta)``."""
+        return (self.weight_dynamic.index_select(1, st.dynamic_index) * lambda_d,
+                self.weight_static.index_select(0, st.static_index) * lambda_s,
+                *self._bias_factors(lambda_s, lambda_d))
+
+    def _channel_split(self, x: Tensor, pi: Tensor, st: "MaskStructure", dyn_rows: Tensor, sta_rows: Tensor,
+                       bias_dyn, bias_sta) -> Tensor:
+        """The static and dynamic output channels as two convs, merged (:func:`channel_split_conv2d`)."""
+        return channel_split_conv2d(
+            x, pi, dyn_rows, sta_rows, st.order, mix_bias(pi, bias_dyn, bias_sta), self.stride, self.padding,
+            self.dilation, self.groups, "auto", st.static_index, st.dynamic_index,
+        )
+
+    def _static_conv(self, x: Tensor, pi: Tensor, weight: Tensor, bias_dyn, bias_sta) -> Tensor:
+        """An all-static layer: one plain conv plus the (possibly dynamic) bias."""
         y = F.conv2d(x, weight, None, self.stride, self.padding, self.dilation, self.groups)
         bias = mix_bias(pi, bias_dyn, bias_sta)
         return y if bias is None else y + bias[:, :, None, None]
