@@ -246,6 +246,26 @@ def test_train_step_channels_last(name):
 
 
 @pytest.mark.parametrize("name", [_case(n) for n in MODELS])
+def test_partitioned_model_to_channels_last_and_cached_inference(name):
+    """After dynamize_ + partition: ``.to(memory_format=channels_last)`` works on the 5-D kernels, and the
+    cached inference plan (no autograd) gives the autograd forward's outputs, before and after an update."""
+    model, x = _partitioned(name)
+    with torch.enable_grad():
+        ref = model(x).detach()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-6)  # plan reused
+    model.to(memory_format=torch.channels_last)  # invalidates the plans (new storage)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x.to(memory_format=torch.channels_last)), ref, rtol=1e-4, atol=1e-5)
+        for p in model.parameters():
+            p.mul_(1.01)  # optimizer-like in-place update
+        cached = model(x)
+    with torch.enable_grad():
+        torch.testing.assert_close(cached, model(x).detach(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", [_case(n) for n in MODELS])
 def test_partition_and_compact(name):
     model, x = _partitioned(name)
     with torch.no_grad():
