@@ -82,15 +82,17 @@ def cmd_partition(args) -> None:
     from padnet.transforms.partition import partition_
 
     width = args.width
-    flags = {"variant": "dynamic", "epochs": 1, "width": width, "max_test_samples": args.test}
+    flags = {"variant": "dynamic", "epochs": 1, "width": width, "max_test_samples": args.test,
+             **CONFIGS[args.config]}
     if args.train is not None:
         flags["max_train_samples"] = args.train
+    suffix = "" if args.config == "after" else f"-{args.config}"
     t0 = time.time()
-    out = run_training(f"dyn-w{width}-n{args.train}", flags)
+    out = run_training(f"dyn-w{width}-n{args.train}{suffix}", flags)
     train_seconds = time.time() - t0
     tests = test_batches(flags, args.test)
     part = test_batches(flags, 4 * 128, batch_size=128, train=True)  # the trainer's 4 partition batches
-    result = {"width": width, "max_train_samples": args.train, "test_samples": args.test,
+    result = {"config": args.config, "width": width, "max_train_samples": args.train, "test_samples": args.test,
               "train_wall_seconds_this_call": train_seconds, "ratio": 0.3, "criterion": "taylor",
               "iterations": 5, "partition_batches": 4}
     base = padnet.load(out / "model.safetensors")
@@ -106,7 +108,7 @@ def cmd_partition(args) -> None:
         result[key]["loss_increase"] = result[key]["test_loss"] - result["fully_dynamic"]["test_loss"]
     result["loss_increase_ratio"] = (result["preserve=False"]["loss_increase"]
                                      / max(result["preserve=True"]["loss_increase"], 1e-12))
-    path = RESULTS / f"transitions-partition-w{width}.json"
+    path = RESULTS / f"transitions-partition-w{width}{suffix}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
@@ -135,7 +137,18 @@ CONFIGS = {
     "fresh-official-30to3-10pct": {"pad_config": OFFICIAL, **_schedule(30.0, 3.0, 0.1)},
     "fresh-official-30to5-10pct": {"pad_config": OFFICIAL, **_schedule(30.0, 5.0, 0.1)},
     "fresh-official-30to2-10pct": {"pad_config": OFFICIAL, **_schedule(30.0, 2.0, 0.1)},
-    "after": {},  # the recipe defaults after issue 11 (fresh, official router, 30 -> 3 over the first 10 %)
+    # the first recipe defaults of issue 11 (fresh, official router, 30 -> 3 over the first 10 %), pinned
+    "after": {"pad_config": OFFICIAL, **_schedule(30.0, 3.0, 0.1)},
+    "bn-30to3-10pct": {"pad_config": {**OFFICIAL, "router_norm": "batch"}, **_schedule(30.0, 3.0, 0.1)},
+    "bn-30to5-10pct": {"pad_config": {**OFFICIAL, "router_norm": "batch"}, **_schedule(30.0, 5.0, 0.1)},
+    "bn-30to2-10pct": {"pad_config": {**OFFICIAL, "router_norm": "batch"}, **_schedule(30.0, 2.0, 0.1)},
+    "bn-30to2.5-10pct": {"pad_config": {**OFFICIAL, "router_norm": "batch"}, **_schedule(30.0, 2.5, 0.1)},
+    "bn-30to2-half": {"pad_config": {**OFFICIAL, "router_norm": "batch"}, **_schedule(30.0, 2.0)},
+    "bn-30to2-30pct": {"pad_config": {**OFFICIAL, "router_norm": "batch"}, **_schedule(30.0, 2.0, 0.3)},
+    "bn-30to3-half": {"pad_config": {**OFFICIAL, "router_norm": "batch"}, **_schedule(30.0, 3.0)},
+    "bn-30to2.5-half": {"pad_config": {**OFFICIAL, "router_norm": "batch"}, **_schedule(30.0, 2.5)},
+    "recipe-defaults": {},  # whatever the recipe defaults are today (checks the bn-30to2-half row is them)
+    "bn-30to1-10pct": {"pad_config": {**OFFICIAL, "router_norm": "batch"}, **_schedule(30.0, 1.0, 0.1)},
 }
 
 
@@ -176,7 +189,16 @@ DESCRIPTIONS = {
     "fresh-official-30to5-10pct": "fresh, official router, T 30 -> 5 over 10 %",
     "fresh-official-30to3-10pct": "fresh, official router, T 30 -> 3 over 10 %",
     "fresh-official-30to2-10pct": "fresh, official router, T 30 -> 2 over 10 %",
-    "after": "**after (recipe defaults): fresh, official router, T 30 -> 3 over 10 %**",
+    "after": "first defaults of issue 11: fresh, official router, T 30 -> 3 over 10 %",
+    "bn-30to5-10pct": "fresh, official router + BatchNorm, T 30 -> 5 over 10 %",
+    "bn-30to3-10pct": "fresh, official router + BatchNorm, T 30 -> 3 over 10 %",
+    "bn-30to2.5-10pct": "fresh, official router + BatchNorm, T 30 -> 2.5 over 10 %",
+    "bn-30to2-10pct": "fresh, official router + BatchNorm, T 30 -> 2 over 10 %",
+    "bn-30to1-10pct": "fresh, official router + BatchNorm, T 30 -> 1 over 10 %",
+    "bn-30to2-30pct": "fresh, official router + BatchNorm, T 30 -> 2 over 30 %",
+    "bn-30to3-half": "fresh, official router + BatchNorm, T 30 -> 3 over 1 epoch",
+    "bn-30to2.5-half": "fresh, official router + BatchNorm, T 30 -> 2.5 over 1 epoch",
+    "bn-30to2-half": "**recipe defaults: fresh, official router + BatchNorm, T 30 -> 2 over 1 epoch**",
 }
 
 
@@ -189,8 +211,14 @@ def cmd_report(args) -> None:
         for key, row in json.loads(path.read_text()).items():
             rows.setdefault(key.split("/")[0], []).append(row)
     base = statistics.mean(r["pi_std"] for r in rows["before"])
-    print("| configuration | seeds | test accuracy | pi std (layers min-max) | x before | entropy | kernel spread |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+
+    def per_layer(rs: list[dict]) -> dict[str, float]:  # pi std of each layer, mean over the seeds
+        return {name: statistics.mean(r["layers"][name]["pi_std"] for r in rs) for name in rs[0]["layers"]}
+
+    base_layers = per_layer(rows["before"])
+    print("| configuration | seeds | test accuracy | pi std (layers min-max) | x before | per layer: min x before, "
+          "layers >= 4x | entropy | kernel spread |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name in DESCRIPTIONS:
         if name not in rows:
             continue
@@ -199,7 +227,9 @@ def cmd_report(args) -> None:
         acc_s = f"{statistics.mean(acc):.1f} %" + (f" (±{statistics.stdev(acc):.1f})" if len(acc) > 1 else "")
         std = statistics.mean(r["pi_std"] for r in rs)
         lo, hi = min(r["pi_std_min"] for r in rs), max(r["pi_std_max"] for r in rs)
+        ratios = [v / base_layers[layer] for layer, v in per_layer(rs).items()]
         print(f"| {DESCRIPTIONS[name]} | {len(rs)} | {acc_s} | {std:.4f} ({lo:.4f}-{hi:.4f}) | {std / base:.1f}x | "
+              f"{min(ratios):.1f}x, {sum(x >= 4 for x in ratios)} / {len(ratios)} | "
               f"{statistics.mean(r['entropy_normalized'] for r in rs):.3f} | "
               f"{statistics.mean(r['kernel_spread'] for r in rs):.4f} |")
 
@@ -212,6 +242,8 @@ def main(argv=None) -> None:
     a.add_argument("--width", type=float, default=0.25)
     a.add_argument("--train", type=int, default=None, help="training subset (default: the full 60,000)")
     a.add_argument("--test", type=int, default=10000)
+    a.add_argument("--config", default="after", choices=sorted(CONFIGS),
+                   help="training settings (default: the ones docs/partition.md's table was measured with)")
     b = sub.add_parser("routing")
     b.add_argument("--configs", nargs="*")
     b.add_argument("--seeds", type=int, nargs="*", default=[0])

@@ -139,6 +139,7 @@ def test_second_grid_arms_settings_and_seed_order():
 
 def test_blocked_arms_and_matched_dependency(tmp_path, monkeypatch):
     monkeypatch.setattr(study, "RESULTS", tmp_path)
+    monkeypatch.setattr(study, "RUNS", tmp_path / "runs")  # never the real runs/study of a working copy
     monkeypatch.setattr(study, "supported_flags", lambda: frozenset({"--partition-at-step", "--partition-preserve"}))
     runs = {r.arm: r for r in study.second_grid(seeds=(0,), text_seeds=())}
     assert "--repartition" in study.blocked_reason(runs["repartition"])

@@ -140,8 +140,10 @@ def test_flags_and_bad_values(capsys):
     from padnet.cli import main
 
     cfg = resolve_config({"recipe": "fashion-mnist", "partition_warmup_steps": 5})
-    assert cfg.partition_preserve is True and cfg.temperature_anneal_fraction == 0.1
-    assert cfg.pad_config == {"init": "fresh", "router_init": "official"}  # vision: trained from scratch
+    assert cfg.partition_preserve is True and cfg.temperature_anneal_fraction is None
+    assert (cfg.temperature_start, cfg.temperature_end, cfg.temperature_epochs) == (30.0, 2.0, 3.0)
+    # vision: trained from scratch, router with a BatchNorm on its hidden units
+    assert cfg.pad_config == {"init": "fresh", "router_init": "official", "router_norm": "batch"}
     for key, value, match in (("temperature_anneal_fraction", 1.5, "temperature_anneal_fraction"),
                               ("temperature_anneal_fraction", -0.1, "temperature_anneal_fraction"),
                               ("partition_preserve", "maybe", "partition_preserve")):
@@ -156,9 +158,9 @@ def test_flags_and_bad_values(capsys):
     assert "partition_warmup_steps must be >= 0, got -1" in capsys.readouterr().err
 
 
-def test_explicit_temperature_epochs_override_the_recipe_fraction():
-    assert resolve_config({"recipe": "fashion-mnist"}).temperature_anneal_fraction == 0.1
-    cfg = resolve_config({"recipe": "fashion-mnist", "temperature_epochs": 1})
+def test_explicit_temperature_epochs_override_the_recipe_fraction(toy_conv):
+    assert resolve_config({"recipe": "toy-conv"}).temperature_anneal_fraction == 0.25
+    cfg = resolve_config({"recipe": "toy-conv", "temperature_epochs": 1})
     assert cfg.temperature_anneal_fraction is None and cfg.temperature_epochs == 1
-    cfg = resolve_config({"recipe": "fashion-mnist", "temperature_epochs": 1, "temperature_anneal_fraction": 0.2})
+    cfg = resolve_config({"recipe": "toy-conv", "temperature_epochs": 1, "temperature_anneal_fraction": 0.2})
     assert cfg.temperature_anneal_fraction == 0.2

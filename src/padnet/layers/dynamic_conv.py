@@ -26,19 +26,42 @@ from .modes import tensor_key as _tensor_key
 
 ROUTINGS = ("softmax", "sigmoid")
 ROUTER_INITS = ("official", "torch")
+ROUTER_NORMS = ("none", "batch")
+
+
+class RouterBatchNorm(nn.BatchNorm1d):
+    """BatchNorm over the router's hidden units ``[B, hidden]`` (as in ODConv's attention branch).
+
+    Global average pooling over many positions makes the pooled vector of an
+    early layer nearly the same for every input; normalising the hidden units
+    over the batch removes that common part, so the logits vary with the input.
+    A training batch of one sample (where batch statistics are undefined) is
+    normalised with the running statistics, which it does not update.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training and x.shape[0] == 1:
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0,
+                                self.eps)
+        return super().forward(x)
 
 
 class KernelAttention(nn.Module):
-    """Routing network: global average pool -> Linear -> ReLU -> Linear (K logits).
+    """Routing network: global average pool -> Linear [-> BatchNorm] -> ReLU -> Linear (K logits).
 
-    ``forward(x [B, C, H, W]) -> logits [B, K]``.
+    ``forward(x [B, C, H, W]) -> logits [B, K]``. ``norm="batch"`` inserts a
+    :class:`RouterBatchNorm` after the hidden layer; ``"none"`` (default) is
+    the official PAD-Net / DY-Conv router.
     """
 
     def __init__(self, in_channels: int, num_kernels: int, reduction: int, device=None, dtype=None,
-                 init: str = "official") -> None:
+                 init: str = "official", norm: str = "none") -> None:
         super().__init__()
+        if norm not in ROUTER_NORMS:
+            raise ValueError(f"unknown router_norm {norm!r}; expected one of {ROUTER_NORMS}")
         hidden = max(in_channels // reduction, 4)
         self.fc1 = nn.Linear(in_channels, hidden, device=device, dtype=dtype)
+        self.norm = RouterBatchNorm(hidden, device=device, dtype=dtype) if norm == "batch" else None
         self.fc2 = nn.Linear(hidden, num_kernels, device=device, dtype=dtype)
         self.reset_parameters(init)
 
@@ -50,6 +73,8 @@ class KernelAttention(nn.Module):
         default (tiny logits, near-uniform routing for every input)."""
         if init not in ROUTER_INITS:
             raise ValueError(f"unknown router_init {init!r}; expected one of {ROUTER_INITS}")
+        if self.norm is not None:
+            self.norm.reset_parameters()
         if init == "torch":
             self.fc1.reset_parameters()
             self.fc2.reset_parameters()
@@ -60,8 +85,10 @@ class KernelAttention(nn.Module):
         nn.init.zeros_(self.fc2.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        pooled = x.mean(dim=(2, 3))
-        return self.fc2(F.relu(self.fc1(pooled)))
+        hidden = self.fc1(x.mean(dim=(2, 3)))
+        if self.norm is not None:
+            hidden = self.norm(hidden)
+        return self.fc2(F.relu(hidden))
 
 
 def routing_from_logits(logits: Tensor, routing: str, temperature: float) -> Tensor:
@@ -202,11 +229,14 @@ class DynamicConv2d(_ConvGeometry, PadLayerMixin, nn.Module):
         device=None,
         dtype=None,
         router_init: str = "official",
+        router_norm: str = "none",
     ) -> None:
         super().__init__()
         _check_conv_args(in_channels, out_channels, groups, num_kernels, reduction)
         if router_init not in ROUTER_INITS:
             raise ValueError(f"unknown router_init {router_init!r}; expected one of {ROUTER_INITS}")
+        if router_norm not in ROUTER_NORMS:
+            raise ValueError(f"unknown router_norm {router_norm!r}; expected one of {ROUTER_NORMS}")
         self._set_geometry(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, routing,
                            temperature, backend)
         self.num_kernels = num_kernels
@@ -224,7 +254,9 @@ class DynamicConv2d(_ConvGeometry, PadLayerMixin, nn.Module):
             self.register_parameter("bias_static", None)
             self.register_buffer("bias_mode_mask", None)
         self.router_init = router_init
-        self.attention = KernelAttention(in_channels, num_kernels, reduction, init=router_init, **factory)
+        self.router_norm = router_norm
+        self.attention = KernelAttention(in_channels, num_kernels, reduction, init=router_init, norm=router_norm,
+                                         **factory)
         self.scale = ScaleFactors(scale, **factory)
         register_routing_stats(self, num_kernels, 1.0 / num_kernels if routing == "softmax" else 0.5, device=device)
         self.reset_parameters()

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from ..layers.dynamic_conv import BACKENDS, ROUTINGS
+from ..layers.dynamic_conv import BACKENDS, ROUTER_NORMS, ROUTINGS
 from ..layers.modes import SCALE_MODES
 from ..layers.moe import BALANCE_LOSSES
 from ..layers.moe import ROUTINGS as MOE_ROUTINGS
@@ -35,7 +35,7 @@ _V1_CONV_KEYS = ("num_kernels", "reduction", "temperature", "routing", "scale", 
 _V1_MOE_KEYS = {"num_experts": "num_experts", "top_k": "top_k", "moe_init": "init", "noise_std": "noise_std",
                 "scale": "scale", "aux_loss_coef": "aux_loss_coef"}
 # flat shortcuts a training config's ``pad_config`` may use for dynamic-conv options (v1 names + newer ones)
-_FLAT_CONV_KEYS = (*_V1_CONV_KEYS, "router_init")
+_FLAT_CONV_KEYS = (*_V1_CONV_KEYS, "router_init", "router_norm")
 _V1_DROPPED = ("dynamic_ratio",)  # was never read by dynamize_; kappa is the partition's
 
 
@@ -95,6 +95,9 @@ class DynamicConvConfig:
             (independent He fan-out kernels, as the official PAD-Net code).
         router_init: ``"official"`` (PAD-Net code: He-normal hidden layer, N(0, 2/K) last layer,
             zero bias) or ``"torch"`` (``nn.Linear`` default).
+        router_norm: ``"none"`` (official router) or ``"batch"`` (BatchNorm on the router's hidden
+            units, so that the routing of early layers, whose pooled inputs barely differ between
+            samples, depends on the input; docs/training.md).
         noise_std: relative noise on inherited kernels (>= 0; breaks symmetry).
         backend: compute backend (``"auto"`` picks per call).
     """
@@ -106,6 +109,7 @@ class DynamicConvConfig:
     scale: str = "learned"
     init: str = "inherit"
     router_init: str = "official"
+    router_norm: str = "none"
     noise_std: float = 0.01
     backend: str = "auto"
 
@@ -121,6 +125,7 @@ class DynamicConvConfig:
         _choice(self.scale, "scale", SCALE_MODES)
         _choice(self.init, "init", INITS)
         _choice(self.router_init, "router_init", ROUTER_INITS)
+        _choice(self.router_norm, "router_norm", ROUTER_NORMS)
         _float(self.noise_std, "noise_std", positive=False)
         _choice(self.backend, "backend", BACKENDS)
 

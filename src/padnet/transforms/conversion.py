@@ -221,7 +221,7 @@ def _convert_conv2d(model: nn.Module, site: Site, cfg: "PadConfig") -> None:
     new = DynamicConv2d.from_conv(
         module, num_kernels=c.num_kernels, init=c.init, noise_std=c.noise_std, reduction=c.reduction,
         temperature=c.temperature, routing=c.routing, scale=c.scale, backend=c.backend,
-        router_init=c.router_init,
+        router_init=c.router_init, router_norm=c.router_norm,
     )
     swap_module(model, site.name, new)
 
