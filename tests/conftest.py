@@ -26,6 +26,9 @@ def one_thread():
 # The compiled fused kernel is the exception: it is keyed by torch, CPU and source, and rebuilding it for every
 # session would cost a minute, so it stays in the user's extension cache.
 os.environ["PADNET_AUTOTUNE"] = "0"
+# Likewise the fused C++ kernel is off unless a test turns it on (tests/test_fused.py): whether a machine has a
+# cached build must not change which backends the other tests' autotuner times.
+os.environ["PADNET_FUSED"] = "0"
 os.environ.setdefault("PADNET_EXTENSIONS_DIR", os.path.join(
     os.environ.get("PADNET_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "padnet"),

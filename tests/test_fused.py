@@ -1,4 +1,4 @@
-"""The fused C++/OpenMP per-sample conv (padnet.ops.fused): numbers, autotune candidate, fallback without it.
+"""The fused C++ per-sample conv (padnet.ops.fused): numbers, autotune candidate, modes, fallback without it.
 
 The kernel is built once per session into the test cache directory (about a
 minute of compiler time on an idle 2-core machine).
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(autouse=True)
 def fused_on(monkeypatch):
-    monkeypatch.setenv("PADNET_FUSED", "1")  # opt-in (docs/benchmarks.md)
+    monkeypatch.setenv("PADNET_FUSED", "1")  # build on first use (the default, auto, only loads a cached build)
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +61,48 @@ def test_fused_matches_per_sample_reference(kernel, dtype, cin, cout, kernel_siz
     torch.testing.assert_close(y, reference(x, pi, dyn, sta, stride, padding, dilation), **tol)
 
 
+@pytest.mark.parametrize("batch, num_kernels, cin, hw", [
+    (40, 4, 40, (4, 4)),   # two sample chunks (32 + 8); C*kh*kw = 360: two column chunks, the last partial
+    (3, 9, 8, (5, 5)),     # K = 9: the scalar mixing path
+    (2, 1, 30, (3, 7)),    # K = 1; L = 21: a pixel remainder after one vector
+])
+def test_fused_chunking_and_kernel_counts(kernel, batch, num_kernels, cin, hw):
+    torch.manual_seed(1)
+    x = torch.randn(batch, cin, *hw, dtype=torch.float64)
+    pi = torch.softmax(torch.randn(batch, num_kernels, dtype=torch.float64), -1)
+    dyn = torch.randn(num_kernels, 35, cin, 3, 3, dtype=torch.float64)
+    sta = torch.randn(35, cin, 3, 3, dtype=torch.float64)
+    geom = ConvGeometry((3, 3), 1, 1, 1, 1)
+    with torch.no_grad():
+        y = fused.fused_dynamic_conv2d(x, pi, dyn, sta, geom, 1)
+    torch.testing.assert_close(y, reference(x, pi, dyn, sta, 1, 1, 1), rtol=1e-10, atol=1e-10)
+
+
+def test_auto_mode_uses_the_cached_build_without_compiling(kernel, monkeypatch):
+    import torch.utils.cpp_extension as cpp_extension
+
+    def no_compiling(*args, **kwargs):
+        raise AssertionError("auto mode must not compile")
+
+    monkeypatch.setattr(cpp_extension, "load", no_compiling)
+    monkeypatch.setattr(fused, "_MODULE", None)
+    monkeypatch.setattr(fused, "_FAILED", None)
+    monkeypatch.delenv("PADNET_FUSED")
+    assert fused.fused_mode() == "auto" and fused.library_path().is_file()
+    module = fused.load_fused()
+    assert module is not None and hasattr(module, "fused_dynamic_conv")
+    # nothing cached (another extensions directory): auto quietly means "not available"
+    monkeypatch.setattr(fused, "_MODULE", None)
+    monkeypatch.setenv("PADNET_EXTENSIONS_DIR", str(fused.build_directory().parent / "elsewhere"))
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert fused.load_fused() is None
+    monkeypatch.setenv("PADNET_FUSED", "maybe")
+    with pytest.raises(ValueError, match="PADNET_FUSED"):
+        fused.fused_mode()
+
+
 def test_fused_refuses_autograd_and_grouped(kernel):
     x, pi = torch.randn(2, 4, 5, 5), torch.softmax(torch.randn(2, 3), -1)
     dyn = torch.randn(3, 4, 4, 3, 3, requires_grad=True)
@@ -100,6 +142,28 @@ def test_autotune_times_the_fused_kernel_for_inference_only(kernel, tuning, monk
     assert calls and "fused" not in calls
 
 
+def test_a_kernel_that_becomes_available_is_tuned_then(kernel, tuning, monkeypatch):
+    """The candidate set is part of the tuning key: a winner tuned without the kernel does not shadow it later."""
+    trials = []
+    real = backend_selection.run_backend
+    monkeypatch.setattr(backend_selection, "run_backend",
+                        lambda name, *a, **k: trials.append(name) or real(name, *a, **k))
+    x = torch.randn(4, 6, 5, 5)
+    pi = torch.softmax(torch.randn(4, 3), -1)
+    dyn = torch.randn(3, 8, 6, 3, 3)
+    monkeypatch.setenv("PADNET_FUSED", "0")
+    with torch.no_grad():
+        ops.dynamic_conv2d(x, pi, dyn, None, padding=1)
+    assert trials and "fused" not in trials
+    trials.clear()
+    backend_selection.clear_choices()
+    monkeypatch.setenv("PADNET_FUSED", "1")
+    with torch.no_grad():
+        ops.dynamic_conv2d(x, pi, dyn, None, padding=1)
+    assert "fused" in trials  # tuned again, now with the kernel
+    assert len(ops.autotune_cache()) == 2
+
+
 def test_without_the_kernel_the_pure_pytorch_backends_serve(tuning, monkeypatch):
     monkeypatch.setattr(fused, "_MODULE", None)
     monkeypatch.setattr(fused, "_FAILED", None)
@@ -121,4 +185,4 @@ def test_without_the_kernel_the_pure_pytorch_backends_serve(tuning, monkeypatch)
     monkeypatch.setenv("PADNET_FUSED", "0")
     assert fused.load_fused() is None and not fused.fused_enabled()
     monkeypatch.delenv("PADNET_FUSED")
-    assert not fused.fused_enabled()  # off by default
+    assert fused.fused_enabled() and fused.fused_mode() == "auto"  # default: a cached build only

@@ -127,9 +127,13 @@ def resolve_backend(x: Tensor, pi: Tensor, dyn: Tensor, sta: Tensor | None, stri
             candidates = [b for b in candidates if b != "bmm"] or ["weight"]
         if fused_applicable(x, pi, dyn, sta, groups, grad):
             candidates.append("fused")
-        choice = autotune.lookup(key, candidates)
+        # the candidate set is part of the tuning key: a backend that becomes available later (the fused
+        # kernel, once built) is timed then, instead of losing to a winner tuned without it
+        tune_key = (tuple(candidates), *key)
+        choice = autotune.lookup(tune_key, candidates)
         if choice is None:
-            choice = autotune.tune(key, candidates, _trial_runner(x, pi, dyn, sta, geom, padding, grad), x.device)
+            choice = autotune.tune(tune_key, candidates, _trial_runner(x, pi, dyn, sta, geom, padding, grad),
+                                   x.device)
     else:
         choice = rule
     if len(_CHOICES) > 4096:

@@ -1,28 +1,36 @@
-"""Fused per-sample dynamic conv: a C++/OpenMP kernel, built on first use and cached (inference, CPU).
+"""Fused per-sample dynamic conv: a C++ kernel, compiled once per machine and cached (inference, CPU).
 
 For deep layers (few output pixels per sample) the per-sample kernels are the
 problem: at 512@4 and batch 32 they are 288 MiB, which the other backends write
 and read back (or, tiled, stream through main memory in pieces). The kernel in
-``csrc/fused_dynamic_conv.cpp`` forms each sample's kernel rows for a tile of
-16 output channels in a thread-local buffer and multiplies them with the
-sample's unfolded input at once, so they never leave L1/L2.
+``csrc/fused_dynamic_conv.cpp`` mixes, per tile of 16 output channels and 32
+samples, the samples' kernel rows chunk by chunk into a per-thread buffer that
+stays in L2 (each load of the K kernels serves all 32 samples) and consumes
+them at once in a register-blocked GEMM, so they never reach main memory.
 
-With ``PADNET_FUSED=1`` it is one more *candidate* of the autotuner
-(:mod:`.backend_selection`), used only where it measured fastest, and only for
-inference (no autograd), CPU, ``groups == 1``, float32/float64. It is **off by
-default**: in its first (smoke, machine under load) measurement it was 2-10x
-slower than the best PyTorch backend at the ResNet-18 shapes, so building it
-(about a minute of compiler time inside a user's first call) would buy nothing
-yet. Building needs a C++ compiler (and ninja); later processes load the
-cached library from ``$PADNET_EXTENSIONS_DIR`` or ``<padnet cache dir>/extensions/``
-(keyed by torch version, CPU model and source). Without a compiler the
-pure-PyTorch backends are used and nothing else changes (one warning).
+It is one more *candidate* of the autotuner (:mod:`.backend_selection`), used
+only where it measured fastest, and only for inference (no autograd), CPU,
+``groups == 1``, float32/float64. ``PADNET_FUSED`` decides whether it may be
+used:
+
+- ``auto`` (default): use the compiled library if it is already in the cache
+  (``bash scripts/setup.sh`` builds it: ``python -m padnet.ops.fused``); never
+  compile inside a forward call;
+- ``1`` / ``on``: also compile it on first use (about a minute, once);
+- ``0`` / ``off``: never.
+
+Building needs a C++ compiler (and ninja); the library is cached under
+``$PADNET_EXTENSIONS_DIR`` or ``<padnet cache dir>/extensions/``, keyed by
+torch version, CPU model (it is built with ``-march=native``) and source.
+Without it the pure-PyTorch backends are used and nothing else changes.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
+import sys
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -39,9 +47,26 @@ _MODULE: ModuleType | None = None
 _FAILED: str | None = None  # why the build failed (not retried in this process)
 
 
+MODULE_NAME = "padnet_fused_dynamic_conv"
+_MODES = {"auto": "auto", "": "auto", "1": "on", "true": "on", "yes": "on", "on": "on",
+          "0": "off", "false": "off", "no": "off", "off": "off"}
+
+
+def fused_mode() -> str:
+    """``PADNET_FUSED``: ``"auto"`` (default: use a cached build only), ``"on"`` (build on first use) or ``"off"``.
+
+    Raises ``ValueError`` naming the variable for any other value.
+    """
+    raw = os.environ.get("PADNET_FUSED", "auto")
+    mode = _MODES.get(raw.strip().lower())
+    if mode is None:
+        raise ValueError(f"PADNET_FUSED={raw!r}: expected auto, 1/on or 0/off")
+    return mode
+
+
 def fused_enabled() -> bool:
-    """``PADNET_FUSED`` (default off): whether the fused kernel may be built and used."""
-    return os.environ.get("PADNET_FUSED", "0").strip().lower() in ("1", "true", "yes", "on")
+    """Whether the fused kernel may be used at all (``PADNET_FUSED`` is not off)."""
+    return fused_mode() != "off"
 
 
 def build_directory() -> Path:
@@ -56,25 +81,54 @@ def build_directory() -> Path:
     return (Path(root) if root else cache_dir() / "extensions") / f"fused_dynamic_conv-{digest}"
 
 
+def library_path() -> Path:
+    """Where the compiled library of this torch / CPU / source lives (it may not exist yet)."""
+    suffix = ".pyd" if sys.platform == "win32" else ".so"
+    return build_directory() / f"{MODULE_NAME}{suffix}"
+
+
+def _import_prebuilt() -> ModuleType | None:
+    """The cached library, imported without compiling anything, or ``None`` if there is none."""
+    path = library_path()
+    if not path.is_file():
+        return None
+    spec = importlib.util.spec_from_file_location(MODULE_NAME, path)
+    if spec is None or spec.loader is None:
+        return None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def build_fused(verbose: bool = False) -> ModuleType:
+    """Compile the kernel into :func:`build_directory` (a no-op if it is up to date) and import it.
+
+    Raises whatever the compiler toolchain raises (no compiler, no ninja, no headers).
+    """
+    from torch.utils.cpp_extension import load
+
+    directory = build_directory()
+    directory.mkdir(parents=True, exist_ok=True)
+    return load(
+        name=MODULE_NAME, sources=[str(SOURCE)], build_directory=str(directory),
+        extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=verbose,
+    )
+
+
 def load_fused(verbose: bool = False) -> ModuleType | None:
-    """The compiled kernel module (building it the first time), or ``None`` if disabled or not buildable."""
+    """The compiled kernel module, or ``None`` if it is off, not built (``auto``) or not buildable (``on``)."""
     global _MODULE, _FAILED
     if _MODULE is not None:
         return _MODULE
-    if _FAILED is not None or not fused_enabled():
+    mode = fused_mode()
+    if _FAILED is not None or mode == "off":
         return None
     try:
-        from torch.utils.cpp_extension import load
-
-        directory = build_directory()
-        directory.mkdir(parents=True, exist_ok=True)
-        _MODULE = load(
-            name="padnet_fused_dynamic_conv", sources=[str(SOURCE)], build_directory=str(directory),
-            extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=verbose,
-        )
-    except Exception as exc:  # no compiler / ninja / headers: fall back to the pure-PyTorch backends
+        _MODULE = _import_prebuilt() if mode == "auto" else build_fused(verbose)
+    except Exception as exc:  # no compiler / ninja / headers, or a damaged library: the PyTorch backends serve
         _FAILED = f"{type(exc).__name__}: {exc}"
-        warnings.warn(f"padnet: the fused dynamic-conv kernel could not be built ({_FAILED.splitlines()[0]}); "
+        warnings.warn(f"padnet: the fused dynamic-conv kernel could not be "
+                      f"{'loaded' if mode == 'auto' else 'built'} ({_FAILED.splitlines()[0]}); "
                       "using the pure-PyTorch backends", RuntimeWarning, stacklevel=2)
         return None
     return _MODULE
@@ -99,14 +153,37 @@ def fused_dynamic_conv2d(x: Tensor, pi: Tensor, dyn: Tensor, sta: Tensor | None,
         raise ValueError("the fused dynamic-conv kernel supports groups == 1 only")
     module = load_fused()
     if module is None:
-        raise RuntimeError(f"the fused dynamic-conv kernel is unavailable ({_FAILED or 'PADNET_FUSED=0'})")
+        raise RuntimeError(f"the fused dynamic-conv kernel is unavailable "
+                           f"({_FAILED or f'PADNET_FUSED={fused_mode()}, not built: python -m padnet.ops.fused'})")
     ho, wo = geom.out_hw(x.shape[-2:])
     k, o = dyn.shape[0], dyn.shape[1]
     with torch.no_grad():
         cols = im2col_workspace(x, geom)
         y = module.fused_dynamic_conv(cols, pi.contiguous(), dyn.reshape(k, o, -1),
-                                      None if sta is None else sta.reshape(o, -1), torch.get_num_threads())
+                                      None if sta is None else sta.reshape(o, -1))
     return y.view(x.shape[0], o, ho, wo)
 
 
-__all__ = ["build_directory", "fused_applicable", "fused_dynamic_conv2d", "fused_enabled", "load_fused"]
+def main(argv: list[str] | None = None) -> int:
+    """``python -m padnet.ops.fused``: compile the kernel for this machine into the cache (scripts/setup.sh)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m padnet.ops.fused", description=main.__doc__)
+    parser.add_argument("--verbose", action="store_true", help="show the compiler's output")
+    args = parser.parse_args(argv)
+    try:
+        build_fused(verbose=args.verbose)
+    except Exception as exc:
+        print(f"padnet: the fused kernel was not built ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+              "the pure-PyTorch backends serve", file=sys.stderr)
+        return 1
+    print(f"padnet: fused dynamic-conv kernel built: {library_path()}")
+    return 0
+
+
+__all__ = ["build_directory", "build_fused", "fused_applicable", "fused_dynamic_conv2d", "fused_enabled",
+           "fused_mode", "library_path", "load_fused"]
+
+if __name__ == "__main__":
+    sys.exit(main())
+

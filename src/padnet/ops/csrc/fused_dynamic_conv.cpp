@@ -2,73 +2,171 @@
 //
 // y[b, o, l] = sum_c (sum_k pi[b, k] * dyn[k, o, c] + sta[o, c]) * cols[b, c, l]
 //
-// cols is the unfolded input [B, CK, L] (im2col, made by the caller). Work is split over
-// tiles of OT output channels (OpenMP); for each sample the tile's kernel rows
-// w[OT, CK] are formed in a thread-local buffer that stays in L1/L2 and consumed at once
-// by a register-blocked GEMM, so the B per-sample kernels are never written to memory.
+// cols is the unfolded input [B, CK, L] (im2col, made by the caller). The work items are
+// (tile of OT output channels, sample) pairs, tile-major, split over torch's intra-op threads
+// (at::parallel_for), so a thread walks the samples of one tile while that tile's K kernel rows
+// stay in its cache. Per item, the tile's kernel rows w[OT, CK] are mixed into a thread-local
+// buffer (vectorised over c) and consumed at once by a register-blocked GEMM: accumulators
+// hold RB output channels x PV vectors of pixels, each step broadcasts RB kernel values and
+// loads PV pixel vectors of cols. The B per-sample kernels are never written to memory.
+//
+// Portable C++: GCC/Clang vector extensions of the widest width the compiler targets
+// (-march=native: 16 floats with AVX-512, 8 with AVX/AVX2, 4 otherwise); pixel counts that
+// are not a multiple of the vector width finish in a scalar loop.
 
 #include <torch/extension.h>
+#include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <cstring>
 #include <vector>
-
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 namespace {
 
-constexpr int64_t OT = 16;  // output channels per tile
-constexpr int64_t OB = 4;   // output channels per register block
-constexpr int64_t LB = 16;  // output pixels per register block
+#if defined(__AVX512F__)
+constexpr int VBYTES = 64;
+#elif defined(__AVX__)
+constexpr int VBYTES = 32;
+#else
+constexpr int VBYTES = 16;
+#endif
 
 template <typename T>
-void fused_tile(const T* pi_b, const T* dyn, const T* sta, const T* cols_b, T* y_b, T* w, int64_t K,
-                int64_t O, int64_t CK, int64_t L, int64_t o0, int64_t ot) {
-  // w[o, c] = sum_k pi_b[k] dyn[k, o0 + o, c] (+ sta[o0 + o, c])
+struct Vec {
+  typedef T type __attribute__((vector_size(VBYTES)));
+  static constexpr int N = VBYTES / sizeof(T);
+};
+
+template <typename T>
+inline typename Vec<T>::type vload(const T* p) {
+  typename Vec<T>::type v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename T>
+inline void vstore(T* p, typename Vec<T>::type v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+template <typename T>
+inline typename Vec<T>::type vzero() {
+  return typename Vec<T>::type{};  // all lanes zero
+}
+
+// The register-blocked loops below are unrolled by hand-placed pragmas and must not be
+// re-vectorised by the compiler's loop vectoriser (it would vectorise over c and spill the
+// accumulators): the GEMM functions are compiled without it.
+#define PADNET_NO_AUTOVEC __attribute__((optimize("no-tree-vectorize")))
+
+constexpr int64_t OT = 16;  // output channels per work item
+constexpr int64_t SB = 32;  // samples per work item (their mixed rows share each load of the K kernels)
+constexpr int64_t CC = 256; // input-column chunk: the item's mixed rows (SB x OT x CC values) stay in L2
+
+// w[b][o, c] = sum_k pi[b, k] dyn[k, o0 + o, c0 + c] (+ sta[o0 + o, c0 + c]) for b < nb, o < ot, c < cc:
+// each vector of the K kernels is loaded once and mixed for all nb samples
+template <typename T>
+void mix_rows(const T* pi, const T* dyn, const T* sta, T* w, int64_t ldw, int64_t wstride, int64_t nb,
+              int64_t K, int64_t O, int64_t CK, int64_t o0, int64_t ot, int64_t c0, int64_t cc) {
+  using V = typename Vec<T>::type;
+  constexpr int N = Vec<T>::N;
+  constexpr int KMAX = 8;
   for (int64_t o = 0; o < ot; ++o) {
-    T* wr = w + o * CK;
-    const T* s = sta ? sta + (o0 + o) * CK : nullptr;
-    const T* d0 = dyn + (o0 + o) * CK;
-    const T p0 = pi_b[0];
-    if (s) {
-      for (int64_t c = 0; c < CK; ++c) wr[c] = s[c] + p0 * d0[c];
-    } else {
-      for (int64_t c = 0; c < CK; ++c) wr[c] = p0 * d0[c];
-    }
-    for (int64_t k = 1; k < K; ++k) {
-      const T pk = pi_b[k];
-      const T* dk = dyn + (k * O + o0 + o) * CK;
-      for (int64_t c = 0; c < CK; ++c) wr[c] += pk * dk[c];
-    }
-  }
-  // y_b[o0 + o, l] = sum_c w[o, c] cols_b[c, l], blocks of OB channels x LB pixels held in registers
-  for (int64_t ob = 0; ob < ot; ob += OB) {
-    const int64_t nb = std::min(OB, ot - ob);
-    for (int64_t l0 = 0; l0 < L; l0 += LB) {
-      const int64_t nl = std::min(LB, L - l0);
-      T acc[OB][LB] = {};
-      if (nb == OB && nl == LB) {
-        for (int64_t c = 0; c < CK; ++c) {
-          const T* col = cols_b + c * L + l0;
-          for (int64_t i = 0; i < OB; ++i) {
-            const T wv = w[(ob + i) * CK + c];
-            for (int64_t j = 0; j < LB; ++j) acc[i][j] += wv * col[j];
-          }
-        }
-      } else {
-        for (int64_t c = 0; c < CK; ++c) {
-          const T* col = cols_b + c * L + l0;
-          for (int64_t i = 0; i < nb; ++i) {
-            const T wv = w[(ob + i) * CK + c];
-            for (int64_t j = 0; j < nl; ++j) acc[i][j] += wv * col[j];
-          }
+    const T* s = sta ? sta + (o0 + o) * CK + c0 : nullptr;
+    const T* d = dyn + (o0 + o) * CK + c0;
+    int64_t c = 0;
+    if (K <= KMAX) {
+      for (; c + N <= cc; c += N) {
+        V dk[KMAX];
+        for (int64_t k = 0; k < K; ++k) dk[k] = vload<T>(d + k * O * CK + c);
+        const V sv = s ? vload<T>(s + c) : vzero<T>();
+        for (int64_t b = 0; b < nb; ++b) {
+          V acc = sv;
+          const T* pb = pi + b * K;
+          for (int64_t k = 0; k < K; ++k) acc += dk[k] * pb[k];
+          vstore<T>(w + b * wstride + o * ldw + c, acc);
         }
       }
-      for (int64_t i = 0; i < nb; ++i)
-        for (int64_t j = 0; j < nl; ++j) y_b[(o0 + ob + i) * L + l0 + j] = acc[i][j];
+    }
+    for (; c < cc; ++c) {
+      for (int64_t b = 0; b < nb; ++b) {
+        T acc = s ? s[c] : T(0);
+        for (int64_t k = 0; k < K; ++k) acc += pi[b * K + k] * d[k * O * CK + c];
+        w[b * wstride + o * ldw + c] = acc;
+      }
     }
   }
+}
+
+// y_b[o0 + ob + i, l0 + p] = sum_c w[ob + i, c] cols_b[c, l0 + p], i < RB, p < PV * N (all full)
+template <typename T, int RB, int PV>
+PADNET_NO_AUTOVEC inline void gemm_block(const T* w, int64_t ldw, const T* cols_b, T* y_b, int64_t CK,
+                                         int64_t L, int64_t row0, int64_t l0, bool accumulate) {
+  using V = typename Vec<T>::type;
+  constexpr int N = Vec<T>::N;
+  V acc[RB][PV];
+#pragma GCC unroll 16
+  for (int i = 0; i < RB; ++i)
+#pragma GCC unroll 4
+    for (int p = 0; p < PV; ++p)
+      acc[i][p] = accumulate ? vload<T>(y_b + (row0 + i) * L + l0 + p * N) : vzero<T>();
+  const T* xp = cols_b + l0;
+  for (int64_t c = 0; c < CK; ++c, xp += L) {
+    V x[PV];
+#pragma GCC unroll 4
+    for (int p = 0; p < PV; ++p) x[p] = vload<T>(xp + p * N);
+#pragma GCC unroll 16
+    for (int i = 0; i < RB; ++i) {
+      const T wv = w[i * ldw + c];
+#pragma GCC unroll 4
+      for (int p = 0; p < PV; ++p) acc[i][p] += x[p] * wv;
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < RB; ++i)
+#pragma GCC unroll 4
+    for (int p = 0; p < PV; ++p) vstore<T>(y_b + (row0 + i) * L + l0 + p * N, acc[i][p]);
+}
+
+// the same for rows [r0, r1) and pixels [l0, l1) of any size (edges), scalar
+template <typename T>
+void gemm_edge(const T* w, int64_t ldw, const T* cols_b, T* y_b, int64_t CK, int64_t L, int64_t row_base,
+               int64_t r0, int64_t r1, int64_t l0, int64_t l1, bool accumulate) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* wr = w + r * ldw;
+    for (int64_t l = l0; l < l1; ++l) {
+      T acc = accumulate ? y_b[(row_base + r) * L + l] : T(0);
+      for (int64_t c = 0; c < CK; ++c) acc += wr[c] * cols_b[c * L + l];
+      y_b[(row_base + r) * L + l] = acc;
+    }
+  }
+}
+
+// rows [0, ot) of the mixed tile times cols_b -> y_b rows [o0, o0 + ot)
+template <typename T>
+PADNET_NO_AUTOVEC void gemm_tile(const T* w, int64_t ldw, const T* cols_b, T* y_b, int64_t CK, int64_t L,
+                                 int64_t o0, int64_t ot, bool accumulate) {
+  constexpr int N = Vec<T>::N;
+  // few pixels (deep layers): one vector of pixels, more rows; else two vectors x 8 rows
+  constexpr int RB1 = 16, RB2 = 8;
+  const int64_t lfull = (L / N) * N;
+  int64_t r = 0;
+  if (L < 2 * N) {
+    for (; r + RB1 <= ot; r += RB1)
+      for (int64_t l0 = 0; l0 < lfull; l0 += N) gemm_block<T, RB1, 1>(w + r * ldw, ldw, cols_b, y_b, CK, L, o0 + r, l0, accumulate);
+  } else {
+    const int64_t l2 = (L / (2 * N)) * (2 * N);
+    for (; r + RB2 <= ot; r += RB2) {
+      int64_t l0 = 0;
+      for (; l0 < l2; l0 += 2 * N) gemm_block<T, RB2, 2>(w + r * ldw, ldw, cols_b, y_b, CK, L, o0 + r, l0, accumulate);
+      for (; l0 < lfull; l0 += N) gemm_block<T, RB2, 1>(w + r * ldw, ldw, cols_b, y_b, CK, L, o0 + r, l0, accumulate);
+    }
+  }
+  // leftover rows (full vectors of pixels, one row block at a time), then leftover pixels (scalar)
+  for (; r < ot; ++r)
+    for (int64_t l0 = 0; l0 < lfull; l0 += N) gemm_block<T, 1, 1>(w + r * ldw, ldw, cols_b, y_b, CK, L, o0 + r, l0, accumulate);
+  if (lfull < L) gemm_edge<T>(w, ldw, cols_b, y_b, CK, L, o0, 0, ot, lfull, L, accumulate);
 }
 
 template <typename T>
@@ -82,27 +180,40 @@ void fused_impl(const torch::Tensor& cols, const torch::Tensor& pi, const torch:
   const T* stap = sta.defined() ? sta.data_ptr<T>() : nullptr;
   T* yp = y.data_ptr<T>();
   const int64_t tiles = (O + OT - 1) / OT;
-#pragma omp parallel
-  {
-    std::vector<T> w(OT * CK);
-#pragma omp for schedule(static)
-    for (int64_t t = 0; t < tiles; ++t) {
-      const int64_t o0 = t * OT;
-      const int64_t ot = std::min(OT, O - o0);
-      for (int64_t b = 0; b < B; ++b) {
-        fused_tile<T>(pip + b * K, dynp, stap, colsp + b * CK * L, yp + b * O * L, w.data(), K, O, CK, L, o0, ot);
+  const int64_t chunks = (B + SB - 1) / SB;
+  // row stride of the mixed rows: whole cache lines plus one, so that the OT rows a GEMM step
+  // reads do not all map to the same few L1 sets
+  const int64_t line = 64 / static_cast<int64_t>(sizeof(T));
+  const int64_t ldw = std::min(CC, ((CK + line - 1) / line) * line) + line;
+  const int64_t wstride = OT * ldw;
+  // work items: (tile of OT output channels, chunk of SB samples); per item the input columns
+  // are walked in chunks of CC: mix the chunk's rows for all the item's samples, then each
+  // sample's GEMM accumulates into its output rows
+  at::parallel_for(0, tiles * chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> wmem(SB * wstride + line);  // + one cache line: the rows start 64-byte aligned
+    T* wbase = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(wmem.data()) + 63) & ~uintptr_t(63));
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t t = item / chunks, b0 = (item % chunks) * SB;
+      const int64_t o0 = t * OT, ot = std::min(OT, O - o0), nb = std::min(SB, B - b0);
+      for (int64_t c0 = 0; c0 < CK; c0 += CC) {
+        const int64_t cc = std::min(CC, CK - c0);
+        mix_rows<T>(pip + b0 * K, dynp, stap, wbase, ldw, wstride, nb, K, O, CK, o0, ot, c0, cc);
+        for (int64_t b = 0; b < nb; ++b)
+          gemm_tile<T>(wbase + b * wstride, ldw, colsp + (b0 + b) * CK * L + c0 * L, yp + (b0 + b) * O * L,
+                       cc, L, o0, ot, c0 > 0);
       }
     }
-  }
+  });
 }
 
 }  // namespace
 
 // cols [B, CK, L], pi [B, K], dyn [K, O, CK], sta [O, CK] or undefined -> y [B, O, L]
 torch::Tensor fused_dynamic_conv(torch::Tensor cols, torch::Tensor pi, torch::Tensor dyn,
-                                 c10::optional<torch::Tensor> sta_opt, int64_t threads) {
+                                 c10::optional<torch::Tensor> sta_opt) {
   TORCH_CHECK(cols.dim() == 3 && pi.dim() == 2 && dyn.dim() == 3, "fused_dynamic_conv: bad ranks");
-  TORCH_CHECK(cols.device().is_cpu(), "fused_dynamic_conv: CPU tensors only");
+  TORCH_CHECK(cols.device().is_cpu() && pi.device().is_cpu() && dyn.device().is_cpu(),
+              "fused_dynamic_conv: CPU tensors only");
   TORCH_CHECK(pi.size(0) == cols.size(0) && pi.size(1) == dyn.size(0) && dyn.size(2) == cols.size(1),
               "fused_dynamic_conv: shape mismatch");
   TORCH_CHECK(cols.scalar_type() == pi.scalar_type() && pi.scalar_type() == dyn.scalar_type(),
@@ -114,13 +225,10 @@ torch::Tensor fused_dynamic_conv(torch::Tensor cols, torch::Tensor pi, torch::Te
   if (sta_opt.has_value() && sta_opt->defined()) {
     sta = sta_opt->contiguous();
     TORCH_CHECK(sta.dim() == 2 && sta.size(0) == dyn.size(1) && sta.size(1) == dyn.size(2) &&
-                    sta.scalar_type() == dyn.scalar_type(),
+                    sta.scalar_type() == dyn.scalar_type() && sta.device().is_cpu(),
                 "fused_dynamic_conv: bad static part");
   }
   auto y = torch::empty({cols.size(0), dyn.size(1), cols.size(2)}, cols.options());
-#ifdef _OPENMP
-  if (threads > 0) omp_set_num_threads(static_cast<int>(threads));
-#endif
   if (cols.scalar_type() == torch::kFloat) {
     fused_impl<float>(cols, pi, dyn, sta, y);
   } else if (cols.scalar_type() == torch::kDouble) {
