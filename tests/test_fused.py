@@ -164,6 +164,17 @@ def test_a_kernel_that_becomes_available_is_tuned_then(kernel, tuning, monkeypat
     assert len(ops.autotune_cache()) == 2
 
 
+def test_fused_is_timed_right_after_the_rule(kernel, tuning, monkeypatch):
+    """The tuning budget (0.5 s) can run out before the last candidates: the kernel must not be one of them."""
+    seen = []
+    real = autotune.tune
+    monkeypatch.setattr(autotune, "tune", lambda key, cands, *a, **k: seen.append(list(cands)) or real(key, cands, *a, **k))
+    with torch.no_grad():
+        ops.dynamic_conv2d(torch.randn(3, 6, 4, 4), torch.softmax(torch.randn(3, 2), -1), torch.randn(2, 8, 6, 3, 3),
+                           None, padding=1)
+    assert seen and seen[0][1] == "fused" and set(seen[0]) == {*ops.CONCRETE_BACKENDS, "fused"}
+
+
 def test_without_the_kernel_the_pure_pytorch_backends_serve(tuning, monkeypatch):
     monkeypatch.setattr(fused, "_MODULE", None)
     monkeypatch.setattr(fused, "_FAILED", None)

@@ -126,7 +126,9 @@ def resolve_backend(x: Tensor, pi: Tensor, dyn: Tensor, sta: Tensor | None, stri
         if groups > 1 and groups == dyn.shape[1]:  # depthwise: width-1 GEMMs are never competitive
             candidates = [b for b in candidates if b != "bmm"] or ["weight"]
         if fused_applicable(x, pi, dyn, sta, groups, grad):
-            candidates.append("fused")
+            # right after the rule's choice: the tuning budget may run out before the last candidates, and
+            # the fused kernel is built for the deep layers where the rule's choice is weakest
+            candidates.insert(1, "fused")
         # the candidate set is part of the tuning key: a backend that becomes available later (the fused
         # kernel, once built) is timed then, instead of losing to a winner tuned without it
         tune_key = (tuple(candidates), *key)
