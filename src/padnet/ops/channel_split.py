@@ -81,7 +81,7 @@ def _plan_runner(x, pi, dyn_rows, sta_rows, order, stride, padding, dilation, gr
         with torch.set_grad_enabled(grad):
             if name == "dense":
                 dyn, sta = dense if dense is not None else _dense_factors(dyns, stas, order)
-                y = dynamic_conv2d(xs, pis, dyn, sta, None, None, stride, padding, dilation, 1, "weight")
+                y = dynamic_conv2d(xs, pis, dyn, sta, None, None, stride, padding, dilation, 1, "auto")
             else:
                 y = _split(xs, pis, dyns, stas, order, stride, padding, dilation, "auto")
             if grad:
@@ -126,7 +126,8 @@ def channel_split_conv2d(
     conv of the *whole* layer costs about a static conv there, less than a
     static conv on 70 % of the channels plus a dynamic one on 30 %
     (docs/benchmarks.md). Then the static rows are placed into dense factors
-    and the whole layer runs as one dynamic conv.
+    and the whole layer runs as one dynamic conv (its backend chosen like any
+    dynamic conv's: ``backend``, autotuned for ``"auto"``).
     """
     if groups == 1 and x.shape[0] == 1 and not is_exporting():
         # one sample: assemble its whole kernel (static rows + mixed dynamic rows) and run one conv
@@ -136,7 +137,7 @@ def channel_split_conv2d(
     if groups == 1:
         if channel_split_runs_dense(x, pi, dyn_rows, stride, padding, dilation, groups, backend, sta_rows, order):
             dyn, sta = _dense_factors(dyn_rows, sta_rows, order)
-            y = dynamic_conv2d(x, pi, dyn, sta, None, None, stride, padding, dilation, 1, "weight")
+            y = dynamic_conv2d(x, pi, dyn, sta, None, None, stride, padding, dilation, 1, backend)
             return add_channel_bias(y, bias)
         y = _split(x, pi, dyn_rows, sta_rows, order, stride, padding, dilation, backend)
     else:
