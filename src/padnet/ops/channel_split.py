@@ -76,6 +76,11 @@ def _plan_runner(x, pi, dyn_rows, sta_rows, order, stride, padding, dilation, gr
 
     xs, pis, dyns, stas = copy(x), copy(pi), copy(dyn_rows), copy(sta_rows)
     dense = None if grad else _dense_factors(dyns, stas, order)  # inference plans reuse cached dense factors
+    # the dense plan's backend is chosen (and, if need be, tuned) now, so the plan's timed runs below
+    # find it decided instead of timing a nested tuning
+    with torch.set_grad_enabled(grad):
+        dyn0, sta0 = dense if dense is not None else _dense_factors(dyns, stas, order)
+        resolve_backend(xs, pis, dyn0, sta0, stride, padding, dilation, 1, "auto")
 
     def run(name: str) -> None:
         with torch.set_grad_enabled(grad):
