@@ -1,10 +1,10 @@
-"""The fused C++ kernel (padnet.ops.fused, opt-in) against the PyTorch backends, inference.
+"""The fused C++ kernel (padnet.ops.fused) against the PyTorch backends, inference.
 
     python benchmarks/bench_fused.py [--shapes 512@4,256@8,128@16] [--batch 32]
 
 Every figure is time / static conv of the same shape (interleaved, same
 process); the row also holds the fused kernel's max abs error against the
-grouped-conv backend. Builds the kernel on first use (about a minute).
+grouped-conv backend. Builds the kernel if it is not cached yet (about a minute; PADNET_FUSED=1).
 """
 
 from __future__ import annotations

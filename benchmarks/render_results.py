@@ -196,7 +196,7 @@ def main() -> None:
         ("micro-measurements", "micro", micro_table),
         ("channel split: where the time goes", "channel_split", channel_split_table),
         ("torch.compile", "compile", variant_table),
-        ("fused C++ kernel (opt-in)", "fused", variant_table),
+        ("fused C++ kernel (an autotune candidate where its build is cached)", "fused", variant_table),
     ]:
         payload = load(name)
         if payload is None:

@@ -6,7 +6,7 @@ and :mod:`.bmm_autograd` (tiled weight-space GEMM), :mod:`.conv_backends`,
 :mod:`.autotune` and :mod:`.backend_selection` (which backend runs),
 :mod:`.dynamic_conv` (the functional dynamic conv), :mod:`.channel_split`,
 :mod:`.masked_factors` and :mod:`.masked_conv` (element-mask training without
-weight-sized copies), :mod:`.fused` (opt-in C++/OpenMP inference kernel, ``csrc/``).
+weight-sized copies), :mod:`.fused` (C++ inference kernel, ``csrc/``; used where a cached build exists).
 """
 
 from .autotune import autotune_cache, autotune_enabled, clear_autotune_cache, set_autotune
