@@ -174,7 +174,11 @@ def effnet(num_classes: int = 5) -> nn.Module:
     )
 
 
-MODELS = {"vgg": vgg, "vgg_bn": vgg_bn, "mbv3": mbv3, "resnext_timm": resnext_timm, "effnet": effnet}
+MODELS = {"vgg": vgg, "vgg_bn": vgg_bn, "mbv3": mbv3, "resnext_timm": resnext_timm, "effnet": effnet,
+          "mbv3_router_norm": mbv3}
+# PadConfig options per case (default: PadConfig defaults); "mbv3_router_norm" runs every check with a BatchNorm
+# in each dynamic conv's router (the vision recipes' default)
+PAD_OPTIONS = {"mbv3_router_norm": {"conv": {"router_norm": "batch"}}}
 
 # Regressions covered by the zoo: "vgg" and "mbv3" put an in-place activation right after a converted conv
 # (training used to crash, issue 14 item 1); "resnext_timm" has fused BatchNorm + activation modules that
@@ -190,10 +194,14 @@ def _data(seed: int = 0, n: int = 8):
     return torch.randn(n, 3, 16, 16, generator=g), torch.randint(0, 5, (n,), generator=g)
 
 
+def _pad_config(name: str) -> padnet.PadConfig:
+    return padnet.PadConfig.from_dict({"version": 2, "seed": 0, **PAD_OPTIONS.get(name, {})})
+
+
 def _pad_model(name: str) -> nn.Module:
     torch.manual_seed(0)
     model = MODELS[name]()
-    padnet.dynamize_(model, padnet.PadConfig(seed=0))
+    padnet.dynamize_(model, _pad_config(name))
     assert any(True for _ in __import__("padnet.layers.modes", fromlist=["pad_layers"]).pad_layers(model))
     return model
 
@@ -207,7 +215,7 @@ def _train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
     opt.step()
-    return float(loss)
+    return float(loss.detach())
 
 
 def _partitioned(name: str) -> tuple[nn.Module, torch.Tensor]:
@@ -236,7 +244,7 @@ def test_train_step_channels_last(name):
     """channels_last model (converted before dynamize_, as torchvision's reference scripts do) and inputs."""
     torch.manual_seed(0)
     model = MODELS[name]().to(memory_format=torch.channels_last)
-    padnet.dynamize_(model, padnet.PadConfig(seed=0))
+    padnet.dynamize_(model, _pad_config(name))
     ref = _pad_model(name)
     x, y = _data()
     model.eval(), ref.eval()
