@@ -266,3 +266,29 @@ def test_channel_plan_split_or_dense_is_tuned_too(tuning):
         assert len(plans) == 1 and set(plans.values()) <= {"dense", "split"}
         torch.testing.assert_close(compact(x), ref, rtol=1e-10, atol=1e-12)  # cached decision, same numbers
     assert len({k for k in ops.autotune_cache() if k[0] == "channel_split"}) == 1
+
+
+def test_channel_split_decides_the_dense_backend_before_timing_the_plans(tuning, monkeypatch):
+    """The dense plan runs the whole layer with its own tuned backend; that tuning happens before the plan
+    timings (nested inside them, it inflated the dense plan's warm-up and made the split plan win wrongly)."""
+    from padnet.ops.channel_split import channel_split_conv2d
+
+    tuned = []
+    real = autotune.tune
+    monkeypatch.setattr(autotune, "tune", lambda key, cands, *a, **k: tuned.append(key) or real(key, cands, *a, **k))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 6, 5, 5, generator=g, dtype=torch.double)
+    pi = torch.softmax(torch.randn(4, 3, generator=g, dtype=torch.double), -1)
+    dyn_rows = torch.randn(3, 2, 6, 3, 3, generator=g, dtype=torch.double)
+    sta_rows = torch.randn(5, 6, 3, 3, generator=g, dtype=torch.double)
+    order = torch.tensor([0, 5, 1, 2, 6, 3, 4])
+    with torch.no_grad():
+        y = channel_split_conv2d(x, pi, dyn_rows, sta_rows, order, None, 1, 1)
+    plan = [i for i, key in enumerate(tuned) if key[0] == "channel_split"]
+    dense = [i for i, key in enumerate(tuned) if key[0] != "channel_split" and key[1][1] == 7]  # [K, O=7, ...]
+    assert plan and dense and dense[0] < plan[0]
+    assert len(tuned) == 3  # the dynamic rows, the dense layer, the plan: no tuning inside the plan's timings
+    w = torch.cat([sta_rows.expand(4, -1, -1, -1, -1),
+                   torch.einsum("bk,k...->b...", pi, dyn_rows)], 1)[:, order]
+    ref = torch.cat([F.conv2d(x[b:b + 1], w[b], padding=1) for b in range(4)])
+    torch.testing.assert_close(y, ref)
