@@ -72,7 +72,7 @@ def test_miss_tunes_every_backend_then_hits_memory_and_disk(tuning, monkeypatch)
     files = list(tuning.glob("autotune-*.json"))
     assert len(files) == 1
     data = json.loads(files[0].read_text())
-    assert data["fingerprint"] == {"format": 1, "torch": torch.__version__, "cpu": autotune.cpu_model()}
+    assert data["fingerprint"] == {"format": autotune.FORMAT, "torch": torch.__version__, "cpu": autotune.cpu_model()}
     assert list(data["entries"].values()) == [choice]
     # a new process (simulated: memory caches cleared) reads the choice instead of tuning again
     autotune._MEMORY.clear()

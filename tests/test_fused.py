@@ -61,21 +61,48 @@ def test_fused_matches_per_sample_reference(kernel, dtype, cin, cout, kernel_siz
     torch.testing.assert_close(y, reference(x, pi, dyn, sta, stride, padding, dilation), **tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("batch, num_kernels, cin, hw", [
     (40, 4, 40, (4, 4)),   # two sample chunks (32 + 8); C*kh*kw = 360: two column chunks, the last partial
     (3, 9, 8, (5, 5)),     # K = 9: the scalar mixing path
     (2, 1, 30, (3, 7)),    # K = 1; L = 21: a pixel remainder after one vector
+    (5, 4, 64, (3, 3)),    # L = 9, fewer pixels than one vector: the scalar edge path only; 3 column chunks
 ])
-def test_fused_chunking_and_kernel_counts(kernel, batch, num_kernels, cin, hw):
+def test_fused_chunking_and_kernel_counts(kernel, dtype, batch, num_kernels, cin, hw):
     torch.manual_seed(1)
-    x = torch.randn(batch, cin, *hw, dtype=torch.float64)
-    pi = torch.softmax(torch.randn(batch, num_kernels, dtype=torch.float64), -1)
-    dyn = torch.randn(num_kernels, 35, cin, 3, 3, dtype=torch.float64)
-    sta = torch.randn(35, cin, 3, 3, dtype=torch.float64)
+    x = torch.randn(batch, cin, *hw, dtype=dtype)
+    pi = torch.softmax(torch.randn(batch, num_kernels, dtype=dtype), -1)
+    dyn = torch.randn(num_kernels, 35, cin, 3, 3, dtype=dtype)
+    sta = torch.randn(35, cin, 3, 3, dtype=dtype)
     geom = ConvGeometry((3, 3), 1, 1, 1, 1)
     with torch.no_grad():
         y = fused.fused_dynamic_conv2d(x, pi, dyn, sta, geom, 1)
-    torch.testing.assert_close(y, reference(x, pi, dyn, sta, 1, 1, 1), rtol=1e-10, atol=1e-10)
+    ref = reference(x.double(), pi.double(), dyn.double(), sta.double(), 1, 1, 1)
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(y.double(), ref, **tol)
+
+
+def test_bad_fused_mode_fails_on_the_first_batched_call(tuning, monkeypatch):
+    """A typo in PADNET_FUSED is reported at once -- also in a training call, where the kernel is never a
+    candidate -- instead of surfacing only in a later no-grad call."""
+    monkeypatch.setenv("PADNET_FUSED", "of")
+    x = torch.randn(3, 4, 5, 5)
+    pi = torch.softmax(torch.randn(3, 2), -1)
+    dyn = torch.randn(2, 6, 4, 3, 3, requires_grad=True)
+    with pytest.raises(ValueError, match="PADNET_FUSED"):
+        ops.dynamic_conv2d(x, pi, dyn, None, padding=1)
+
+
+def test_build_key_covers_cpu_features_and_interpreter(monkeypatch):
+    base = fused.build_directory()
+    monkeypatch.setattr(fused, "cpu_features", lambda: "sse2")  # same model name, fewer instructions
+    assert fused.build_directory() != base
+    monkeypatch.undo()
+    import sysconfig
+    real = sysconfig.get_config_var
+    monkeypatch.setattr(sysconfig, "get_config_var",
+                        lambda name: ".cpython-399-x.so" if name == "EXT_SUFFIX" else real(name))
+    assert fused.build_directory() != base
 
 
 def test_auto_mode_uses_the_cached_build_without_compiling(kernel, monkeypatch):

@@ -34,7 +34,7 @@ from typing import Callable, Iterable
 
 import torch
 
-FORMAT = 1
+FORMAT = 2  # 2: candidate set in the backend key; min-of-repeats scoring; channel split's dense plan autotuned
 MAX_ENTRIES = 4096  # on-disk entries kept (oldest dropped first)
 TRIAL_REPEATS = 3
 SLOW_FACTOR = 4.0  # a candidate whose warm-up is this much slower than the best so far is not repeated

@@ -14,7 +14,7 @@ from torch import Tensor
 from . import autotune
 from .conv_backends import CONCRETE_BACKENDS, run_backend
 from .exporting import is_exporting
-from .fused import fused_applicable
+from .fused import fused_applicable, fused_mode
 from .geometry import ConvGeometry
 
 BACKENDS = ("auto", *CONCRETE_BACKENDS)
@@ -119,6 +119,7 @@ def resolve_backend(x: Tensor, pi: Tensor, dyn: Tensor, sta: Tensor | None, stri
     if hit is not None and hit[0] == (tuning, autotune.generation()):
         return hit[1]
     ho, wo = geom.out_hw(x.shape[-2:])  # raises the clear "input smaller than the kernel" error
+    fused_mode()  # a bad PADNET_FUSED raises on the first batched call, not only in a later no-grad one
     rule = select_backend("auto", int(x.shape[0]), dyn.shape[1], groups, out_pixels=ho * wo, device=x.device,
                           requires_grad=grad)
     if x.shape[0] > 1 and tuning:

@@ -21,7 +21,8 @@ used:
 
 Building needs a C++ compiler (and ninja); the library is cached under
 ``$PADNET_EXTENSIONS_DIR`` or ``<padnet cache dir>/extensions/``, keyed by
-torch version, CPU model (it is built with ``-march=native``) and source.
+torch version, CPU model and feature flags (it is built with ``-march=native``),
+the Python extension suffix and the source.
 Without it the pure-PyTorch backends are used and nothing else changes.
 """
 
@@ -31,6 +32,7 @@ import hashlib
 import importlib.util
 import os
 import sys
+import sysconfig
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -69,14 +71,34 @@ def fused_enabled() -> bool:
     return fused_mode() != "off"
 
 
-def build_directory() -> Path:
-    """Cache directory of the compiled kernel: per torch version, CPU model (``-march=native``) and source.
+def cpu_features() -> str:
+    """The CPU's feature flags (``/proc/cpuinfo`` ``flags`` / ``Features``), or ``""`` where unknown.
 
-    Under ``$PADNET_EXTENSIONS_DIR`` if set, else ``<cache dir>/extensions``.
+    Part of the build key: the kernel is compiled with ``-march=native``, and two
+    machines (or VMs) with the same model name can expose different instruction
+    sets -- loading a library built for the other would crash with SIGILL.
     """
-    digest = hashlib.sha1(
-        "\n".join([torch.__version__, cpu_model(), SOURCE.read_text(encoding="utf-8")]).encode()
-    ).hexdigest()[:16]
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.startswith(("flags", "Features")):
+                    return " ".join(sorted(line.split(":", 1)[1].split()))
+    except OSError:
+        pass
+    return ""
+
+
+def build_directory() -> Path:
+    """Cache directory of the compiled kernel, keyed by everything the binary depends on.
+
+    torch version, CPU model and feature flags (``-march=native``), the Python
+    extension suffix (interpreter / ABI) and the source. Under
+    ``$PADNET_EXTENSIONS_DIR`` if set, else ``<cache dir>/extensions``.
+    """
+    digest = hashlib.sha1("\n".join([
+        torch.__version__, cpu_model(), cpu_features(), str(sysconfig.get_config_var("EXT_SUFFIX")),
+        SOURCE.read_text(encoding="utf-8"),
+    ]).encode()).hexdigest()[:16]
     root = os.environ.get("PADNET_EXTENSIONS_DIR")
     return (Path(root) if root else cache_dir() / "extensions") / f"fused_dynamic_conv-{digest}"
 
@@ -174,14 +196,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         build_fused(verbose=args.verbose)
     except Exception as exc:
-        print(f"padnet: the fused kernel was not built ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+        first_line = (str(exc).splitlines() or [""])[0]
+        print(f"padnet: the fused kernel was not built ({type(exc).__name__}: {first_line}); "
               "the pure-PyTorch backends serve", file=sys.stderr)
         return 1
     print(f"padnet: fused dynamic-conv kernel built: {library_path()}")
     return 0
 
 
-__all__ = ["build_directory", "build_fused", "fused_applicable", "fused_dynamic_conv2d", "fused_enabled",
+__all__ = ["build_directory", "build_fused", "cpu_features", "fused_applicable", "fused_dynamic_conv2d", "fused_enabled",
            "fused_mode", "library_path", "load_fused"]
 
 if __name__ == "__main__":

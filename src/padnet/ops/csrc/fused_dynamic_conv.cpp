@@ -148,8 +148,9 @@ template <typename T>
 PADNET_NO_AUTOVEC void gemm_tile(const T* w, int64_t ldw, const T* cols_b, T* y_b, int64_t CK, int64_t L,
                                  int64_t o0, int64_t ot, bool accumulate) {
   constexpr int N = Vec<T>::N;
-  // few pixels (deep layers): one vector of pixels, more rows; else two vectors x 8 rows
-  constexpr int RB1 = 16, RB2 = 8;
+  // few pixels (deep layers): one vector of pixels, more rows; else two vectors of pixels. 16
+  // accumulators with AVX-512 (32 vector registers), 8 with AVX/SSE (16 registers: no spills)
+  constexpr int RB1 = VBYTES == 64 ? 16 : 8, RB2 = VBYTES == 64 ? 8 : 4;
   const int64_t lfull = (L / N) * N;
   int64_t r = 0;
   if (L < 2 * N) {
