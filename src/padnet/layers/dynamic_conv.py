@@ -235,8 +235,6 @@ class DynamicConv2d(_ConvGeometry, PadLayerMixin, nn.Module):
         _check_conv_args(in_channels, out_channels, groups, num_kernels, reduction)
         if router_init not in ROUTER_INITS:
             raise ValueError(f"unknown router_init {router_init!r}; expected one of {ROUTER_INITS}")
-        if router_norm not in ROUTER_NORMS:
-            raise ValueError(f"unknown router_norm {router_norm!r}; expected one of {ROUTER_NORMS}")
         self._set_geometry(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, routing,
                            temperature, backend)
         self.num_kernels = num_kernels
@@ -254,12 +252,17 @@ class DynamicConv2d(_ConvGeometry, PadLayerMixin, nn.Module):
             self.register_parameter("bias_static", None)
             self.register_buffer("bias_mode_mask", None)
         self.router_init = router_init
-        self.router_norm = router_norm
+        # (KernelAttention rejects an unknown router_norm before any of the layer's state is registered)
         self.attention = KernelAttention(in_channels, num_kernels, reduction, init=router_init, norm=router_norm,
                                          **factory)
         self.scale = ScaleFactors(scale, **factory)
         register_routing_stats(self, num_kernels, 1.0 / num_kernels if routing == "softmax" else 0.5, device=device)
         self.reset_parameters()
+
+    @property
+    def router_norm(self) -> str:
+        """``"batch"`` if the router normalises its hidden units (:class:`RouterBatchNorm`), else ``"none"``."""
+        return "none" if self.attention.norm is None else "batch"
 
     @property
     def routing_sums_to_one(self) -> bool:  # type: ignore[override]

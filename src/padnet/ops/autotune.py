@@ -95,16 +95,30 @@ def cache_dir() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "padnet"
 
 
-def cpu_model() -> str:
-    """CPU model name (``/proc/cpuinfo`` on Linux, else :func:`platform.processor`)."""
+def _cpuinfo(*fields: str) -> str | None:
+    """The value of the first ``/proc/cpuinfo`` line starting with one of ``fields`` (Linux), else ``None``."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
             for line in fh:
-                if line.startswith("model name"):
+                if line.startswith(fields):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine() or "unknown"
+    return None
+
+
+def cpu_model() -> str:
+    """CPU model name (``/proc/cpuinfo`` on Linux, else :func:`platform.processor`)."""
+    return _cpuinfo("model name") or platform.processor() or platform.machine() or "unknown"
+
+
+def cpu_features() -> str:
+    """The CPU's feature flags (``/proc/cpuinfo`` ``flags`` / ``Features``, sorted), or ``""`` where unknown.
+
+    Two machines (or VMs) with the same model name can expose different
+    instruction sets; code compiled with ``-march=native`` is keyed by these.
+    """
+    return " ".join(sorted((_cpuinfo("flags", "Features") or "").split()))
 
 
 def fingerprint() -> dict:
@@ -239,6 +253,7 @@ __all__ = [
     "cache_dir",
     "cache_path",
     "clear_autotune_cache",
+    "cpu_features",
     "cpu_model",
     "fingerprint",
     "generation",

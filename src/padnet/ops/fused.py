@@ -40,7 +40,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from .autotune import cache_dir, cpu_model
+from .autotune import cache_dir, cpu_features, cpu_model
 from .geometry import ConvGeometry
 from .im2col import im2col_workspace
 
@@ -71,27 +71,11 @@ def fused_enabled() -> bool:
     return fused_mode() != "off"
 
 
-def cpu_features() -> str:
-    """The CPU's feature flags (``/proc/cpuinfo`` ``flags`` / ``Features``), or ``""`` where unknown.
-
-    Part of the build key: the kernel is compiled with ``-march=native``, and two
-    machines (or VMs) with the same model name can expose different instruction
-    sets -- loading a library built for the other would crash with SIGILL.
-    """
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
-            for line in fh:
-                if line.startswith(("flags", "Features")):
-                    return " ".join(sorted(line.split(":", 1)[1].split()))
-    except OSError:
-        pass
-    return ""
-
-
 def build_directory() -> Path:
     """Cache directory of the compiled kernel, keyed by everything the binary depends on.
 
-    torch version, CPU model and feature flags (``-march=native``), the Python
+    torch version, CPU model and feature flags (it is built with ``-march=native``:
+    loading a library built for other instructions would crash with SIGILL), the Python
     extension suffix (interpreter / ABI) and the source. Under
     ``$PADNET_EXTENSIONS_DIR`` if set, else ``<cache dir>/extensions``.
     """
@@ -204,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["build_directory", "build_fused", "cpu_features", "fused_applicable", "fused_dynamic_conv2d", "fused_enabled",
+__all__ = ["build_directory", "build_fused", "fused_applicable", "fused_dynamic_conv2d", "fused_enabled",
            "fused_mode", "library_path", "load_fused"]
 
 if __name__ == "__main__":

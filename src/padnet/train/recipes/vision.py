@@ -44,7 +44,7 @@ VISION_DEFAULTS: dict[str, Any] = {
     "lr_schedule": "cosine",
     "warmup_steps": 0,
     # official router init with a BatchNorm on its hidden units, 30 -> 2 over the first 3 epochs (at most half
-    # the run): every layer's routing becomes input-dependent (5-24x the routing spread of the earlier defaults
+    # the run): every layer's routing becomes input-dependent (5.3-23x the routing spread of the earlier defaults
     # in each layer) at no accuracy cost; without the norm the early layers barely route, and annealing to 1
     # collapsed routing and cost 10-17 points in the 2-epoch measurement (docs/training.md)
     "temperature_start": 30.0,
