@@ -525,30 +525,39 @@ def test_masked_factors_match_plain_products_with_gradients():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("groups, batch", [(1, 3), (2, 3), (1, 1)])
-def test_masked_conv_matches_general_path_with_gradients(backend, groups, batch, monkeypatch):
-    """Element-mask training conv from the parameters: every backend, values and gradients (float64)."""
+@pytest.mark.parametrize("softmax", [False, True])
+def test_masked_conv_matches_general_path_with_gradients(backend, groups, batch, softmax, monkeypatch):
+    """Element-mask training conv from the parameters: every backend, values and gradients (float64).
+
+    ``softmax`` (``routing_sums_to_one``): the static part is folded into the K factors, which changes
+    ``dL/dpi`` by the same amount in every column and so leaves the gradient of the routing logits
+    unchanged: the leaves are the logits there.
+    """
     from padnet.layers.modes import combine_factors
     from padnet.ops import masked_conv
 
     monkeypatch.setattr(masked_conv, "resolve_backend", lambda *args, **kwargs: backend)
     torch.manual_seed(0)
     x = torch.randn(batch, 4, 6, 5, dtype=torch.double, requires_grad=True)
-    pi = torch.softmax(torch.randn(batch, 3, dtype=torch.double), -1).requires_grad_()
+    logits = torch.randn(batch, 3, dtype=torch.double, requires_grad=True)
+    pi = torch.softmax(logits, -1) if softmax else torch.sigmoid(logits)
     dynamic = torch.randn(3, 6, 4 // groups, 3, 3, dtype=torch.double, requires_grad=True)
     static = torch.randn(6, 4 // groups, 3, 3, dtype=torch.double, requires_grad=True)
     mask = (torch.rand(6, 4 // groups, 3, 3) < 0.4).double()
     phi = torch.tensor(-0.4, dtype=torch.double, requires_grad=True)
     bias_sta = torch.randn(6, dtype=torch.double, requires_grad=True)
-    leaves = [x, pi, dynamic, static, phi, bias_sta]
+    leaves = [x, logits, dynamic, static, phi, bias_sta]
     gy = torch.randn(batch, 6, 3, 3, dtype=torch.double)
     lambda_d = 2 * torch.sigmoid(phi)
     y = masked_conv.masked_dynamic_conv2d(x, pi, dynamic, static, mask, 2 - lambda_d, lambda_d, None, bias_sta,
-                                          2, 1, 1, groups)
+                                          2, 1, 1, groups, routing_sums_to_one=softmax)
     dyn, sta = combine_factors(dynamic, static, mask, 2 - lambda_d, lambda_d)
     ref = per_sample_reference(x, pi, dyn, sta, 2, 1, 1, groups) + bias_sta[:, None, None]
     torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
-    for g, r in zip(torch.autograd.grad(y, leaves, gy, retain_graph=True), torch.autograd.grad(ref, leaves, gy)):
+    grads = torch.autograd.grad(y, leaves, gy, retain_graph=True)
+    for g, r in zip(grads, torch.autograd.grad(ref, leaves, gy)):
         torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-10)
+    assert all(g.abs().sum() > 0 for g in grads)  # every leaf, the scale included, is reached
 
 
 @pytest.mark.parametrize("groups", [1, 2])

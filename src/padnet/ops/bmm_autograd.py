@@ -51,9 +51,11 @@ def bmm_backward(x: Tensor, pi: Tensor, dyn: Tensor, sta: Tensor | None, geom: C
     sflat = None if sta is None else sta.reshape(o * ck)
     pi = pi.to(dflat.dtype)
     gx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else None
-    gdyn = dyn.new_zeros(k, o * ck) if need_dyn else None
-    gsta = dyn.new_zeros(o * ck) if need_sta else None
-    gpi = pi.new_zeros(batch, k) if need_pi else None
+    # written by the first batch tile (gdyn, gsta) / output-channel tile (gpi), accumulated by later ones:
+    # no zero-filling pass over the K weight-sized gradient
+    gdyn = dyn.new_empty(k, o * ck) if need_dyn else None
+    gsta = dyn.new_empty(o * ck) if need_sta else None
+    gpi = pi.new_empty(batch, k) if need_pi else None
     need_gw = need_pi or need_dyn or need_sta
     ones = pi.new_ones(batch) if need_sta else None
     bc, oc = tiles(batch, o, ck, pixels, x.element_size())
@@ -85,12 +87,13 @@ def bmm_backward(x: Tensor, pi: Tensor, dyn: Tensor, sta: Tensor | None, geom: C
                 gw = gwbuf[: nb * n].view(nb, o1 - o0, ck)
                 torch.bmm(gy_t, cols.transpose(1, 2), out=gw)
                 gwf = gw.view(nb, n)
+                first_b, first_o = b0 == 0, o0 == 0
                 if need_dyn:
-                    gdyn[:, o0 * ck : o1 * ck].addmm_(pi[b0:b1].t(), gwf)
+                    gdyn[:, o0 * ck : o1 * ck].addmm_(pi[b0:b1].t(), gwf, beta=0.0 if first_b else 1.0)
                 if need_sta:
-                    gsta[o0 * ck : o1 * ck].addmv_(gwf.t(), ones[b0:b1])
+                    gsta[o0 * ck : o1 * ck].addmv_(gwf.t(), ones[b0:b1], beta=0.0 if first_b else 1.0)
                 if need_pi:
-                    gpi[b0:b1].addmm_(gwf, dflat[:, o0 * ck : o1 * ck].t())
+                    gpi[b0:b1].addmm_(gwf, dflat[:, o0 * ck : o1 * ck].t(), beta=0.0 if first_o else 1.0)
         if need_x:
             gx[b0:b1] = col2im(gc, (nb, *x.shape[1:]), geom)
     return (

@@ -4,12 +4,16 @@
 the masked factors first (``dyn [K, *shape]``, ``sta [*shape]``) and handing
 them to a backend keeps ``(K + 1)`` weight-sized copies alive until the
 backward. Here the mask is folded into the backends' own autograd functions
-instead, which save only the parameters:
+instead, which save only the parameters. Both write the per-sample kernels as
+``c @ F``: the K + 1 masked factors stacked, ``F [K + 1, *shape]``, and the
+coefficients ``c = [lambda_d * pi, lambda_s]`` (``[B, K + 1]``, plain
+autograd), so no static bias is broadcast into the ``B x`` sized kernels and
+the scales need no hand-written gradient:
 
 - ``"weight"``: :class:`MaskedAggregate` forms the per-sample kernels
-  ``[B, *shape]`` directly (one GEMM, the masks applied to its output);
-- ``"bmm"`` (``groups == 1``): :class:`MaskedWeightSpaceBMM` recomputes the
-  masked factors in the backward and reuses the tiled backward;
+  ``[B, *shape]`` with one GEMM for the grouped conv;
+- ``"bmm"`` (``groups == 1``): :class:`MaskedWeightSpaceBMM` runs the tiled
+  forward and backward on ``(c, F)`` and recomputes ``F`` in the backward;
 - otherwise the masked factors of :func:`.masked_factors.masked_factors`.
 """
 
@@ -26,66 +30,91 @@ from .conv_backends import run_backend
 from .dynamic_conv import mix_bias
 from .exporting import is_exporting
 from .geometry import ConvGeometry
-from .masked_factors import factor_grads, factor_values, masked_factors
+from .masked_factors import (folded_factor_grads, folded_factors, masked_factors, routing_coefficients,
+                             stacked_factor_grads, stacked_factors)
+
+
+def _factors(folded: bool, dynamic: Tensor, static: Tensor, mask: Tensor, lambda_s: Tensor,
+             lambda_d: Tensor) -> Tensor:
+    """The factor matrix the coefficients multiply: ``F' [K, ...]`` (folded) or ``F [K + 1, ...]`` (stacked)."""
+    if folded:
+        return folded_factors(dynamic, static, mask, lambda_s, lambda_d)
+    return stacked_factors(dynamic, static, mask)
+
+
+def _factor_grads(folded: bool, g: Tensor, dynamic, static, mask, lambda_s, lambda_d, need_d, need_s, need_ls,
+                  need_ld):
+    """``(g_dynamic, g_static, g_lambda_s, g_lambda_d)`` from the factor matrix's gradient (consumed in place).
+
+    Stacked: the scales sit in the coefficients, whose ordinary autograd differentiates them (``None`` here).
+    """
+    if folded:
+        return folded_factor_grads(g, dynamic, static, mask, lambda_s, lambda_d, need_d, need_s, need_ls, need_ld)
+    return (*stacked_factor_grads(g, mask, need_d, need_s), None, None)
 
 
 class MaskedAggregate(torch.autograd.Function):
-    """Per-sample kernels ``[B, *shape]`` = ``lambda_d M (pi @ W) + lambda_s (1 - M) W_s``; saves only inputs."""
+    """Per-sample kernels ``[B, *shape]`` = ``coeffs @ factors``, one GEMM; saves only its inputs.
+
+    ``folded`` (softmax routing): ``coeffs = pi [B, K]`` and the factors of
+    :func:`.masked_factors.folded_factors`; otherwise ``coeffs = [lambda_d pi,
+    lambda_s]`` (``[B, K + 1]``, :func:`.masked_factors.routing_coefficients`)
+    and :func:`.masked_factors.stacked_factors`. The backward recomputes the factors.
+    """
 
     @staticmethod
-    def forward(ctx, pi: Tensor, dynamic: Tensor, static: Tensor, mask: Tensor, lambda_s: Tensor,
-                lambda_d: Tensor) -> Tensor:
-        ctx.save_for_backward(pi, dynamic, static, mask, lambda_s, lambda_d)
-        k = dynamic.shape[0]
-        # mask the K + 1 factors (K * P + P values, freed on return), then one GEMM with the static part as
-        # its bias: cheaper than masking the B per-sample kernels afterwards (2 passes over B * P) when B > K
-        dyn, sta = factor_values(dynamic, static, mask, lambda_s, lambda_d)
-        w = torch.addmm(sta.reshape(-1), pi.to(dynamic.dtype), dyn.reshape(k, -1))  # [B, P]
-        return w.view(pi.shape[0], *dynamic.shape[1:])
+    def forward(ctx, coeffs: Tensor, dynamic: Tensor, static: Tensor, mask: Tensor, lambda_s: Tensor,
+                lambda_d: Tensor, folded: bool) -> Tensor:
+        ctx.folded = folded
+        ctx.save_for_backward(coeffs, dynamic, static, mask, lambda_s, lambda_d)
+        f = _factors(folded, dynamic, static, mask, lambda_s, lambda_d)  # freed on return
+        w = coeffs.to(dynamic.dtype) @ f.reshape(f.shape[0], -1)  # [B, P]
+        return w.view(coeffs.shape[0], *dynamic.shape[1:])
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_w: Tensor):
-        pi, dynamic, static, mask, lambda_s, lambda_d = ctx.saved_tensors
-        need_pi, need_d, need_s, _, need_ls, need_ld = ctx.needs_input_grad
-        k = dynamic.shape[0]
-        flat = dynamic.reshape(k, -1)
-        m = mask.to(dynamic.dtype).reshape(-1)
+        coeffs, dynamic, static, mask, lambda_s, lambda_d = ctx.saved_tensors
+        need_c, need_d, need_s, _, need_ls, need_ld = ctx.needs_input_grad[:6]
+        f = _factors(ctx.folded, dynamic, static, mask, lambda_s, lambda_d)
         g = g_w.reshape(g_w.shape[0], -1)
-        g_pi = g_dyn = g_sta = None
-        if need_pi:
-            g_pi = (g @ (flat * (lambda_d * m)).t()).to(pi.dtype)
-        if need_d or need_ld:
-            g_dyn = (pi.to(g.dtype).t() @ g).view_as(dynamic)  # gradient w.r.t. the masked factors
-        if need_s or need_ls:
-            g_sta = g.sum(0).view_as(static)
-        g_dynamic, g_static, _, g_ls, g_ld = factor_grads(g_dyn, g_sta, dynamic, static, mask, lambda_s, lambda_d,
-                                                          need_d, need_s, need_ls, need_ld)
-        return g_pi, g_dynamic, g_static, None, g_ls, g_ld
+        g_c = (g @ f.reshape(f.shape[0], -1).t()).to(coeffs.dtype) if need_c else None
+        del f
+        g_d = g_s = g_ls = g_ld = None
+        if need_d or need_s or need_ls or need_ld:
+            g_f = (coeffs.to(g.dtype).t() @ g).view(-1, *dynamic.shape[1:])
+            g_d, g_s, g_ls, g_ld = _factor_grads(ctx.folded, g_f, dynamic, static, mask, lambda_s, lambda_d,
+                                                 need_d, need_s, need_ls, need_ld)
+        return g_c, g_d, g_s, None, g_ls, g_ld, None
 
 
 class MaskedWeightSpaceBMM(torch.autograd.Function):
-    """The tiled weight-space conv of :mod:`.bmm_autograd` fed from the parameters (``groups == 1``)."""
+    """The tiled weight-space conv of :mod:`.bmm_autograd` over ``coeffs @ factors`` (``groups == 1``).
+
+    Coefficients and factors as in :class:`MaskedAggregate`; the factors are
+    formed in the forward and again in the backward instead of being saved.
+    """
 
     @staticmethod
-    def forward(ctx, x, pi, dynamic, static, mask, lambda_s, lambda_d, geom: ConvGeometry):
-        ctx.geom = geom
-        ctx.save_for_backward(x, pi, dynamic, static, mask, lambda_s, lambda_d)
-        dyn, sta = factor_values(dynamic, static, mask, lambda_s, lambda_d)
-        return bmm_tiled_forward(x, pi, dyn, sta, geom)  # dyn, sta are freed on return
+    def forward(ctx, x, coeffs, dynamic, static, mask, lambda_s, lambda_d, geom: ConvGeometry, folded: bool):
+        ctx.geom, ctx.folded = geom, folded
+        ctx.save_for_backward(x, coeffs, dynamic, static, mask, lambda_s, lambda_d)
+        return bmm_tiled_forward(x, coeffs, _factors(folded, dynamic, static, mask, lambda_s, lambda_d), None, geom)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gy):
-        x, pi, dynamic, static, mask, lambda_s, lambda_d = ctx.saved_tensors
-        need_x, need_pi, need_d, need_s, _, need_ls, need_ld = ctx.needs_input_grad[:7]
-        dyn, sta = factor_values(dynamic, static, mask, lambda_s, lambda_d)
-        gx, gpi, g_dyn, g_sta = bmm_backward(x, pi, dyn, sta, ctx.geom, gy, need_x, need_pi, need_d or need_ld,
-                                             need_s or need_ls)
-        del dyn, sta
-        g_dynamic, g_static, _, g_ls, g_ld = factor_grads(g_dyn, g_sta, dynamic, static, mask, lambda_s, lambda_d,
-                                                          need_d, need_s, need_ls, need_ld)
-        return gx, gpi, g_dynamic, g_static, None, g_ls, g_ld, None
+        x, coeffs, dynamic, static, mask, lambda_s, lambda_d = ctx.saved_tensors
+        need_x, need_c, need_d, need_s, _, need_ls, need_ld = ctx.needs_input_grad[:7]
+        need_f = need_d or need_s or need_ls or need_ld
+        f = _factors(ctx.folded, dynamic, static, mask, lambda_s, lambda_d)
+        gx, g_c, g_f, _ = bmm_backward(x, coeffs, f, None, ctx.geom, gy, need_x, need_c, need_f, False)
+        del f
+        g_d = g_s = g_ls = g_ld = None
+        if need_f:
+            g_d, g_s, g_ls, g_ld = _factor_grads(ctx.folded, g_f, dynamic, static, mask, lambda_s, lambda_d,
+                                                 need_d, need_s, need_ls, need_ld)
+        return gx, g_c, g_d, g_s, None, g_ls, g_ld, None, None
 
 
 def masked_dynamic_conv2d(
@@ -114,8 +143,18 @@ def masked_dynamic_conv2d(
     """
     geom = conv_geometry(dynamic.shape[-2:], stride, padding, dilation, groups)
     exporting = is_exporting()
-    name = "weight" if x.shape[0] == 1 and not exporting else resolve_backend(
-        x, pi, dynamic, static, stride, padding, dilation, groups, "auto", geom=geom)
+    # softmax routing: the static part folds into the K factors (GEMMs of a fully dynamic layer's shapes);
+    # otherwise K + 1 stacked factors with coefficients [lambda_d pi, lambda_s]
+    folded = routing_sums_to_one
+    coeffs = pi if folded else routing_coefficients(pi, lambda_s, lambda_d)  # [B, K] or [B, K + 1]
+    if x.shape[0] == 1 and not exporting:
+        name = "weight"
+    else:
+        # tuned on what the weight-space backends run here: the factor matrix's shape, no static bias
+        # (``factor_shape`` is a view of ``static`` with that shape; timing trials copy it, as the real
+        # call writes the factors)
+        factor_shape = static.unsqueeze(0).expand(coeffs.shape[1], *static.shape)
+        name = resolve_backend(x, coeffs, factor_shape, None, stride, padding, dilation, groups, "auto", geom=geom)
     if exporting or name == "output" or (name == "bmm" and groups > 1):
         dyn, sta = masked_factors(dynamic, static, mask, lambda_s, lambda_d)
         if name == "output" and routing_sums_to_one and sta is not None:
@@ -123,12 +162,12 @@ def masked_dynamic_conv2d(
         y = run_backend(name, x, pi, dyn, sta, geom, padding)
     elif name == "weight":
         b, c, h, w = x.shape
-        kernels = MaskedAggregate.apply(pi, dynamic, static, mask, lambda_s, lambda_d)
+        kernels = MaskedAggregate.apply(coeffs, dynamic, static, mask, lambda_s, lambda_d, folded)
         y = F.conv2d(x.reshape(1, b * c, h, w), kernels.reshape(b * dynamic.shape[1], *dynamic.shape[2:]), None,
                      geom.stride, padding, geom.dilation, b * groups)
         y = y.reshape(b, dynamic.shape[1], *y.shape[-2:])
     else:
-        y = MaskedWeightSpaceBMM.apply(x, pi, dynamic, static, mask, lambda_s, lambda_d, geom)
+        y = MaskedWeightSpaceBMM.apply(x, coeffs, dynamic, static, mask, lambda_s, lambda_d, geom, folded)
     bias = mix_bias(pi, bias_dyn, bias_sta)
     if bias is not None:
         y = y + bias[:, :, None, None]

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .workspace import workspace
+
 
 class MaskedFactors(torch.autograd.Function):
     """``(dynamic [K, *shape], static [*shape], mask [*shape], lambda_s [], lambda_d []) -> (dyn, sta)``.
@@ -33,14 +35,6 @@ class MaskedFactors(torch.autograd.Function):
         return factor_grads(g_dyn, g_sta, dynamic, static, mask, lambda_s, lambda_d, need_d, need_s, need_ls, need_ld)
 
 
-def factor_values(dynamic: Tensor, static: Tensor, mask: Tensor, lambda_s: Tensor,
-                  lambda_d: Tensor) -> tuple[Tensor, Tensor]:
-    """``(lambda_d * M * dynamic, lambda_s * (1 - M) * static)`` without autograd bookkeeping."""
-    with torch.no_grad():
-        m = mask.to(dynamic.dtype)
-        return dynamic * (lambda_d * m), static * (lambda_s * (1.0 - m))
-
-
 def factor_grads(g_dyn, g_sta, dynamic, static, mask, lambda_s, lambda_d, need_d, need_s, need_ls, need_ld):
     """Map gradients of ``(dyn, sta)`` to ``(dynamic, static, mask=None, lambda_s, lambda_d)``."""
     m = mask.to(dynamic.dtype)
@@ -60,10 +54,104 @@ def factor_grads(g_dyn, g_sta, dynamic, static, mask, lambda_s, lambda_d, need_d
     return g_dynamic, g_static, None, g_ls, g_ld
 
 
+# workspace slots of the factor matrices and their [*shape] helpers (the backends use 0-4)
+_FACTOR_SLOT, _HELPER_SLOTS = 5, (6, 7)
+
+
+def _scaled_static(static: Tensor, m: Tensor, lambda_s: Tensor | None, slot: int) -> Tensor:
+    """``[lambda_s] (1 - M) W_s`` (``[*shape]``) in a workspace: ``W_s - W_s M``, then scaled in place."""
+    out = workspace(slot, static.numel(), static).view_as(static)
+    torch.addcmul(static, static, m, value=-1.0, out=out)
+    return out if lambda_s is None else out.mul_(lambda_s)
+
+
+def stacked_factors(dynamic: Tensor, static: Tensor, mask: Tensor) -> Tensor:
+    """``F [K + 1, *shape]``: ``F[k] = M * dynamic[k]`` (``k < K``), ``F[K] = (1 - M) * static``; no autograd.
+
+    With the routing coefficients ``c = [lambda_d * pi, lambda_s]`` (``[B, K + 1]``)
+    the per-sample kernels are ``c @ F``: one GEMM without a bias term (a bias
+    would be broadcast into the ``[B, *shape]`` output first, one more pass over
+    it), and the scales live in ``c``, where ordinary autograd differentiates them.
+    ``F`` lives in a reused per-thread workspace (valid until the next call):
+    a fresh allocation of this size would be page-faulted in on every call.
+    """
+    k = dynamic.shape[0]
+    with torch.no_grad():
+        m = mask.to(dynamic.dtype)
+        out = workspace(_FACTOR_SLOT, (k + 1) * static.numel(), dynamic).view(k + 1, *static.shape)
+        for i in range(k):  # same-shape operands: the contiguous, vectorised kernels (no broadcasting)
+            torch.mul(dynamic[i], m, out=out[i])
+        torch.addcmul(static, static, m, value=-1.0, out=out[k])  # (1 - M) W_s
+    return out
+
+
+def folded_factors(dynamic: Tensor, static: Tensor, mask: Tensor, lambda_s: Tensor, lambda_d: Tensor) -> Tensor:
+    """``F' [K, *shape]``, ``F'[k] = lambda_d M dynamic[k] + lambda_s (1 - M) static``; no autograd.
+
+    Under softmax routing (every row of ``pi`` sums to 1) the per-sample kernels
+    are ``pi @ F'``: the static part folded into each of the K factors, so the
+    weight-space GEMMs have exactly the shapes of a fully dynamic layer's. One
+    ``addcmul`` per factor writes ``F'`` into a reused workspace (valid until the
+    next call), as in :func:`stacked_factors`.
+    """
+    k = dynamic.shape[0]
+    with torch.no_grad():
+        m = mask.to(dynamic.dtype)
+        sta = _scaled_static(static, m, lambda_s, _HELPER_SLOTS[0])
+        md = torch.mul(m, lambda_d, out=workspace(_HELPER_SLOTS[1], m.numel(), m).view_as(m))
+        out = workspace(_FACTOR_SLOT, k * static.numel(), dynamic).view(k, *static.shape)
+        for i in range(k):
+            torch.addcmul(sta, dynamic[i], md, out=out[i])
+    return out
+
+
+def stacked_factor_grads(g_stack: Tensor, mask: Tensor, need_d: bool, need_s: bool
+                         ) -> tuple[Tensor | None, Tensor | None]:
+    """Map the gradient of :func:`stacked_factors` (``[K + 1, *shape]``, consumed in place) to ``(g_dynamic, g_static)``."""
+    k = g_stack.shape[0] - 1
+    m = mask.to(g_stack.dtype)
+    g_dynamic = g_stack[:k].mul_(m) if need_d else None
+    g_static = g_stack[k].addcmul_(g_stack[k], m, value=-1.0) if need_s else None  # (1 - M) g, in place
+    return g_dynamic, g_static
+
+
+def folded_factor_grads(g_fold: Tensor, dynamic: Tensor, static: Tensor, mask: Tensor, lambda_s: Tensor,
+                        lambda_d: Tensor, need_d: bool, need_s: bool, need_ls: bool, need_ld: bool):
+    """Map the gradient of :func:`folded_factors` (``[K, *shape]``, consumed in place) to
+    ``(g_dynamic, g_static, g_lambda_s, g_lambda_d)`` (``None`` where not needed).
+
+    ``dL/dW_k = lambda_d M g_k``, ``dL/dW_s = lambda_s (1 - M) sum_k g_k``,
+    ``dL/dlambda_d = sum_k <M g_k, W_k>``, ``dL/dlambda_s = <(1 - M) sum_k g_k, W_s>``.
+    """
+    m = mask.to(g_fold.dtype)
+    g_dynamic = g_static = g_ls = g_ld = None
+    if need_s or need_ls:
+        gs = g_fold.sum(0)
+        gs.addcmul_(gs, m, value=-1.0)  # (1 - M) sum_k g_k
+        if need_ls:
+            g_ls = torch.dot(gs.reshape(-1), static.reshape(-1)).reshape(lambda_s.shape).to(lambda_s.dtype)
+        if need_s:
+            g_static = gs.mul_(lambda_s)
+    if need_d or need_ld:
+        gm = g_fold.mul_(m)
+        if need_ld:
+            g_ld = torch.dot(gm.reshape(-1), dynamic.reshape(-1)).reshape(lambda_d.shape).to(lambda_d.dtype)
+        if need_d:
+            g_dynamic = gm.mul_(lambda_d)
+    return g_dynamic, g_static, g_ls, g_ld
+
+
+def routing_coefficients(pi: Tensor, lambda_s: Tensor, lambda_d: Tensor) -> Tensor:
+    """``c [B, K + 1] = [lambda_d * pi, lambda_s]``, the coefficients of :func:`stacked_factors` (autograd)."""
+    return torch.cat([pi * lambda_d.to(pi.dtype), lambda_s.to(pi.dtype).expand(pi.shape[0], 1)], dim=1)
+
+
 def masked_factors(dynamic: Tensor, static: Tensor, mask: Tensor, lambda_s: Tensor,
                    lambda_d: Tensor) -> tuple[Tensor, Tensor]:
     """``(lambda_d * M * dynamic, lambda_s * (1 - M) * static)``; see :class:`MaskedFactors`."""
     return MaskedFactors.apply(dynamic, static, mask, lambda_s, lambda_d)
 
 
-__all__ = ["MaskedFactors", "factor_grads", "factor_values", "masked_factors"]
+__all__ = ["MaskedFactors", "factor_grads", "folded_factor_grads", "folded_factors", "masked_factors",
+           "routing_coefficients",
+           "stacked_factor_grads", "stacked_factors"]
