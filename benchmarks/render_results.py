@@ -171,6 +171,16 @@ def channel_split_table(payload):
     return "\n".join(out)
 
 
+def element_training_table(payload):
+    out = [machine_line(payload), "",
+           "| shape | batch | static ms | dynamic / static | element / static | element / dynamic |",
+           "|---|---|---|---|---|---|"]
+    for r in payload["rows"]:
+        out.append(f"| {r['shape']} | {r['batch']} | {r['static_ms']:.1f} | {r['dynamic_over_static']:.2f} | "
+                   f"{r['element_over_static']:.2f} | {r['element_over_dynamic']:.2f} |")
+    return "\n".join(out)
+
+
 def allocator_table(payload):
     runs = payload["runs"]
     variants = ["dynamic", "compact_element", "compact_channel"]
@@ -193,6 +203,8 @@ def main() -> None:
         ("MoE", "moe", moe_table),
         ("MoE, gated (SwiGLU) experts", "moe_gated", moe_table),
         ("models", "models", models_table),
+        ("element-PAD training against fully dynamic, per layer (forward+backward)", "element_training",
+         element_training_table),
         ("micro-measurements", "micro", micro_table),
         ("channel split: where the time goes", "channel_split", channel_split_table),
         ("torch.compile", "compile", variant_table),

@@ -13,7 +13,7 @@ from torch.nn.modules.utils import _pair
 
 from ..ops.backend_selection import BACKENDS
 from ..ops.channel_split import channel_split_conv2d, channel_split_runs_dense
-from ..ops.dynamic_conv import dynamic_conv2d, mix_bias
+from ..ops.dynamic_conv import dynamic_conv2d, mix_bias, single_sample_conv
 from ..ops.exporting import is_exporting
 from ..ops.geometry import ConvGeometry, check_conv_hyperparameters
 from ..ops.masked_conv import masked_dynamic_conv2d
@@ -401,6 +401,9 @@ class DynamicConv2d(_ConvGeometry, PadLayerMixin, nn.Module):
         if st.kind == "zeros":
             return self._static_conv(x, pi, *factors)
         dyn, sta, bias_dyn, bias_sta = factors  # "ones" and "element" (pruned entries included)
+        if x.shape[0] == 1:  # the deploy latency case: no backend resolution, no per-call checks
+            return single_sample_conv(x, pi, dyn, sta, bias_dyn, bias_sta, self.stride, self.padding,
+                                      self.dilation, self.groups, inference=True)
         return dynamic_conv2d(x, pi, dyn, sta, bias_dyn, bias_sta, self.stride, self.padding, self.dilation,
                               self.groups, "auto")
 
@@ -447,7 +450,9 @@ class DynamicConv2d(_ConvGeometry, PadLayerMixin, nn.Module):
         return combine_factors(self.bias_dynamic, self.bias_static, self.bias_mode_mask, lambda_s, lambda_d)
 
     def _masks_require_grad(self) -> bool:
-        return self.mode_mask.requires_grad or (self.bias_mode_mask is not None and self.bias_mode_mask.requires_grad)
+        buffers = self._buffers  # read directly: this runs on every forward
+        mask, bias_mask = buffers["mode_mask"], buffers.get("bias_mode_mask")
+        return mask.requires_grad or (bias_mask is not None and bias_mask.requires_grad)
 
     def mask_structure(self) -> "MaskStructure":
         """How the weight mask is structured (cached until the mask changes); see :class:`MaskStructure`."""

@@ -32,7 +32,7 @@ def weight_space(x: Tensor, pi: Tensor, dyn: Tensor, sta: Tensor | None, geom: C
     """Per-sample kernels, then one grouped conv with ``groups = B * groups``."""
     batch, channels, height, width = x.shape
     kernel_shape = dyn.shape[1:]
-    weight = _aggregate_into_workspace(pi, dyn, sta, x)
+    weight = aggregate_into_workspace(pi, dyn, sta, x)
     if weight is None:
         weight = aggregate_kernels(pi, dyn, sta)
     weight = weight.reshape(batch * kernel_shape[0], *kernel_shape[1:])
@@ -41,14 +41,20 @@ def weight_space(x: Tensor, pi: Tensor, dyn: Tensor, sta: Tensor | None, geom: C
     return y.reshape(batch, kernel_shape[0], *y.shape[-2:])
 
 
-def _aggregate_into_workspace(pi: Tensor, dyn: Tensor, sta: Tensor | None, x: Tensor) -> Tensor | None:
+def aggregate_into_workspace(pi: Tensor, dyn: Tensor, sta: Tensor | None, x: Tensor,
+                             inference: bool = False) -> Tensor | None:
     """Per-sample kernels ``[B, P]`` written into a reused workspace (no autograd, CPU, one dtype), else ``None``.
 
     ``B`` kernels are the largest temporary of the grouped-conv backend (4.7 MiB at
     64@32, batch 32); a fresh buffer that size is page-faulted in on every call.
+    ``inference=True``: the caller has established that no autograd is recording
+    and nothing is being exported (the per-call checks are skipped).
     """
-    if (torch.is_grad_enabled() and (pi.requires_grad or dyn.requires_grad or (sta is not None and sta.requires_grad))) \
-            or x.device.type != "cpu" or not (pi.dtype == dyn.dtype == x.dtype) or is_exporting():
+    if not inference and (
+            (torch.is_grad_enabled() and (pi.requires_grad or dyn.requires_grad
+                                          or (sta is not None and sta.requires_grad))) or is_exporting()):
+        return None
+    if x.device.type != "cpu" or not (pi.dtype == dyn.dtype == x.dtype):
         return None
     k = dyn.shape[0]
     flat = dyn.reshape(k, -1)
@@ -114,4 +120,5 @@ def run_backend(name: str, x: Tensor, pi: Tensor, dyn: Tensor, sta: Tensor | Non
     return runner(x, pi, dyn, sta, geom, padding)
 
 
-__all__ = ["CONCRETE_BACKENDS", "output_space", "run_backend", "weight_space", "weight_space_bmm"]
+__all__ = ["CONCRETE_BACKENDS", "aggregate_into_workspace", "output_space", "run_backend", "weight_space",
+           "weight_space_bmm"]

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .backend_selection import conv_geometry, resolve_backend
 from .bmm_kernels import aggregate_kernels
-from .conv_backends import run_backend
+from .conv_backends import aggregate_into_workspace, run_backend
 from .exporting import is_exporting
 
 
@@ -33,6 +33,21 @@ def add_channel_bias(y: Tensor, bias: Tensor | None) -> Tensor:
     if bias is None:
         return y
     return y + (bias[:, None, None] if bias.dim() == 1 else bias[:, :, None, None])
+
+
+def single_sample_conv(x: Tensor, pi: Tensor, dyn: Tensor, sta: Tensor | None, bias_dyn: Tensor | None,
+                       bias_sta: Tensor | None, stride, padding, dilation, groups: int,
+                       inference: bool = False) -> Tensor:
+    """:func:`dynamic_conv2d` of one sample (``x [1, C, H, W]``, ``pi [1, K]``): its aggregated kernel is a
+    plain conv weight, its mixed bias a plain conv bias. Not for export (use :func:`dynamic_conv2d`).
+
+    Without autograd the kernel is aggregated into a reused workspace (a fresh kernel-sized buffer is
+    page-faulted in on every call); ``inference=True`` skips that check where the caller has made it.
+    """
+    bias = mix_bias(pi, bias_dyn, bias_sta)
+    weight = aggregate_into_workspace(pi, dyn, sta, x, inference)
+    weight = aggregate_kernels(pi, dyn, sta)[0] if weight is None else weight.view(dyn.shape[1:])
+    return F.conv2d(x, weight, None if bias is None else bias[0], stride, padding, dilation, groups)
 
 
 def dynamic_conv2d(
@@ -61,10 +76,7 @@ def dynamic_conv2d(
         ``[B, O, H', W']`` (channels_last if ``x`` is).
     """
     if x.shape[0] == 1 and backend in ("auto", "weight") and not is_exporting():
-        # one sample: its aggregated kernel is a plain conv weight, its mixed bias a plain conv bias
-        bias = mix_bias(pi, bias_dyn, bias_sta)
-        return F.conv2d(x, aggregate_kernels(pi, dyn, sta)[0], None if bias is None else bias[0], stride, padding,
-                        dilation, groups)
+        return single_sample_conv(x, pi, dyn, sta, bias_dyn, bias_sta, stride, padding, dilation, groups)
     geom = conv_geometry(dyn.shape[-2:], stride, padding, dilation, groups)
     name = resolve_backend(x, pi, dyn, sta, stride, padding, dilation, groups, backend, geom=geom)
     y = run_backend(name, x, pi, dyn, sta, geom, padding)
@@ -77,4 +89,4 @@ def dynamic_conv2d(
     return y
 
 
-__all__ = ["add_channel_bias", "dynamic_conv2d", "mix_bias"]
+__all__ = ["add_channel_bias", "dynamic_conv2d", "mix_bias", "single_sample_conv"]
