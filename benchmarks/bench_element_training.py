@@ -8,7 +8,11 @@ Per shape ``C@HW`` (C -> C channels, 3x3, padding 1, K = 4, softmax routing,
 entries dynamic (``element``), and a plain ``nn.Conv2d`` (``static``, the baseline),
 each timed as ``zero_grad + forward + backward``, interleaved in one process; ms,
 median, and ratios to the static conv. ``element / dynamic`` is the issue-15
-target (<= 1). Run under ``benchmarks/fresh.py`` for the median of fresh processes.
+target (<= 1). ``mask_passes_ms``: what the mask alone costs per step, timed on the
+same layer's tensors -- forming the masked factors twice (forward, and again in the
+backward) plus mapping the factor gradient back through the mask
+(:mod:`padnet.ops.masked_factors`). Run under ``benchmarks/fresh.py`` for the median
+of fresh processes.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from torch import nn
 
 from latency import random_element_mask_, time_interleaved
 from padnet.layers import DynamicConv2d
+from padnet.ops.masked_factors import folded_factor_grads, folded_factors
 
 
 def main() -> None:
@@ -48,8 +53,26 @@ def main() -> None:
                 layer(x).sum().backward()
             return run
 
-        t = time_interleaved({n: step(m) for n, m in layers.items()}, repeats=args.repeats, warmup=2)
+        el = layers["element"]
+        lambda_s, lambda_d = (t.detach() for t in el.scales())
+        factor_grad = torch.randn_like(el.weight_dynamic)
+
+        def mask_passes():
+            with torch.no_grad():
+                for _ in range(2):  # forward, and again in the backward
+                    folded_factors(el.weight_dynamic, el.weight_static, el.mode_mask, lambda_s, lambda_d)
+                folded_factor_grads(factor_grad.clone(), el.weight_dynamic, el.weight_static, el.mode_mask,
+                                    lambda_s, lambda_d, True, True, True, True)
+
+        def clone_only():  # subtracted: the gradient buffer the backward would have produced anyway
+            factor_grad.clone()
+
+        fns = {n: step(m) for n, m in layers.items()}
+        fns.update(mask_passes=mask_passes, clone_only=clone_only)
+        t = time_interleaved(fns, repeats=args.repeats, warmup=2)
         row = {"shape": shape, "batch": args.batch, **{f"{n}_ms": v.median * 1e3 for n, v in t.items()}}
+        row["mask_passes_ms"] = row.pop("mask_passes_ms") - row.pop("clone_only_ms")
+        row["gap_ms"] = row["element_ms"] - row["dynamic_ms"]
         row["dynamic_over_static"] = row["dynamic_ms"] / row["static_ms"]
         row["element_over_static"] = row["element_ms"] / row["static_ms"]
         row["element_over_dynamic"] = row["element_ms"] / row["dynamic_ms"]
