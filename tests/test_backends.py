@@ -591,3 +591,86 @@ def test_masked_conv_output_space_folds_static_for_softmax_routing(groups, monke
     torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
     for g, r in zip(torch.autograd.grad(y, leaves, gy, retain_graph=True), torch.autograd.grad(ref, leaves, gy)):
         torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("element", [False, True])
+def test_empty_batch_gives_zero_weight_gradients(element):
+    """A batch of zero samples through the tiled backward (the rule's choice with autograd at small
+    outputs): every parameter gradient is exactly zero, never uninitialised memory."""
+    from padnet.layers import DynamicConv2d
+
+    torch.manual_seed(0)
+    layer = DynamicConv2d(4, 8, 3, padding=1).train()
+    if element:
+        layer.mode_mask.copy_((torch.rand_like(layer.mode_mask) < 0.3).float())
+    x = torch.randn(0, 4, 6, 6, requires_grad=True)
+    layer(x).sum().backward()
+    assert x.grad.shape == x.shape
+    for name, p in layer.named_parameters():
+        assert p.grad is None or torch.equal(p.grad, torch.zeros_like(p)), name
+
+
+def test_single_sample_conv_keeps_its_weight_when_only_the_input_needs_grad():
+    """Batch 1 through the functional API with fixed routing and kernels and an input that needs a
+    gradient (saliency): the conv saves its weight for the input gradient, so that weight must not be a
+    workspace a second call overwrites."""
+    torch.manual_seed(0)
+    pi = torch.softmax(torch.randn(1, 3), -1)
+    dyn, sta = torch.randn(3, 5, 4, 3, 3), torch.randn(5, 4, 3, 3)
+    x1, x2 = torch.randn(1, 4, 6, 6, requires_grad=True), torch.randn(1, 4, 6, 6, requires_grad=True)
+    y1 = cf.dynamic_conv2d(x1, pi, dyn, sta, None, None, 1, 1)
+    cf.dynamic_conv2d(x2, pi * 0.5, dyn * 2, None, None, None, 1, 1)  # would overwrite a shared workspace
+    g, = torch.autograd.grad(y1.sum(), x1)
+    w = torch.einsum("bk,k...->b...", pi, dyn)[0] + sta
+    ref, = torch.autograd.grad(F.conv2d(x1, w, None, 1, 1).sum(), x1)
+    torch.testing.assert_close(g, ref)
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_inference_mode_then_no_grad_reuses_workspaces(batch):
+    """Workspaces first allocated under torch.inference_mode (inference tensors) are replaced, not
+    written, by a later call outside that mode; results agree across the modes."""
+    from padnet.layers import DynamicConv2d
+    from padnet.ops import workspace as ws
+
+    ws._LOCAL.__dict__.clear()  # this thread's buffers start empty, so the first call creates them
+    torch.manual_seed(0)
+    layer = DynamicConv2d(4, 6, 3, padding=1).eval()
+    layer.mode_mask.copy_((torch.rand_like(layer.mode_mask) < 0.3).float())
+    x = torch.randn(batch, 4, 7, 7)
+    with torch.inference_mode():
+        a = layer(x).clone()
+    with torch.no_grad():
+        b = layer(x)
+    layer.train()
+    c = layer(x)  # training uses the factor workspaces
+    c.sum().backward()
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(c.detach(), b, rtol=1e-5, atol=1e-6)
+
+
+def test_masked_conv_tunes_with_grad_when_only_the_dynamic_weights_train(monkeypatch):
+    """The backend is resolved with autograd on when any parameter needs a gradient, including only the
+    dynamic kernels (the static weight and scales frozen)."""
+    from padnet.ops import masked_conv
+
+    seen = []
+    real = masked_conv.resolve_backend
+
+    def spy(x, pi, dyn, sta, *args, **kwargs):
+        seen.append(dyn.requires_grad or pi.requires_grad or x.requires_grad)
+        return real(x, pi, dyn, sta, *args, **kwargs)
+
+    monkeypatch.setattr(masked_conv, "resolve_backend", spy)
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 6, 6)
+    pi = torch.softmax(torch.randn(3, 2), -1)
+    dynamic = torch.randn(2, 5, 4, 3, 3, requires_grad=True)
+    static = torch.randn(5, 4, 3, 3)
+    mask = (torch.rand(5, 4, 3, 3) < 0.4).float()
+    one = torch.ones(())
+    y = masked_conv.masked_dynamic_conv2d(x, pi, dynamic, static, mask, one, one, padding=1,
+                                          routing_sums_to_one=True)
+    assert seen == [True]
+    y.sum().backward()
+    assert dynamic.grad is not None and static.grad is None

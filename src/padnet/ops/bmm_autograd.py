@@ -53,9 +53,11 @@ def bmm_backward(x: Tensor, pi: Tensor, dyn: Tensor, sta: Tensor | None, geom: C
     gx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else None
     # written by the first batch tile (gdyn, gsta) / output-channel tile (gpi), accumulated by later ones:
     # no zero-filling pass over the K weight-sized gradient
-    gdyn = dyn.new_empty(k, o * ck) if need_dyn else None
-    gsta = dyn.new_empty(o * ck) if need_sta else None
-    gpi = pi.new_empty(batch, k) if need_pi else None
+    # (an empty batch writes nothing: zeros then)
+    alloc = torch.Tensor.new_zeros if batch == 0 else torch.Tensor.new_empty
+    gdyn = alloc(dyn, (k, o * ck)) if need_dyn else None
+    gsta = alloc(dyn, (o * ck,)) if need_sta else None
+    gpi = alloc(pi, (batch, k)) if need_pi else None
     need_gw = need_pi or need_dyn or need_sta
     ones = pi.new_ones(batch) if need_sta else None
     bc, oc = tiles(batch, o, ck, pixels, x.element_size())

@@ -51,9 +51,9 @@ def aggregate_into_workspace(pi: Tensor, dyn: Tensor, sta: Tensor | None, x: Ten
     and nothing is being exported (the per-call checks are skipped).
     """
     if not inference and (
-            (torch.is_grad_enabled() and (pi.requires_grad or dyn.requires_grad
+            (torch.is_grad_enabled() and (x.requires_grad or pi.requires_grad or dyn.requires_grad
                                           or (sta is not None and sta.requires_grad))) or is_exporting()):
-        return None
+        return None  # (the conv saves its weight for the input gradient too: x counts)
     if x.device.type != "cpu" or not (pi.dtype == dyn.dtype == x.dtype):
         return None
     k = dyn.shape[0]

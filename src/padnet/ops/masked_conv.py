@@ -5,10 +5,16 @@ the masked factors first (``dyn [K, *shape]``, ``sta [*shape]``) and handing
 them to a backend keeps ``(K + 1)`` weight-sized copies alive until the
 backward. Here the mask is folded into the backends' own autograd functions
 instead, which save only the parameters. Both write the per-sample kernels as
-``c @ F``: the K + 1 masked factors stacked, ``F [K + 1, *shape]``, and the
-coefficients ``c = [lambda_d * pi, lambda_s]`` (``[B, K + 1]``, plain
-autograd), so no static bias is broadcast into the ``B x`` sized kernels and
-the scales need no hand-written gradient:
+one GEMM ``c @ F`` over a factor matrix formed in a reused workspace (and again
+in the backward), so no static bias is broadcast into the ``B x`` sized kernels:
+
+- softmax routing (every row of ``pi`` sums to 1): ``F' [K, *shape]`` with the
+  static part folded into every factor and ``c = pi``
+  (:func:`.masked_factors.folded_factors`; the scales' gradients are mapped by hand);
+- otherwise the K + 1 masked factors stacked, ``F [K + 1, *shape]``, with
+  ``c = [lambda_d * pi, lambda_s]`` (``[B, K + 1]``, plain autograd for the scales).
+
+Backends:
 
 - ``"weight"``: :class:`MaskedAggregate` forms the per-sample kernels
   ``[B, *shape]`` with one GEMM for the grouped conv;
@@ -138,8 +144,12 @@ def masked_dynamic_conv2d(
     Shapes: ``x [B, C, H, W]``, ``pi [B, K]``, ``dynamic [K, O, C/groups, kh, kw]``,
     ``static`` and ``mask`` ``[O, C/groups, kh, kw]``, ``lambda_*`` 0-d. Returns ``[B, O, H', W']``.
     The mask receives no gradient. ``routing_sums_to_one`` (softmax routing: every row of ``pi``
-    sums to 1) lets the output-space backend fold the static part into the K dynamic factors,
-    ``sum_k pi_k (dyn_k + sta) = sum_k pi_k dyn_k + sta``: K convs instead of K + 1.
+    sums to 1) folds the static part into the K dynamic factors,
+    ``sum_k pi_k (dyn_k + sta) = sum_k pi_k dyn_k + sta``: K convs instead of K + 1 in output
+    space, and GEMMs of the fully dynamic shapes in weight space. The values are the same; the
+    gradient w.r.t. ``pi`` then differs from the unfolded formula's by the same amount in every
+    column of a row, which the softmax's backward removes (logits and everything upstream get
+    the same gradients).
     """
     geom = conv_geometry(dynamic.shape[-2:], stride, padding, dilation, groups)
     exporting = is_exporting()
@@ -150,10 +160,12 @@ def masked_dynamic_conv2d(
     if x.shape[0] == 1 and not exporting:
         name = "weight"
     else:
-        # tuned on what the weight-space backends run here: the factor matrix's shape, no static bias
-        # (``factor_shape`` is a view of ``static`` with that shape; timing trials copy it, as the real
-        # call writes the factors)
-        factor_shape = static.unsqueeze(0).expand(coeffs.shape[1], *static.shape)
+        # tuned on what the weight-space backends run here: the factor matrix's shape, no static bias.
+        # ``factor_shape`` is a stride-0 view with that shape, of a parameter that needs a gradient if any
+        # does (the tuning key and the timed trials depend on it); the backends copy it in the trials, as
+        # the real call writes the factors.
+        source = static if static.requires_grad or not dynamic.requires_grad else dynamic[0]
+        factor_shape = source.unsqueeze(0).expand(coeffs.shape[1], *static.shape)
         name = resolve_backend(x, coeffs, factor_shape, None, stride, padding, dilation, groups, "auto", geom=geom)
     if exporting or name == "output" or (name == "bmm" and groups > 1):
         dyn, sta = masked_factors(dynamic, static, mask, lambda_s, lambda_d)

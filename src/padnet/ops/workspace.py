@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import threading
 
+import torch
 from torch import Tensor
 
 
@@ -41,7 +42,9 @@ def workspace(slot: int, numel: int, like: Tensor) -> Tensor:
         store = _LOCAL.buffers = {}
     key = (slot, like.dtype)
     buf = store.get(key)
-    if buf is None or buf.numel() < numel:
+    # a buffer first made under torch.inference_mode is an inference tensor, which may not be written
+    # outside that mode: replace it then
+    if buf is None or buf.numel() < numel or (buf.is_inference() and not torch.is_inference_mode_enabled()):
         buf = like.new_empty(numel)
         store[key] = buf
     return buf[:numel]
