@@ -446,6 +446,9 @@ def study2_markdown(results: dict[str, dict[str, dict[int, dict]]] | None = None
         if not n_runs:
             out += [f"Not yet run: no result files in `experiments/results/study2/{tag}/`.", ""]
         out += ["Test accuracy % per seed:", ""] + _arm_table(runs, study.ARMS2, study.SEEDS2) + [""]
+        out += ["`train s / run` is the training process's own wall time: it includes any time the job was "
+                "paused (benchmarks stop study jobs with SIGSTOP while they time) or shared its core, so it "
+                "is a budget figure, not a speed comparison between arms.", ""]
         out += ["Primary questions (paired by seed; differences A - B in accuracy points; one-sided t-tests, "
                 f"non-inferiority margin {NI_MARGIN} points; Holm over the questions with data, family-wise "
                 f"one-sided alpha = {ALPHA}):", "",
