@@ -263,3 +263,18 @@ def test_element_mask_training_chain_matches_reference_gradients(routing, groups
         with torch.no_grad():  # an optimizer-like change between the steps
             for p, g in zip(params, grads):
                 p.sub_(0.01 * g)
+
+
+@pytest.mark.parametrize("mask", ["ones", "random"])
+def test_batch_one_inference_reuses_its_workspace_correctly(mask):
+    """Deploy latency path (eval, no autograd, batch 1): successive calls with different inputs, hence
+    different mixed kernels written into the same reused workspace, each equal the per-sample reference;
+    two layers of different shapes share the workspace."""
+    first = make_layer(mask=mask).eval()
+    second = DynamicConv2d(12, 5, 3, padding=1).double().eval()
+    with torch.no_grad():
+        for scale in (1.0, -2.0, 0.5):
+            x = scale * torch.randn(1, 8, 9, 9, dtype=torch.double)
+            h = first(x)
+            torch.testing.assert_close(h, reference(first, x), rtol=1e-10, atol=1e-10)
+            torch.testing.assert_close(second(h), reference(second, h), rtol=1e-10, atol=1e-10)
