@@ -95,8 +95,9 @@ def routing_from_logits(logits: Tensor, routing: str, temperature: float) -> Ten
     """Routing weights ``[B, K]`` from logits: softmax(z / T) or sigmoid(z / T)."""
     z = logits if temperature == 1.0 else logits / temperature
     if routing == "softmax":
-        low_precision = z.dtype in (torch.float16, torch.bfloat16)
-        return torch.softmax(z.float() if low_precision else z, dim=-1).to(logits.dtype)
+        if z.dtype in (torch.float16, torch.bfloat16):  # normalise in float32
+            return torch.softmax(z.float(), dim=-1).to(logits.dtype)
+        return torch.softmax(z, dim=-1)
     return torch.sigmoid(z)
 
 
@@ -368,7 +369,7 @@ class DynamicConv2d(_ConvGeometry, PadLayerMixin, nn.Module):
         pi = self.routing_weights(x)
         exporting = is_exporting()
         self._observe_routing(pi, exporting)
-        if not exporting and self.backend == "auto" and not torch.is_grad_enabled() \
+        if not torch.is_grad_enabled() and not exporting and self.backend == "auto" \
                 and self.__dict__.get("cache_weights", True) and not self._masks_require_grad():
             # (a mask that requires grad is not 0/1 -- e.g. fractional gates -- and takes the literal formula)
             return self._inference_forward(x, pi)
