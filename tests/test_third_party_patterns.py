@@ -274,6 +274,34 @@ def test_partitioned_model_to_channels_last_and_cached_inference(name):
 
 
 @pytest.mark.parametrize("name", [_case(n) for n in MODELS])
+def test_partitioned_training_matches_the_literal_formula(name):
+    """After partition (element masks): a training step through the element-mask training path
+    (``backend="auto"``: masked factors formed in workspaces, folded under softmax routing) gives the loss and
+    every parameter gradient of the literal formula (explicit ``"weight"`` backend, combined factors)."""
+    from padnet.layers.modes import pad_layers
+
+    model, x = _partitioned(name)
+    _, y = _data()
+    literal = copy.deepcopy(model)
+    for _, layer in pad_layers(literal):
+        if getattr(layer, "backend", None) == "auto":
+            layer.backend = "weight"
+    results = []
+    for m in (model, literal):
+        m.train()
+        torch.manual_seed(1)
+        loss = F.cross_entropy(m(x), y)
+        results.append((loss.detach(), torch.autograd.grad(loss, [p for p in m.parameters() if p.requires_grad],
+                                                           allow_unused=True)))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads_a, grads_b):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", [_case(n) for n in MODELS])
 def test_partition_and_compact(name):
     model, x = _partitioned(name)
     with torch.no_grad():
