@@ -35,18 +35,22 @@ class MaskedFactors(torch.autograd.Function):
         return factor_grads(g_dyn, g_sta, dynamic, static, mask, lambda_s, lambda_d, need_d, need_s, need_ls, need_ld)
 
 
-def factor_grads(g_dyn, g_sta, dynamic, static, mask, lambda_s, lambda_d, need_d, need_s, need_ls, need_ld):
-    """Map gradients of ``(dyn, sta)`` to ``(dynamic, static, mask=None, lambda_s, lambda_d)``."""
+def factor_grads(g_dyn, g_sta, dynamic, static, mask, lambda_s, lambda_d, need_d, need_s, need_ls, need_ld,
+                 in_place: bool = False):
+    """Map gradients of ``(dyn, sta)`` to ``(dynamic, static, mask=None, lambda_s, lambda_d)``.
+
+    ``in_place``: ``g_dyn`` and ``g_sta`` are the caller's own temporaries and are overwritten.
+    """
     m = mask.to(dynamic.dtype)
     g_dynamic = g_static = g_ls = g_ld = None
     if g_dyn is not None and (need_d or need_ld):
-        gm = g_dyn * m
+        gm = g_dyn.mul_(m) if in_place else g_dyn * m
         if need_ld:
             g_ld = torch.dot(gm.reshape(-1), dynamic.reshape(-1)).reshape(lambda_d.shape).to(lambda_d.dtype)
         if need_d:
             g_dynamic = gm.mul_(lambda_d)
     if g_sta is not None and (need_s or need_ls):
-        gs = g_sta * (1.0 - m)
+        gs = g_sta.addcmul_(g_sta, m, value=-1.0) if in_place else g_sta * (1.0 - m)  # (1 - M) g
         if need_ls:
             g_ls = torch.dot(gs.reshape(-1), static.reshape(-1)).reshape(lambda_s.shape).to(lambda_s.dtype)
         if need_s:
@@ -54,15 +58,8 @@ def factor_grads(g_dyn, g_sta, dynamic, static, mask, lambda_s, lambda_d, need_d
     return g_dynamic, g_static, None, g_ls, g_ld
 
 
-# workspace slots of the factor matrices and their [*shape] helpers (the backends use 0-4)
-_FACTOR_SLOT, _HELPER_SLOTS = 5, (6, 7)
-
-
-def _scaled_static(static: Tensor, m: Tensor, lambda_s: Tensor | None, slot: int) -> Tensor:
-    """``[lambda_s] (1 - M) W_s`` (``[*shape]``) in a workspace: ``W_s - W_s M``, then scaled in place."""
-    out = workspace(slot, static.numel(), static).view_as(static)
-    torch.addcmul(static, static, m, value=-1.0, out=out)
-    return out if lambda_s is None else out.mul_(lambda_s)
+# workspace slots of the factor matrices and their two [*shape] helpers (the backends use 0-4)
+_FACTOR_SLOT, _STATIC_SLOT, _SCALE_SLOT = 5, 6, 7
 
 
 def stacked_factors(dynamic: Tensor, static: Tensor, mask: Tensor) -> Tensor:
@@ -97,8 +94,9 @@ def folded_factors(dynamic: Tensor, static: Tensor, mask: Tensor, lambda_s: Tens
     k = dynamic.shape[0]
     with torch.no_grad():
         m = mask.to(dynamic.dtype)
-        sta = _scaled_static(static, m, lambda_s, _HELPER_SLOTS[0])
-        md = torch.mul(m, lambda_d, out=workspace(_HELPER_SLOTS[1], m.numel(), m).view_as(m))
+        sta = workspace(_STATIC_SLOT, static.numel(), static).view_as(static)
+        torch.addcmul(static, static, m, value=-1.0, out=sta).mul_(lambda_s)  # lambda_s (1 - M) W_s
+        md = torch.mul(m, lambda_d, out=workspace(_SCALE_SLOT, m.numel(), m).view_as(m))  # lambda_d M
         out = workspace(_FACTOR_SLOT, k * static.numel(), dynamic).view(k, *static.shape)
         for i in range(k):
             torch.addcmul(sta, dynamic[i], md, out=out[i])
@@ -123,21 +121,9 @@ def folded_factor_grads(g_fold: Tensor, dynamic: Tensor, static: Tensor, mask: T
     ``dL/dW_k = lambda_d M g_k``, ``dL/dW_s = lambda_s (1 - M) sum_k g_k``,
     ``dL/dlambda_d = sum_k <M g_k, W_k>``, ``dL/dlambda_s = <(1 - M) sum_k g_k, W_s>``.
     """
-    m = mask.to(g_fold.dtype)
-    g_dynamic = g_static = g_ls = g_ld = None
-    if need_s or need_ls:
-        gs = g_fold.sum(0)
-        gs.addcmul_(gs, m, value=-1.0)  # (1 - M) sum_k g_k
-        if need_ls:
-            g_ls = torch.dot(gs.reshape(-1), static.reshape(-1)).reshape(lambda_s.shape).to(lambda_s.dtype)
-        if need_s:
-            g_static = gs.mul_(lambda_s)
-    if need_d or need_ld:
-        gm = g_fold.mul_(m)
-        if need_ld:
-            g_ld = torch.dot(gm.reshape(-1), dynamic.reshape(-1)).reshape(lambda_d.shape).to(lambda_d.dtype)
-        if need_d:
-            g_dynamic = gm.mul_(lambda_d)
+    g_sum = g_fold.sum(0) if need_s or need_ls else None  # before g_fold is overwritten
+    g_dynamic, g_static, _, g_ls, g_ld = factor_grads(g_fold, g_sum, dynamic, static, mask, lambda_s, lambda_d,
+                                                      need_d, need_s, need_ls, need_ld, in_place=True)
     return g_dynamic, g_static, g_ls, g_ld
 
 
