@@ -224,3 +224,129 @@ def test_without_the_kernel_the_pure_pytorch_backends_serve(tuning, monkeypatch)
     assert fused.load_fused() is None and not fused.fused_enabled()
     monkeypatch.delenv("PADNET_FUSED")
     assert fused.fused_enabled() and fused.fused_mode() == "auto"  # default: a cached build only
+
+
+# ---- the element-PAD folding kernels (training): padnet.ops.masked_factors' one-pass path ----
+
+def literal_folding(dyn, sta, mask, ls, ld):
+    """F'[k] = ld M W_k + ls (1 - M) W_s and dL/d(W_k, W_s, ls, ld) for L = <G, F'> by plain autograd (float64)."""
+    dyn, sta = dyn.double().requires_grad_(), sta.double().requires_grad_()
+    ls, ld = ls.double().requires_grad_(), ld.double().requires_grad_()
+    m = mask.double()
+    return dyn, sta, ls, ld, ld * m * dyn + ls * (1 - m) * sta
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("num_kernels, shape", [
+    (4, (7, 5, 3, 3)),       # 315 entries: less than one block, a vector tail
+    (3, (40, 33, 3, 2)),     # 7,920 entries: four blocks, the last partial
+    (1, (3,)),               # fewer entries than one vector: the scalar tail only
+    (5, (16, 16, 1, 1)),     # whole vectors, K = 5
+])
+@pytest.mark.parametrize("need", [(True, True, True, True), (True, False, True, False),
+                                  (False, True, False, True), (False, False, True, True)])
+def test_folding_kernels_match_the_literal_formula(kernel, monkeypatch, dtype, num_kernels, shape, need):
+    from padnet.ops import masked_factors as mf
+
+    torch.manual_seed(2)
+    dyn, sta = torch.randn(num_kernels, *shape, dtype=dtype), torch.randn(*shape, dtype=dtype)
+    mask = (torch.rand(*shape) < 0.4).to(dtype)
+    ls, ld = torch.tensor(0.7, dtype=dtype), torch.tensor(1.3, dtype=dtype)
+    g = torch.randn(num_kernels, *shape, dtype=dtype)
+    assert mf._compiled_folding(dyn, sta, mask) is not None  # the kernel serves these tensors
+    folded = mf.folded_factors(dyn, sta, mask, ls, ld).clone()
+    need_d, need_s, need_ls, need_ld = need
+    grads = mf.folded_factor_grads(g.clone(), dyn, sta, mask, ls, ld, need_d, need_s, need_ls, need_ld)
+
+    d64, s64, ls64, ld64, ref = literal_folding(dyn, sta, mask, ls, ld)
+    ref_grads = torch.autograd.grad(ref, (d64, s64, ls64, ld64), g.double())
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(folded.double(), ref.detach(), **tol)
+    for got, want, needed in zip(grads, ref_grads, need):
+        if not needed:
+            assert got is None
+            continue
+        assert got.dtype == dtype and got.shape == want.shape
+        # the scale gradients are sums over every entry: relative to their size
+        scale = max(1.0, float(want.abs().max())) if want.dim() == 0 else 1.0
+        torch.testing.assert_close(got.double() / scale, want / scale, **tol)
+
+
+def test_folding_kernels_agree_with_the_aten_path_and_are_thread_count_independent(kernel, monkeypatch):
+    from padnet.ops import masked_factors as mf
+
+    torch.manual_seed(3)
+    dyn, sta = torch.randn(4, 64, 32, 3, 3), torch.randn(64, 32, 3, 3)  # 18,432 entries: nine blocks
+    mask = (torch.rand(64, 32, 3, 3) < 0.3).float()
+    ls, ld = torch.tensor(0.9), torch.tensor(1.1)
+    g = torch.randn(4, 64, 32, 3, 3)
+
+    def both():
+        return (mf.folded_factors(dyn, sta, mask, ls, ld).clone(),
+                mf.folded_factor_grads(g.clone(), dyn, sta, mask, ls, ld, True, True, True, True))
+
+    compiled = both()
+    monkeypatch.setenv("PADNET_FUSED", "0")
+    assert mf._compiled_folding(dyn, sta, mask) is None
+    aten = both()
+    torch.testing.assert_close(compiled[0], aten[0], rtol=0, atol=0)  # same per-entry arithmetic
+    for a, b in zip(compiled[1], aten[1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    monkeypatch.setenv("PADNET_FUSED", "1")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        two = both()
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(two[0], compiled[0], rtol=0, atol=0)
+    for a, b in zip(two[1], compiled[1]):  # fixed blocks, summed in block order: bit for bit
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_folding_falls_back_where_the_kernel_cannot_serve(kernel):
+    from padnet.ops import masked_factors as mf
+
+    dyn, sta, mask = torch.randn(2, 4, 3), torch.randn(4, 3), torch.ones(4, 3)
+    assert mf._compiled_folding(dyn, sta, mask) is not None
+    assert mf._compiled_folding(dyn.bfloat16(), sta.bfloat16(), mask) is None
+    assert mf._compiled_folding(dyn, sta.double(), mask) is None
+    assert mf._compiled_folding(dyn.transpose(1, 2), sta.t(), mask) is None  # not contiguous
+    ls, ld = torch.tensor(1.0), torch.tensor(1.0)
+    ref = ld * mask.t() * dyn.transpose(1, 2) + ls * (1 - mask.t()) * sta.t()
+    torch.testing.assert_close(mf.folded_factors(dyn.transpose(1, 2), sta.t(), mask.t(), ls, ld), ref)
+    # the kernel itself refuses what its wrapper would never pass, with the reason
+    with pytest.raises(RuntimeError, match="one dtype"):
+        kernel.fold_factors(dyn.view(2, -1), sta.double().view(-1), mask.view(-1), 1.0, 1.0, dyn.view(2, -1).clone())
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        kernel.fold_factor_grads(dyn.view(2, -1).clone(), dyn.view(2, -1), sta.view(-1)[:5], mask.view(-1),
+                                 1.0, 1.0, True, True)
+
+
+@pytest.mark.parametrize("backend_batch", [1, 6])  # batch 1: the "weight" path; batch 6 here: "bmm" (rule)
+def test_element_training_step_with_the_folding_kernels_equals_the_literal_formula(kernel, monkeypatch,
+                                                                                    backend_batch):
+    from padnet.ops.masked_conv import masked_dynamic_conv2d
+
+    torch.manual_seed(4)
+    dtype = torch.float64
+    x = torch.randn(backend_batch, 6, 5, 5, dtype=dtype, requires_grad=True)
+    logits = torch.randn(backend_batch, 3, dtype=dtype, requires_grad=True)
+    dyn = torch.randn(3, 8, 6, 3, 3, dtype=dtype, requires_grad=True)
+    sta = torch.randn(8, 6, 3, 3, dtype=dtype, requires_grad=True)
+    mask = (torch.rand(8, 6, 3, 3) < 0.3).to(dtype)
+    ls = torch.tensor(0.8, dtype=dtype, requires_grad=True)
+    ld = torch.tensor(1.2, dtype=dtype, requires_grad=True)
+    leaves = (x, logits, dyn, sta, ls, ld)
+    gy = torch.randn(backend_batch, 8, 5, 5, dtype=dtype)
+
+    pi = torch.softmax(logits, -1)
+    y = masked_dynamic_conv2d(x, pi, dyn, sta, mask, ls, ld, padding=1, routing_sums_to_one=True)
+    got = torch.autograd.grad(y, leaves, gy)
+    pi = torch.softmax(logits, -1)
+    kernels = torch.einsum("bk,k...->b...", pi, ld * mask * dyn) + ls * (1 - mask) * sta
+    ref = torch.cat([F.conv2d(x[b:b + 1], kernels[b], None, 1, 1) for b in range(backend_batch)])
+    want = torch.autograd.grad(ref, leaves, gy)
+    torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)

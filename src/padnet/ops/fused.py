@@ -1,4 +1,4 @@
-"""Fused per-sample dynamic conv: a C++ kernel, compiled once per machine and cached (inference, CPU).
+"""Fused per-sample dynamic conv and element-PAD folding: C++ kernels, compiled once per machine and cached (CPU).
 
 For deep layers (few output pixels per sample) the per-sample kernels are the
 problem: at 512@4 and batch 32 they are 288 MiB, which the other backends write
@@ -10,7 +10,14 @@ them at once in a register-blocked GEMM, so they never reach main memory.
 
 It is one more *candidate* of the autotuner (:mod:`.backend_selection`), used
 only where it measured fastest, and only for inference (no autograd), CPU,
-``groups == 1``, float32/float64. ``PADNET_FUSED`` decides whether it may be
+``groups == 1``, float32/float64.
+
+The same library holds the one-pass kernels of element-PAD training
+(``fold_factors``, ``fold_factor_grads``; :mod:`.masked_factors` calls them for
+contiguous float32/float64 CPU tensors): forming the folded factors
+``F'_k = lambda_d M W_k + lambda_s (1 - M) W_s`` and mapping their gradient
+back through the mask, each reading the weights once instead of a chain of
+aten ops with temporaries. ``PADNET_FUSED`` decides whether the library may be
 used:
 
 - ``auto`` (default): use the compiled library if it is already in the cache

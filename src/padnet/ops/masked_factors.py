@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .fused import fused_enabled, load_fused
 from .workspace import workspace
 
 
@@ -82,22 +83,43 @@ def stacked_factors(dynamic: Tensor, static: Tensor, mask: Tensor) -> Tensor:
     return out
 
 
+def _compiled_folding(dynamic: Tensor, static: Tensor, mask: Tensor):
+    """The compiled module of :mod:`.fused` if its one-pass folding kernels can serve these tensors, else ``None``.
+
+    CPU, float32/float64, one dtype, contiguous parameters, ``PADNET_FUSED`` not off and a build available
+    (otherwise the chain of aten ops below serves; the values agree to float rounding).
+    """
+    if (dynamic.device.type != "cpu" or dynamic.dtype not in (torch.float32, torch.float64)
+            or static.dtype != dynamic.dtype or not dynamic.is_contiguous() or not static.is_contiguous()
+            or not fused_enabled()):
+        return None
+    module = load_fused()
+    return module if module is not None and hasattr(module, "fold_factors") else None
+
+
 def folded_factors(dynamic: Tensor, static: Tensor, mask: Tensor, lambda_s: Tensor, lambda_d: Tensor) -> Tensor:
     """``F' [K, *shape]``, ``F'[k] = lambda_d M dynamic[k] + lambda_s (1 - M) static``; no autograd.
 
     Under softmax routing (every row of ``pi`` sums to 1) the per-sample kernels
     are ``pi @ F'``: the static part folded into each of the K factors, so the
-    weight-space GEMMs have exactly the shapes of a fully dynamic layer's. One
-    ``addcmul`` per factor writes ``F'`` into a reused workspace (valid until the
-    next call), as in :func:`stacked_factors`.
+    weight-space GEMMs have exactly the shapes of a fully dynamic layer's. ``F'``
+    is written into a reused workspace (valid until the next call), as in
+    :func:`stacked_factors`: by the compiled one-pass kernel of :mod:`.fused`
+    where it is available (reads the K + 2 inputs once, writes ``F'`` once), else
+    by one ``addcmul`` per factor.
     """
     k = dynamic.shape[0]
     with torch.no_grad():
         m = mask.to(dynamic.dtype)
+        out = workspace(_FACTOR_SLOT, k * static.numel(), dynamic).view(k, *static.shape)
+        module = _compiled_folding(dynamic, static, mask)
+        if module is not None:
+            module.fold_factors(dynamic.view(k, -1), static.view(-1), m.contiguous().view(-1),
+                                float(lambda_s), float(lambda_d), out.view(k, -1))
+            return out
         sta = workspace(_STATIC_SLOT, static.numel(), static).view_as(static)
         torch.addcmul(static, static, m, value=-1.0, out=sta).mul_(lambda_s)  # lambda_s (1 - M) W_s
         md = torch.mul(m, lambda_d, out=workspace(_SCALE_SLOT, m.numel(), m).view_as(m))  # lambda_d M
-        out = workspace(_FACTOR_SLOT, k * static.numel(), dynamic).view(k, *static.shape)
         for i in range(k):
             torch.addcmul(sta, dynamic[i], md, out=out[i])
     return out
@@ -121,6 +143,14 @@ def folded_factor_grads(g_fold: Tensor, dynamic: Tensor, static: Tensor, mask: T
     ``dL/dW_k = lambda_d M g_k``, ``dL/dW_s = lambda_s (1 - M) sum_k g_k``,
     ``dL/dlambda_d = sum_k <M g_k, W_k>``, ``dL/dlambda_s = <(1 - M) sum_k g_k, W_s>``.
     """
+    module = _compiled_folding(dynamic, static, mask) if g_fold.is_contiguous() else None
+    if module is not None:  # one pass over g, W_k, W_s and M
+        k = g_fold.shape[0]
+        g_sta, g_ls, g_ld = module.fold_factor_grads(
+            g_fold.view(k, -1), dynamic.view(k, -1), static.view(-1), mask.to(dynamic.dtype).contiguous().view(-1),
+            float(lambda_s), float(lambda_d), need_d, need_s)
+        return (g_fold if need_d else None, g_sta.view_as(static) if need_s else None,
+                lambda_s.new_tensor(g_ls) if need_ls else None, lambda_d.new_tensor(g_ld) if need_ld else None)
     g_sum = g_fold.sum(0) if need_s or need_ls else None  # before g_fold is overwritten
     g_dynamic, g_static, _, g_ls, g_ld = factor_grads(g_fold, g_sum, dynamic, static, mask, lambda_s, lambda_d,
                                                       need_d, need_s, need_ls, need_ld, in_place=True)

@@ -207,6 +207,122 @@ void fused_impl(const torch::Tensor& cols, const torch::Tensor& pi, const torch:
   });
 }
 
+
+// ---- element-PAD factors (training): one pass over the weights instead of a chain of aten ops ----
+//
+// F[k, p] = ld m[p] W[k, p] + ls (1 - m[p]) Ws[p] (padnet.ops.masked_factors.folded_factors), and the map
+// of dL/dF to the parameters' gradients. Blocks of FB entries are the parallel work items; the scale
+// gradients are summed per block (in the block's dtype, FB terms) and the blocks' sums in double, in
+// block order, so the result does not depend on the thread count.
+
+constexpr int64_t FB = 2048;  // entries per block: the block's m, Ws and sums stay in L1
+
+template <typename T>
+void fold_impl(const T* dyn, const T* sta, const T* mask, T ls, T ld, T* out, int64_t K, int64_t P) {
+  const int64_t blocks = (P + FB - 1) / FB;
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    T md[FB], st[FB];
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t p0 = blk * FB, n = std::min(FB, P - p0);
+      for (int64_t i = 0; i < n; ++i) {
+        const T m = mask[p0 + i];
+        md[i] = ld * m;
+        st[i] = ls * (sta[p0 + i] - sta[p0 + i] * m);
+      }
+      for (int64_t k = 0; k < K; ++k) {
+        const T* w = dyn + k * P + p0;
+        T* f = out + k * P + p0;
+        for (int64_t i = 0; i < n; ++i) f[i] = st[i] + w[i] * md[i];
+      }
+    }
+  });
+}
+
+// one block of fold_grads_impl: entries [p0, p0 + n), vectorised over the entries (the sums over k stay in
+// registers); the scale gradients' partial sums of the block are returned in *acc_ls_out, *acc_ld_out
+template <typename T, bool NEED_D, bool NEED_S>
+void fold_grads_block(T* g, const T* dyn, const T* sta, const T* mask, T ls, T ld, T* g_sta, int64_t K, int64_t P,
+                      int64_t p0, int64_t n, T* acc_ls_out, T* acc_ld_out) {
+  using V = typename Vec<T>::type;
+  constexpr int N = Vec<T>::N;
+  const V lsv = vzero<T>() + ls, ldv = vzero<T>() + ld;
+  V acc_ls = vzero<T>(), acc_ld = vzero<T>();
+  int64_t i = p0;
+  for (; i + N <= p0 + n; i += N) {
+    const V m = vload<T>(mask + i);
+    V gsum = vzero<T>(), gw = vzero<T>();
+    for (int64_t k = 0; k < K; ++k) {
+      const V gi = vload<T>(g + k * P + i);
+      gsum += gi;
+      gw += gi * vload<T>(dyn + k * P + i);
+      if (NEED_D) vstore<T>(g + k * P + i, ldv * m * gi);
+    }
+    acc_ld += m * gw;
+    const V gs = gsum - gsum * m;  // (1 - m) sum_k g_k
+    acc_ls += gs * vload<T>(sta + i);
+    if (NEED_S) vstore<T>(g_sta + i, lsv * gs);
+  }
+  T sum_ls = T(0), sum_ld = T(0);
+  for (int j = 0; j < N; ++j) {
+    sum_ls += acc_ls[j];
+    sum_ld += acc_ld[j];
+  }
+  for (; i < p0 + n; ++i) {  // the block's tail
+    const T m = mask[i];
+    T gsum = T(0), gw = T(0);
+    for (int64_t k = 0; k < K; ++k) {
+      const T gi = g[k * P + i];
+      gsum += gi;
+      gw += gi * dyn[k * P + i];
+      if (NEED_D) g[k * P + i] = ld * m * gi;
+    }
+    sum_ld += m * gw;
+    const T gs = gsum - gsum * m;
+    sum_ls += gs * sta[i];
+    if (NEED_S) g_sta[i] = ls * gs;
+  }
+  *acc_ls_out = sum_ls;
+  *acc_ld_out = sum_ld;
+}
+
+// g [K, P] (dL/dF, overwritten with dL/dW if need_d) -> (g_sta [P] if need_s, dL/dls, dL/dld)
+template <typename T>
+void fold_grads_impl(T* g, const T* dyn, const T* sta, const T* mask, T ls, T ld, T* g_sta, int64_t K, int64_t P,
+                     bool need_d, bool need_s, double* g_ls, double* g_ld) {
+  const int64_t blocks = (P + FB - 1) / FB;
+  std::vector<double> part_ls(blocks, 0.0), part_ld(blocks, 0.0);
+  auto block = need_d ? (need_s ? fold_grads_block<T, true, true> : fold_grads_block<T, true, false>)
+                      : (need_s ? fold_grads_block<T, false, true> : fold_grads_block<T, false, false>);
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t p0 = blk * FB;
+      T acc_ls, acc_ld;
+      block(g, dyn, sta, mask, ls, ld, g_sta, K, P, p0, std::min(FB, P - p0), &acc_ls, &acc_ld);
+      part_ls[blk] = static_cast<double>(acc_ls);
+      part_ld[blk] = static_cast<double>(acc_ld);
+    }
+  });
+  double s_ls = 0.0, s_ld = 0.0;
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    s_ls += part_ls[blk];
+    s_ld += part_ld[blk];
+  }
+  *g_ls = s_ls;
+  *g_ld = s_ld;
+}
+
+void check_factor_args(const char* what, const torch::Tensor& dyn, const torch::Tensor& sta,
+                       const torch::Tensor& mask) {
+  TORCH_CHECK(dyn.dim() == 2 && sta.dim() == 1 && mask.dim() == 1, what, ": expected dyn [K, P], sta [P], mask [P]");
+  TORCH_CHECK(sta.size(0) == dyn.size(1) && mask.size(0) == dyn.size(1), what, ": shape mismatch");
+  TORCH_CHECK(dyn.device().is_cpu() && sta.device().is_cpu() && mask.device().is_cpu(), what, ": CPU tensors only");
+  TORCH_CHECK(dyn.scalar_type() == sta.scalar_type() && dyn.scalar_type() == mask.scalar_type(), what,
+              ": one dtype expected");
+  TORCH_CHECK(dyn.is_contiguous() && sta.is_contiguous() && mask.is_contiguous(), what, ": contiguous tensors only");
+  TORCH_CHECK(dyn.scalar_type() == torch::kFloat || dyn.scalar_type() == torch::kDouble, what,
+              ": float32 or float64 only");
+}
+
 }  // namespace
 
 // cols [B, CK, L], pi [B, K], dyn [K, O, CK], sta [O, CK] or undefined -> y [B, O, L]
@@ -240,6 +356,48 @@ torch::Tensor fused_dynamic_conv(torch::Tensor cols, torch::Tensor pi, torch::Te
   return y;
 }
 
+// dyn [K, P], sta [P], mask [P] (0/1 values), ls, ld (doubles) -> out [K, P] (written, returned)
+torch::Tensor fold_factors(torch::Tensor dyn, torch::Tensor sta, torch::Tensor mask, double ls, double ld,
+                           torch::Tensor out) {
+  check_factor_args("fold_factors", dyn, sta, mask);
+  TORCH_CHECK(out.sizes() == dyn.sizes() && out.scalar_type() == dyn.scalar_type() && out.is_contiguous() &&
+                  out.device().is_cpu(), "fold_factors: out must be a contiguous CPU tensor like dyn");
+  const int64_t K = dyn.size(0), P = dyn.size(1);
+  if (dyn.scalar_type() == torch::kFloat) {
+    fold_impl<float>(dyn.data_ptr<float>(), sta.data_ptr<float>(), mask.data_ptr<float>(), static_cast<float>(ls),
+                     static_cast<float>(ld), out.data_ptr<float>(), K, P);
+  } else {
+    fold_impl<double>(dyn.data_ptr<double>(), sta.data_ptr<double>(), mask.data_ptr<double>(), ls, ld,
+                      out.data_ptr<double>(), K, P);
+  }
+  return out;
+}
+
+// g [K, P] (dL/dF, overwritten with dL/dW when need_d), dyn, sta, mask as in fold_factors
+// -> (g_sta [P] (empty unless need_s), dL/dls, dL/dld)
+std::tuple<torch::Tensor, double, double> fold_factor_grads(torch::Tensor g, torch::Tensor dyn, torch::Tensor sta,
+                                                            torch::Tensor mask, double ls, double ld, bool need_d,
+                                                            bool need_s) {
+  check_factor_args("fold_factor_grads", dyn, sta, mask);
+  TORCH_CHECK(g.sizes() == dyn.sizes() && g.scalar_type() == dyn.scalar_type() && g.is_contiguous() &&
+                  g.device().is_cpu(), "fold_factor_grads: g must be a contiguous CPU tensor like dyn");
+  const int64_t K = dyn.size(0), P = dyn.size(1);
+  auto g_sta = torch::empty({need_s ? P : 0}, sta.options());
+  double g_ls = 0.0, g_ld = 0.0;
+  if (dyn.scalar_type() == torch::kFloat) {
+    fold_grads_impl<float>(g.data_ptr<float>(), dyn.data_ptr<float>(), sta.data_ptr<float>(), mask.data_ptr<float>(),
+                           static_cast<float>(ls), static_cast<float>(ld), need_s ? g_sta.data_ptr<float>() : nullptr,
+                           K, P, need_d, need_s, &g_ls, &g_ld);
+  } else {
+    fold_grads_impl<double>(g.data_ptr<double>(), dyn.data_ptr<double>(), sta.data_ptr<double>(),
+                            mask.data_ptr<double>(), ls, ld, need_s ? g_sta.data_ptr<double>() : nullptr, K, P,
+                            need_d, need_s, &g_ls, &g_ld);
+  }
+  return std::make_tuple(g_sta, g_ls, g_ld);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fused_dynamic_conv", &fused_dynamic_conv, "fused per-sample dynamic conv (inference, CPU)");
+  m.def("fold_factors", &fold_factors, "element-PAD folded factors in one pass (training, CPU)");
+  m.def("fold_factor_grads", &fold_factor_grads, "gradients of the folded factors in one pass (training, CPU)");
 }
