@@ -143,6 +143,35 @@ def test_low_precision_close_to_float64(dtype):
     torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol * ref.abs().max().item())
 
 
+@pytest.mark.parametrize("batch", [1, 6])  # batch 1: MaskedAggregate; 6: the tiled masked GEMM (cost rule)
+@pytest.mark.parametrize("backward_inside", [False, True])
+@pytest.mark.parametrize("routing", ["softmax", "sigmoid"])
+def test_element_training_under_cpu_bfloat16_autocast(batch, backward_inside, routing):
+    """Mixed precision: an element-masked layer trains under ``torch.autocast("cpu", bfloat16)``, with
+    backward() called after or inside the region; parameter gradients keep the parameters' dtype and
+    stay close to the float32 ones (the kernels' gradient used to arrive in bfloat16 and fail)."""
+    torch.manual_seed(0)
+    layer = DynamicConv2d(8, 12, 3, padding=1, num_kernels=3, routing=routing)
+    with torch.no_grad():
+        layer.mode_mask.copy_((torch.rand(layer.mode_mask.shape) < 0.3).float())
+    x = torch.randn(batch, 8, 6, 6)
+    layer(x).sum().backward()
+    ref = {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
+    layer.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = layer(x).float().sum()
+        if backward_inside:
+            loss.backward()
+    if not backward_inside:
+        loss.backward()
+    got = {n: p.grad for n, p in layer.named_parameters() if p.grad is not None}
+    assert got.keys() == ref.keys() and "weight_dynamic" in got
+    for name, grad in got.items():
+        assert grad.dtype == torch.float32, name
+        scale = ref[name].abs().max().item() + 1e-6
+        torch.testing.assert_close(grad / scale, ref[name] / scale, rtol=0, atol=6e-2, msg=name)
+
+
 def test_from_conv_inherits_weights():
     torch.manual_seed(1)
     conv = torch.nn.Conv2d(4, 6, 3, padding=1, bias=True)

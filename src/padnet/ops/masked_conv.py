@@ -25,6 +25,8 @@ Backends:
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -59,6 +61,14 @@ def _factor_grads(folded: bool, g: Tensor, dynamic, static, mask, lambda_s, lamb
     return (*stacked_factor_grads(g, mask, need_d, need_s), None, None)
 
 
+def _full_precision(t: Tensor):
+    """No autocast inside a backward (a ``backward()`` called within an autocast region would otherwise
+    run the gradient GEMMs in reduced precision, and the factor kernels expect the parameters' dtype)."""
+    if t.device.type in ("cpu", "cuda"):
+        return torch.autocast(t.device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 class MaskedAggregate(torch.autograd.Function):
     """Per-sample kernels ``[B, *shape]`` = ``coeffs @ factors``, one GEMM; saves only its inputs.
 
@@ -82,15 +92,18 @@ class MaskedAggregate(torch.autograd.Function):
     def backward(ctx, g_w: Tensor):
         coeffs, dynamic, static, mask, lambda_s, lambda_d = ctx.saved_tensors
         need_c, need_d, need_s, _, need_ls, need_ld = ctx.needs_input_grad[:6]
-        f = _factors(ctx.folded, dynamic, static, mask, lambda_s, lambda_d)
-        g = g_w.reshape(g_w.shape[0], -1)
-        g_c = (g @ f.reshape(f.shape[0], -1).t()).to(coeffs.dtype) if need_c else None
-        del f
-        g_d = g_s = g_ls = g_ld = None
-        if need_d or need_s or need_ls or need_ld:
-            g_f = (coeffs.to(g.dtype).t() @ g).view(-1, *dynamic.shape[1:])
-            g_d, g_s, g_ls, g_ld = _factor_grads(ctx.folded, g_f, dynamic, static, mask, lambda_s, lambda_d,
-                                                 need_d, need_s, need_ls, need_ld)
+        with _full_precision(g_w):
+            f = _factors(ctx.folded, dynamic, static, mask, lambda_s, lambda_d)
+            # under autocast the forward's GEMM ran in reduced precision and the kernels' gradient
+            # arrives in it: the gradients are computed in the parameters' dtype
+            g = g_w.reshape(g_w.shape[0], -1).to(dynamic.dtype)
+            g_c = (g @ f.reshape(f.shape[0], -1).t()).to(coeffs.dtype) if need_c else None
+            del f
+            g_d = g_s = g_ls = g_ld = None
+            if need_d or need_s or need_ls or need_ld:
+                g_f = (coeffs.to(g.dtype).t() @ g).view(-1, *dynamic.shape[1:])
+                g_d, g_s, g_ls, g_ld = _factor_grads(ctx.folded, g_f, dynamic, static, mask, lambda_s, lambda_d,
+                                                     need_d, need_s, need_ls, need_ld)
         return g_c, g_d, g_s, None, g_ls, g_ld, None
 
 
@@ -113,13 +126,14 @@ class MaskedWeightSpaceBMM(torch.autograd.Function):
         x, coeffs, dynamic, static, mask, lambda_s, lambda_d = ctx.saved_tensors
         need_x, need_c, need_d, need_s, _, need_ls, need_ld = ctx.needs_input_grad[:7]
         need_f = need_d or need_s or need_ls or need_ld
-        f = _factors(ctx.folded, dynamic, static, mask, lambda_s, lambda_d)
-        gx, g_c, g_f, _ = bmm_backward(x, coeffs, f, None, ctx.geom, gy, need_x, need_c, need_f, False)
-        del f
-        g_d = g_s = g_ls = g_ld = None
-        if need_f:
-            g_d, g_s, g_ls, g_ld = _factor_grads(ctx.folded, g_f, dynamic, static, mask, lambda_s, lambda_d,
-                                                 need_d, need_s, need_ls, need_ld)
+        with _full_precision(gy):
+            f = _factors(ctx.folded, dynamic, static, mask, lambda_s, lambda_d)
+            gx, g_c, g_f, _ = bmm_backward(x, coeffs, f, None, ctx.geom, gy, need_x, need_c, need_f, False)
+            del f
+            g_d = g_s = g_ls = g_ld = None
+            if need_f:
+                g_d, g_s, g_ls, g_ld = _factor_grads(ctx.folded, g_f, dynamic, static, mask, lambda_s, lambda_d,
+                                                     need_d, need_s, need_ls, need_ld)
         return gx, g_c, g_d, g_s, None, g_ls, g_ld, None, None
 
 

@@ -143,7 +143,8 @@ def folded_factor_grads(g_fold: Tensor, dynamic: Tensor, static: Tensor, mask: T
     ``dL/dW_k = lambda_d M g_k``, ``dL/dW_s = lambda_s (1 - M) sum_k g_k``,
     ``dL/dlambda_d = sum_k <M g_k, W_k>``, ``dL/dlambda_s = <(1 - M) sum_k g_k, W_s>``.
     """
-    module = _compiled_folding(dynamic, static, mask) if g_fold.is_contiguous() else None
+    module = (_compiled_folding(dynamic, static, mask)
+              if g_fold.is_contiguous() and g_fold.dtype == dynamic.dtype else None)
     if module is not None:  # one pass over g, W_k, W_s and M
         k = g_fold.shape[0]
         g_sta, g_ls, g_ld = module.fold_factor_grads(
