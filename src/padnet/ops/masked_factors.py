@@ -86,12 +86,13 @@ def stacked_factors(dynamic: Tensor, static: Tensor, mask: Tensor) -> Tensor:
 def _compiled_folding(dynamic: Tensor, static: Tensor, mask: Tensor):
     """The compiled module of :mod:`.fused` if its one-pass folding kernels can serve these tensors, else ``None``.
 
-    CPU, float32/float64, one dtype, contiguous parameters, ``PADNET_FUSED`` not off and a build available
-    (otherwise the chain of aten ops below serves; the values agree to float rounding).
+    CPU, float32/float64, one dtype, contiguous parameters, a mask of the weight's shape (not broadcast),
+    ``PADNET_FUSED`` not off and a build available (otherwise the chain of aten ops below serves; the values
+    agree to float rounding).
     """
     if (dynamic.device.type != "cpu" or dynamic.dtype not in (torch.float32, torch.float64)
             or static.dtype != dynamic.dtype or not dynamic.is_contiguous() or not static.is_contiguous()
-            or not fused_enabled()):
+            or mask.shape != static.shape or dynamic.shape[1:] != static.shape or not fused_enabled()):
         return None
     module = load_fused()
     return module if module is not None and hasattr(module, "fold_factors") else None
@@ -151,7 +152,8 @@ def folded_factor_grads(g_fold: Tensor, dynamic: Tensor, static: Tensor, mask: T
             g_fold.view(k, -1), dynamic.view(k, -1), static.view(-1), mask.to(dynamic.dtype).contiguous().view(-1),
             float(lambda_s), float(lambda_d), need_d, need_s)
         return (g_fold if need_d else None, g_sta.view_as(static) if need_s else None,
-                lambda_s.new_tensor(g_ls) if need_ls else None, lambda_d.new_tensor(g_ld) if need_ld else None)
+                lambda_s.new_tensor(g_ls).reshape(lambda_s.shape) if need_ls else None,
+                lambda_d.new_tensor(g_ld).reshape(lambda_d.shape) if need_ld else None)
     g_sum = g_fold.sum(0) if need_s or need_ls else None  # before g_fold is overwritten
     g_dynamic, g_static, _, g_ls, g_ld = factor_grads(g_fold, g_sum, dynamic, static, mask, lambda_s, lambda_d,
                                                       need_d, need_s, need_ls, need_ld, in_place=True)

@@ -370,6 +370,7 @@ torch::Tensor fold_factors(torch::Tensor dyn, torch::Tensor sta, torch::Tensor m
     fold_impl<double>(dyn.data_ptr<double>(), sta.data_ptr<double>(), mask.data_ptr<double>(), ls, ld,
                       out.data_ptr<double>(), K, P);
   }
+  out.unsafeGetTensorImpl()->bump_version();  // written in place, as an out= op would record
   return out;
 }
 
@@ -393,6 +394,7 @@ std::tuple<torch::Tensor, double, double> fold_factor_grads(torch::Tensor g, tor
                             mask.data_ptr<double>(), ls, ld, need_s ? g_sta.data_ptr<double>() : nullptr, K, P,
                             need_d, need_s, &g_ls, &g_ld);
   }
+  if (need_d) g.unsafeGetTensorImpl()->bump_version();  // overwritten in place, as mul_ would record
   return std::make_tuple(g_sta, g_ls, g_ld);
 }
 
