@@ -294,11 +294,92 @@ def test_element_mask_training_chain_matches_reference_gradients(routing, groups
                 p.sub_(0.01 * g)
 
 
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("mask", ["ones", "random", "channel"])
+def test_batch_one_inference_path_follows_every_change(case, mask, monkeypatch):
+    """The batch-1 deploy path (eval, no autograd) equals the per-sample reference for every layer kind,
+    and re-derives its plan when a parameter, the mask or the temperature changes; channel masks and
+    the states that need the general path (training statistics, a routing probe, export) take it."""
+    import padnet.layers.dynamic_conv as dc
+    from padnet.ops.exporting import export_mode
+    from padnet.transforms.diagnostics import routing_probe
+
+    calls = []
+    real = dc.single_sample_conv
+    monkeypatch.setattr(dc, "single_sample_conv", lambda *a, **k: calls.append(1) or real(*a, **k))
+    layer = make_layer(mask="random" if mask == "channel" else mask, **case).eval()
+    if mask == "channel":
+        with torch.no_grad():
+            layer.mode_mask.zero_()[: layer.out_channels // 2] = 1.0
+    x = torch.randn(1, 8, 9, 9, dtype=torch.double)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), reference(layer, x), rtol=1e-10, atol=1e-10)
+        kind = layer.mask_structure().kind
+        assert kind == {"ones": "ones", "random": "element"}.get(mask, kind)
+        assert bool(calls) == (kind in ("ones", "element"))  # channel plans keep their split conv
+        layer.weight_dynamic.add_(0.25)  # an optimizer step: same tensors, new versions
+        layer.temperature = 3.0
+        torch.testing.assert_close(layer(x), reference(layer, x), rtol=1e-10, atol=1e-10)
+        if mask != "channel":
+            layer.mode_mask.zero_()  # all static now: the general path's static plan
+            calls.clear()
+            torch.testing.assert_close(layer(x), reference(layer, x), rtol=1e-10, atol=1e-10)
+            assert not calls
+    layer.train()  # training statistics are kept by the general path, also without autograd
+    before = int(layer.routing_updates)
+    with torch.no_grad():
+        layer(x)
+    assert int(layer.routing_updates) == before + 1
+    layer.eval()
+    with routing_probe(layer) as seen, torch.no_grad():
+        layer(x)
+    assert sum(len(v) for v in seen.values()) == 1
+    calls.clear()
+    with export_mode(), torch.no_grad():
+        torch.testing.assert_close(layer(x), reference(layer, x), rtol=1e-10, atol=1e-10)
+    assert not calls
+
+
+def test_batch_one_inference_checks_each_new_input_shape():
+    layer = make_layer().eval()
+    with torch.no_grad():
+        layer(torch.randn(1, 8, 9, 9, dtype=torch.double))
+        with pytest.raises(ValueError, match="expects 8 input channels, got 5"):
+            layer(torch.randn(1, 5, 9, 9, dtype=torch.double))
+        with pytest.raises(ValueError, match="smaller than the kernel"):
+            DynamicConv2d(8, 4, 5).double().eval()(torch.randn(1, 8, 3, 3, dtype=torch.double))
+        with pytest.raises(ValueError, match=r"expects input \[B, C, H, W\]"):
+            layer(torch.randn(1, 8, 9, dtype=torch.double))
+        layer(torch.randn(1, 8, 9, 9, dtype=torch.double))  # and the good shape still runs
+
+
+@pytest.mark.parametrize("mask", ["ones", "random"])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("routing", ["softmax", "sigmoid"])
+def test_compact_batch_one_path_equals_the_pad_layer(mask, bias, routing):
+    """The deploy form's batch-1 path (bias and a folded BatchNorm's shift included) equals the PAD layer."""
+    layer = make_layer(mask=mask, bias=bias, routing=routing).eval()
+    bn = nn.BatchNorm2d(12).double().eval()
+    with torch.no_grad():
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.normal_()
+        bn.bias.normal_()
+    compact = CompactDynamicConv2d(layer).eval()
+    x = torch.randn(1, 8, 9, 9, dtype=torch.double)
+    with torch.no_grad():
+        torch.testing.assert_close(compact(x), layer(x), rtol=1e-10, atol=1e-10)
+        want = bn(layer(x))
+        compact.fold_batchnorm_(bn)
+        torch.testing.assert_close(compact(x), want, rtol=1e-10, atol=1e-10)
+        with pytest.raises(ValueError, match="expects 8 input channels"):
+            compact(torch.randn(1, 3, 9, 9, dtype=torch.double))
+
+
 @pytest.mark.parametrize("mask", ["ones", "random"])
 def test_batch_one_inference_reuses_its_workspace_correctly(mask):
     """Deploy latency path (eval, no autograd, batch 1): successive calls with different inputs, hence
-    different mixed kernels written into the same reused workspace, each equal the per-sample reference;
-    two layers of different shapes share the workspace."""
+    different mixed kernels, each equal the per-sample reference, through two layers of different shapes."""
     first = make_layer(mask=mask).eval()
     second = DynamicConv2d(12, 5, 3, padding=1).double().eval()
     with torch.no_grad():

@@ -366,6 +366,11 @@ class DynamicConv2d(_ConvGeometry, PadLayerMixin, nn.Module):
         masks in training (the mask folded into the backends' autograd), and
         the structured masks of :meth:`_structured_forward`.
         """
+        if x.shape[0] == 1 and not torch.is_grad_enabled():  # deploy latency: the shortest path
+            factors = self._single_sample_factors(x)
+            if factors is not None:
+                return single_sample_conv(x, self._route(x), *factors, self.stride, self.padding, self.dilation,
+                                          self.groups)
         pi = self.routing_weights(x)
         exporting = is_exporting()
         self._observe_routing(pi, exporting)
@@ -404,9 +409,30 @@ class DynamicConv2d(_ConvGeometry, PadLayerMixin, nn.Module):
         dyn, sta, bias_dyn, bias_sta = factors  # "ones" and "element" (pruned entries included)
         if x.shape[0] == 1:  # the deploy latency case: no backend resolution, no per-call checks
             return single_sample_conv(x, pi, dyn, sta, bias_dyn, bias_sta, self.stride, self.padding,
-                                      self.dilation, self.groups, inference=True)
+                                      self.dilation, self.groups)
         return dynamic_conv2d(x, pi, dyn, sta, bias_dyn, bias_sta, self.stride, self.padding, self.dilation,
                               self.groups, "auto")
+
+    def _single_sample_factors(self, x: Tensor) -> tuple | None:
+        """``(dyn, sta, bias_dyn, bias_sta)`` of the cached inference plan for one sample (eval, no autograd,
+        ``backend="auto"``, no routing probe, not exporting, an all-dynamic or element plan), else ``None``.
+
+        Everything else is decided once: the input is checked when its shape changes, the plan is
+        rebuilt when a factor tensor does (:meth:`_inference_forward`); per call this costs a few
+        attribute reads and one version-counter key. Python work per call is what separated padnet
+        from the plain per-sample-kernel conv at batch 1 (docs/benchmarks.md).
+        """
+        d = self.__dict__
+        if self.training or self.backend != "auto" or not d.get("cache_weights", True) \
+                or d.get("_routing_probe") is not None or self._masks_require_grad() or is_exporting():
+            return None
+        st, factors = _cached(self, "plan", self._factor_tensors(), self._inference_plan)
+        if st.kind != "ones" and st.kind != "element":
+            return None
+        if d.get("_checked_input_shape") != x.shape:
+            self._check_input(x)
+            d["_checked_input_shape"] = x.shape
+        return factors
 
     @torch.no_grad()
     def _inference_plan(self) -> tuple["MaskStructure", tuple]:
@@ -734,6 +760,16 @@ class CompactDynamicConv2d(_ConvGeometry, CompactLayerMixin, nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """``x [B, C, H, W]`` -> ``[B, O, H', W']`` by the plan the packed mask decided."""
         plan = self.__dict__.get("_plan") or self._build_plan()
+        kind = plan.structure.kind
+        if x.shape[0] == 1 and (kind == "ones" or kind == "element") and not torch.is_grad_enabled() \
+                and self.backend == "auto" and not is_exporting():
+            # deploy latency: the shortest path (the input is checked when its shape changes)
+            if self.__dict__.get("_checked_input_shape") != x.shape:
+                self._check_input(x)
+                self.__dict__["_checked_input_shape"] = x.shape
+            dyn, sta = self._cached_dense_factors()
+            return single_sample_conv(x, self._route(x), dyn, sta, *self._bias_parts(), self.stride, self.padding,
+                                      self.dilation, self.groups)
         self._check_input(x)
         bias_dyn, bias_sta = self._bias_parts()
         if self.backend != "auto":  # explicit backend: the literal dense computation (FLOP counting)

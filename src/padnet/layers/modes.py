@@ -38,6 +38,8 @@ into the mixing weights a dynamic -> static transition folds the K factors with.
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -219,11 +221,11 @@ class PadLayerMixin:
 
     def live_masks(self) -> list[Tensor]:
         """The registered live-mask buffers (empty for a never-pruned layer)."""
-        buffers = self._buffers  # read directly: this runs on every forward (cache keys)
+        buffers, params = self._buffers, self._parameters  # read directly: this runs on every forward (cache keys)
         lives = []
         for _, dyn, _, mask, _, _ in self._mode_group_specs:
             live = buffers.get(live_mask_attr(mask))
-            if live is not None and getattr(self, dyn) is not None:
+            if live is not None and (params[dyn] if dyn in params else getattr(self, dyn)) is not None:
                 lives.append(live)
         return lives
 
@@ -380,7 +382,7 @@ def pad_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
 def tensor_key(tensors: tuple[Tensor, ...]) -> tuple:
     """Changes whenever any tensor is updated in place (version counter) or replaced (storage, dtype, device)."""
-    return tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in tensors)
+    return tuple([(t._version, t.data_ptr(), t.dtype, t.device) for t in tensors])  # (list: faster than a generator)
 
 
 def cached_derived(module: nn.Module, name: str, tensors: tuple[Tensor, ...], compute):
@@ -390,7 +392,9 @@ def cached_derived(module: nn.Module, name: str, tensors: tuple[Tensor, ...], co
     place and so invalidate. The cache is a plain attribute: never saved.
     """
     key = tensor_key(tensors)
-    store = module.__dict__.setdefault("_inference_cache", {})
+    store = module.__dict__.get("_inference_cache")
+    if store is None:
+        store = module.__dict__["_inference_cache"] = {}
     hit = store.get(name)
     if hit is not None and hit[0] == key:
         return hit[1]
@@ -400,6 +404,7 @@ def cached_derived(module: nn.Module, name: str, tensors: tuple[Tensor, ...], co
     return value
 
 
+@functools.lru_cache(maxsize=None)  # a handful of attribute names; looked up on every forward
 def live_mask_attr(mask_attr: str) -> str:
     """Buffer name of the live mask paired with a mode-mask buffer (``mode_mask`` -> ``live_mask``)."""
     return mask_attr.replace("mode_mask", "live_mask") if "mode_mask" in mask_attr else mask_attr + "_live"

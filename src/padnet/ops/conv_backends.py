@@ -41,18 +41,14 @@ def weight_space(x: Tensor, pi: Tensor, dyn: Tensor, sta: Tensor | None, geom: C
     return y.reshape(batch, kernel_shape[0], *y.shape[-2:])
 
 
-def aggregate_into_workspace(pi: Tensor, dyn: Tensor, sta: Tensor | None, x: Tensor,
-                             inference: bool = False) -> Tensor | None:
+def aggregate_into_workspace(pi: Tensor, dyn: Tensor, sta: Tensor | None, x: Tensor) -> Tensor | None:
     """Per-sample kernels ``[B, P]`` written into a reused workspace (no autograd, CPU, one dtype), else ``None``.
 
     ``B`` kernels are the largest temporary of the grouped-conv backend (4.7 MiB at
     64@32, batch 32); a fresh buffer that size is page-faulted in on every call.
-    ``inference=True``: the caller has established that no autograd is recording
-    and nothing is being exported (the per-call checks are skipped).
     """
-    if not inference and (
-            (torch.is_grad_enabled() and (x.requires_grad or pi.requires_grad or dyn.requires_grad
-                                          or (sta is not None and sta.requires_grad))) or is_exporting()):
+    if (torch.is_grad_enabled() and (x.requires_grad or pi.requires_grad or dyn.requires_grad
+                                     or (sta is not None and sta.requires_grad))) or is_exporting():
         return None  # (the conv saves its weight for the input gradient too: x counts)
     if x.device.type != "cpu" or not (pi.dtype == dyn.dtype == x.dtype):
         return None

@@ -14,8 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .backend_selection import conv_geometry, resolve_backend
-from .bmm_kernels import aggregate_kernels
-from .conv_backends import aggregate_into_workspace, run_backend
+from .conv_backends import run_backend
 from .exporting import is_exporting
 
 
@@ -36,18 +35,19 @@ def add_channel_bias(y: Tensor, bias: Tensor | None) -> Tensor:
 
 
 def single_sample_conv(x: Tensor, pi: Tensor, dyn: Tensor, sta: Tensor | None, bias_dyn: Tensor | None,
-                       bias_sta: Tensor | None, stride, padding, dilation, groups: int,
-                       inference: bool = False) -> Tensor:
+                       bias_sta: Tensor | None, stride, padding, dilation, groups: int) -> Tensor:
     """:func:`dynamic_conv2d` of one sample (``x [1, C, H, W]``, ``pi [1, K]``): its aggregated kernel is a
     plain conv weight, its mixed bias a plain conv bias. Not for export (use :func:`dynamic_conv2d`).
 
-    Without autograd the kernel is aggregated into a reused workspace (a fresh kernel-sized buffer is
-    page-faulted in on every call); ``inference=True`` skips that check where the caller has made it.
+    The kernel is one GEMM into a fresh tensor. (A reused workspace, as the batched backends use for
+    their ``B`` kernels, measured slower here: one kernel is at most a few MiB, which malloc serves from
+    its heap once it has been freed before, and the workspace's per-call bookkeeping cost more than that.)
     """
     bias = mix_bias(pi, bias_dyn, bias_sta)
-    weight = aggregate_into_workspace(pi, dyn, sta, x, inference)
-    weight = aggregate_kernels(pi, dyn, sta)[0] if weight is None else weight.view(dyn.shape[1:])
-    return F.conv2d(x, weight, None if bias is None else bias[0], stride, padding, dilation, groups)
+    k = dyn.shape[0]
+    weight = torch.mm(pi, dyn.reshape(k, -1)) if sta is None else torch.addmm(sta.reshape(-1), pi, dyn.reshape(k, -1))
+    return F.conv2d(x, weight.view(dyn.shape[1:]), None if bias is None else bias[0], stride, padding, dilation,
+                    groups)
 
 
 def dynamic_conv2d(
