@@ -343,6 +343,11 @@ def test_batch_one_inference_path_follows_every_change(case, mask, monkeypatch):
 def test_batch_one_inference_checks_each_new_input_shape():
     layer = make_layer().eval()
     with torch.no_grad():
+        for bad in (torch.tensor(1.0, dtype=torch.double), torch.randn(1, dtype=torch.double)):
+            with pytest.raises(ValueError, match=r"expects input \[B, C, H, W\]"):
+                layer(bad)
+            with pytest.raises(ValueError, match=r"expects input \[B, C, H, W\]"):
+                CompactDynamicConv2d(layer)(bad)
         layer(torch.randn(1, 8, 9, 9, dtype=torch.double))
         with pytest.raises(ValueError, match="expects 8 input channels, got 5"):
             layer(torch.randn(1, 5, 9, 9, dtype=torch.double))
@@ -351,6 +356,25 @@ def test_batch_one_inference_checks_each_new_input_shape():
         with pytest.raises(ValueError, match=r"expects input \[B, C, H, W\]"):
             layer(torch.randn(1, 8, 9, dtype=torch.double))
         layer(torch.randn(1, 8, 9, 9, dtype=torch.double))  # and the good shape still runs
+
+
+def test_batch_one_inference_honours_a_subclass_routing_override():
+    """A subclass that overrides the public ``routing_weights`` (e.g. an ablation with fixed routing) gets
+    the same output at batch 1 without autograd as with it: the short path defers to the general one."""
+
+    class UniformRouting(DynamicConv2d):
+        def routing_weights(self, x):
+            self._check_input(x)
+            return torch.full((x.shape[0], self.num_kernels), 1.0 / self.num_kernels, dtype=x.dtype)
+
+    torch.manual_seed(0)
+    layer = UniformRouting(8, 12, 3, padding=1).double().eval()
+    x = torch.randn(1, 8, 9, 9, dtype=torch.double)
+    with torch.no_grad():
+        y = layer(x)
+    torch.testing.assert_close(y, layer(x).detach(), rtol=1e-12, atol=1e-12)
+    mixed = layer.weight_dynamic.mean(0) * layer.scales()[1].detach()
+    torch.testing.assert_close(y, F.conv2d(x, mixed.detach(), None, 1, 1), rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("mask", ["ones", "random"])

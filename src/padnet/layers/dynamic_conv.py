@@ -366,7 +366,7 @@ class DynamicConv2d(_ConvGeometry, PadLayerMixin, nn.Module):
         masks in training (the mask folded into the backends' autograd), and
         the structured masks of :meth:`_structured_forward`.
         """
-        if x.shape[0] == 1 and not torch.is_grad_enabled():  # deploy latency: the shortest path
+        if x.dim() == 4 and x.shape[0] == 1 and not torch.is_grad_enabled():  # deploy latency: the shortest path
             factors = self._single_sample_factors(x)
             if factors is not None:
                 return single_sample_conv(x, self._route(x), *factors, self.stride, self.padding, self.dilation,
@@ -423,6 +423,10 @@ class DynamicConv2d(_ConvGeometry, PadLayerMixin, nn.Module):
         from the plain per-sample-kernel conv at batch 1 (docs/benchmarks.md).
         """
         d = self.__dict__
+        cls = type(self)
+        if cls is not DynamicConv2d and (cls.routing_weights is not DynamicConv2d.routing_weights
+                                         or cls._observe_routing is not DynamicConv2d._observe_routing):
+            return None  # a subclass that routes or observes differently: the general path calls its methods
         if self.training or self.backend != "auto" or not d.get("cache_weights", True) \
                 or d.get("_routing_probe") is not None or self._masks_require_grad() or is_exporting():
             return None
@@ -761,7 +765,7 @@ class CompactDynamicConv2d(_ConvGeometry, CompactLayerMixin, nn.Module):
         """``x [B, C, H, W]`` -> ``[B, O, H', W']`` by the plan the packed mask decided."""
         plan = self.__dict__.get("_plan") or self._build_plan()
         kind = plan.structure.kind
-        if x.shape[0] == 1 and (kind == "ones" or kind == "element") and not torch.is_grad_enabled() \
+        if x.dim() == 4 and x.shape[0] == 1 and (kind == "ones" or kind == "element") and not torch.is_grad_enabled() \
                 and self.backend == "auto" and not is_exporting():
             # deploy latency: the shortest path (the input is checked when its shape changes)
             if self.__dict__.get("_checked_input_shape") != x.shape:
