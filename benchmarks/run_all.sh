@@ -13,6 +13,9 @@ F="python benchmarks/fresh.py --runs $RUNS"
 $F --name conv_layers -- python benchmarks/bench_conv_layers.py --threads 2 --repeats 15 $WAIT
 $F --name models -- python benchmarks/bench_models.py --threads 2 --repeats 9 $WAIT
 $F --name element_training -- python benchmarks/bench_element_training.py --threads 2 --repeats 9 $WAIT
+# the element-PAD training target on its own, in more processes (the models suite's spread is as large as it)
+python benchmarks/fresh.py --runs 5 --name models_train_element -- python benchmarks/bench_models.py --threads 2 \
+    --repeats 9 --variants dynamic,pad_element --no-memory $WAIT
 # batch 1 against CondConv with many rounds: the gap is tens of microseconds per call
 $F --name conv_layers_b1_r300 -- python benchmarks/bench_conv_layers.py --threads 2 --repeats 300 --batches 1 \
     --modes fwd --variants condconv,dynamic $WAIT
