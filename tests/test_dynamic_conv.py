@@ -340,6 +340,19 @@ def test_batch_one_inference_path_follows_every_change(case, mask, monkeypatch):
     assert not calls
 
 
+def test_inference_plan_follows_param_data_replacement():
+    """``param.data = new`` keeps the version counter; the plan's key must still change even when the
+    allocator hands the new storage the freed address of the old one (two replacements in a row)."""
+    layer = make_layer(mask="ones").eval()
+    x = torch.randn(1, 8, 9, 9, dtype=torch.double)
+    for _ in range(20):
+        with torch.no_grad():
+            layer(x)  # caches the plan
+            layer.weight_dynamic.data = layer.weight_dynamic.data * 2
+            layer.weight_dynamic.data = layer.weight_dynamic.data * 0.75
+            torch.testing.assert_close(layer(x), reference(layer, x), rtol=1e-10, atol=1e-10)
+
+
 def test_batch_one_inference_checks_each_new_input_shape():
     layer = make_layer().eval()
     with torch.no_grad():

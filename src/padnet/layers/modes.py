@@ -400,7 +400,10 @@ def cached_derived(module: nn.Module, name: str, tensors: tuple[Tensor, ...], co
         return hit[1]
     store.clear()  # one derived form at a time: the mask kind may have changed
     value = compute()
-    store[name] = (key, value)
+    # the entry holds the keyed tensors' storages: while it lives, no new storage can be allocated at
+    # their addresses, so a ``param.data = ...`` replacement (which keeps the version counter) always
+    # changes the key's data pointer
+    store[name] = (key, value, tuple(t.untyped_storage() for t in tensors))
     return value
 
 
