@@ -172,6 +172,12 @@ class _ConvGeometry:
                 f"{min_h}x{min_w})"
             )
 
+    def _check_input_once(self, x: Tensor) -> None:
+        """:meth:`_check_input`, skipped when ``x`` has the shape last checked (the batch-1 deploy paths)."""
+        if self.__dict__.get("_checked_input_shape") != x.shape:
+            self._check_input(x)
+            self.__dict__["_checked_input_shape"] = x.shape
+
     def routing_weights(self, x: Tensor) -> Tensor:
         """Routing weights ``[B, K]`` for input ``x [B, C, H, W]``, temperature applied."""
         self._check_input(x)
@@ -433,9 +439,7 @@ class DynamicConv2d(_ConvGeometry, PadLayerMixin, nn.Module):
         st, factors = _cached(self, "plan", self._factor_tensors(), self._inference_plan)
         if st.kind != "ones" and st.kind != "element":
             return None
-        if d.get("_checked_input_shape") != x.shape:
-            self._check_input(x)
-            d["_checked_input_shape"] = x.shape
+        self._check_input_once(x)
         return factors
 
     @torch.no_grad()
@@ -767,10 +771,7 @@ class CompactDynamicConv2d(_ConvGeometry, CompactLayerMixin, nn.Module):
         kind = plan.structure.kind
         if x.dim() == 4 and x.shape[0] == 1 and (kind == "ones" or kind == "element") and not torch.is_grad_enabled() \
                 and self.backend == "auto" and not is_exporting():
-            # deploy latency: the shortest path (the input is checked when its shape changes)
-            if self.__dict__.get("_checked_input_shape") != x.shape:
-                self._check_input(x)
-                self.__dict__["_checked_input_shape"] = x.shape
+            self._check_input_once(x)  # deploy latency: the shortest path
             dyn, sta = self._cached_dense_factors()
             return single_sample_conv(x, self._route(x), dyn, sta, *self._bias_parts(), self.stride, self.padding,
                                       self.dilation, self.groups)

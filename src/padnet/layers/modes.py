@@ -39,7 +39,6 @@ into the mixing weights a dynamic -> static transition folds the K factors with.
 from __future__ import annotations
 
 import functools
-
 from dataclasses import dataclass
 from typing import Iterator
 
