@@ -302,6 +302,50 @@ def test_partitioned_training_matches_the_literal_formula(name):
 
 
 @pytest.mark.parametrize("name", [_case(n) for n in MODELS])
+def test_batch_one_inference_matches_the_autograd_forward(name):
+    """The batch-1 deploy path (eval, no autograd) of the partitioned model and of its compact form gives,
+    sample by sample, the outputs of the general (autograd) forward: in-place activations, fused
+    norm+act, SE blocks and depthwise convs around the layers."""
+    model, x = _partitioned(name)
+    compact = padnet.compact_(copy.deepcopy(model)).eval()
+    for m in (model, compact):
+        for i in range(3):
+            xi = x[i : i + 1]
+            with torch.enable_grad():
+                ref = m(xi).detach()
+            with torch.no_grad():
+                torch.testing.assert_close(m(xi), ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", [_case(n) for n in MODELS])
+def test_partitioned_training_with_the_compiled_folding_kernels(name, monkeypatch):
+    """The element-mask training step with the one-pass C++ folding kernels (``PADNET_FUSED=1``) gives the
+    loss and every gradient of the pure-PyTorch path (``PADNET_FUSED=0``, the suite's default)."""
+    from padnet.ops import fused
+    from padnet.ops.masked_factors import _compiled_folding
+
+    model, x = _partitioned(name)
+    _, y = _data()
+    results = []
+    for mode in ("0", "1"):
+        monkeypatch.setenv("PADNET_FUSED", mode)
+        m = copy.deepcopy(model).train()
+        torch.manual_seed(1)
+        loss = F.cross_entropy(m(x), y)
+        results.append((loss.detach(), torch.autograd.grad(loss, [p for p in m.parameters() if p.requires_grad],
+                                                           allow_unused=True)))
+    assert fused.load_fused() is not None, f"the C++ kernels did not build: {fused._FAILED}"
+    probe = torch.zeros(2, 3)
+    assert _compiled_folding(probe[None], probe, probe) is not None  # so the "1" run used them
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-6, atol=1e-6)
+    for a, b in zip(grads_a, grads_b):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", [_case(n) for n in MODELS])
 def test_partition_and_compact(name):
     model, x = _partitioned(name)
     with torch.no_grad():
