@@ -218,6 +218,23 @@ def _train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return float(loss.detach())
 
 
+def _loss_and_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple:
+    """One training-mode forward (seeded) and the loss with every trainable parameter's gradient."""
+    model.train()
+    torch.manual_seed(1)
+    loss = F.cross_entropy(model(x), y)
+    return loss.detach(), torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad],
+                                              allow_unused=True)
+
+
+def _assert_same_step(a: tuple, b: tuple, loss_tol: float, grad_rtol: float, grad_atol: float) -> None:
+    torch.testing.assert_close(a[0], b[0], rtol=loss_tol, atol=1e-6)
+    for ga, gb in zip(a[1], b[1]):
+        assert (ga is None) == (gb is None)
+        if ga is not None:
+            torch.testing.assert_close(ga, gb, rtol=grad_rtol, atol=grad_atol)
+
+
 def _partitioned(name: str) -> tuple[nn.Module, torch.Tensor]:
     model = _pad_model(name)
     x, y = _data()
@@ -286,19 +303,7 @@ def test_partitioned_training_matches_the_literal_formula(name):
     for _, layer in pad_layers(literal):
         if getattr(layer, "backend", None) == "auto":
             layer.backend = "weight"
-    results = []
-    for m in (model, literal):
-        m.train()
-        torch.manual_seed(1)
-        loss = F.cross_entropy(m(x), y)
-        results.append((loss.detach(), torch.autograd.grad(loss, [p for p in m.parameters() if p.requires_grad],
-                                                           allow_unused=True)))
-    (loss_a, grads_a), (loss_b, grads_b) = results
-    torch.testing.assert_close(loss_a, loss_b, rtol=1e-5, atol=1e-6)
-    for a, b in zip(grads_a, grads_b):
-        assert (a is None) == (b is None)
-        if a is not None:
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    _assert_same_step(_loss_and_grads(model, x, y), _loss_and_grads(literal, x, y), 1e-5, 1e-4, 1e-5)
 
 
 @pytest.mark.parametrize("name", [_case(n) for n in MODELS])
@@ -329,20 +334,11 @@ def test_partitioned_training_with_the_compiled_folding_kernels(name, monkeypatc
     results = []
     for mode in ("0", "1"):
         monkeypatch.setenv("PADNET_FUSED", mode)
-        m = copy.deepcopy(model).train()
-        torch.manual_seed(1)
-        loss = F.cross_entropy(m(x), y)
-        results.append((loss.detach(), torch.autograd.grad(loss, [p for p in m.parameters() if p.requires_grad],
-                                                           allow_unused=True)))
+        results.append(_loss_and_grads(copy.deepcopy(model), x, y))
     assert fused.load_fused() is not None, f"the C++ kernels did not build: {fused._FAILED}"
     probe = torch.zeros(2, 3)
     assert _compiled_folding(probe[None], probe, probe) is not None  # so the "1" run used them
-    (loss_a, grads_a), (loss_b, grads_b) = results
-    torch.testing.assert_close(loss_a, loss_b, rtol=1e-6, atol=1e-6)
-    for a, b in zip(grads_a, grads_b):
-        assert (a is None) == (b is None)
-        if a is not None:
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    _assert_same_step(*results, 1e-6, 1e-5, 1e-6)
 
 
 @pytest.mark.parametrize("name", [_case(n) for n in MODELS])
