@@ -388,3 +388,20 @@ def test_matched_random_main_refuses_a_ratio_other_than_the_matched_runs(tmp_pat
         matched.main([*args, "--ratio", "0.5"])
     assert "matched run's achieved kappa 0.3" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_sign_flip_p_by_hand():
+    # all 5 positive: only the identity pattern reaches the observed sum -> 1/32
+    assert report.sign_flip_p([0.1, 0.2, 0.3, 0.4, 0.5]) == pytest.approx(1 / 32)
+    # [1, -2]: sums of the 4 patterns are -1, 3, -3, 1 (observed -1): three are >= -1
+    assert report.sign_flip_p([1.0, -2.0]) == pytest.approx(3 / 4)
+    # the margin shifts the differences: [-0.1, -0.1] + 0.2 = [0.1, 0.1] -> only (+, +) reaches 0.2
+    assert report.sign_flip_p([-0.1, -0.1], shift=0.2) == pytest.approx(1 / 4)
+    assert report.sign_flip_p([0.0, 0.0]) == 1.0  # ties count as extreme
+    assert report.sign_flip_p([]) is None
+    with pytest.raises(ValueError, match="exceed"):
+        report.sign_flip_p([0.1] * 21)
+    rows = report.primary_rows({"imp-init": {s: {"summary": {"test_accuracy": 0.9 + s / 1000}} for s in range(3)},
+                                "dynamic": {s: {"summary": {"test_accuracy": 0.9}} for s in range(3)}})
+    assert rows[0]["p_sign_flip"] == pytest.approx(1 / 8)  # diffs 0, 0.1, 0.2 + 0.2 margin: all positive
+    assert rows[2]["p_sign_flip"] is None
