@@ -391,8 +391,9 @@ def primary_rows(runs: dict[str, dict[int, dict]]) -> list[dict]:
 
 
 def _arm_table(runs, arms: dict[str, tuple], seeds: tuple[int, ...]) -> list[str]:
-    rows = ["| arm | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± std | deployable params "
-            "| of which dynamic | train s / run (median) |", "|---|" + "---:|" * (len(seeds) + 4)]
+    rows = ["| arm | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± std | train acc % (mean) "
+            "| deployable params | of which dynamic | train s / run (median) |",
+            "|---|" + "---:|" * (len(seeds) + 5)]
     for arm, spec in arms.items():
         got = runs.get(arm, {})
         cells = [f"{acc(got[s]):.2f}" if s in got else "not run" for s in seeds]
@@ -400,12 +401,15 @@ def _arm_table(runs, arms: dict[str, tuple], seeds: tuple[int, ...]) -> list[str
             recs = [got[s] for s in sorted(got)]
             p = recs[0]["summary"].get("params", {})
             secs = [r["summary"].get("train_seconds") for r in recs if r["summary"].get("train_seconds")]
+            train = [100 * r["summary"]["train_accuracy"] for r in recs
+                     if r["summary"].get("train_accuracy") is not None]
             tail = [fmt_pm([acc(r) for r in recs]),
+                    f"{statistics.fmean(train):.2f}" if train else "–",
                     f"{p['total'] / 1e6:.3f} M" if "total" in p else "–",
                     f"{p['dynamic'] / 1e6:.3f} M" if "dynamic" in p else "–",
                     f"{statistics.median(secs):.0f}" if secs else "–"]
         else:
-            tail = ["not run", "–", "–", "–"]
+            tail = ["not run", "–", "–", "–", "–"]
         rows.append(f"| {spec[0]} | " + " | ".join(cells + tail) + " |")
     return rows
 
@@ -472,6 +476,8 @@ def study2_markdown(results: dict[str, dict[str, dict[int, dict]]] | None = None
         if not n_runs:
             out += [f"Not yet run: no result files in `experiments/results/study2/{tag}/`.", ""]
         out += ["Test accuracy % per seed:", ""] + _arm_table(runs, study.ARMS2, study.SEEDS2) + [""]
+        out += ["`train acc` is the accuracy on the augmented training batches of the last epoch (the "
+                "trainer's running figure), next to the test accuracy to show where training ended.", ""]
         out += ["`train s / run` is the training process's own wall time: it includes any time the job was "
                 "paused (benchmarks stop study jobs with SIGSTOP while they time) or shared its core, so it "
                 "is a budget figure, not a speed comparison between arms.", ""]
