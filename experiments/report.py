@@ -414,6 +414,36 @@ def _arm_table(runs, arms: dict[str, tuple], seeds: tuple[int, ...]) -> list[str
     return rows
 
 
+def routing_end_rows(runs, arms: dict[str, tuple]) -> list[str]:
+    """Markdown table of the last epoch's routing per arm (mean over seeds): normalised entropy, the
+    spread of the routing weights over test inputs (mean and largest layer) and the kernel spread.
+    Arms whose runs logged no routing (static) are left out; empty list when none did."""
+    rows = []
+    for arm, spec in arms.items():
+        lasts = [r["metrics"][-1] for r in runs.get(arm, {}).values() if r.get("metrics")]
+        lasts = [m for m in lasts if m.get("routing_entropy") is not None]
+        if not lasts:
+            continue
+        per_layer_max = [max(v["pi_std"] for v in m["routing"].values() if v.get("pi_std") is not None)
+                         for m in lasts if m.get("routing")]
+
+        def mean(field):
+            vals = [m[field] for m in lasts if m.get(field) is not None]
+            return f"{statistics.fmean(vals):.3f}" if vals else "–"
+
+        rows.append(f"| {spec[0]} | {len(lasts)} | {mean('routing_entropy')} | {mean('routing_std')} | "
+                    + (f"{statistics.fmean(per_layer_max):.3f}" if per_layer_max else "–")
+                    + f" | {mean('kernel_spread')} |")
+    if not rows:
+        return []
+    return ["Routing at the end of training (last epoch, on the test set; mean over seeds of the mean over "
+            "layers). Entropy is normalised by log K (1 = uniform weights 1/K for every input); pi std is the "
+            "standard deviation of each routing weight over inputs (0 = the same kernel for every input); "
+            "kernel spread is the mean pairwise cosine distance of the K live dynamic kernels:", "",
+            "| arm | seeds | routing entropy (normalised) | pi std (mean over layers) | pi std (largest layer) "
+            "| kernel spread |", "|---|---:|---:|---:|---:|---:|"] + rows + [""]
+
+
 def _curve(records: list[dict], field: str) -> tuple[list[int], list[float]] | None:
     """Mean over seeds of ``field`` per epoch (epochs every record has); None when no record logs it."""
     series = [{m["epoch"]: m[field] for m in r.get("metrics", []) if m.get(field) is not None} for r in records]
@@ -498,6 +528,7 @@ def study2_markdown(results: dict[str, dict[str, dict[int, dict]]] | None = None
                 f"{ALPHA} level), so it can contradict the t-test but never confirm it at that level."]
         out += ["", "Exploratory comparisons (two-sided, not corrected):", ""]
         out += _comparison_rows(runs, SECONDARY, "A - B") + [""]
+        out += routing_end_rows(runs, study.ARMS2)
         fig = figures / f"study2_curves_{tag}.png"
         fields = plot_curves(runs, study.ARMS2, fig)
         if fields:

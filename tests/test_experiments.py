@@ -405,3 +405,18 @@ def test_sign_flip_p_by_hand():
                                 "dynamic": {s: {"summary": {"test_accuracy": 0.9}} for s in range(3)}})
     assert rows[0]["p_sign_flip"] == pytest.approx(1 / 8)  # diffs 0, 0.1, 0.2 + 0.2 margin: all positive
     assert rows[2]["p_sign_flip"] is None
+
+
+def test_routing_end_rows_by_hand():
+    def rec(entropy, std, spread, layer_stds):
+        return {"metrics": [{"epoch": 1}, {"epoch": 2, "routing_entropy": entropy, "routing_std": std,
+                                            "kernel_spread": spread,
+                                            "routing": {f"l{i}": {"pi_std": v} for i, v in enumerate(layer_stds)}}]}
+    runs = {"dynamic": {0: rec(0.99, 0.02, 0.5, [0.01, 0.03]), 1: rec(0.97, 0.04, 0.3, [0.05, 0.02])},
+            "static": {0: {"metrics": [{"epoch": 1, "train_loss": 0.3}]}}}
+    arms = {"static": ("static",), "dynamic": ("fully dynamic",)}
+    rows = report.routing_end_rows(runs, arms)
+    body = [r for r in rows if r.startswith("| fully dynamic")]
+    assert body == ["| fully dynamic | 2 | 0.980 | 0.030 | 0.040 | 0.400 |"]  # max per seed 0.03, 0.05 -> 0.04
+    assert not any(r.startswith("| static") for r in rows)  # no routing logged: left out
+    assert report.routing_end_rows({"static": runs["static"]}, arms) == []
