@@ -377,8 +377,11 @@ def primary_rows(runs: dict[str, dict[int, dict]]) -> list[dict]:
         rows.append({"key": key, "question": question, "a": a, "b": b, "seeds": seeds, **r,
                      "p_sign_flip": sign_flip_p(diffs, margin)})
     adjusted = holm({r["key"]: r["p"] for r in rows})
+    m = sum(r["p"] is not None for r in rows)  # the Holm family: questions with a test
     for r in rows:
         r["p_holm"] = adjusted[r["key"]]
+        # Bonferroni simultaneous interval: two-sided 1 - 0.05 / m, i.e. one-sided ALPHA / m per lower end
+        r["ci_simultaneous"] = paired_test(r["diffs"], "two-sided", level=1 - 2 * ALPHA / m)["ci"] if m else None
         if r["n"] == 0:
             r["verdict"] = "not yet run"
         elif r["p_holm"] is None:
@@ -514,13 +517,14 @@ def study2_markdown(results: dict[str, dict[str, dict[int, dict]]] | None = None
         out += ["Primary questions (paired by seed; differences A - B in accuracy points; one-sided t-tests, "
                 f"non-inferiority margin {NI_MARGIN} points; Holm over the questions with data, family-wise "
                 f"one-sided alpha = {ALPHA}):", "",
-                "| | question | A - B per seed | mean | 95 % CI | one-sided p | Holm p | verdict | "
-                "exact sign-flip p (check) |",
-                "|---|---|---|---:|---:|---:|---:|---|---:|"]
+                "| | question | A - B per seed | mean | 95 % CI | simultaneous CI (Bonferroni) | one-sided p "
+                "| Holm p | verdict | exact sign-flip p (check) |",
+                "|---|---|---|---:|---:|---:|---:|---:|---|---:|"]
         for r in primary_rows(runs):
             per = ", ".join(f"{d:+.2f}" for d in r["diffs"]) or "–"
             mean = f"{r['mean']:+.2f}" if r["n"] else "–"
             out.append(f"| ({r['key']}) | {r['question']} | {per} | {mean} | {_fmt_ci(r['ci'])} | "
+                       f"{_fmt_ci(r['ci_simultaneous'])} | "
                        f"{_fmt_p(r['p'])} | {_fmt_p(r['p_holm'])} | {r['verdict']} | {_fmt_p(r['p_sign_flip'])} |")
         out += ["", "The verdict uses the t-tests of the statistics plan. The last column is a check without the "
                 "normality assumption: the exact one-sided sign-flip test of the same hypothesis "

@@ -285,6 +285,25 @@ def reproduce_command(run: Run) -> str:
             + " ".join([*run.args, "--ratio", repr(_matched_ratio(run.match_path)), "--seed", str(run.seed)]))
 
 
+def code_version(root: Path = ROOT) -> dict:
+    """``{"commit": HEAD or None, "dirty": uncommitted changes under src/ or experiments/ (None if unknown),
+    "started": UTC time}``: the code a run is started (or resumed) on, read with git (None without a repo)."""
+    started = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                timeout=30, check=True).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "src", "experiments"],
+                                cwd=root, capture_output=True, text=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None, "started": started}
+    return {"commit": commit or None, "dirty": bool(status.strip()), "started": started}
+
+
+def code_log(run: Run) -> Path:
+    """Beside the run's log: one :func:`code_version` line per start or resume of the run."""
+    return run.run_dir.parent / f"{run.name}.code.jsonl"
+
+
 def collect(run: Run) -> dict:
     """Copy a finished run's summary (+ metrics and the command) into the committed results."""
     summary = json.loads((run.run_dir / "summary.json").read_text())
@@ -292,6 +311,9 @@ def collect(run: Run) -> dict:
     summary.pop("config", None)  # the full config stays in the run dir; the args below reproduce it
     record = {"name": run.name, "group": run.group, "seed": run.seed, "command": reproduce_command(run),
               "summary": summary, "metrics": metrics}
+    versions = code_log(run)
+    if versions.is_file():  # runs started before this was recorded have none
+        record["code"] = [json.loads(line) for line in versions.read_text().splitlines() if line.strip()]
     if run.arm:
         record["arm"] = run.arm
         record["setting"] = Path(run.subdir).name
@@ -315,6 +337,8 @@ def execute(run: Run, threads: int) -> str:
     log = run.run_dir.parent / f"{run.name}.log"
     cmd = command(run, threads)
     t0 = time.time()
+    with open(code_log(run), "a") as fh:
+        fh.write(json.dumps(code_version()) + "\n")
     with open(log, "a") as fh:
         fh.write("$ " + " ".join(cmd) + "\n")
         fh.flush()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import statistics
 import sys
 from pathlib import Path
 
@@ -420,3 +421,56 @@ def test_routing_end_rows_by_hand():
     assert body == ["| fully dynamic | 2 | 0.980 | 0.030 | 0.040 | 0.400 |"]  # max per seed 0.03, 0.05 -> 0.04
     assert not any(r.startswith("| static") for r in rows)  # no routing logged: left out
     assert report.routing_end_rows({"static": runs["static"]}, arms) == []
+
+
+def test_simultaneous_interval_is_bonferroni_over_the_tested_questions():
+    runs = {"imp-init": {s: {"summary": {"test_accuracy": v}} for s, v in enumerate([0.921, 0.924, 0.926])},
+            "dynamic": {s: {"summary": {"test_accuracy": 0.922}} for s in range(3)},
+            "static": {s: {"summary": {"test_accuracy": v}} for s, v in enumerate([0.925, 0.921, 0.924])}}
+    rows = {r["key"]: r for r in report.primary_rows(runs)}
+    assert rows["c"]["ci_simultaneous"] is None  # no random-matched runs: not in the family (m = 2)
+    diffs = rows["a"]["diffs"]
+    lo, hi = rows["a"]["ci_simultaneous"]
+    mean, se = statistics.fmean(diffs), statistics.stdev(diffs) / math.sqrt(3)
+    from scipy import stats
+    t = stats.t.ppf(1 - 0.05 / 2 / 2, 2)  # two-sided 1 - 0.05 / m, m = 2
+    assert (lo, hi) == pytest.approx((mean - t * se, mean + t * se))
+    assert lo < rows["a"]["ci"][0] and hi > rows["a"]["ci"][1]  # wider than the per-question interval
+
+
+def test_code_version_in_a_repo_and_without_one(tmp_path):
+    import subprocess
+
+    assert study.code_version(tmp_path)["commit"] is None  # not a repository
+    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
+    subprocess.run(git + ["init", "-q"], cwd=tmp_path, check=True)
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.py").write_text("x = 1\n")
+    subprocess.run(git + ["add", "."], cwd=tmp_path, check=True)
+    subprocess.run(git + ["commit", "-qm", "c"], cwd=tmp_path, check=True)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
+    v = study.code_version(tmp_path)
+    assert v["commit"] == head and v["dirty"] is False and len(v["started"]) == 19
+    (tmp_path / "src" / "a.py").write_text("x = 2\n")
+    assert study.code_version(tmp_path)["dirty"] is True
+    (tmp_path / "notes.txt").write_text("untracked, outside src")
+    (tmp_path / "src" / "a.py").write_text("x = 1\n")
+    assert study.code_version(tmp_path)["dirty"] is False
+
+
+def test_execute_records_the_code_of_each_start(tmp_path, monkeypatch):
+    monkeypatch.setattr(study, "RUNS", tmp_path / "runs")
+    monkeypatch.setattr(study, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(study, "code_version", lambda: {"commit": "abc", "dirty": False, "started": "t"})
+    run = study.grid()[1]
+
+    def fake_train(cmd, **kwargs):  # what padnet train leaves behind
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        (run.run_dir / "summary.json").write_text(json.dumps({"test_accuracy": 0.5}))
+        (run.run_dir / "metrics.jsonl").write_text('{"epoch": 1}\n')
+        return 0
+
+    monkeypatch.setattr(study.subprocess, "call", fake_train)
+    assert study.execute(run, 1).startswith("done")
+    record = json.loads(run.result_path.read_text())
+    assert record["code"] == [{"commit": "abc", "dirty": False, "started": "t"}]
