@@ -484,6 +484,26 @@ def test_moe_dispatch_unused_expert_empty_and_bad_impl():
         moe_dispatch(x, idx, gates, w_in, None, w_out, None, torch.relu, impl="grouped")
 
 
+def test_moe_dispatch_auto_is_one_function_for_ops_and_layers(monkeypatch):
+    import padnet.layers.moe as layers_moe
+    import padnet.ops.moe_dispatch as ops_moe
+    from padnet.ops.exporting import export_mode
+
+    assert layers_moe.moe_dispatch is ops_moe.moe_dispatch and layers_moe.DISPATCH_IMPLS == ops_moe.DISPATCH_IMPLS
+    torch.manual_seed(2)
+    x, idx, gates = torch.randn(6, 4), torch.tensor([[0, 2]] * 6), torch.full((6, 2), 0.5)
+    w_in, w_out = torch.randn(3, 5, 4), torch.randn(3, 4, 5)
+    used = []
+    real_dense = ops_moe._dense_dispatch
+    monkeypatch.setattr(ops_moe, "_dense_dispatch", lambda *a: used.append("dense") or real_dense(*a))
+    eager = ops_moe.moe_dispatch(x, idx, gates, w_in, None, w_out, None, torch.relu)  # auto: sorted
+    assert used == []
+    with export_mode():
+        exported = ops_moe.moe_dispatch(x, idx, gates, w_in, None, w_out, None, torch.relu)  # auto: dense
+    assert used == ["dense"]
+    torch.testing.assert_close(exported, eager)
+
+
 def test_moe_layer_uses_dense_path_when_exporting():
     torch.manual_seed(0)
     moe = MoEFeedForward(8, 16, num_experts=4, top_k=2).double().eval()

@@ -46,8 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.moe_dispatch import DISPATCH_IMPLS as _OPS_DISPATCH_IMPLS
-from ..ops.moe_dispatch import moe_dispatch as _ops_moe_dispatch
+from ..ops.moe_dispatch import DISPATCH_IMPLS, moe_dispatch
 from ..ops.moe_routing import (
     cv2_balancing_loss,
     expert_distribution,
@@ -148,33 +147,7 @@ def _check_top_k(top_k, num_experts: int) -> int:
 
 ROUTINGS = ("softmax", "noisy", "sigmoid")
 BALANCE_LOSSES = ("switch", "cv2", "none")
-DISPATCH_IMPLS = ("auto",) + _OPS_DISPATCH_IMPLS
 NOISE_EPSILON = 1e-2  # noisy top-k: noise std = softplus(x W_noise) + NOISE_EPSILON
-
-
-def moe_dispatch(
-    x: Tensor,
-    topk_idx: Tensor,
-    topk_gates: Tensor,
-    w_in: Tensor,
-    b_in: Tensor | None,
-    w_out: Tensor,
-    b_out: Tensor | None,
-    activation: Callable[[Tensor], Tensor],
-    counts: Tensor | None = None,
-    impl: str = "auto",
-    *,
-    w_gate: Tensor | None = None,
-    b_gate: Tensor | None = None,
-) -> Tensor:
-    """:func:`padnet.ops.moe_dispatch.moe_dispatch` with ``impl="auto"``: the export path
-    (``"dense"``) while exporting / tracing, else ``"sorted"``."""
-    if impl not in DISPATCH_IMPLS:
-        raise ValueError(f"unknown MoE dispatch impl {impl!r}; expected one of {DISPATCH_IMPLS}")
-    if impl == "auto":
-        impl = "dense" if is_exporting() else "sorted"
-    return _ops_moe_dispatch(x, topk_idx, topk_gates, w_in, b_in, w_out, b_out, activation, counts, impl,
-                             w_gate=w_gate, b_gate=b_gate)
 
 
 def _check_choice(name: str, value, choices: tuple[str, ...]) -> str:

@@ -13,8 +13,8 @@ Two implementations, same numbers up to float rounding:
   top-k gates: ``E / k`` times the FLOPs but no data-dependent shapes, so it
   exports (torch.export, ONNX) with a dynamic token axis.
 
-Whether an export is running is not decided here: callers pass the impl
-(:class:`padnet.layers.moe.MoEFeedForward` resolves ``"auto"``).
+``"auto"`` (the default) picks ``"dense"`` while exporting or tracing and
+``"sorted"`` otherwise. :mod:`padnet.layers.moe` re-exports this function.
 """
 
 from __future__ import annotations
@@ -25,9 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .exporting import is_exporting
+
 __all__ = ["DISPATCH_IMPLS", "moe_dispatch"]
 
-DISPATCH_IMPLS = ("sorted", "dense")
+DISPATCH_IMPLS = ("auto", "sorted", "dense")
 
 
 def _hidden(xe: Tensor, w_in: Tensor, b_in: Tensor | None, w_gate: Tensor | None, b_gate: Tensor | None,
@@ -49,7 +51,7 @@ def moe_dispatch(
     b_out: Tensor | None,
     activation: Callable[[Tensor], Tensor],
     counts: Tensor | None = None,
-    impl: str = "sorted",
+    impl: str = "auto",
     *,
     w_gate: Tensor | None = None,
     b_gate: Tensor | None = None,
@@ -64,7 +66,8 @@ def moe_dispatch(
         w_out: ``[E, H, I]`` output (down) projections; ``b_out``: ``[E, H]`` or None.
         activation: elementwise callable.
         counts: optional precomputed ``bincount(topk_idx, minlength=E)``.
-        impl: ``"sorted"`` or ``"dense"`` (see the module docstring).
+        impl: ``"sorted"``, ``"dense"`` (see the module docstring) or ``"auto"``: ``"dense"`` (the export
+            path) while exporting or tracing (:func:`padnet.ops.exporting.is_exporting`), else ``"sorted"``.
         w_gate: ``[E, I, H]`` gate projections of gated experts (``None``: plain FFN experts);
             ``b_gate``: ``[E, I]`` or None.
 
@@ -80,8 +83,9 @@ def moe_dispatch(
     preallocated buffer.
     """
     if impl not in DISPATCH_IMPLS:
-        raise ValueError(f"unknown MoE dispatch impl {impl!r}; expected one of {DISPATCH_IMPLS} "
-                         "(padnet.layers.moe.moe_dispatch also takes 'auto')")
+        raise ValueError(f"unknown MoE dispatch impl {impl!r}; expected one of {DISPATCH_IMPLS}")
+    if impl == "auto":
+        impl = "dense" if is_exporting() else "sorted"
     if w_gate is None and b_gate is not None:
         raise ValueError("b_gate given without w_gate")
     if w_gate is not None and w_gate.shape != w_in.shape:
