@@ -95,8 +95,10 @@ def test_unregistered_family_is_not_converted_and_errors_name_the_registry():
     assert find_sites(model) == []
     with pytest.raises(ValueError, match="cannot convert"):
         padnet.dynamize_(model, PadConfig(target_modules=["mlp"]))
-    with pytest.raises(KeyError, match="registered: .*conv2d"):
+    with pytest.raises(KeyError, match="registered converters: .*conv2d"):
         unregister_converter("nope")
+    with pytest.raises(KeyError, match="unknown converter 'nope'; registered converters: .*conv2d"):
+        conversion.get_converter("nope")
     with pytest.raises(ValueError, match="already registered"):
         register_converter(Converter("conv2d", "conv2d", lambda n, m: None, lambda *a: None))
     with pytest.raises(ValueError, match="target_type"):
@@ -257,3 +259,31 @@ def test_pad_config_v2_v1_migration_and_overrides():
 def test_config_values_are_checked_with_named_errors(make, error, message):
     with pytest.raises(error, match=message):
         make()
+
+
+def test_converter_registry_is_a_registry_with_priorities():
+    from padnet.registry import Registry
+
+    assert isinstance(conversion.CONVERTERS, Registry) and "conv2d" in conversion.CONVERTERS
+    before = conversion.converter_names()
+    a = Converter("test_prio_a", "conv2d", lambda n, m: None, lambda *a: None)
+    b = Converter("test_prio_b", "conv2d", lambda n, m: None, lambda *a: None)
+    try:
+        register_converter(a, priority=50)
+        register_converter(b, priority=50)
+        assert conversion.converter_names()[:2] == ["test_prio_a", "test_prio_b"]  # tie: registration order
+        assert register_converter(a, priority=50) is a  # the same converter again: no change
+        assert conversion.converter_names()[:2] == ["test_prio_a", "test_prio_b"]
+        with pytest.raises(ValueError, match="already registered"):
+            register_converter(a, priority=60)  # a new priority needs overwrite
+        register_converter(a, priority=40, overwrite=True)
+        assert conversion.converter_names().index("test_prio_b") < conversion.converter_names().index("test_prio_a")
+        with pytest.raises(TypeError, match="expects a Converter"):
+            register_converter("conv2d")
+        with pytest.raises(TypeError, match="priority must be an int"):
+            register_converter(b, priority=1.5, overwrite=True)
+    finally:
+        for name in ("test_prio_a", "test_prio_b"):
+            if name in conversion.CONVERTERS:
+                unregister_converter(name)
+    assert conversion.converter_names() == before

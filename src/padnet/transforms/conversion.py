@@ -9,6 +9,8 @@ API (other modules register against this; keep it stable)::
     register_converter(converter, *, priority=0, overwrite=False) -> Converter
     unregister_converter(name)                   # KeyError naming the known converters
     get_converter(name) / converter_names()      # names in match order
+    CONVERTERS                                   # the padnet.registry.Registry behind them (read it, do
+                                                 # not register on it directly: priorities live beside it)
     find_sites(model) -> list[Site]              # every convertible site, in module order
     swap_module(model, qualified_name, new) -> old_module
     register_deploy_form(pad_layer_type, builder, *, overwrite=False)   # builder(layer) -> deploy module
@@ -35,6 +37,7 @@ from torch import nn
 from ..layers.dynamic_conv import CompactDynamicConv2d, DynamicConv2d
 from ..layers.modes import is_compact_layer, is_pad_layer
 from ..layers.moe import CompactMoEFeedForward, MoEFeedForward
+from ..registry import Registry
 
 if TYPE_CHECKING:  # pragma: no cover
     from .config import PadConfig
@@ -48,6 +51,7 @@ __all__ = [
     "unregister_converter",
     "get_converter",
     "converter_names",
+    "CONVERTERS",
     "find_sites",
     "swap_module",
     "register_deploy_form",
@@ -89,39 +93,53 @@ class Converter:
         return Site(name, self.target_type, self.name)
 
 
-_CONVERTERS: dict[str, tuple[int, int, Converter]] = {}  # name -> (priority, registration index, converter)
+def _check_converter(name: str, converter: object) -> None:
+    if not isinstance(converter, Converter):
+        raise TypeError(f"register_converter expects a Converter, got {type(converter).__name__}")
+    if converter.name != name:
+        raise ValueError(f"converter {converter.name!r} registered under another name {name!r}")
+
+
+CONVERTERS: Registry[Converter] = Registry("converter", check=_check_converter)
+_ORDER: dict[str, tuple[int, int]] = {}  # name -> (priority, registration index): the match order
 _COUNTER = [0]
 
 
 def register_converter(converter: Converter, *, priority: int = 0, overwrite: bool = False) -> Converter:
-    """Add ``converter``; higher ``priority`` is tried first. Returns it."""
+    """Add ``converter`` to :data:`CONVERTERS`; higher ``priority`` is tried first (ties: registration
+    order). Returns it. Registering the same converter again with the same priority changes nothing; a
+    different converter (or priority) under a taken name needs ``overwrite=True``."""
     if not isinstance(converter, Converter):
         raise TypeError(f"register_converter expects a Converter, got {type(converter).__name__}")
     if isinstance(priority, bool) or not isinstance(priority, int):
         raise TypeError(f"priority must be an int, got {priority!r}")
-    if converter.name in _CONVERTERS and not overwrite:
-        raise ValueError(f"converter {converter.name!r} is already registered (pass overwrite=True)")
+    name = converter.name
+    if CONVERTERS.get(name, None) is converter and _ORDER.get(name, (0,))[0] == priority:
+        return converter
+    if name in CONVERTERS and not overwrite:
+        raise ValueError(f"converter {name!r} is already registered (pass overwrite=True to replace it)")
+    CONVERTERS.register(name, converter, overwrite=True)
     _COUNTER[0] += 1
-    _CONVERTERS[converter.name] = (priority, _COUNTER[0], converter)
+    _ORDER[name] = (priority, _COUNTER[0])
     return converter
 
 
 def unregister_converter(name: str) -> None:
-    if name not in _CONVERTERS:
-        raise KeyError(f"no converter {name!r}; registered: {converter_names()}")
-    del _CONVERTERS[name]
+    """Remove a converter; an unknown name raises ``KeyError`` listing the registered ones."""
+    CONVERTERS.unregister(name)
+    _ORDER.pop(name, None)
 
 
 def get_converter(name: str) -> Converter:
-    try:
-        return _CONVERTERS[name][2]
-    except KeyError:
-        raise KeyError(f"no converter {name!r}; registered: {converter_names()}") from None
+    """The converter registered as ``name`` (``KeyError`` / ``ValueError`` listing the names if unknown)."""
+    return CONVERTERS.get(name)
 
 
 def converter_names() -> list[str]:
     """Registered converter names in match order (priority, then registration)."""
-    return [c.name for _, _, c in sorted(_CONVERTERS.values(), key=lambda e: (-e[0], e[1]))]
+    # a name registered on CONVERTERS directly has no priority: 0, after the others of priority 0
+    order = {n: _ORDER.get(n, (0, float("inf"))) for n in CONVERTERS}
+    return sorted(order, key=lambda n: (-order[n][0], order[n][1]))
 
 
 def find_sites(model: nn.Module) -> list[Site]:
