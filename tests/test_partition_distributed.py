@@ -1,17 +1,14 @@
 """partition_ under torch.distributed: 2 gloo processes, different data, identical masks."""
 
-import os
-import socket
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
 from padnet.layers import DynamicConv2d, MoEFeedForward, pad_layers
 from padnet.transforms.partition import partition_
+
+from gloo_ranks import run_on_gloo_ranks
 
 WORLD = 2
 
@@ -56,31 +53,14 @@ def run_all(batches, seed):
             "num_batches": report.num_batches, "world_size": report.world_size}
 
 
-def _worker(rank, port, out_dir):
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        mine = all_batches()[rank::WORLD]  # different data on every rank
-        result = run_all(mine, seed=100 + rank)  # different seeds: random must be broadcast from rank 0
-        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _rank_result(rank):
+    mine = all_batches()[rank::WORLD]  # different data on every rank
+    return run_all(mine, seed=100 + rank)  # different seeds: random must be broadcast from rank 0
 
 
 @pytest.mark.slow
 def test_two_gloo_ranks_agree_with_single_process_on_union(tmp_path):
-    if not dist.is_available():
-        pytest.skip("torch.distributed not available")
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
-    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    results = run_on_gloo_ranks(_rank_result, WORLD, tmp_path)
     reference = run_all(all_batches(), seed=100)  # union of the data, rank 0's seed
     assert results[0]["num_batches"] == 2 * WORLD and results[0]["world_size"] == WORLD
     for kind in ("taylor", "snip", "random"):

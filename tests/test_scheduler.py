@@ -2,13 +2,9 @@
 
 import copy
 import math
-import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
@@ -17,6 +13,8 @@ from padnet.layers import DynamicConv2d, MoEFeedForward, pad_layers
 from padnet.transforms.partition import GroupStats, get_criterion, list_criteria, partition_
 from padnet.transforms.scheduler import ModeScheduler
 from padnet.transforms.sparsity import effective_view
+
+from gloo_ranks import run_on_gloo_ranks
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -353,30 +351,14 @@ def _run_updates(batches_for_rank, steps=3):
     return {k: (m.clone(), l_.clone()) for k, (m, l_) in masks(model).items()}
 
 
-def _worker(rank, port, out_dir):
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        mine = make_batches(2 * WORLD, seed=9, dtype=torch.float64)[rank::WORLD]  # different data per rank
-        torch.save(_run_updates(mine), os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _rank_result(rank):
+    mine = make_batches(2 * WORLD, seed=9, dtype=torch.float64)[rank::WORLD]  # different data per rank
+    return _run_updates(mine)
 
 
 @pytest.mark.slow
 def test_two_gloo_ranks_hold_identical_masks_equal_to_single_process_on_union(tmp_path):
-    if not dist.is_available():
-        pytest.skip("torch.distributed not available")
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
-    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    results = run_on_gloo_ranks(_rank_result, WORLD, tmp_path)
     all_batches = make_batches(2 * WORLD, seed=9, dtype=torch.float64)
     union = all_batches[0::WORLD] + all_batches[1::WORLD]
     reference = _run_updates(union)
