@@ -447,6 +447,28 @@ def routing_end_rows(runs, arms: dict[str, tuple]) -> list[str]:
             "| kernel spread |", "|---|---:|---:|---:|---:|---:|"] + rows + [""]
 
 
+def allocation_rows(runs, arms: dict[str, tuple]) -> list[str]:
+    """Markdown table of each dynamic arm's final dynamic fraction per layer (``summary.layer_dynamic_ratios``,
+    mean over seeds, in %): where each partition method puts the dynamic entries. Empty when no run has it."""
+    per_arm = {}
+    for arm in arms:
+        ratios = [r["summary"]["layer_dynamic_ratios"] for r in runs.get(arm, {}).values()
+                  if r.get("summary", {}).get("layer_dynamic_ratios")]
+        if ratios:
+            per_arm[arm] = ratios
+    if not per_arm:
+        return []
+    layers = list(next(iter(per_arm.values()))[0])
+    out = ["Final dynamic fraction per layer, % (mean over seeds; `summary.layer_dynamic_ratios`):", "",
+           "| arm | seeds | " + " | ".join(f"`{name}`" for name in layers) + " |",
+           "|---|---:|" + "---:|" * len(layers)]
+    for arm, ratios in per_arm.items():
+        cells = [f"{100 * statistics.fmean(r[name] for r in ratios if name in r):.0f}"
+                 if any(name in r for r in ratios) else "–" for name in layers]
+        out.append(f"| {arms[arm][0]} | {len(ratios)} | " + " | ".join(cells) + " |")
+    return out + [""]
+
+
 def _curve(records: list[dict], field: str) -> tuple[list[int], list[float]] | None:
     """Mean over seeds of ``field`` per epoch (epochs every record has); None when no record logs it."""
     series = [{m["epoch"]: m[field] for m in r.get("metrics", []) if m.get(field) is not None} for r in records]
@@ -533,6 +555,7 @@ def study2_markdown(results: dict[str, dict[str, dict[int, dict]]] | None = None
         out += ["", "Exploratory comparisons (two-sided, not corrected):", ""]
         out += _comparison_rows(runs, SECONDARY, "A - B") + [""]
         out += routing_end_rows(runs, study.ARMS2)
+        out += allocation_rows(runs, study.ARMS2)
         fig = figures / f"study2_curves_{tag}.png"
         fields = plot_curves(runs, study.ARMS2, fig)
         if fields:

@@ -474,3 +474,15 @@ def test_execute_records_the_code_of_each_start(tmp_path, monkeypatch):
     assert study.execute(run, 1).startswith("done")
     record = json.loads(run.result_path.read_text())
     assert record["code"] == [{"commit": "abc", "dirty": False, "started": "t"}]
+
+
+def test_allocation_rows_by_hand():
+    runs = {"imp-init": {0: {"summary": {"layer_dynamic_ratios": {"a": 0.8, "b": 0.2}}},
+                         1: {"summary": {"layer_dynamic_ratios": {"a": 0.6, "b": 0.3}}}},
+            "static": {0: {"summary": {"test_accuracy": 0.9}}}}
+    arms = {"static": ("static",), "imp-init": ("PAD, IMP at init",)}
+    rows = report.allocation_rows(runs, arms)
+    assert "| arm | seeds | `a` | `b` |" in rows
+    assert "| PAD, IMP at init | 2 | 70 | 25 |" in rows
+    assert not any(r.startswith("| static") for r in rows)
+    assert report.allocation_rows({"static": runs["static"]}, arms) == []
