@@ -368,7 +368,8 @@ def _fmt_ci(ci) -> str:
 
 
 def primary_rows(runs: dict[str, dict[int, dict]]) -> list[dict]:
-    """The three primary questions with per-seed differences, 95 % CIs, one-sided and Holm p, verdict."""
+    """The three primary questions: per-seed differences, 95 % CI, one-sided and Holm p, verdict, the Bonferroni
+    simultaneous interval (``ci_simultaneous``) and the exact sign-flip p (``p_sign_flip``)."""
     rows = []
     for key, question, a, b, kind in PRIMARY:
         seeds, diffs = _diffs(runs, a, b)
@@ -417,7 +418,7 @@ def _arm_table(runs, arms: dict[str, tuple], seeds: tuple[int, ...]) -> list[str
     return rows
 
 
-def routing_end_rows(runs, arms: dict[str, tuple]) -> list[str]:
+def routing_end_rows(runs: dict[str, dict[int, dict]], arms: dict[str, tuple]) -> list[str]:
     """Markdown table of the last epoch's routing per arm (mean over seeds): normalised entropy, the
     spread of the routing weights over test inputs (mean and largest layer) and the kernel spread.
     Arms whose runs logged no routing (static) are left out; empty list when none did."""
@@ -427,8 +428,9 @@ def routing_end_rows(runs, arms: dict[str, tuple]) -> list[str]:
         lasts = [m for m in lasts if m.get("routing_entropy") is not None]
         if not lasts:
             continue
-        per_layer_max = [max(v["pi_std"] for v in m["routing"].values() if v.get("pi_std") is not None)
-                         for m in lasts if m.get("routing")]
+        per_layer_max = [max((v["pi_std"] for v in m["routing"].values() if v.get("pi_std") is not None),
+                             default=None) for m in lasts if m.get("routing")]
+        per_layer_max = [v for v in per_layer_max if v is not None]
 
         def mean(field):
             vals = [m[field] for m in lasts if m.get(field) is not None]
@@ -447,7 +449,7 @@ def routing_end_rows(runs, arms: dict[str, tuple]) -> list[str]:
             "| kernel spread |", "|---|---:|---:|---:|---:|---:|"] + rows + [""]
 
 
-def allocation_rows(runs, arms: dict[str, tuple]) -> list[str]:
+def allocation_rows(runs: dict[str, dict[int, dict]], arms: dict[str, tuple]) -> list[str]:
     """Markdown table of each dynamic arm's final dynamic fraction per layer (``summary.layer_dynamic_ratios``,
     mean over seeds, in %): where each partition method puts the dynamic entries. Empty when no run has it."""
     per_arm = {}
@@ -458,7 +460,7 @@ def allocation_rows(runs, arms: dict[str, tuple]) -> list[str]:
             per_arm[arm] = ratios
     if not per_arm:
         return []
-    layers = list(next(iter(per_arm.values()))[0])
+    layers = list(dict.fromkeys(name for ratios in per_arm.values() for r in ratios for name in r))  # union, in order
     out = ["Final dynamic fraction per layer, % (mean over seeds; `summary.layer_dynamic_ratios`):", "",
            "| arm | seeds | " + " | ".join(f"`{name}`" for name in layers) + " |",
            "|---|---:|" + "---:|" * len(layers)]
@@ -551,7 +553,9 @@ def study2_markdown(results: dict[str, dict[str, dict[int, dict]]] | None = None
         out += ["", "The verdict uses the t-tests of the statistics plan. The last column is a check without the "
                 "normality assumption: the exact one-sided sign-flip test of the same hypothesis "
                 "(uncorrected). With n seeds it cannot go below 2^-n (0.031 for 5 seeds, above the "
-                f"{ALPHA} level), so it can contradict the t-test but never confirm it at that level."]
+                f"{ALPHA} level), so it can contradict the t-test but never confirm it at that level. "
+                "The simultaneous interval is Bonferroni's, which is stricter than Holm after Holm's first step: "
+                "a question can be shown while its simultaneous lower end is still below the margin."]
         out += ["", "Exploratory comparisons (two-sided, not corrected):", ""]
         out += _comparison_rows(runs, SECONDARY, "A - B") + [""]
         out += routing_end_rows(runs, study.ARMS2)

@@ -286,13 +286,15 @@ def reproduce_command(run: Run) -> str:
 
 
 def code_version(root: Path = ROOT) -> dict:
-    """``{"commit": HEAD or None, "dirty": uncommitted changes under src/ or experiments/ (None if unknown),
+    """``{"commit": HEAD or None, "dirty": uncommitted changes to tracked files under src/ or experiments/
+    (results excluded; None if unknown),
     "started": UTC time}``: the code a run is started (or resumed) on, read with git (None without a repo)."""
     started = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
                                 timeout=30, check=True).stdout.strip()
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "src", "experiments"],
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "src", "experiments",
+                                 ":(exclude)experiments/results"],  # results change while a grid runs: not code
                                 cwd=root, capture_output=True, text=True, timeout=30, check=True).stdout
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "dirty": None, "started": started}

@@ -278,6 +278,9 @@ def test_converter_registry_is_a_registry_with_priorities():
             register_converter(a, priority=60)  # a new priority needs overwrite
         register_converter(a, priority=40, overwrite=True)
         assert conversion.converter_names().index("test_prio_b") < conversion.converter_names().index("test_prio_a")
+        register_converter(a, priority=50, overwrite=True)
+        register_converter(b, priority=50, overwrite=True)  # overwrite re-registers: b moves behind a
+        assert conversion.converter_names()[:2] == ["test_prio_a", "test_prio_b"]
         with pytest.raises(TypeError, match="expects a Converter"):
             register_converter("conv2d")
         with pytest.raises(TypeError, match="priority must be an int"):

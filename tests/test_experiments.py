@@ -438,9 +438,10 @@ def test_simultaneous_interval_is_bonferroni_over_the_tested_questions():
     assert lo < rows["a"]["ci"][0] and hi > rows["a"]["ci"][1]  # wider than the per-question interval
 
 
-def test_code_version_in_a_repo_and_without_one(tmp_path):
+def test_code_version_in_a_repo_and_without_one(tmp_path, monkeypatch):
     import subprocess
 
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))  # git must not find an enclosing repo
     assert study.code_version(tmp_path)["commit"] is None  # not a repository
     git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
     subprocess.run(git + ["init", "-q"], cwd=tmp_path, check=True)
@@ -453,9 +454,19 @@ def test_code_version_in_a_repo_and_without_one(tmp_path):
     assert v["commit"] == head and v["dirty"] is False and len(v["started"]) == 19
     (tmp_path / "src" / "a.py").write_text("x = 2\n")
     assert study.code_version(tmp_path)["dirty"] is True
-    (tmp_path / "notes.txt").write_text("untracked, outside src")
     (tmp_path / "src" / "a.py").write_text("x = 1\n")
+    # tracked files outside src/ and experiments/, and committed results changing while a grid runs: not code
+    (tmp_path / "README").write_text("r\n")
+    (tmp_path / "experiments" / "results").mkdir(parents=True)
+    (tmp_path / "experiments" / "results" / "r.json").write_text("{}\n")
+    (tmp_path / "experiments" / "study.py").write_text("s = 1\n")
+    subprocess.run(git + ["add", "."], cwd=tmp_path, check=True)
+    subprocess.run(git + ["commit", "-qm", "d"], cwd=tmp_path, check=True)
+    (tmp_path / "README").write_text("changed\n")
+    (tmp_path / "experiments" / "results" / "r.json").write_text('{"a": 1}\n')
     assert study.code_version(tmp_path)["dirty"] is False
+    (tmp_path / "experiments" / "study.py").write_text("s = 2\n")
+    assert study.code_version(tmp_path)["dirty"] is True
 
 
 def test_execute_records_the_code_of_each_start(tmp_path, monkeypatch):
@@ -470,10 +481,14 @@ def test_execute_records_the_code_of_each_start(tmp_path, monkeypatch):
         (run.run_dir / "metrics.jsonl").write_text('{"epoch": 1}\n')
         return 0
 
-    monkeypatch.setattr(study.subprocess, "call", fake_train)
+    monkeypatch.setattr(study.subprocess, "call", lambda cmd, **kw: 1)  # a first start that stops (killed)
+    assert study.execute(run, 1).startswith("FAILED")
+    monkeypatch.setattr(study, "code_version", lambda: {"commit": "def", "dirty": True, "started": "u"})
+    monkeypatch.setattr(study.subprocess, "call", fake_train)  # resumed on other code
     assert study.execute(run, 1).startswith("done")
     record = json.loads(run.result_path.read_text())
-    assert record["code"] == [{"commit": "abc", "dirty": False, "started": "t"}]
+    assert record["code"] == [{"commit": "abc", "dirty": False, "started": "t"},
+                              {"commit": "def", "dirty": True, "started": "u"}]
 
 
 def test_allocation_rows_by_hand():
@@ -486,3 +501,14 @@ def test_allocation_rows_by_hand():
     assert "| PAD, IMP at init | 2 | 70 | 25 |" in rows
     assert not any(r.startswith("| static") for r in rows)
     assert report.allocation_rows({"static": runs["static"]}, arms) == []
+
+
+def test_report_tables_tolerate_missing_layer_fields():
+    last = {"epoch": 1, "routing_entropy": 0.9, "routing_std": 0.1, "kernel_spread": 0.2,
+            "routing": {"a": {"pi_std": None}, "b": {}}}
+    rows = report.routing_end_rows({"dynamic": {0: {"metrics": [last]}}}, {"dynamic": ("dyn",)})
+    assert "| dyn | 1 | 0.900 | 0.100 | – | 0.200 |" in rows  # no layer with pi_std: no largest-layer figure
+    runs = {"imp-init": {0: {"summary": {"layer_dynamic_ratios": {"a": 0.5}}},
+                         1: {"summary": {"layer_dynamic_ratios": {"a": 0.7, "b": 0.1}}}}}
+    rows = report.allocation_rows(runs, {"imp-init": ("imp",)})
+    assert "| arm | seeds | `a` | `b` |" in rows and "| imp | 2 | 60 | 10 |" in rows  # union of layers

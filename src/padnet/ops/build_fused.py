@@ -18,7 +18,8 @@ __all__ = ["main"]
 
 def main(argv: list[str] | None = None) -> int:
     """Build (or find cached) the kernel library; print where it is or why it was not built."""
-    parser = argparse.ArgumentParser(prog="python -m padnet.ops.build_fused", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m padnet.ops.build_fused",
+                                     description="Compile the fused C++ kernels for this machine into the cache.")
     parser.add_argument("--verbose", action="store_true", help="show the compiler's output")
     args = parser.parse_args(argv)
     try:

@@ -13,8 +13,13 @@ Two implementations, same numbers up to float rounding:
   top-k gates: ``E / k`` times the FLOPs but no data-dependent shapes, so it
   exports (torch.export, ONNX) with a dynamic token axis.
 
-``"auto"`` (the default) picks ``"dense"`` while exporting or tracing and
-``"sorted"`` otherwise. :mod:`padnet.layers.moe` re-exports this function.
+``"auto"`` (the default) picks ``"dense"`` whenever
+:func:`padnet.ops.exporting.is_exporting` is true -- torch.export, ONNX export,
+JIT tracing and also ``torch.compile`` (data-dependent shapes would break the
+graph there) -- and ``"sorted"`` otherwise. Pass ``impl="sorted"`` to keep the
+sparse path under ``torch.compile`` at the cost of a graph break.
+:data:`DISPATCH_IMPLS` lists ``"auto"`` and the two concrete paths
+(:data:`CONCRETE_DISPATCH_IMPLS`). :mod:`padnet.layers.moe` re-exports this function.
 """
 
 from __future__ import annotations
@@ -27,9 +32,10 @@ from torch import Tensor
 
 from .exporting import is_exporting
 
-__all__ = ["DISPATCH_IMPLS", "moe_dispatch"]
+__all__ = ["CONCRETE_DISPATCH_IMPLS", "DISPATCH_IMPLS", "moe_dispatch"]
 
-DISPATCH_IMPLS = ("auto", "sorted", "dense")
+CONCRETE_DISPATCH_IMPLS = ("sorted", "dense")
+DISPATCH_IMPLS = ("auto",) + CONCRETE_DISPATCH_IMPLS
 
 
 def _hidden(xe: Tensor, w_in: Tensor, b_in: Tensor | None, w_gate: Tensor | None, b_gate: Tensor | None,
@@ -67,7 +73,8 @@ def moe_dispatch(
         activation: elementwise callable.
         counts: optional precomputed ``bincount(topk_idx, minlength=E)``.
         impl: ``"sorted"``, ``"dense"`` (see the module docstring) or ``"auto"``: ``"dense"`` (the export
-            path) while exporting or tracing (:func:`padnet.ops.exporting.is_exporting`), else ``"sorted"``.
+            path) while exporting, tracing or compiling (:func:`padnet.ops.exporting.is_exporting`), else
+            ``"sorted"``.
         w_gate: ``[E, I, H]`` gate projections of gated experts (``None``: plain FFN experts);
             ``b_gate``: ``[E, I]`` or None.
 

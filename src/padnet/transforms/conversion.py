@@ -114,8 +114,9 @@ def register_converter(converter: Converter, *, priority: int = 0, overwrite: bo
     if isinstance(priority, bool) or not isinstance(priority, int):
         raise TypeError(f"priority must be an int, got {priority!r}")
     name = converter.name
-    if CONVERTERS.get(name, None) is converter and _ORDER.get(name, (0,))[0] == priority:
-        return converter
+    if not overwrite and CONVERTERS.get(name, None) is converter and name in _ORDER \
+            and _ORDER[name][0] == priority:
+        return converter  # the same registration again
     if name in CONVERTERS and not overwrite:
         raise ValueError(f"converter {name!r} is already registered (pass overwrite=True to replace it)")
     CONVERTERS.register(name, converter, overwrite=True)
