@@ -4,6 +4,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PY=${PYTHON:-python3}
+# CI and containers run this as root; pip's "running as root" warning is noise there
+export PIP_ROOT_USER_ACTION=ignore
 
 # 1. Fashion-MNIST (the offline default dataset) from Debian's package.
 if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
