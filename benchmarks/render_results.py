@@ -196,6 +196,20 @@ def allocator_table(payload):
     return "\n".join(out)
 
 
+def b1_floor_table(payload):
+    """``bench_b1_floor.py``: the parts of the fully dynamic ResNet-18's batch-1 forward and the mixing floor."""
+    spread = any("ratio_min" in r for r in payload["rows"])
+    out = [machine_line(payload), "",
+           "| part | ms | / static forward | " + ("min..max over processes | " if spread else "") + "GB/s |",
+           "|---|---|---|" + ("---|" if spread else "") + "---|"]
+    for r in payload["rows"]:
+        gb = f"{r['gb_per_s']:.1f}" if isinstance(r.get("gb_per_s"), float) else ""
+        mib = f" ({r['mib_streamed']:.0f} MiB)" if isinstance(r.get("mib_streamed"), float) else ""
+        rng = f"{r['ratio_min']:.2f}..{r['ratio_max']:.2f} | " if spread and "ratio_min" in r else ("| " if spread else "")
+        out.append(f"| {r['part']}{mib} | {r['ms']:.2f} | {r['ratio']:.2f} | {rng}{gb} |")
+    return "\n".join(out)
+
+
 def main() -> None:
     for title, name, render in [
         ("allocator", "allocator", allocator_table),
@@ -205,6 +219,7 @@ def main() -> None:
         ("MoE", "moe", moe_table),
         ("MoE, gated (SwiGLU) experts", "moe_gated", moe_table),
         ("models", "models", models_table),
+        ("ResNet-18 batch 1: where the fully dynamic model's time goes", "b1_floor", b1_floor_table),
         ("element-PAD training against fully dynamic, per layer (forward+backward)", "element_training",
          element_training_table),
         ("micro-measurements", "micro", micro_table),

@@ -19,6 +19,8 @@ python benchmarks/fresh.py --runs 5 --name models_train_element -- python benchm
 # batch 1 against CondConv with many rounds: the gap is tens of microseconds per call
 $F --name conv_layers_b1_r300 -- python benchmarks/bench_conv_layers.py --threads 2 --repeats 300 --batches 1 \
     --modes fwd --variants condconv,dynamic $WAIT
+# ResNet-18 batch 1: the mixing GEMVs inside the model, alone, and the floor they set
+$F --name b1_floor -- python benchmarks/bench_b1_floor.py --threads 2 --repeats 15 $WAIT
 $F --name backends -- python benchmarks/bench_backends.py --threads 2 --repeats 9 --batches 32,8,1 $WAIT
 $F --name backends_grad -- python benchmarks/bench_backends.py --threads 2 --repeats 9 --batches 32 --grad $WAIT
 $F --name channel_split -- python benchmarks/bench_channel_split.py --threads 2 --repeats 15 $WAIT
