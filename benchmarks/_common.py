@@ -9,7 +9,11 @@ import os
 # Waiting OpenMP threads sleep instead of spinning: on a shared, oversubscribed
 # machine spinning steals the CPU the other worker needs, and CPU-time ratios
 # (reported next to wall-time ratios) then count work only. Must precede torch.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# PADNET_BENCH_OMP_WAIT_POLICY=default leaves OpenMP's own default (what users
+# get: spin, then sleep), which matters for latency of many small ops (batch 1).
+_OMP_POLICY = os.environ.get("PADNET_BENCH_OMP_WAIT_POLICY", "PASSIVE")
+if _OMP_POLICY != "default":
+    os.environ.setdefault("OMP_WAIT_POLICY", _OMP_POLICY)
 import sys
 import time
 from pathlib import Path

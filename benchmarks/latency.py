@@ -87,6 +87,7 @@ def machine_info() -> dict:
         "cpu_model": cpu_model(),
         "autotune": autotune_enabled(),
         "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset (OpenMP default)"),
         "load_1m": round(load[0], 2),
         "load_5m": round(load[1], 2),
         "cpus": os.cpu_count(),

@@ -38,8 +38,9 @@ def fmt(v, digits=2):
 def machine_line(payload):
     m, a = payload["machine"], payload.get("machine_after", {})
     runs = f"median of {payload['runs']} fresh processes, " if isinstance(payload.get("runs"), int) else ""
+    omp = f"; OMP_WAIT_POLICY {m['omp_wait_policy']}" if "omp_wait_policy" in m else ""
     return (f"_{runs}CPU {m.get('cpu_model', 'not recorded')}; load (1-min avg, max) {m['load_1m']} before, "
-            f"{a.get('load_1m', '?')} after; {m['torch_threads']} threads, torch {m['torch']}_")
+            f"{a.get('load_1m', '?')} after; {m['torch_threads']} threads, torch {m['torch']}{omp}_")
 
 
 def backends_table(payload, grad=False):
@@ -219,7 +220,9 @@ def main() -> None:
         ("MoE", "moe", moe_table),
         ("MoE, gated (SwiGLU) experts", "moe_gated", moe_table),
         ("models", "models", models_table),
-        ("ResNet-18 batch 1: where the fully dynamic model's time goes", "b1_floor", b1_floor_table),
+        ("ResNet-18 batch 1: where the fully dynamic model's time goes (OMP_WAIT_POLICY=PASSIVE, the suites' "
+         "setting)", "b1_floor", b1_floor_table),
+        ("ResNet-18 batch 1, OpenMP's default wait policy", "b1_floor_omp_default", b1_floor_table),
         ("element-PAD training against fully dynamic, per layer (forward+backward)", "element_training",
          element_training_table),
         ("micro-measurements", "micro", micro_table),
