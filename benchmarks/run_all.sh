@@ -24,6 +24,8 @@ $F --name b1_floor -- python benchmarks/bench_b1_floor.py --threads 2 --repeats 
 # the same with OpenMP's default wait policy (what users get; the suites above sleep waiting threads)
 PADNET_BENCH_OMP_WAIT_POLICY=default $F --name b1_floor_omp_default -- python benchmarks/bench_b1_floor.py \
     --threads 2 --repeats 15 $WAIT
+PADNET_BENCH_OMP_WAIT_POLICY=default $F --name conv_layers_b1_r300_omp_default -- python benchmarks/bench_conv_layers.py \
+    --threads 2 --repeats 300 --batches 1 --modes fwd --variants condconv,dynamic $WAIT
 $F --name backends -- python benchmarks/bench_backends.py --threads 2 --repeats 9 --batches 32,8,1 $WAIT
 $F --name backends_grad -- python benchmarks/bench_backends.py --threads 2 --repeats 9 --batches 32 --grad $WAIT
 $F --name channel_split -- python benchmarks/bench_channel_split.py --threads 2 --repeats 15 $WAIT
