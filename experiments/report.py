@@ -418,6 +418,49 @@ def _arm_table(runs, arms: dict[str, tuple], seeds: tuple[int, ...]) -> list[str
     return rows
 
 
+def summary_lines(runs: dict[str, dict[int, dict]], arms: dict[str, tuple], seeds: tuple[int, ...]) -> list[str]:
+    """The figures the verdict rests on, as generated bullets (so that prose never has to restate a number):
+    completeness, the spread of the arms' means over the seeds every arm has, each primary question, fully
+    dynamic vs static, the end-of-training routing range and the training accuracies."""
+    complete = [s for s in seeds if all(s in runs.get(a, {}) for a in arms)]
+    n_runs = sum(len(v) for v in runs.values())
+    out = [f"- Runs: {n_runs} of {len(arms) * len(seeds)}; seeds with all {len(arms)} arms: "
+           + (", ".join(map(str, complete)) or "none") + "."]
+    if complete:
+        means = {a: statistics.fmean(acc(runs[a][s]) for s in complete) for a in arms}
+        lo, hi = min(means, key=means.get), max(means, key=means.get)
+        out.append(f"- Mean test accuracy over those seeds: {means[lo]:.2f} % ({arms[lo][0]}) to "
+                   f"{means[hi]:.2f} % ({arms[hi][0]}), a spread of {means[hi] - means[lo]:.2f} points.")
+    for r in primary_rows(runs):
+        if not r["n"]:
+            out.append(f"- ({r['key']}) {r['question']}: not yet run.")
+            continue
+        kind = (f" (non-inferiority, margin {NI_MARGIN})" if r["kind"] == "noninferiority" else " (superiority)")
+        out.append(f"- ({r['key']}) {r['question']}{kind}: **{r['verdict']}** over {r['n']} paired seeds: mean "
+                   f"{r['mean']:+.2f}, 95 % CI {_fmt_ci(r['ci'])}, simultaneous {_fmt_ci(r['ci_simultaneous'])}, "
+                   f"one-sided p {_fmt_p(r['p'])}, Holm p {_fmt_p(r['p_holm'])}; "
+                   f"{sum(d > 0 for d in r['diffs'])} of {r['n']} seeds positive.")
+    _, diffs = _diffs(runs, "dynamic", "static")
+    if diffs:
+        t = paired_test(diffs, "two-sided")
+        out.append(f"- Fully dynamic - static: {t['mean']:+.2f} points, 95 % CI {_fmt_ci(t['ci'])} "
+                   f"({len(diffs)} seeds, two-sided p {_fmt_p(t['p'])}).")
+    lasts = [r["metrics"][-1] for a in arms for r in runs.get(a, {}).values()
+             if r.get("metrics") and r["metrics"][-1].get("routing_entropy") is not None]
+    if lasts:
+        ent = [m["routing_entropy"] for m in lasts]
+        std = [m["routing_std"] for m in lasts if m.get("routing_std") is not None]
+        out.append(f"- Routing at the end of training, every dynamic run ({len(lasts)}): normalised entropy "
+                   f"{min(ent):.3f}-{max(ent):.3f}" + (f", pi std (mean over layers) {min(std):.3f}-{max(std):.3f}"
+                                                       if std else "") + ".")
+    train = {a: [100 * r["summary"]["train_accuracy"] for r in runs.get(a, {}).values()
+                 if r["summary"].get("train_accuracy") is not None] for a in ("static", "dynamic")}
+    if all(train.values()):
+        out.append(f"- Training accuracy (last epoch, mean): static {statistics.fmean(train['static']):.2f} %, "
+                   f"fully dynamic {statistics.fmean(train['dynamic']):.2f} %.")
+    return out + [""]
+
+
 def routing_end_rows(runs: dict[str, dict[int, dict]], arms: dict[str, tuple]) -> list[str]:
     """Markdown table of the last epoch's routing per arm (mean over seeds): normalised entropy, the
     spread of the routing weights over test inputs (mean and largest layer) and the kernel spread.
@@ -532,6 +575,8 @@ def study2_markdown(results: dict[str, dict[str, dict[int, dict]]] | None = None
         out += [f"### Vision, setting `{tag}` ({n_runs} of {len(study.ARMS2) * len(study.SEEDS2)} runs finished)", ""]
         if not n_runs:
             out += [f"Not yet run: no result files in `experiments/results/study2/{tag}/`.", ""]
+        out += ["Summary (generated; the verdict above rests on these figures):", ""]
+        out += summary_lines(runs, study.ARMS2, study.SEEDS2)
         out += ["Test accuracy % per seed:", ""] + _arm_table(runs, study.ARMS2, study.SEEDS2) + [""]
         out += ["`train acc` is the accuracy on the augmented training batches of the last epoch (the "
                 "trainer's running figure), next to the test accuracy to show where training ended.", ""]

@@ -512,3 +512,31 @@ def test_report_tables_tolerate_missing_layer_fields():
                          1: {"summary": {"layer_dynamic_ratios": {"a": 0.7, "b": 0.1}}}}}
     rows = report.allocation_rows(runs, {"imp-init": ("imp",)})
     assert "| arm | seeds | `a` | `b` |" in rows and "| imp | 2 | 60 | 10 |" in rows  # union of layers
+
+
+def test_summary_lines_by_hand():
+    def rec(a, train=None, entropy=None):
+        r = {"summary": {"test_accuracy": a / 100}, "metrics": [{"epoch": 1}]}
+        if train is not None:
+            r["summary"]["train_accuracy"] = train / 100
+        if entropy is not None:
+            r["metrics"][-1].update(routing_entropy=entropy, routing_std=0.02)
+        return r
+
+    arms = {"static": ("static",), "dynamic": ("fully dynamic",), "imp-init": ("PAD",)}
+    runs = {"static": {0: rec(92.0, 92.5), 1: rec(92.2, 92.7)},
+            "dynamic": {0: rec(92.1, 92.6, 0.99), 1: rec(92.5, 92.8, 0.98)},
+            "imp-init": {0: rec(92.3, entropy=0.97)}}
+    lines = report.summary_lines(runs, arms, (0, 1))
+    assert lines[0] == "- Runs: 5 of 6; seeds with all 3 arms: 0."
+    assert lines[1] == ("- Mean test accuracy over those seeds: 92.00 % (static) to 92.30 % (PAD), "
+                        "a spread of 0.30 points.")
+    a = next(x for x in lines if x.startswith("- (a)"))
+    assert a.startswith("- (a) PAD (IMP at init) >= fully dynamic (non-inferiority, margin 0.2): **not testable yet")
+    assert "over 1 paired seeds: mean +0.20" in a and "1 of 1 seeds positive" in a
+    assert any(x.startswith("- (c)") and x.endswith("not yet run.") for x in lines)
+    d = next(x for x in lines if x.startswith("- Fully dynamic - static"))
+    assert d.startswith("- Fully dynamic - static: +0.20 points") and "(2 seeds" in d
+    assert "- Routing at the end of training, every dynamic run (3): normalised entropy 0.970-0.990, " \
+           "pi std (mean over layers) 0.020-0.020." in lines
+    assert "- Training accuracy (last epoch, mean): static 92.60 %, fully dynamic 92.70 %." in lines
