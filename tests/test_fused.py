@@ -82,6 +82,95 @@ def test_fused_chunking_and_kernel_counts(kernel, dtype, batch, num_kernels, cin
     torch.testing.assert_close(y.double(), ref, **tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("tiles", [
+    (1, 1, 64), (5, 3, 64), (32, 32, 128), (64, 8, 128), (33, 2, 256), (1024, 256, 64),
+])
+@pytest.mark.parametrize("hw", [(4, 4), (9, 9), (8, 16)])  # L = 16, 81 (remainders), 128 (4 x 4 register blocks)
+def test_every_tile_shape_gives_the_same_numbers(kernel, dtype, tiles, hw):
+    """Rows, samples and column chunk only reorder the work: any of them, on any shape, is the reference."""
+    torch.manual_seed(2)
+    x = torch.randn(5, 24, *hw, dtype=dtype)  # C*kh*kw = 216: chunks of 64 / 128 / 256 end partial
+    pi = torch.softmax(torch.randn(5, 3, dtype=dtype), -1)
+    dyn = torch.randn(3, 37, 24, 3, 3, dtype=dtype)
+    sta = torch.randn(37, 24, 3, 3, dtype=dtype)
+    with torch.no_grad():
+        y = fused.fused_dynamic_conv2d(x, pi, dyn, sta, ConvGeometry((3, 3), 1, 1, 1, 1), 1, tiles=tiles)
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(y.double(), reference(x.double(), pi.double(), dyn.double(), sta.double(), 1, 1, 1),
+                               **tol)
+
+
+@pytest.mark.parametrize("tiles", [(0, 8, 128), (16, 0, 128), (16, 8, 100), (2000, 8, 128)])
+def test_bad_tile_shapes_are_refused(kernel, tiles):
+    x, pi, dyn = torch.randn(2, 3, 5, 5), torch.rand(2, 2), torch.randn(2, 4, 3, 3, 3)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="tiles must be"):
+        fused.fused_dynamic_conv2d(x, pi, dyn, None, ConvGeometry((3, 3), 1, 1, 1, 1), 1, tiles=tiles)
+
+
+def test_tile_rule_fits_the_l2_cache(monkeypatch):
+    assert fused.fused_tiles(512, 4608, 16, 32, 4) == (32, 32, 128)  # deep: many samples share each kernel load
+    assert fused.fused_tiles(256, 2304, 64, 32, 4) == (64, 8, 128)
+    assert fused.fused_tiles(20, 180, 64, 3, 4) == (20, 3, 128)  # never more rows / samples than there are
+    monkeypatch.setattr(fused, "_L2_BYTES", 256 << 10)  # a small L2: the chunk halves
+    assert fused.fused_tiles(512, 4608, 16, 32, 4) == (32, 32, 64)
+    assert fused.l2_cache_bytes() == 256 << 10
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape, kernel_size, stride, padding, dilation", [
+    ((2, 3, 4, 4), (3, 3), (1, 1), 1, (1, 1)),           # narrow: the gather path
+    ((2, 3, 9, 11), (3, 3), (1, 1), 1, (1, 1)),          # wide: row copies
+    ((2, 3, 9, 20), (3, 5), (2, 3), (2, 1), (2, 1)),     # strided, dilated, unequal padding
+    ((1, 2, 7, 7), (1, 1), (2, 2), 0, (1, 1)),           # pointwise, strided
+    ((2, 4, 6, 6), (2, 2), (1, 1), "same", (1, 1)),      # even kernel: padding on the far sides only
+    ((2, 4, 6, 9), (3, 2), (1, 1), "same", (1, 3)),      # "same" with dilation, wide rows
+])
+def test_native_im2col_equals_the_strided_copy(kernel, monkeypatch, dtype, shape, kernel_size, stride, padding,
+                                               dilation):
+    from padnet.ops.im2col import im2col, im2col_workspace
+
+    torch.manual_seed(3)
+    x = torch.randn(*shape, dtype=dtype)
+    geom = ConvGeometry(kernel_size, stride, padding, dilation, 1)
+    expected, _ = im2col(x, geom)
+    got = im2col_workspace(x, geom).clone()  # PADNET_FUSED=1 here: the C++ im2col
+    assert torch.equal(got, expected)
+    monkeypatch.setenv("PADNET_FUSED", "0")
+    assert torch.equal(im2col_workspace(x, geom), expected)  # the strided copy gives the same
+
+
+@pytest.mark.parametrize("backend", ["bmm", "fused"])
+def test_gemm_backends_with_the_native_im2col_match_the_reference(kernel, monkeypatch, backend):
+    """The tiled GEMM backend unfolds through the C++ im2col in its forward and its backward (weight gradients)."""
+    torch.manual_seed(4)
+    x = torch.randn(4, 6, 7, 9, dtype=torch.float64, requires_grad=backend == "bmm")
+    pi = torch.softmax(torch.randn(4, 3, dtype=torch.float64), -1)
+    dyn = torch.randn(3, 5, 6, 3, 3, dtype=torch.float64, requires_grad=backend == "bmm")
+    geom = ConvGeometry((3, 3), 2, 1, 1, 1)
+    ref = reference(x.detach(), pi, dyn.detach(), None, 2, 1, 1)
+    if backend == "fused":
+        with torch.no_grad():
+            torch.testing.assert_close(fused.fused_dynamic_conv2d(x, pi, dyn, None, geom, 1), ref)
+        return
+    y = ops.dynamic_conv2d(x, pi, dyn, None, stride=2, padding=1, backend="bmm")
+    torch.testing.assert_close(y, ref)
+    gx, gd = torch.autograd.grad(y.square().sum(), (x, dyn))
+    x2, d2 = x.detach().requires_grad_(), dyn.detach().requires_grad_()
+    y2 = torch.cat([F.conv2d(x2[b : b + 1], torch.einsum("k,k...->...", pi[b], d2), None, 2, 1) for b in range(4)])
+    gx2, gd2 = torch.autograd.grad(y2.square().sum(), (x2, d2))
+    torch.testing.assert_close(gx, gx2)
+    torch.testing.assert_close(gd, gd2)
+
+
+def test_native_im2col_refuses_a_wrong_buffer(kernel):
+    x = torch.randn(2, 3, 5, 5)
+    with pytest.raises(RuntimeError, match="out must be"):
+        kernel.im2col(x, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, torch.empty(10))
+    with pytest.raises(RuntimeError, match="smaller than the kernel"):
+        kernel.im2col(x, 7, 7, 1, 1, 0, 0, 0, 0, 1, 1, torch.empty(2 * 3 * 49))
+
+
 def test_bad_fused_mode_fails_on_the_first_batched_call(tuning, monkeypatch):
     """A typo in PADNET_FUSED is reported at once -- also in a training call, where the kernel is never a
     candidate -- instead of surfacing only in a later no-grad call."""

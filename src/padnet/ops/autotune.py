@@ -29,6 +29,7 @@ import platform
 import tempfile
 import time
 import warnings
+from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -95,6 +96,7 @@ def cache_dir() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "padnet"
 
 
+@lru_cache(maxsize=8)
 def _cpuinfo(*fields: str) -> str | None:
     """The value of the first ``/proc/cpuinfo`` line starting with one of ``fields`` (Linux), else ``None``."""
     try:

@@ -41,6 +41,7 @@ import os
 import sys
 import sysconfig
 import warnings
+from functools import lru_cache
 from pathlib import Path
 from types import ModuleType
 
@@ -54,6 +55,7 @@ from .im2col import im2col_workspace
 SOURCE = Path(__file__).resolve().parent / "csrc" / "fused_dynamic_conv.cpp"
 _MODULE: ModuleType | None = None
 _FAILED: str | None = None  # why the build failed (not retried in this process)
+_ABSENT_AT: tuple | None = None  # the cache location where ``auto`` found no build (not looked up again)
 
 
 MODULE_NAME = "padnet_fused_dynamic_conv"
@@ -86,12 +88,20 @@ def build_directory() -> Path:
     extension suffix (interpreter / ABI) and the source. Under
     ``$PADNET_EXTENSIONS_DIR`` if set, else ``<cache dir>/extensions``.
     """
-    digest = hashlib.sha1("\n".join([
-        torch.__version__, cpu_model(), cpu_features(), str(sysconfig.get_config_var("EXT_SUFFIX")),
-        SOURCE.read_text(encoding="utf-8"),
-    ]).encode()).hexdigest()[:16]
     root = os.environ.get("PADNET_EXTENSIONS_DIR")
-    return (Path(root) if root else cache_dir() / "extensions") / f"fused_dynamic_conv-{digest}"
+    return (Path(root) if root else cache_dir() / "extensions") / f"fused_dynamic_conv-{_digest()}"
+
+
+def _digest() -> str:
+    """Hash of what the binary depends on (the source is read and hashed once per process)."""
+    return hashlib.sha1("\n".join([
+        torch.__version__, cpu_model(), cpu_features(), str(sysconfig.get_config_var("EXT_SUFFIX")), _source_digest(),
+    ]).encode()).hexdigest()[:16]
+
+
+@lru_cache(maxsize=1)
+def _source_digest() -> str:
+    return hashlib.sha1(SOURCE.read_bytes()).hexdigest()
 
 
 def library_path() -> Path:
@@ -118,8 +128,10 @@ def build_fused(verbose: bool = False) -> ModuleType:
 
     Raises whatever the compiler toolchain raises (no compiler, no ninja, no headers).
     """
+    global _ABSENT_AT
     from torch.utils.cpp_extension import load
 
+    _ABSENT_AT = None
     directory = build_directory()
     directory.mkdir(parents=True, exist_ok=True)
     return load(
@@ -130,14 +142,22 @@ def build_fused(verbose: bool = False) -> ModuleType:
 
 def load_fused(verbose: bool = False) -> ModuleType | None:
     """The compiled kernel module, or ``None`` if it is off, not built (``auto``) or not buildable (``on``)."""
-    global _MODULE, _FAILED
+    global _MODULE, _FAILED, _ABSENT_AT
     if _MODULE is not None:
         return _MODULE
     mode = fused_mode()
     if _FAILED is not None or mode == "off":
         return None
+    if mode == "auto":
+        # a missing build is remembered per cache location: the lookup (CPU flags, source hash, stat) would
+        # otherwise run on every call that may use the library (im2col runs in every forward)
+        where = (os.environ.get("PADNET_EXTENSIONS_DIR"), os.environ.get("XDG_CACHE_HOME"))
+        if where == _ABSENT_AT:
+            return None
     try:
         _MODULE = _import_prebuilt() if mode == "auto" else build_fused(verbose)
+        if _MODULE is None:
+            _ABSENT_AT = where
     except Exception as exc:  # no compiler / ninja / headers, or a damaged library: the PyTorch backends serve
         _FAILED = f"{type(exc).__name__}: {exc}"
         warnings.warn(f"padnet: the fused dynamic-conv kernel could not be "
@@ -157,9 +177,54 @@ def fused_applicable(x: Tensor, pi: Tensor, dyn: Tensor, sta: Tensor | None, gro
     return load_fused() is not None
 
 
+def l2_cache_bytes() -> int:
+    """L2 cache bytes per core of CPU 0 (Linux sysfs), or 1 MiB where it cannot be read."""
+    global _L2_BYTES
+    if _L2_BYTES is None:
+        _L2_BYTES = 1 << 20
+        try:
+            for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+                if int((index / "level").read_text()) == 2 and (index / "type").read_text().strip() in ("Data", "Unified"):
+                    text = (index / "size").read_text().strip().upper()
+                    _L2_BYTES = int(text.rstrip("KM")) * {"K": 1 << 10, "M": 1 << 20}.get(text[-1:], 1)
+        except (OSError, ValueError):
+            pass
+    return _L2_BYTES
+
+
+_L2_BYTES: int | None = None
+CHUNKS = (64, 128, 256)  # the column chunks the kernel is compiled for
+
+
+def fused_tiles(out_channels: int, columns: int, pixels: int, batch: int, itemsize: int) -> tuple[int, int, int]:
+    """``(rows, samples, chunk)`` work-item shape of the fused kernel for one conv.
+
+    ``columns`` is ``C*kh*kw``, ``pixels`` the output pixels per sample. The
+    per-sample GEMM does ``pixels`` multiply-adds per mixed kernel value and the
+    mixing ``K``: with few pixels (deep layers) mixing weighs most, so each load of
+    the K kernels is shared by 32 samples over a tile of 32 rows; with more pixels
+    the input columns weigh most, so a tile of 64 rows reuses each chunk of them
+    over 8 samples. The chunk is 128 columns, or 64 if the item's mixed rows
+    (``samples x rows x chunk``) would not fit in half the L2 cache
+    (:func:`l2_cache_bytes`). These shapes were the fastest on the machine of
+    docs/benchmarks.md (Intel Xeon, 2 MiB L2); the autotuner times the result
+    against the other backends, so a poor fit on another CPU costs speed, never
+    correctness.
+    """
+    l2 = l2_cache_bytes()
+    rows, samples = (32, 32) if pixels <= 32 else (64, 8)
+    rows, samples = min(rows, out_channels), min(samples, batch)
+    line = 64 // itemsize
+    chunk = 128 if samples * rows * (128 + line) * itemsize <= l2 // 2 else 64
+    return rows, samples, chunk
+
+
 def fused_dynamic_conv2d(x: Tensor, pi: Tensor, dyn: Tensor, sta: Tensor | None, geom: ConvGeometry,
-                         padding=None) -> Tensor:
-    """``[B, O, H', W']`` per-sample conv by the fused kernel (no autograd; raises if it is unavailable)."""
+                         padding=None, tiles: tuple[int, int, int] | None = None) -> Tensor:
+    """``[B, O, H', W']`` per-sample conv by the fused kernel (no autograd; raises if it is unavailable).
+
+    ``tiles`` = ``(rows, samples, chunk)`` overrides :func:`fused_tiles` (benchmarks, tests).
+    """
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, pi, dyn, sta)):
         raise RuntimeError("the fused dynamic-conv kernel has no backward; use it for inference only")
     if geom.groups != 1:
@@ -172,13 +237,15 @@ def fused_dynamic_conv2d(x: Tensor, pi: Tensor, dyn: Tensor, sta: Tensor | None,
     k, o = dyn.shape[0], dyn.shape[1]
     with torch.no_grad():
         cols = im2col_workspace(x, geom)
+        if tiles is None:
+            tiles = fused_tiles(o, cols.shape[1], cols.shape[2], x.shape[0], x.element_size())
         y = module.fused_dynamic_conv(cols, pi.contiguous(), dyn.reshape(k, o, -1),
-                                      None if sta is None else sta.reshape(o, -1))
+                                      None if sta is None else sta.reshape(o, -1), *tiles)
     return y.view(x.shape[0], o, ho, wo)
 
 
-__all__ = ["build_directory", "build_fused", "fused_applicable", "fused_dynamic_conv2d", "fused_enabled",
-           "fused_mode", "library_path", "load_fused"]
+__all__ = ["CHUNKS", "build_directory", "build_fused", "fused_applicable", "fused_dynamic_conv2d",
+           "fused_enabled", "fused_mode", "fused_tiles", "l2_cache_bytes", "library_path", "load_fused"]
 
 
 if __name__ == "__main__":  # the older spelling of the build command (it warns: this module is imported twice)

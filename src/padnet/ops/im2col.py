@@ -33,18 +33,36 @@ def im2col(x: Tensor, geom: ConvGeometry) -> tuple[Tensor, tuple[int, int]]:
     return cols.flatten(1, 2).flatten(2), (ho, wo)
 
 
+def _native_module(x: Tensor):
+    """The compiled kernel library (:mod:`.fused`) if it may serve this eager im2col, else ``None``."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or x.dim() != 4:
+        return None
+    if torch.is_grad_enabled() and x.requires_grad:  # the workspace copy is never part of a graph
+        return None
+    from .fused import fused_enabled, load_fused  # (fused imports this module)
+
+    return load_fused() if fused_enabled() else None
+
+
 def im2col_workspace(x: Tensor, geom: ConvGeometry, slot: int = 3) -> Tensor:
-    """Eager :func:`im2col` into a reused workspace buffer (one strided copy, no page faults).
+    """Eager :func:`im2col` into a reused workspace buffer (one pass, no page faults).
 
     Returns ``[B, C*kh*kw, L]``; valid until the next call that uses the same slot.
+    Float32/float64 CPU inputs go through the C++ ``im2col`` of the compiled kernel
+    library when :mod:`.fused` may load it (``PADNET_FUSED``), else one strided copy.
     """
     ho, wo = geom.out_hw(x.shape[-2:])
     if geom.pointwise and geom.stride == (1, 1):
         return x.flatten(2) if x.is_contiguous() else x.reshape(x.shape[0], x.shape[1], -1)
     pt, pb, pl, pr = geom.pad
-    xp = F.pad(x, (pl, pr, pt, pb)) if (pt or pb or pl or pr) else x
     (kh, kw), (dh, dw), (sh, sw) = geom.kernel, geom.dilation, geom.stride
     b, c = x.shape[0], x.shape[1]
+    module = _native_module(x)
+    if module is not None:  # the C++ im2col: one pass, no padded copy (3-4x faster on narrow deep layers)
+        out = workspace(slot, b * c * kh * kw * ho * wo, x)
+        module.im2col(x, kh, kw, sh, sw, pt, pb, pl, pr, dh, dw, out)
+        return out.view(b, c * kh * kw, ho * wo)
+    xp = F.pad(x, (pl, pr, pt, pb)) if (pt or pb or pl or pr) else x
     s0, s1, s2, s3 = xp.stride()
     view = xp.as_strided((b, c, kh, kw, ho, wo), (s0, s1, dh * s2, dw * s3, sh * s2, sw * s3), xp.storage_offset())
     out = workspace(slot, b * c * kh * kw * ho * wo, x).view(b, c, kh, kw, ho, wo)

@@ -2,13 +2,16 @@
 //
 // y[b, o, l] = sum_c (sum_k pi[b, k] * dyn[k, o, c] + sta[o, c]) * cols[b, c, l]
 //
-// cols is the unfolded input [B, CK, L] (im2col, made by the caller). The work items are
-// (tile of OT output channels, sample) pairs, tile-major, split over torch's intra-op threads
-// (at::parallel_for), so a thread walks the samples of one tile while that tile's K kernel rows
-// stay in its cache. Per item, the tile's kernel rows w[OT, CK] are mixed into a thread-local
-// buffer (vectorised over c) and consumed at once by a register-blocked GEMM: accumulators
-// hold RB output channels x PV vectors of pixels, each step broadcasts RB kernel values and
-// loads PV pixel vectors of cols. The B per-sample kernels are never written to memory.
+// cols is the unfolded input [B, CK, L] (im2col, made by the caller; `im2col` below is the fast one).
+// The work items are (tile of OT output channels, group of SB samples) pairs, tile-major, split over
+// torch's intra-op threads (at::parallel_for). Per item the input columns are walked in chunks of CC:
+// the chunk's kernel rows are mixed for all SB samples into a per-thread buffer (each load of the K
+// kernels serves SB samples; the next chunk's rows are prefetched into L2 meanwhile) and consumed at
+// once by a register-blocked GEMM per sample: accumulators hold RB output channels x PV vectors of
+// pixels, each step broadcasts RB kernel values and loads PV pixel vectors of cols. The B per-sample
+// kernels are never written to memory. OT, SB and CC are arguments (padnet.ops.fused chooses them from
+// the shape and the L2 size; the autotuner times the choices); the buffer's row stride is a compile-time
+// constant per CC, so the broadcasts use immediate offsets.
 //
 // Portable C++: GCC/Clang vector extensions of the widest width the compiler targets
 // (-march=native: 16 floats with AVX-512, 8 with AVX/AVX2, 4 otherwise); pixel counts that
@@ -60,15 +63,12 @@ inline typename Vec<T>::type vzero() {
 // accumulators): the GEMM functions are compiled without it.
 #define PADNET_NO_AUTOVEC __attribute__((optimize("no-tree-vectorize")))
 
-constexpr int64_t OT = 16;  // output channels per work item
-constexpr int64_t SB = 32;  // samples per work item (their mixed rows share each load of the K kernels)
-constexpr int64_t CC = 256; // input-column chunk: the item's mixed rows (SB x OT x CC values) stay in L2
 
 // w[b][o, c] = sum_k pi[b, k] dyn[k, o0 + o, c0 + c] (+ sta[o0 + o, c0 + c]) for b < nb, o < ot, c < cc:
 // each vector of the K kernels is loaded once and mixed for all nb samples
 template <typename T>
 void mix_rows(const T* pi, const T* dyn, const T* sta, T* w, int64_t ldw, int64_t wstride, int64_t nb,
-              int64_t K, int64_t O, int64_t CK, int64_t o0, int64_t ot, int64_t c0, int64_t cc) {
+              int64_t K, int64_t O, int64_t CK, int64_t o0, int64_t ot, int64_t c0, int64_t cc, int64_t CC) {
   using V = typename Vec<T>::type;
   constexpr int N = Vec<T>::N;
   constexpr int KMAX = 8;
@@ -80,6 +80,8 @@ void mix_rows(const T* pi, const T* dyn, const T* sta, T* w, int64_t ldw, int64_
       for (; c + N <= cc; c += N) {
         V dk[KMAX];
         for (int64_t k = 0; k < K; ++k) dk[k] = vload<T>(d + k * O * CK + c);
+        if (c0 + CC + c < CK)  // the same row's next chunk, into L2
+          for (int64_t k = 0; k < K; ++k) __builtin_prefetch(d + k * O * CK + c + CC, 0, 2);
         const V sv = s ? vload<T>(s + c) : vzero<T>();
         for (int64_t b = 0; b < nb; ++b) {
           V acc = sv;
@@ -100,8 +102,8 @@ void mix_rows(const T* pi, const T* dyn, const T* sta, T* w, int64_t ldw, int64_
 }
 
 // y_b[o0 + ob + i, l0 + p] = sum_c w[ob + i, c] cols_b[c, l0 + p], i < RB, p < PV * N (all full)
-template <typename T, int RB, int PV>
-PADNET_NO_AUTOVEC inline void gemm_block(const T* w, int64_t ldw, const T* cols_b, T* y_b, int64_t CK,
+template <typename T, int RB, int PV, int64_t ldw>
+PADNET_NO_AUTOVEC inline void gemm_block(const T* w, const T* cols_b, T* y_b, int64_t CK,
                                          int64_t L, int64_t row0, int64_t l0, bool accumulate) {
   using V = typename Vec<T>::type;
   constexpr int N = Vec<T>::N;
@@ -144,8 +146,8 @@ void gemm_edge(const T* w, int64_t ldw, const T* cols_b, T* y_b, int64_t CK, int
 }
 
 // rows [0, ot) of the mixed tile times cols_b -> y_b rows [o0, o0 + ot)
-template <typename T>
-PADNET_NO_AUTOVEC void gemm_tile(const T* w, int64_t ldw, const T* cols_b, T* y_b, int64_t CK, int64_t L,
+template <typename T, int64_t ldw>
+PADNET_NO_AUTOVEC void gemm_tile(const T* w, const T* cols_b, T* y_b, int64_t CK, int64_t L,
                                  int64_t o0, int64_t ot, bool accumulate) {
   constexpr int N = Vec<T>::N;
   // few pixels (deep layers): one vector of pixels, more rows; else two vectors of pixels. 16
@@ -153,26 +155,33 @@ PADNET_NO_AUTOVEC void gemm_tile(const T* w, int64_t ldw, const T* cols_b, T* y_
   constexpr int RB1 = VBYTES == 64 ? 16 : 8, RB2 = VBYTES == 64 ? 8 : 4;
   const int64_t lfull = (L / N) * N;
   int64_t r = 0;
-  if (L < 2 * N) {
+  if (VBYTES == 64 && L >= 4 * N) {  // wide outputs: 4 rows x 4 vectors (8 loads per 16 FMAs)
+    const int64_t l4 = (L / (4 * N)) * (4 * N);
+    for (; r + 4 <= ot; r += 4) {
+      int64_t l0 = 0;
+      for (; l0 < l4; l0 += 4 * N) gemm_block<T, 4, 4, ldw>(w + r * ldw, cols_b, y_b, CK, L, o0 + r, l0, accumulate);
+      for (; l0 < lfull; l0 += N) gemm_block<T, 4, 1, ldw>(w + r * ldw, cols_b, y_b, CK, L, o0 + r, l0, accumulate);
+    }
+  } else if (L < 2 * N) {
     for (; r + RB1 <= ot; r += RB1)
-      for (int64_t l0 = 0; l0 < lfull; l0 += N) gemm_block<T, RB1, 1>(w + r * ldw, ldw, cols_b, y_b, CK, L, o0 + r, l0, accumulate);
+      for (int64_t l0 = 0; l0 < lfull; l0 += N) gemm_block<T, RB1, 1, ldw>(w + r * ldw, cols_b, y_b, CK, L, o0 + r, l0, accumulate);
   } else {
     const int64_t l2 = (L / (2 * N)) * (2 * N);
     for (; r + RB2 <= ot; r += RB2) {
       int64_t l0 = 0;
-      for (; l0 < l2; l0 += 2 * N) gemm_block<T, RB2, 2>(w + r * ldw, ldw, cols_b, y_b, CK, L, o0 + r, l0, accumulate);
-      for (; l0 < lfull; l0 += N) gemm_block<T, RB2, 1>(w + r * ldw, ldw, cols_b, y_b, CK, L, o0 + r, l0, accumulate);
+      for (; l0 < l2; l0 += 2 * N) gemm_block<T, RB2, 2, ldw>(w + r * ldw, cols_b, y_b, CK, L, o0 + r, l0, accumulate);
+      for (; l0 < lfull; l0 += N) gemm_block<T, RB2, 1, ldw>(w + r * ldw, cols_b, y_b, CK, L, o0 + r, l0, accumulate);
     }
   }
   // leftover rows (full vectors of pixels, one row block at a time), then leftover pixels (scalar)
   for (; r < ot; ++r)
-    for (int64_t l0 = 0; l0 < lfull; l0 += N) gemm_block<T, 1, 1>(w + r * ldw, ldw, cols_b, y_b, CK, L, o0 + r, l0, accumulate);
+    for (int64_t l0 = 0; l0 < lfull; l0 += N) gemm_block<T, 1, 1, ldw>(w + r * ldw, cols_b, y_b, CK, L, o0 + r, l0, accumulate);
   if (lfull < L) gemm_edge<T>(w, ldw, cols_b, y_b, CK, L, o0, 0, ot, lfull, L, accumulate);
 }
 
-template <typename T>
+template <typename T, int64_t CC>
 void fused_impl(const torch::Tensor& cols, const torch::Tensor& pi, const torch::Tensor& dyn,
-                const torch::Tensor& sta, torch::Tensor& y) {
+                const torch::Tensor& sta, torch::Tensor& y, int64_t OT, int64_t SB) {
   const int64_t B = cols.size(0), CK = cols.size(1), L = cols.size(2);
   const int64_t K = dyn.size(0), O = dyn.size(1);
   const T* colsp = cols.data_ptr<T>();
@@ -182,29 +191,36 @@ void fused_impl(const torch::Tensor& cols, const torch::Tensor& pi, const torch:
   T* yp = y.data_ptr<T>();
   const int64_t tiles = (O + OT - 1) / OT;
   const int64_t chunks = (B + SB - 1) / SB;
-  // row stride of the mixed rows: whole cache lines plus one, so that the OT rows a GEMM step
-  // reads do not all map to the same few L1 sets
-  const int64_t line = 64 / static_cast<int64_t>(sizeof(T));
-  const int64_t ldw = std::min(CC, ((CK + line - 1) / line) * line) + line;
+  // row stride of the mixed rows: a compile-time constant (the GEMM's broadcast loads then use immediate
+  // offsets), whole cache lines plus one, so that the rows a GEMM step reads do not share a few L1 sets
+  constexpr int64_t line = 64 / static_cast<int64_t>(sizeof(T));
+  constexpr int64_t ldw = CC + line;
   const int64_t wstride = OT * ldw;
-  // work items: (tile of OT output channels, chunk of SB samples); per item the input columns
-  // are walked in chunks of CC: mix the chunk's rows for all the item's samples, then each
-  // sample's GEMM accumulates into its output rows
   at::parallel_for(0, tiles * chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> wmem(SB * wstride + line);  // + one cache line: the rows start 64-byte aligned
+    // per-thread buffer, kept between calls (a fresh one this size would be page-faulted in on every call)
+    thread_local std::vector<T> wmem;
+    if (wmem.size() < static_cast<size_t>(SB * wstride + line)) wmem.resize(SB * wstride + line);  // + one line: 64-byte aligned rows
     T* wbase = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(wmem.data()) + 63) & ~uintptr_t(63));
     for (int64_t item = begin; item < end; ++item) {
       const int64_t t = item / chunks, b0 = (item % chunks) * SB;
       const int64_t o0 = t * OT, ot = std::min(OT, O - o0), nb = std::min(SB, B - b0);
       for (int64_t c0 = 0; c0 < CK; c0 += CC) {
         const int64_t cc = std::min(CC, CK - c0);
-        mix_rows<T>(pip + b0 * K, dynp, stap, wbase, ldw, wstride, nb, K, O, CK, o0, ot, c0, cc);
+        mix_rows<T>(pip + b0 * K, dynp, stap, wbase, ldw, wstride, nb, K, O, CK, o0, ot, c0, cc, CC);
         for (int64_t b = 0; b < nb; ++b)
-          gemm_tile<T>(wbase + b * wstride, ldw, colsp + (b0 + b) * CK * L + c0 * L, yp + (b0 + b) * O * L,
+          gemm_tile<T, ldw>(wbase + b * wstride, colsp + (b0 + b) * CK * L + c0 * L, yp + (b0 + b) * O * L,
                        cc, L, o0, ot, c0 > 0);
       }
     }
   });
+}
+
+template <typename T>
+void fused_dispatch(const torch::Tensor& cols, const torch::Tensor& pi, const torch::Tensor& dyn,
+                    const torch::Tensor& sta, torch::Tensor& y, int64_t OT, int64_t SB, int64_t CC) {
+  if (CC == 64) fused_impl<T, 64>(cols, pi, dyn, sta, y, OT, SB);
+  else if (CC == 128) fused_impl<T, 128>(cols, pi, dyn, sta, y, OT, SB);
+  else fused_impl<T, 256>(cols, pi, dyn, sta, y, OT, SB);
 }
 
 
@@ -327,7 +343,7 @@ void check_factor_args(const char* what, const torch::Tensor& dyn, const torch::
 
 // cols [B, CK, L], pi [B, K], dyn [K, O, CK], sta [O, CK] or undefined -> y [B, O, L]
 torch::Tensor fused_dynamic_conv(torch::Tensor cols, torch::Tensor pi, torch::Tensor dyn,
-                                 c10::optional<torch::Tensor> sta_opt) {
+                                 c10::optional<torch::Tensor> sta_opt, int64_t OT, int64_t SB, int64_t CC) {
   TORCH_CHECK(cols.dim() == 3 && pi.dim() == 2 && dyn.dim() == 3, "fused_dynamic_conv: bad ranks");
   TORCH_CHECK(cols.device().is_cpu() && pi.device().is_cpu() && dyn.device().is_cpu(),
               "fused_dynamic_conv: CPU tensors only");
@@ -335,6 +351,8 @@ torch::Tensor fused_dynamic_conv(torch::Tensor cols, torch::Tensor pi, torch::Te
               "fused_dynamic_conv: shape mismatch");
   TORCH_CHECK(cols.scalar_type() == pi.scalar_type() && pi.scalar_type() == dyn.scalar_type(),
               "fused_dynamic_conv: one dtype expected");
+  TORCH_CHECK(OT >= 1 && OT <= 1024 && SB >= 1 && SB <= 256 && (CC == 64 || CC == 128 || CC == 256),
+              "fused_dynamic_conv: tiles must be 1..1024 rows, 1..256 samples and a chunk of 64, 128 or 256 columns");
   cols = cols.contiguous();
   pi = pi.contiguous();
   dyn = dyn.contiguous();
@@ -347,9 +365,9 @@ torch::Tensor fused_dynamic_conv(torch::Tensor cols, torch::Tensor pi, torch::Te
   }
   auto y = torch::empty({cols.size(0), dyn.size(1), cols.size(2)}, cols.options());
   if (cols.scalar_type() == torch::kFloat) {
-    fused_impl<float>(cols, pi, dyn, sta, y);
+    fused_dispatch<float>(cols, pi, dyn, sta, y, OT, SB, CC);
   } else if (cols.scalar_type() == torch::kDouble) {
-    fused_impl<double>(cols, pi, dyn, sta, y);
+    fused_dispatch<double>(cols, pi, dyn, sta, y, OT, SB, CC);
   } else {
     TORCH_CHECK(false, "fused_dynamic_conv: float32 or float64 only");
   }
@@ -398,8 +416,88 @@ std::tuple<torch::Tensor, double, double> fold_factor_grads(torch::Tensor g, tor
   return std::make_tuple(g_sta, g_ls, g_ld);
 }
 
+
+// ---- im2col for the fused kernel and the GEMM backends (inference and training: no autograd here) ----
+//
+// x [B, C, H, W] -> cols [B, C*kh*kw, Ho*Wo], rows in (c, i, j) order as in conv weights. Per channel the
+// zero-padded plane is built once in a thread-local buffer; then narrow outputs (Wo < 8) are a gather through
+// one index table made per call, wider ones a copy per (tap, output row), with no bounds checks in either.
+
+namespace {
+
+template <typename T>
+void im2col_impl(const T* x, T* cols, int64_t B, int64_t C, int64_t H, int64_t W, int64_t kh, int64_t kw,
+                 int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr, int64_t dh, int64_t dw,
+                 int64_t Ho, int64_t Wo) {
+  const int64_t L = Ho * Wo, Hp = H + pt + pb, Wp = W + pl + pr, R = kh * kw * L;
+  const bool padded = pt || pb || pl || pr;
+  const bool gather = Wo < 8;
+  std::vector<int64_t> index(gather ? R : 0);
+  for (int64_t i = 0, r = 0; gather && i < kh; ++i)
+    for (int64_t j = 0; j < kw; ++j)
+      for (int64_t oh = 0; oh < Ho; ++oh)
+        for (int64_t ow = 0; ow < Wo; ++ow, ++r) index[r] = (oh * sh + i * dh) * Wp + ow * sw + j * dw;
+  const int64_t* idx = index.data();
+  at::parallel_for(0, B * C, 16, [&](int64_t begin, int64_t end) {
+    std::vector<T> plane(padded ? Hp * Wp : 0, T(0));  // the borders stay zero
+    for (int64_t bc = begin; bc < end; ++bc) {
+      const T* src = x + bc * H * W;
+      if (padded) {
+        T* p = plane.data() + pt * Wp + pl;
+        for (int64_t h = 0; h < H; ++h, p += Wp, src += W)
+          for (int64_t w = 0; w < W; ++w) p[w] = src[w];
+        src = plane.data();
+      }
+      T* out = cols + bc * R;
+      if (gather) {
+        for (int64_t r = 0; r < R; ++r) out[r] = src[idx[r]];
+        continue;
+      }
+      for (int64_t i = 0; i < kh; ++i)
+        for (int64_t j = 0; j < kw; ++j, out += L) {
+          const T* base = src + i * dh * Wp + j * dw;
+          for (int64_t oh = 0; oh < Ho; ++oh) {
+            const T* row = base + oh * sh * Wp;
+            T* o = out + oh * Wo;
+            if (sw == 1) {
+              for (int64_t ow = 0; ow < Wo; ++ow) o[ow] = row[ow];
+            } else {
+              for (int64_t ow = 0; ow < Wo; ++ow) o[ow] = row[ow * sw];
+            }
+          }
+        }
+    }
+  });
+}
+
+}  // namespace
+
+// x [B, C, H, W]; padding (top, bottom, left, right) >= 0 -> out [B, C*kh*kw, Ho*Wo] (written, returned)
+torch::Tensor im2col(torch::Tensor x, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t pt, int64_t pb,
+                     int64_t pl, int64_t pr, int64_t dh, int64_t dw, torch::Tensor out) {
+  TORCH_CHECK(x.dim() == 4 && x.device().is_cpu(), "im2col: expected a CPU tensor [B, C, H, W]");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat || x.scalar_type() == torch::kDouble, "im2col: float32 or float64 only");
+  TORCH_CHECK(kh > 0 && kw > 0 && sh > 0 && sw > 0 && dh > 0 && dw > 0 && pt >= 0 && pb >= 0 && pl >= 0 && pr >= 0,
+              "im2col: bad geometry");
+  x = x.contiguous();
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t Ho = (H + pt + pb - dh * (kh - 1) - 1) / sh + 1, Wo = (W + pl + pr - dw * (kw - 1) - 1) / sw + 1;
+  TORCH_CHECK(H + pt + pb >= dh * (kh - 1) + 1 && W + pl + pr >= dw * (kw - 1) + 1, "im2col: input smaller than the kernel");
+  TORCH_CHECK(out.scalar_type() == x.scalar_type() && out.is_contiguous() && out.device().is_cpu() &&
+                  out.numel() == B * C * kh * kw * Ho * Wo, "im2col: out must be a contiguous CPU tensor of B*C*kh*kw*Ho*Wo elements");
+  if (x.scalar_type() == torch::kFloat) {
+    im2col_impl<float>(x.data_ptr<float>(), out.data_ptr<float>(), B, C, H, W, kh, kw, sh, sw, pt, pb, pl, pr, dh, dw, Ho, Wo);
+  } else {
+    im2col_impl<double>(x.data_ptr<double>(), out.data_ptr<double>(), B, C, H, W, kh, kw, sh, sw, pt, pb, pl, pr, dh, dw,
+                        Ho, Wo);
+  }
+  out.unsafeGetTensorImpl()->bump_version();
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fused_dynamic_conv", &fused_dynamic_conv, "fused per-sample dynamic conv (inference, CPU)");
+  m.def("im2col", &im2col, "im2col into a given buffer (CPU, float32/float64)");
   m.def("fold_factors", &fold_factors, "element-PAD folded factors in one pass (training, CPU)");
   m.def("fold_factor_grads", &fold_factor_grads, "gradients of the folded factors in one pass (training, CPU)");
 }
