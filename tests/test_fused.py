@@ -4,6 +4,8 @@ The kernel is built once per session into the test cache directory (about a
 minute of compiler time on an idle 2-core machine).
 """
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -256,6 +258,73 @@ def test_autotune_times_the_fused_kernel_for_inference_only(kernel, tuning, monk
     calls.clear()
     compact(x).sum().backward()  # training: the kernel has no backward, so it is not a candidate
     assert calls and "fused" not in calls
+
+
+@pytest.mark.parametrize("forced", ["fused", "weight"])
+@pytest.mark.parametrize("compact", [False, True])
+def test_batch_one_inference_runs_the_tuned_backend_with_the_same_numbers(kernel, tuning, monkeypatch, forced,
+                                                                          compact):
+    """Batch 1 times "weight" (aggregate + plain conv) against the fused kernel once per input shape; either
+    gives the per-sample reference, bias included, and the layer keeps the choice until the shape changes."""
+    tuned = []
+
+    def fake_tune(key, candidates, run, device, budget_s=None):
+        for name in candidates:
+            run(name)  # every candidate runs on the real factors
+        tuned.append(tuple(candidates))
+        return forced
+
+    monkeypatch.setattr(autotune, "tune", fake_tune)
+    torch.manual_seed(5)
+    layer = DynamicConv2d(6, 10, 3, padding=1, bias=True).eval()
+    model = CompactDynamicConv2d(layer) if compact else layer
+    literal = copy.deepcopy(layer)
+    literal.backend = "weight"  # an explicit backend: the literal formula, no batch-1 shortcut
+    x = torch.randn(1, 6, 7, 9)
+    with torch.no_grad():
+        expected = literal(x)
+        first = model(x)
+        second = model(x)
+    assert tuned == [("weight", "fused")]  # once: the second call found the layer's choice
+    assert model.__dict__["_single_sample_choice"][1] == forced
+    torch.testing.assert_close(first, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(second, first, rtol=0, atol=0)
+    with torch.no_grad():
+        model(torch.randn(1, 6, 5, 5))  # a new shape is decided again
+    assert tuned == [("weight", "fused")] * 2
+
+
+def test_a_rebuilt_kernel_is_tuned_again(kernel, tuning, monkeypatch):
+    """Choices timed against one build of the kernel do not carry over to another (its tag is in the key)."""
+    tuned = []
+    real_tune = autotune.tune
+    monkeypatch.setattr(autotune, "tune", lambda key, *a, **k: tuned.append(key) or real_tune(key, *a, **k))
+    layer = DynamicConv2d(8, 8, 3, padding=1).eval()
+    x = torch.randn(4, 8, 6, 6)
+    with torch.no_grad():
+        layer(x)
+        backend_selection.clear_choices()
+        layer(x)  # the same build: the cached choice
+        assert len(tuned) == 1 and tuned[0][-1] == f"fused:{fused.kernel_tag()}"
+        monkeypatch.setattr(backend_selection, "kernel_tag", lambda: "another-build")
+        backend_selection.clear_choices()
+        layer(x)
+    assert len(tuned) == 2 and tuned[1][-1] == "fused:another-build"
+
+
+def test_batch_one_without_tuning_uses_the_rule(kernel, monkeypatch):
+    monkeypatch.setenv("PADNET_AUTOTUNE", "0")
+    autotune.set_autotune(None)
+    layer = DynamicConv2d(4, 4, 3, padding=1).eval()
+    with torch.no_grad():
+        layer(torch.randn(1, 4, 6, 6))
+    assert layer.__dict__["_single_sample_choice"][1] == "weight"
+
+
+def test_single_sample_conv_refuses_an_unknown_backend():
+    x, pi, dyn = torch.randn(1, 2, 4, 4), torch.ones(1, 2) / 2, torch.randn(2, 3, 2, 3, 3)
+    with pytest.raises(ValueError, match="'weight' or 'fused'"):
+        ops.dynamic_conv.single_sample_conv(x, pi, dyn, None, None, None, 1, 1, 1, 1, "bmm")
 
 
 def test_a_kernel_that_becomes_available_is_tuned_then(kernel, tuning, monkeypatch):

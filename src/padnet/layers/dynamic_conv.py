@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
-from ..ops.backend_selection import BACKENDS
+from ..ops import autotune
+from ..ops.backend_selection import BACKENDS, resolve_single_sample_backend
 from ..ops.channel_split import channel_split_conv2d, channel_split_runs_dense
 from ..ops.dynamic_conv import dynamic_conv2d, mix_bias, single_sample_conv
 from ..ops.exporting import is_exporting
@@ -177,6 +178,20 @@ class _ConvGeometry:
         if self.__dict__.get("_checked_input_shape") != x.shape:
             self._check_input(x)
             self.__dict__["_checked_input_shape"] = x.shape
+
+    def _single_sample_backend(self, x: Tensor, dyn: Tensor, sta: Tensor | None) -> str:
+        """``"weight"`` or ``"fused"`` for a batch-1 inference call on ``x [1, C, H, W]``
+        (:func:`~padnet.ops.backend_selection.resolve_single_sample_backend`), decided once per input
+        shape, dtype, thread count and autotune state and kept on the layer (a tuple comparison per call)."""
+        state = (x.shape, x.dtype, torch.get_num_threads(), autotune.autotune_enabled(), autotune.generation())
+        hit = self.__dict__.get("_single_sample_choice")
+        if hit is not None and hit[0] == state:
+            return hit[1]
+        pi = x.new_full((1, dyn.shape[0]), 1.0 / dyn.shape[0])  # timings do not depend on the routing values
+        choice = resolve_single_sample_backend(x, pi, dyn, sta, self.stride, self.padding, self.dilation,
+                                               self.groups)
+        self.__dict__["_single_sample_choice"] = (state, choice)
+        return choice
 
     def routing_weights(self, x: Tensor) -> Tensor:
         """Routing weights ``[B, K]`` for input ``x [B, C, H, W]``, temperature applied."""
@@ -376,7 +391,7 @@ class DynamicConv2d(_ConvGeometry, PadLayerMixin, nn.Module):
             factors = self._single_sample_factors(x)
             if factors is not None:
                 return single_sample_conv(x, self._route(x), *factors, self.stride, self.padding, self.dilation,
-                                          self.groups)
+                                          self.groups, self._single_sample_backend(x, factors[0], factors[1]))
         pi = self.routing_weights(x)
         exporting = is_exporting()
         self._observe_routing(pi, exporting)
@@ -413,9 +428,9 @@ class DynamicConv2d(_ConvGeometry, PadLayerMixin, nn.Module):
         if st.kind == "zeros":
             return self._static_conv(x, pi, *factors)
         dyn, sta, bias_dyn, bias_sta = factors  # "ones" and "element" (pruned entries included)
-        if x.shape[0] == 1:  # the deploy latency case: no backend resolution, no per-call checks
+        if x.shape[0] == 1:  # the deploy latency case: the backend decided once per input shape
             return single_sample_conv(x, pi, dyn, sta, bias_dyn, bias_sta, self.stride, self.padding,
-                                      self.dilation, self.groups)
+                                      self.dilation, self.groups, self._single_sample_backend(x, dyn, sta))
         return dynamic_conv2d(x, pi, dyn, sta, bias_dyn, bias_sta, self.stride, self.padding, self.dilation,
                               self.groups, "auto")
 
@@ -774,7 +789,7 @@ class CompactDynamicConv2d(_ConvGeometry, CompactLayerMixin, nn.Module):
             self._check_input_once(x)  # deploy latency: the shortest path
             dyn, sta = self._cached_dense_factors()
             return single_sample_conv(x, self._route(x), dyn, sta, *self._bias_parts(), self.stride, self.padding,
-                                      self.dilation, self.groups)
+                                      self.dilation, self.groups, self._single_sample_backend(x, dyn, sta))
         self._check_input(x)
         bias_dyn, bias_sta = self._bias_parts()
         if self.backend != "auto":  # explicit backend: the literal dense computation (FLOP counting)

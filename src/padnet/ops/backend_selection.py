@@ -14,7 +14,7 @@ from torch import Tensor
 from . import autotune
 from .conv_backends import CONCRETE_BACKENDS, run_backend
 from .exporting import is_exporting
-from .fused import fused_applicable, fused_mode
+from .fused import fused_applicable, fused_mode, kernel_tag
 from .geometry import ConvGeometry
 
 BACKENDS = ("auto", *CONCRETE_BACKENDS)
@@ -132,7 +132,7 @@ def resolve_backend(x: Tensor, pi: Tensor, dyn: Tensor, sta: Tensor | None, stri
             candidates.insert(1, "fused")
         # the candidate set is part of the tuning key: a backend that becomes available later (the fused
         # kernel, once built) is timed then, instead of losing to a winner tuned without it
-        tune_key = (tuple(candidates), *key)
+        tune_key = _tune_key(candidates, key)
         choice = autotune.lookup(tune_key, candidates)
         if choice is None:
             choice = autotune.tune(tune_key, candidates, _trial_runner(x, pi, dyn, sta, geom, padding, grad),
@@ -143,6 +143,62 @@ def resolve_backend(x: Tensor, pi: Tensor, dyn: Tensor, sta: Tensor | None, stri
         _CHOICES.clear()
     _CHOICES[key] = ((tuning, autotune.generation()), choice)
     return choice
+
+
+def resolve_single_sample_backend(x: Tensor, pi: Tensor, dyn: Tensor, sta: Tensor | None, stride, padding, dilation,
+                                  groups: int, geom: ConvGeometry | None = None) -> str:
+    """Backend of a batch-1 inference call (:func:`.dynamic_conv.single_sample_conv`).
+
+    ``"weight"`` aggregates the sample's one kernel and runs one plain conv: the
+    rule, and the choice while exporting or with tuning off. With tuning on and the
+    fused C++ kernel available, both are timed once per signature and ``"fused"``
+    is used where it measured faster: it streams the K kernels once and never
+    writes the aggregated one, which wins on deep layers whose plain conv is
+    memory-bound at batch 1 (docs/benchmarks.md).
+    """
+    if is_exporting() or not autotune.autotune_enabled():
+        return "weight"
+    if geom is None:
+        geom = conv_geometry(dyn.shape[-2:], stride, padding, dilation, groups)
+    key = ("single_sample", tuple(dyn.shape), sta is not None, tuple(x.shape), geom.stride, str(padding),
+           geom.dilation, geom.groups, str(x.dtype), str(x.device), torch.get_num_threads())
+    hit = _CHOICES.get(key)
+    if hit is not None and hit[0] == (True, autotune.generation()):
+        return hit[1]
+    choice = "weight"
+    if fused_applicable(x, pi, dyn, sta, groups, False):
+        candidates = ["weight", "fused"]
+        tune_key = _tune_key(candidates, key)
+        choice = autotune.lookup(tune_key, candidates)
+        if choice is None:
+            choice = autotune.tune(tune_key, candidates, _single_sample_runner(x, pi, dyn, sta, geom, padding),
+                                   x.device)
+    if len(_CHOICES) > 4096:
+        _CHOICES.clear()
+    _CHOICES[key] = ((True, autotune.generation()), choice)
+    return choice
+
+
+def _single_sample_runner(x, pi, dyn, sta, geom, padding):
+    """``run(name)``: one batch-1 inference call by ``"weight"`` (aggregate + plain conv) or ``"fused"``."""
+    from .dynamic_conv import single_sample_conv  # (dynamic_conv imports this module)
+
+    def run(name: str) -> None:
+        with torch.no_grad():
+            if name == "fused":
+                run_backend("fused", x, pi, dyn, sta, geom, padding)
+            else:
+                single_sample_conv(x, pi, dyn, sta, None, None, geom.stride, padding, geom.dilation, geom.groups)
+
+    return run
+
+
+def _tune_key(candidates: list[str], key: tuple) -> tuple:
+    """Autotune key: the candidate set, the call signature and, with the fused kernel among the candidates,
+    its build (a rebuilt kernel -- new source, new tiles -- is timed again instead of inheriting old winners)."""
+    if "fused" in candidates:
+        return (tuple(candidates), *key, f"fused:{kernel_tag()}")
+    return (tuple(candidates), *key)
 
 
 def _trial_runner(x, pi, dyn, sta, geom, padding, grad: bool):
@@ -167,4 +223,5 @@ def clear_choices() -> None:
     _CHOICES.clear()
 
 
-__all__ = ["BACKENDS", "clear_choices", "conv_geometry", "resolve_backend", "select_backend"]
+__all__ = ["BACKENDS", "clear_choices", "conv_geometry", "resolve_backend", "resolve_single_sample_backend",
+           "select_backend"]

@@ -35,15 +35,25 @@ def add_channel_bias(y: Tensor, bias: Tensor | None) -> Tensor:
 
 
 def single_sample_conv(x: Tensor, pi: Tensor, dyn: Tensor, sta: Tensor | None, bias_dyn: Tensor | None,
-                       bias_sta: Tensor | None, stride, padding, dilation, groups: int) -> Tensor:
+                       bias_sta: Tensor | None, stride, padding, dilation, groups: int,
+                       backend: str = "weight") -> Tensor:
     """:func:`dynamic_conv2d` of one sample (``x [1, C, H, W]``, ``pi [1, K]``): its aggregated kernel is a
     plain conv weight, its mixed bias a plain conv bias. Not for export (use :func:`dynamic_conv2d`).
 
-    The kernel is one GEMM into a fresh tensor. (A reused workspace, as the batched backends use for
-    their ``B`` kernels, measured slower here: one kernel is at most a few MiB, which malloc serves from
-    its heap once it has been freed before, and the workspace's per-call bookkeeping cost more than that.)
+    ``backend="weight"``: the kernel is one GEMM into a fresh tensor, then one conv. (A reused workspace,
+    as the batched backends use for their ``B`` kernels, measured slower here: one kernel is at most a few
+    MiB, which malloc serves from its heap once it has been freed before, and the workspace's per-call
+    bookkeeping cost more than that.) ``backend="fused"``: the C++ kernel of :mod:`.fused`, which never
+    writes the aggregated kernel (inference only; chosen by
+    :func:`.backend_selection.resolve_single_sample_backend`).
     """
     bias = mix_bias(pi, bias_dyn, bias_sta)
+    if backend == "fused":
+        y = run_backend("fused", x, pi, dyn, sta, conv_geometry(dyn.shape[-2:], stride, padding, dilation, groups),
+                        padding)
+        return add_channel_bias(y, None if bias is None else bias[0])
+    if backend != "weight":
+        raise ValueError(f"single_sample_conv: backend must be 'weight' or 'fused', got {backend!r}")
     k = dyn.shape[0]
     weight = torch.mm(pi, dyn.reshape(k, -1)) if sta is None else torch.addmm(sta.reshape(-1), pi, dyn.reshape(k, -1))
     return F.conv2d(x, weight.view(dyn.shape[1:]), None if bias is None else bias[0], stride, padding, dilation,

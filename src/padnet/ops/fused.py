@@ -92,6 +92,12 @@ def build_directory() -> Path:
     return (Path(root) if root else cache_dir() / "extensions") / f"fused_dynamic_conv-{_digest()}"
 
 
+def kernel_tag() -> str:
+    """Short identity of the compiled kernel (torch, CPU, interpreter, source): part of the autotune keys
+    that time it, so a rebuilt kernel is tuned again."""
+    return _digest()
+
+
 def _digest() -> str:
     """Hash of what the binary depends on (the source is read and hashed once per process)."""
     return hashlib.sha1("\n".join([
@@ -169,7 +175,7 @@ def load_fused(verbose: bool = False) -> ModuleType | None:
 
 def fused_applicable(x: Tensor, pi: Tensor, dyn: Tensor, sta: Tensor | None, groups: int, grad: bool) -> bool:
     """Whether the fused kernel can run this call (it is then built if needed): inference, CPU, groups 1, fp32/64."""
-    if grad or groups != 1 or x.device.type != "cpu" or x.shape[0] < 2 or not fused_enabled():
+    if grad or groups != 1 or x.device.type != "cpu" or not fused_enabled():
         return False
     dtypes = {x.dtype, pi.dtype, dyn.dtype} | ({sta.dtype} if sta is not None else set())
     if len(dtypes) != 1 or x.dtype not in (torch.float32, torch.float64):
@@ -245,7 +251,7 @@ def fused_dynamic_conv2d(x: Tensor, pi: Tensor, dyn: Tensor, sta: Tensor | None,
 
 
 __all__ = ["CHUNKS", "build_directory", "build_fused", "fused_applicable", "fused_dynamic_conv2d",
-           "fused_enabled", "fused_mode", "fused_tiles", "l2_cache_bytes", "library_path", "load_fused"]
+           "fused_enabled", "fused_mode", "fused_tiles", "kernel_tag", "l2_cache_bytes", "library_path", "load_fused"]
 
 
 if __name__ == "__main__":  # the older spelling of the build command (it warns: this module is imported twice)

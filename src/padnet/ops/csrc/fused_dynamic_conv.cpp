@@ -15,7 +15,8 @@
 //
 // Portable C++: GCC/Clang vector extensions of the widest width the compiler targets
 // (-march=native: 16 floats with AVX-512, 8 with AVX/AVX2, 4 otherwise); pixel counts that
-// are not a multiple of the vector width finish in a scalar loop.
+// are not a multiple of the vector width finish with one overlapping vector (a scalar loop
+// only below one vector of pixels).
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -102,9 +103,12 @@ void mix_rows(const T* pi, const T* dyn, const T* sta, T* w, int64_t ldw, int64_
 }
 
 // y_b[o0 + ob + i, l0 + p] = sum_c w[ob + i, c] cols_b[c, l0 + p], i < RB, p < PV * N (all full)
-template <typename T, int RB, int PV, int64_t ldw>
+// With TAIL (PV == 1), only lanes [keep, N) are stored: the vector at l0 = L - N overlaps pixels that a full
+// block has already written, and finishes the last L % N pixels without a scalar loop. Its accumulators load
+// all N lanes, but the lanes it stores are not yet touched by this chunk, so accumulating stays exact.
+template <typename T, int RB, int PV, int64_t ldw, bool TAIL = false>
 PADNET_NO_AUTOVEC inline void gemm_block(const T* w, const T* cols_b, T* y_b, int64_t CK,
-                                         int64_t L, int64_t row0, int64_t l0, bool accumulate) {
+                                         int64_t L, int64_t row0, int64_t l0, bool accumulate, int64_t keep = 0) {
   using V = typename Vec<T>::type;
   constexpr int N = Vec<T>::N;
   V acc[RB][PV];
@@ -124,6 +128,15 @@ PADNET_NO_AUTOVEC inline void gemm_block(const T* w, const T* cols_b, T* y_b, in
 #pragma GCC unroll 4
       for (int p = 0; p < PV; ++p) acc[i][p] += x[p] * wv;
     }
+  }
+  if (TAIL) {
+    static_assert(!TAIL || PV == 1, "the tail block is one vector wide");
+    for (int i = 0; i < RB; ++i) {
+      T lanes[N];
+      vstore<T>(lanes, acc[i][0]);
+      std::memcpy(y_b + (row0 + i) * L + l0 + keep, lanes + keep, (N - keep) * sizeof(T));
+    }
+    return;
   }
 #pragma GCC unroll 16
   for (int i = 0; i < RB; ++i)
@@ -176,7 +189,16 @@ PADNET_NO_AUTOVEC void gemm_tile(const T* w, const T* cols_b, T* y_b, int64_t CK
   // leftover rows (full vectors of pixels, one row block at a time), then leftover pixels (scalar)
   for (; r < ot; ++r)
     for (int64_t l0 = 0; l0 < lfull; l0 += N) gemm_block<T, 1, 1, ldw>(w + r * ldw, cols_b, y_b, CK, L, o0 + r, l0, accumulate);
-  if (lfull < L) gemm_edge<T>(w, ldw, cols_b, y_b, CK, L, o0, 0, ot, lfull, L, accumulate);
+  if (lfull < L && L >= N) {  // the last L % N pixels: one overlapping vector per row block
+    const int64_t keep = N - (L - lfull);
+    constexpr int RBT = VBYTES == 64 ? 8 : 4;
+    int64_t q = 0;
+    for (; q + RBT <= ot; q += RBT)
+      gemm_block<T, RBT, 1, ldw, true>(w + q * ldw, cols_b, y_b, CK, L, o0 + q, L - N, accumulate, keep);
+    for (; q < ot; ++q) gemm_block<T, 1, 1, ldw, true>(w + q * ldw, cols_b, y_b, CK, L, o0 + q, L - N, accumulate, keep);
+  } else if (lfull < L) {  // fewer pixels than one vector: scalar
+    gemm_edge<T>(w, ldw, cols_b, y_b, CK, L, o0, 0, ot, lfull, L, accumulate);
+  }
 }
 
 template <typename T, int64_t CC>
