@@ -14,7 +14,7 @@ from torch import Tensor
 from . import autotune
 from .conv_backends import CONCRETE_BACKENDS, run_backend
 from .exporting import is_exporting
-from .fused import fused_applicable, fused_mode, kernel_tag
+from .fused import fused_applicable, fused_mode, kernel_tag, load_fused
 from .geometry import ConvGeometry
 
 BACKENDS = ("auto", *CONCRETE_BACKENDS)
@@ -194,9 +194,10 @@ def _single_sample_runner(x, pi, dyn, sta, geom, padding):
 
 
 def _tune_key(candidates: list[str], key: tuple) -> tuple:
-    """Autotune key: the candidate set, the call signature and, with the fused kernel among the candidates,
-    its build (a rebuilt kernel -- new source, new tiles -- is timed again instead of inheriting old winners)."""
-    if "fused" in candidates:
+    """Autotune key: the candidate set, the call signature and, while the compiled kernel library is in use
+    (the fused candidate, the C++ im2col of the GEMM backends), its build: a rebuilt library is timed again
+    instead of inheriting winners measured with the old one."""
+    if load_fused() is not None:
         return (tuple(candidates), *key, f"fused:{kernel_tag()}")
     return (tuple(candidates), *key)
 

@@ -149,10 +149,12 @@ def build_fused(verbose: bool = False) -> ModuleType:
 def load_fused(verbose: bool = False) -> ModuleType | None:
     """The compiled kernel module, or ``None`` if it is off, not built (``auto``) or not buildable (``on``)."""
     global _MODULE, _FAILED, _ABSENT_AT
+    mode = fused_mode()  # read on every call: PADNET_FUSED=0 turns a loaded library off too
+    if mode == "off":
+        return None
     if _MODULE is not None:
         return _MODULE
-    mode = fused_mode()
-    if _FAILED is not None or mode == "off":
+    if _FAILED is not None:
         return None
     if mode == "auto":
         # a missing build is remembered per cache location: the lookup (CPU flags, source hash, stat) would
