@@ -110,13 +110,20 @@ def test_bad_tile_shapes_are_refused(kernel, tiles):
         fused.fused_dynamic_conv2d(x, pi, dyn, None, ConvGeometry((3, 3), 1, 1, 1, 1), 1, tiles=tiles)
 
 
-def test_tile_rule_fits_the_l2_cache(monkeypatch):
-    assert fused.fused_tiles(512, 4608, 16, 32, 4) == (32, 32, 128)  # deep: many samples share each kernel load
-    assert fused.fused_tiles(256, 2304, 64, 32, 4) == (64, 8, 128)
-    assert fused.fused_tiles(20, 180, 64, 3, 4) == (20, 3, 128)  # never more rows / samples than there are
+def test_tile_rule_balances_the_threads_and_fits_the_l2_cache(monkeypatch):
+    assert fused.fused_tiles(512, 4608, 16, 32, 4, threads=2) == (76, 8, 128)  # 7 tiles (6 x 76 + 56), 4 groups
+    assert fused.fused_tiles(77, 2304, 64, 32, 4, threads=2) == (77, 8, 128)  # one tile, not 64 + 13
+    assert fused.fused_tiles(154, 4608, 16, 32, 4, threads=2) == (80, 8, 128)  # two tiles: 80 + 74
+    assert fused.fused_tiles(240, 1000, 49, 1, 4, threads=2) == (60, 1, 128)  # batch 1: 3 tiles -> 4 for 2 threads
+    assert fused.fused_tiles(20, 180, 64, 3, 4, threads=1) == (20, 3, 128)  # never more rows / samples than exist
     monkeypatch.setattr(fused, "_L2_BYTES", 256 << 10)  # a small L2: the chunk halves
-    assert fused.fused_tiles(512, 4608, 16, 32, 4) == (32, 32, 64)
+    assert fused.fused_tiles(512, 4608, 16, 32, 4, threads=2) == (76, 8, 64)
     assert fused.l2_cache_bytes() == 256 << 10
+    for out_channels in range(1, 200):  # every tile shape covers the rows with tiles of (nearly) equal height
+        rows, samples, _ = fused.fused_tiles(out_channels, 90, 16, 32, 4, threads=2)
+        tiles = -(-out_channels // rows)
+        assert 1 <= rows <= max(out_channels, 4) and samples == 8
+        assert out_channels - (tiles - 1) * rows > 0 and rows - (out_channels - (tiles - 1) * rows) < rows // 2 + 4
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

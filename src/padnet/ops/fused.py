@@ -204,24 +204,35 @@ _L2_BYTES: int | None = None
 CHUNKS = (64, 128, 256)  # the column chunks the kernel is compiled for
 
 
-def fused_tiles(out_channels: int, columns: int, pixels: int, batch: int, itemsize: int) -> tuple[int, int, int]:
+def fused_tiles(out_channels: int, columns: int, pixels: int, batch: int, itemsize: int,
+                threads: int | None = None) -> tuple[int, int, int]:
     """``(rows, samples, chunk)`` work-item shape of the fused kernel for one conv.
 
-    ``columns`` is ``C*kh*kw``, ``pixels`` the output pixels per sample. The
-    per-sample GEMM does ``pixels`` multiply-adds per mixed kernel value and the
-    mixing ``K``: with few pixels (deep layers) mixing weighs most, so each load of
-    the K kernels is shared by 32 samples over a tile of 32 rows; with more pixels
-    the input columns weigh most, so a tile of 64 rows reuses each chunk of them
-    over 8 samples. The chunk is 128 columns, or 64 if the item's mixed rows
+    ``columns`` is ``C*kh*kw``, ``pixels`` the output pixels per sample. A work
+    item mixes the kernel rows of a tile of output channels for a group of
+    samples (each load of the K kernels serves every sample of the group) and
+    multiplies them with the samples' input columns (each chunk of columns
+    serves every row of the tile). Tiles of up to 80 rows and groups of 8
+    samples measured best or within noise of the best at the ResNet-18 shapes,
+    batch 1 to 32, on the machine of docs/benchmarks.md (Intel Xeon, 2 MiB L2).
+    The tiles are made equal in height (a multiple of 4 rows, the register
+    blocks' height), and few work items (tiles x sample groups) a multiple of
+    ``threads`` (default: torch's intra-op thread count), because the threads
+    take contiguous runs of items: 77 rows are one tile, 154 two (80 + 74),
+    never 64 + 13. The chunk is 128 columns, or 64 if the item's mixed rows
     (``samples x rows x chunk``) would not fit in half the L2 cache
-    (:func:`l2_cache_bytes`). These shapes were the fastest on the machine of
-    docs/benchmarks.md (Intel Xeon, 2 MiB L2); the autotuner times the result
-    against the other backends, so a poor fit on another CPU costs speed, never
-    correctness.
+    (:func:`l2_cache_bytes`). The autotuner times the result against the other
+    backends, so a poor fit on another CPU costs speed, never correctness.
     """
     l2 = l2_cache_bytes()
-    rows, samples = (32, 32) if pixels <= 32 else (64, 8)
-    rows, samples = min(rows, out_channels), min(samples, batch)
+    rows, samples = 80, min(8, batch)
+    tiles = -(-out_channels // rows)
+    chunks = -(-batch // samples)
+    threads = torch.get_num_threads() if threads is None else threads
+    while (tiles * chunks) % threads and tiles * chunks < 8 * threads and tiles < out_channels:
+        tiles += 1  # (3 items on 2 threads would leave one thread idle a third of the time)
+    per_tile = -(-out_channels // tiles)
+    rows = min(out_channels, -(-per_tile // 4) * 4)
     line = 64 // itemsize
     chunk = 128 if samples * rows * (128 + line) * itemsize <= l2 // 2 else 64
     return rows, samples, chunk

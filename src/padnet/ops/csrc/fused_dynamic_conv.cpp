@@ -158,44 +158,55 @@ void gemm_edge(const T* w, int64_t ldw, const T* cols_b, T* y_b, int64_t CK, int
   }
 }
 
+// one block of RB rows over the full vectors of pixels [0, lfull): PV vectors per step, then single vectors
+template <typename T, int RB, int PV, int64_t ldw>
+PADNET_NO_AUTOVEC inline void row_block(const T* w, const T* cols_b, T* y_b, int64_t CK, int64_t L, int64_t row0,
+                                        int64_t lfull, bool accumulate) {
+  constexpr int N = Vec<T>::N;
+  const int64_t lp = (lfull / (PV * N)) * (PV * N);
+  int64_t l0 = 0;
+  for (; l0 < lp; l0 += PV * N) gemm_block<T, RB, PV, ldw>(w, cols_b, y_b, CK, L, row0, l0, accumulate);
+  if (PV > 1)
+    for (; l0 < lfull; l0 += N) gemm_block<T, RB, 1, ldw>(w, cols_b, y_b, CK, L, row0, l0, accumulate);
+}
+
+// rows [r, ot) in blocks of RB rows, the remainder in blocks of RB / 2, RB / 4, ..., 1 (no row runs alone
+// unless one is left)
+template <typename T, int RB, int PV, int64_t ldw>
+PADNET_NO_AUTOVEC void row_blocks(const T* w, const T* cols_b, T* y_b, int64_t CK, int64_t L, int64_t o0, int64_t r,
+                                  int64_t ot, int64_t lfull, bool accumulate) {
+  for (; r + RB <= ot; r += RB) row_block<T, RB, PV, ldw>(w + r * ldw, cols_b, y_b, CK, L, o0 + r, lfull, accumulate);
+  if constexpr (RB > 1) row_blocks<T, RB / 2, PV, ldw>(w, cols_b, y_b, CK, L, o0, r, ot, lfull, accumulate);
+}
+
+// the last L % N pixels (L >= N): one overlapping vector per block of rows
+template <typename T, int RB, int64_t ldw>
+PADNET_NO_AUTOVEC void tail_blocks(const T* w, const T* cols_b, T* y_b, int64_t CK, int64_t L, int64_t o0, int64_t r,
+                                   int64_t ot, int64_t keep, bool accumulate) {
+  constexpr int N = Vec<T>::N;
+  for (; r + RB <= ot; r += RB)
+    gemm_block<T, RB, 1, ldw, true>(w + r * ldw, cols_b, y_b, CK, L, o0 + r, L - N, accumulate, keep);
+  if constexpr (RB > 1) tail_blocks<T, RB / 2, ldw>(w, cols_b, y_b, CK, L, o0, r, ot, keep, accumulate);
+}
+
 // rows [0, ot) of the mixed tile times cols_b -> y_b rows [o0, o0 + ot)
 template <typename T, int64_t ldw>
-PADNET_NO_AUTOVEC void gemm_tile(const T* w, const T* cols_b, T* y_b, int64_t CK, int64_t L,
-                                 int64_t o0, int64_t ot, bool accumulate) {
+void gemm_tile(const T* w, const T* cols_b, T* y_b, int64_t CK, int64_t L, int64_t o0, int64_t ot, bool accumulate) {
   constexpr int N = Vec<T>::N;
-  // few pixels (deep layers): one vector of pixels, more rows; else two vectors of pixels. 16
-  // accumulators with AVX-512 (32 vector registers), 8 with AVX/SSE (16 registers: no spills)
+  // register blocks (AVX-512 has 32 vector registers, AVX/SSE 16: no spills in either):
+  // few pixels (deep layers): 16 (8) rows x 1 vector; wide outputs with AVX-512: 4 rows x 4 vectors
+  // (8 loads per 16 FMAs); otherwise 8 (4) rows x 2 vectors
   constexpr int RB1 = VBYTES == 64 ? 16 : 8, RB2 = VBYTES == 64 ? 8 : 4;
   const int64_t lfull = (L / N) * N;
-  int64_t r = 0;
-  if (VBYTES == 64 && L >= 4 * N) {  // wide outputs: 4 rows x 4 vectors (8 loads per 16 FMAs)
-    const int64_t l4 = (L / (4 * N)) * (4 * N);
-    for (; r + 4 <= ot; r += 4) {
-      int64_t l0 = 0;
-      for (; l0 < l4; l0 += 4 * N) gemm_block<T, 4, 4, ldw>(w + r * ldw, cols_b, y_b, CK, L, o0 + r, l0, accumulate);
-      for (; l0 < lfull; l0 += N) gemm_block<T, 4, 1, ldw>(w + r * ldw, cols_b, y_b, CK, L, o0 + r, l0, accumulate);
-    }
+  if (VBYTES == 64 && L >= 4 * N) {
+    row_blocks<T, 4, 4, ldw>(w, cols_b, y_b, CK, L, o0, 0, ot, lfull, accumulate);
   } else if (L < 2 * N) {
-    for (; r + RB1 <= ot; r += RB1)
-      for (int64_t l0 = 0; l0 < lfull; l0 += N) gemm_block<T, RB1, 1, ldw>(w + r * ldw, cols_b, y_b, CK, L, o0 + r, l0, accumulate);
+    row_blocks<T, RB1, 1, ldw>(w, cols_b, y_b, CK, L, o0, 0, ot, lfull, accumulate);
   } else {
-    const int64_t l2 = (L / (2 * N)) * (2 * N);
-    for (; r + RB2 <= ot; r += RB2) {
-      int64_t l0 = 0;
-      for (; l0 < l2; l0 += 2 * N) gemm_block<T, RB2, 2, ldw>(w + r * ldw, cols_b, y_b, CK, L, o0 + r, l0, accumulate);
-      for (; l0 < lfull; l0 += N) gemm_block<T, RB2, 1, ldw>(w + r * ldw, cols_b, y_b, CK, L, o0 + r, l0, accumulate);
-    }
+    row_blocks<T, RB2, 2, ldw>(w, cols_b, y_b, CK, L, o0, 0, ot, lfull, accumulate);
   }
-  // leftover rows (full vectors of pixels, one row block at a time), then leftover pixels (scalar)
-  for (; r < ot; ++r)
-    for (int64_t l0 = 0; l0 < lfull; l0 += N) gemm_block<T, 1, 1, ldw>(w + r * ldw, cols_b, y_b, CK, L, o0 + r, l0, accumulate);
-  if (lfull < L && L >= N) {  // the last L % N pixels: one overlapping vector per row block
-    const int64_t keep = N - (L - lfull);
-    constexpr int RBT = VBYTES == 64 ? 8 : 4;
-    int64_t q = 0;
-    for (; q + RBT <= ot; q += RBT)
-      gemm_block<T, RBT, 1, ldw, true>(w + q * ldw, cols_b, y_b, CK, L, o0 + q, L - N, accumulate, keep);
-    for (; q < ot; ++q) gemm_block<T, 1, 1, ldw, true>(w + q * ldw, cols_b, y_b, CK, L, o0 + q, L - N, accumulate, keep);
+  if (lfull < L && L >= N) {
+    tail_blocks<T, RB2, ldw>(w, cols_b, y_b, CK, L, o0, 0, ot, N - (L - lfull), accumulate);
   } else if (lfull < L) {  // fewer pixels than one vector: scalar
     gemm_edge<T>(w, ldw, cols_b, y_b, CK, L, o0, 0, ot, lfull, L, accumulate);
   }
