@@ -694,3 +694,39 @@ def test_masked_conv_tunes_with_grad_when_only_the_dynamic_weights_train(monkeyp
     assert seen == [True]
     y.sum().backward()
     assert dynamic.grad is not None and static.grad is None
+
+
+def test_aligned_static_rows_pads_to_whole_blocks_only_when_cheap():
+    order = torch.randperm(33)  # columns 0-30 static, 31-32 dynamic
+    sta = torch.randn(31, 3, 3, 3)
+    padded, new_order = channel_split.aligned_static_rows(sta, order)
+    assert padded.shape[0] == 32 and torch.equal(padded[:31], sta) and not padded[31].any()
+    assert torch.equal(new_order, torch.where(order >= 31, order + 1, order))  # dynamic columns shift by one
+    few = torch.randn(45, 3, 3, 3)  # 45 -> 64 would add 42 %: unchanged
+    same, same_order = channel_split.aligned_static_rows(few, torch.arange(50))
+    assert same is few and torch.equal(same_order, torch.arange(50))
+    whole = torch.randn(64, 3, 3, 3)
+    assert channel_split.aligned_static_rows(whole, torch.arange(70))[0] is whole
+
+
+@pytest.mark.parametrize("compact", [False, True])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_channel_plans_with_padded_static_rows_match_the_reference(compact, batch):
+    """40 outputs, 9 dynamic: the 31 static rows are padded to 32 for inference; outputs are unchanged."""
+    torch.manual_seed(7)
+    layer = DynamicConv2d(5, 40, 3, padding=1, bias=True).double()
+    rows = torch.zeros(40)
+    rows[torch.randperm(40)[:9]] = 1
+    layer.set_mode_mask("weight", rows.view(-1, 1, 1, 1).expand(layer.mode_mask.shape).clone())
+    layer.set_mode_mask("bias", (torch.rand(40) < 0.5).double())
+    layer.eval()
+    model = CompactDynamicConv2d(layer) if compact else layer
+    x = torch.randn(batch, 5, 6, 6, dtype=torch.double)
+    ref = layer_reference(layer, x)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref, rtol=1e-10, atol=1e-10)
+        if batch > 1:
+            cache = model.__dict__["_inference_cache"]
+            sta_rows = cache["aligned_rows"][1][0] if compact else cache["plan"][1][1][1]
+            assert sta_rows.shape[0] == 32
+    torch.testing.assert_close(model(x), ref, rtol=1e-10, atol=1e-10)  # with autograd: unpadded rows

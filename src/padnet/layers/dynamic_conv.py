@@ -13,7 +13,7 @@ from torch.nn.modules.utils import _pair
 
 from ..ops import autotune
 from ..ops.backend_selection import BACKENDS, resolve_single_sample_backend
-from ..ops.channel_split import channel_split_conv2d, channel_split_runs_dense
+from ..ops.channel_split import aligned_static_rows, channel_split_conv2d, channel_split_runs_dense
 from ..ops.dynamic_conv import dynamic_conv2d, mix_bias, single_sample_conv
 from ..ops.exporting import is_exporting
 from ..ops.geometry import ConvGeometry, check_conv_hyperparameters
@@ -465,7 +465,11 @@ class DynamicConv2d(_ConvGeometry, PadLayerMixin, nn.Module):
         if st.kind == "element":
             return st, _fold_static_into_dynamic(*self.combined_factors(), self.routing)
         if st.kind == "channel":
-            return st, self._channel_rows(st, lam_s, lam_d)
+            dyn_rows, sta_rows, bias_dyn, bias_sta = self._channel_rows(st, lam_s, lam_d)
+            order = st.order
+            if self.groups == 1:  # static rows in whole blocks of the plain conv (inference only)
+                sta_rows, order = aligned_static_rows(sta_rows, order)
+            return st, (dyn_rows, sta_rows, bias_dyn, bias_sta, order)
         bias_dyn, bias_sta = self._bias_factors(lam_s, lam_d)
         if st.kind == "ones":
             return st, (self.weight_dynamic * lam_d, None, bias_dyn, bias_sta)
@@ -552,10 +556,12 @@ class DynamicConv2d(_ConvGeometry, PadLayerMixin, nn.Module):
                 *self._bias_factors(lambda_s, lambda_d))
 
     def _channel_split(self, x: Tensor, pi: Tensor, st: "MaskStructure", dyn_rows: Tensor, sta_rows: Tensor,
-                       bias_dyn, bias_sta) -> Tensor:
-        """The static and dynamic output channels as two convs, merged (:func:`channel_split_conv2d`)."""
+                       bias_dyn, bias_sta, order: Tensor | None = None) -> Tensor:
+        """The static and dynamic output channels as two convs, merged (:func:`channel_split_conv2d`);
+        ``order`` defaults to ``st.order`` (the inference plan passes its own for padded static rows)."""
         return channel_split_conv2d(
-            x, pi, dyn_rows, sta_rows, st.order, mix_bias(pi, bias_dyn, bias_sta), self.stride, self.padding,
+            x, pi, dyn_rows, sta_rows, st.order if order is None else order, mix_bias(pi, bias_dyn, bias_sta),
+            self.stride, self.padding,
             self.dilation, self.groups, "auto", st.static_index, st.dynamic_index,
         )
 
@@ -808,11 +814,16 @@ class CompactDynamicConv2d(_ConvGeometry, CompactLayerMixin, nn.Module):
         if st.kind == "channel":
             dyn_rows = self.weight.dynamic_values.view(plan.dynamic_rows_shape)
             sta_rows = self.weight.static_values.view(plan.static_rows_shape)
+            order = st.order
+            if self.groups == 1 and not torch.is_grad_enabled() and self.cache_weights and not is_exporting():
+                # static rows in whole blocks of the plain conv (a padded copy, cached for inference)
+                sta_rows, order = _cached(self, "aligned_rows", (self.weight.static_values,),
+                                          lambda: aligned_static_rows(sta_rows, st.order))
             if not channel_split_runs_dense(x, pi, dyn_rows, self.stride, self.padding, self.dilation, self.groups,
-                                            "auto", sta_rows, st.order):
+                                            "auto", sta_rows, order):
                 bias = mix_bias(pi, bias_dyn, bias_sta) if bias_dyn is not None else bias_sta
                 return channel_split_conv2d(
-                    x, pi, dyn_rows, sta_rows, st.order, bias, self.stride, self.padding, self.dilation,
+                    x, pi, dyn_rows, sta_rows, order, bias, self.stride, self.padding, self.dilation,
                     self.groups, "auto", st.static_index, st.dynamic_index,
                 )
             # wide outputs: one dynamic conv over all channels, from the (inference-cached) dense factors

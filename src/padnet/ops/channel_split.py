@@ -57,6 +57,30 @@ def channel_split_runs_dense(x: Tensor, pi: Tensor, dyn_rows: Tensor, stride, pa
     return choice == "dense"
 
 
+STATIC_ROW_MULTIPLE = 32  # oneDNN's fast conv kernels want output channels in whole blocks of this many
+STATIC_ROW_MAX_PADDING = 0.125  # ... and padding is only worth this fraction of extra (zero) rows
+
+
+def aligned_static_rows(sta_rows: Tensor, order: Tensor) -> tuple[Tensor, Tensor]:
+    """``(sta_rows, order)`` with the static rows padded by zero rows to a multiple of 32, for inference.
+
+    The plain conv of the static part is the largest cost of a channel split,
+    and PyTorch's CPU conv (oneDNN) is much slower when its output channels are
+    not whole blocks: at 512@4, batch 32, 358 output channels cost 0.93-1.0x the
+    conv with all 512, 352 or 384 channels 0.72-0.75x (docs/benchmarks.md).
+    Padding costs the extra rows' FLOPs, so it is done only when they are at most
+    1/8 of the static rows (358 -> 384, not 45 -> 64); ``order`` (output channel
+    -> column of ``cat([static_out, dynamic_out])``) skips the padded columns.
+    Returns the inputs unchanged where no padding applies.
+    """
+    n_sta = sta_rows.shape[0]
+    extra = -n_sta % STATIC_ROW_MULTIPLE
+    if extra == 0 or extra > STATIC_ROW_MAX_PADDING * n_sta:
+        return sta_rows, order
+    padded = torch.cat([sta_rows, sta_rows.new_zeros((extra, *sta_rows.shape[1:]))])
+    return padded, torch.where(order >= n_sta, order + extra, order)
+
+
 def _dense_factors(dyn_rows: Tensor, sta_rows: Tensor, order: Tensor) -> tuple[Tensor, Tensor]:
     """The split rows placed back into dense ``(dyn [K, O, ...], sta [O, ...])`` (zeros elsewhere)."""
     n_sta, n_dyn = sta_rows.shape[0], dyn_rows.shape[1]
@@ -161,4 +185,5 @@ def channel_split_conv2d(
     return y
 
 
-__all__ = ["channel_split_conv2d", "channel_split_runs_dense"]
+__all__ = ["STATIC_ROW_MAX_PADDING", "STATIC_ROW_MULTIPLE", "aligned_static_rows", "channel_split_conv2d",
+           "channel_split_runs_dense"]
