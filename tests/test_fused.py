@@ -564,3 +564,19 @@ def test_build_entry_point_reports_and_runs_without_a_double_import(monkeypatch,
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and "usage: python -m padnet.ops.build_fused" in run.stdout, run.stderr
     assert "RuntimeWarning" not in run.stderr
+
+
+def test_functional_batch_one_auto_uses_the_tuned_choice(kernel, tuning, monkeypatch):
+    monkeypatch.setattr(autotune, "tune", lambda key, candidates, run, device, budget_s=None: "fused")
+    calls = []
+    real = fused.fused_dynamic_conv2d
+    monkeypatch.setattr(fused, "fused_dynamic_conv2d", lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch.manual_seed(8)
+    x, pi = torch.randn(1, 5, 7, 7, dtype=torch.float64), torch.softmax(torch.randn(1, 3, dtype=torch.float64), -1)
+    dyn, sta = torch.randn(3, 6, 5, 3, 3, dtype=torch.float64), torch.randn(6, 5, 3, 3, dtype=torch.float64)
+    with torch.no_grad():
+        y = ops.dynamic_conv2d(x, pi, dyn, sta, padding=1)
+        explicit = ops.dynamic_conv2d(x, pi, dyn, sta, padding=1, backend="weight")  # never tuned
+    assert calls == [1]
+    torch.testing.assert_close(y, reference(x, pi, dyn, sta, 1, 1, 1))
+    torch.testing.assert_close(explicit, y)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backend_selection import conv_geometry, resolve_backend
+from .backend_selection import conv_geometry, resolve_backend, resolve_single_sample_backend
 from .conv_backends import run_backend
 from .exporting import is_exporting
 
@@ -86,7 +86,10 @@ def dynamic_conv2d(
         ``[B, O, H', W']`` (channels_last if ``x`` is).
     """
     if x.shape[0] == 1 and backend in ("auto", "weight") and not is_exporting():
-        return single_sample_conv(x, pi, dyn, sta, bias_dyn, bias_sta, stride, padding, dilation, groups)
+        single = "weight"
+        if backend == "auto" and not torch.is_grad_enabled():  # (layers keep this decision per input shape)
+            single = resolve_single_sample_backend(x, pi, dyn, sta, stride, padding, dilation, groups)
+        return single_sample_conv(x, pi, dyn, sta, bias_dyn, bias_sta, stride, padding, dilation, groups, single)
     geom = conv_geometry(dyn.shape[-2:], stride, padding, dilation, groups)
     name = resolve_backend(x, pi, dyn, sta, stride, padding, dilation, groups, backend, geom=geom)
     y = run_backend(name, x, pi, dyn, sta, geom, padding)
