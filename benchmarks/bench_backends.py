@@ -21,7 +21,7 @@ from latency import format_rows, time_interleaved
 from padnet import ops as cf
 from padnet.ops import bmm_kernels
 from padnet.ops.autotune import autotune_enabled
-from padnet.ops.backend_selection import resolve_backend
+from padnet.ops.backend_selection import resolve_backend, resolve_single_sample_backend
 
 
 def main() -> None:
@@ -78,6 +78,8 @@ def main() -> None:
             choice = cf.select_backend("auto", b, c, 1, out_pixels=hw * hw, requires_grad=args.grad)
             with torch.set_grad_enabled(args.grad):
                 tuned = resolve_backend(x, pi, dyn, None, 1, 1, 1, 1, "auto")  # the decision "auto" ran with
+                if b == 1 and not args.grad:  # batch 1 has its own choice: aggregate + plain conv, or fused
+                    tuned = resolve_single_sample_backend(x, pi, dyn, None, 1, 1, 1, 1)
             row = {"shape": shape, "batch": b, "grad": args.grad, "static_ms": base * 1e3}
             row.update({n: v.median / base for n, v in t.items() if n != "static"})
             cbase = t["static"].cpu_median

@@ -6,7 +6,8 @@ For each shape, the deployed layer (``CompactDynamicConv2d`` of a layer with
 30% of its output channels dynamic) is timed next to its parts, each run alone
 on the same input, all as ratios to the static conv of the full shape:
 ``routing`` (pool + MLP + softmax), ``static_part`` (plain conv with the 70%
-static output channels), ``dynamic_part`` (the dynamic conv over the 30%
+static output channels, padded with zero rows to a multiple of 32 where the
+layer does: ``padnet.ops.aligned_static_rows``), ``dynamic_part`` (the dynamic conv over the 30%
 dynamic channels, backend as ``auto`` picks it, padded as the layer pads it),
 ``merge`` (concatenate both outputs and restore the channel order).
 Where ``auto`` would run the dynamic part as a grouped conv (many output pixels
@@ -43,6 +44,7 @@ def main() -> None:
         shape = compact._kernel_shape()
         dyn_rows = compact.weight.dynamic_values.view(k, n_dyn, *shape[1:])
         sta_rows = compact.weight.static_values.view(shape[0] - n_dyn, *shape[1:])
+        sta_rows, order = cf.aligned_static_rows(sta_rows, st.order)  # padded as the deployed layer runs them
         with torch.no_grad():
             pi = compact.routing_weights(x)
             backend = cf.resolve_backend(x, pi, dyn_rows, None, 1, 1, 1, 1, "auto")
@@ -55,13 +57,13 @@ def main() -> None:
             "routing": lambda: compact.routing_weights(x),
             "static_part": lambda: F.conv2d(x, sta_rows, padding=1),
             "dynamic_part": lambda: cf.dynamic_conv2d(x, pi, dyn_rows, None, padding=1, backend="auto"),
-            "merge": lambda: torch.cat([ys, yd], dim=1).index_select(1, st.order),
+            "merge": lambda: torch.cat([ys, yd], dim=1).index_select(1, order),
         }
         with torch.no_grad():
             t = time_interleaved(fns, repeats=args.repeats, min_round_s=0.02)
         base = t["static"].median
         row = {"shape": f"{c}@{hw}", "batch": args.batch, "static_ms": base * 1e3, "path": path,
-               "dynamic_backend": backend, "dynamic_channels": n_dyn}
+               "dynamic_backend": backend, "dynamic_channels": n_dyn, "static_rows_run": sta_rows.shape[0]}
         row.update({name: v.median / base for name, v in t.items() if name != "static"})
         row["sum_of_parts"] = sum(row[n] for n in ("routing", "static_part", "dynamic_part", "merge"))
         rows.append(row)
