@@ -726,7 +726,28 @@ def test_channel_plans_with_padded_static_rows_match_the_reference(compact, batc
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref, rtol=1e-10, atol=1e-10)
         if batch > 1:
-            cache = model.__dict__["_inference_cache"]
-            sta_rows = cache["aligned_rows"][1][0] if compact else cache["plan"][1][1][1]
+            sta_rows = model.__dict__["_aligned_rows"][1][0] if compact \
+                else model.__dict__["_inference_cache"]["plan"][1][1][1]
             assert sta_rows.shape[0] == 32
     torch.testing.assert_close(model(x), ref, rtol=1e-10, atol=1e-10)  # with autograd: unpadded rows
+
+
+def test_compact_channel_plan_keeps_its_padded_rows_and_dense_factors_cached(monkeypatch):
+    """The padded static rows live beside the inference cache: a dense plan's factors do not evict them."""
+    calls = []
+    real = channel_split.aligned_static_rows
+    from padnet.layers import dynamic_conv as layer_module
+    monkeypatch.setattr(layer_module, "aligned_static_rows", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(layer_module, "channel_split_runs_dense", lambda *a, **k: True)  # force the dense plan
+    torch.manual_seed(9)
+    layer = DynamicConv2d(5, 40, 3, padding=1).double()
+    rows = torch.zeros(40)
+    rows[:9] = 1
+    layer.set_mode_mask("weight", rows.view(-1, 1, 1, 1).expand(layer.mode_mask.shape).clone())
+    compact = CompactDynamicConv2d(layer.eval())
+    x = torch.randn(3, 5, 6, 6, dtype=torch.double)
+    with torch.no_grad():
+        ys = [compact(x) for _ in range(4)]
+    assert calls == [1]
+    for y in ys:
+        torch.testing.assert_close(y, layer_reference(layer, x), rtol=1e-10, atol=1e-10)

@@ -143,8 +143,11 @@ def test_native_im2col_equals_the_strided_copy(kernel, monkeypatch, dtype, shape
     x = torch.randn(*shape, dtype=dtype)
     geom = ConvGeometry(kernel_size, stride, padding, dilation, 1)
     expected, _ = im2col(x, geom)
+    calls = []
+    real = kernel.im2col
+    monkeypatch.setattr(kernel, "im2col", lambda *a: calls.append(1) or real(*a))
     got = im2col_workspace(x, geom).clone()  # PADNET_FUSED=1 here: the C++ im2col
-    assert torch.equal(got, expected)
+    assert torch.equal(got, expected) and calls == [1]
     monkeypatch.setenv("PADNET_FUSED", "0")
     assert torch.equal(im2col_workspace(x, geom), expected)  # the strided copy gives the same
 
@@ -158,9 +161,13 @@ def test_gemm_backends_with_the_native_im2col_match_the_reference(kernel, monkey
     dyn = torch.randn(3, 5, 6, 3, 3, dtype=torch.float64, requires_grad=backend == "bmm")
     geom = ConvGeometry((3, 3), 2, 1, 1, 1)
     ref = reference(x.detach(), pi, dyn.detach(), None, 2, 1, 1)
+    calls = []
+    real = kernel.im2col
+    monkeypatch.setattr(kernel, "im2col", lambda *a: calls.append(1) or real(*a))
     if backend == "fused":
         with torch.no_grad():
             torch.testing.assert_close(fused.fused_dynamic_conv2d(x, pi, dyn, None, geom, 1), ref)
+        assert calls == [1]
         return
     y = ops.dynamic_conv2d(x, pi, dyn, None, stride=2, padding=1, backend="bmm")
     torch.testing.assert_close(y, ref)
@@ -170,6 +177,7 @@ def test_gemm_backends_with_the_native_im2col_match_the_reference(kernel, monkey
     gx2, gd2 = torch.autograd.grad(y2.square().sum(), (x2, d2))
     torch.testing.assert_close(gx, gx2)
     torch.testing.assert_close(gd, gd2)
+    assert len(calls) >= 2  # forward and the backward's weight gradient unfold through the C++ im2col
 
 
 def test_native_im2col_refuses_a_wrong_buffer(kernel):
@@ -580,3 +588,29 @@ def test_functional_batch_one_auto_uses_the_tuned_choice(kernel, tuning, monkeyp
     assert calls == [1]
     torch.testing.assert_close(y, reference(x, pi, dyn, sta, 1, 1, 1))
     torch.testing.assert_close(explicit, y)
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_turning_the_kernel_off_after_it_was_chosen_falls_back(kernel, tuning, monkeypatch, batch):
+    """PADNET_FUSED=0 after the tuner chose the fused kernel: the next call decides again, without it."""
+    monkeypatch.setattr(autotune, "tune", lambda key, candidates, run, device, budget_s=None:
+                        "fused" if "fused" in candidates else candidates[0])
+    layer = DynamicConv2d(6, 8, 3, padding=1).eval()
+    x = torch.randn(batch, 6, 5, 5)
+    with torch.no_grad():
+        on = layer(x)
+        monkeypatch.setenv("PADNET_FUSED", "0")
+        off = layer(x)  # used to raise "kernel is unavailable"
+    torch.testing.assert_close(off, on, rtol=1e-5, atol=1e-5)
+
+
+def test_batch_one_fused_keeps_channels_last(kernel, tuning, monkeypatch):
+    monkeypatch.setattr(autotune, "tune", lambda key, candidates, run, device, budget_s=None: "fused")
+    layer = DynamicConv2d(6, 8, 3, padding=1).eval()
+    x = torch.randn(1, 6, 5, 7).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        y = layer(x)
+        expected = layer(x.contiguous())
+    assert layer.__dict__["_single_sample_choice"][1] == "fused"
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, expected)

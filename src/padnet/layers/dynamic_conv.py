@@ -16,6 +16,7 @@ from ..ops.backend_selection import BACKENDS, resolve_single_sample_backend
 from ..ops.channel_split import aligned_static_rows, channel_split_conv2d, channel_split_runs_dense
 from ..ops.dynamic_conv import dynamic_conv2d, mix_bias, single_sample_conv
 from ..ops.exporting import is_exporting
+from ..ops.fused import fused_enabled
 from ..ops.geometry import ConvGeometry, check_conv_hyperparameters
 from ..ops.masked_conv import masked_dynamic_conv2d
 from .modes import (
@@ -182,8 +183,10 @@ class _ConvGeometry:
     def _single_sample_backend(self, x: Tensor, dyn: Tensor, sta: Tensor | None) -> str:
         """``"weight"`` or ``"fused"`` for a batch-1 inference call on ``x [1, C, H, W]``
         (:func:`~padnet.ops.backend_selection.resolve_single_sample_backend`), decided once per input
-        shape, dtype, thread count and autotune state and kept on the layer (a tuple comparison per call)."""
-        state = (x.shape, x.dtype, torch.get_num_threads(), autotune.autotune_enabled(), autotune.generation())
+        shape, dtype, device, thread count, autotune state and ``PADNET_FUSED`` and kept on the layer (a tuple
+        comparison per call)."""
+        state = (x.shape, x.dtype, x.device, torch.get_num_threads(), autotune.autotune_enabled(),
+                 autotune.generation(), fused_enabled())
         hit = self.__dict__.get("_single_sample_choice")
         if hit is not None and hit[0] == state:
             return hit[1]
@@ -816,9 +819,17 @@ class CompactDynamicConv2d(_ConvGeometry, CompactLayerMixin, nn.Module):
             sta_rows = self.weight.static_values.view(plan.static_rows_shape)
             order = st.order
             if self.groups == 1 and not torch.is_grad_enabled() and self.cache_weights and not is_exporting():
-                # static rows in whole blocks of the plain conv (a padded copy, cached for inference)
-                sta_rows, order = _cached(self, "aligned_rows", (self.weight.static_values,),
-                                          lambda: aligned_static_rows(sta_rows, st.order))
+                # static rows in whole blocks of the plain conv: a padded copy, cached for inference beside (not
+                # in) the inference cache, which holds one derived form at a time and would evict the dense
+                # factors that the same call may need
+                key = _tensor_key((self.weight.static_values,))
+                hit = self.__dict__.get("_aligned_rows")
+                if hit is None or hit[0] != key:
+                    hit = (key, aligned_static_rows(sta_rows, st.order), self.weight.static_values.untyped_storage())
+                    self.__dict__["_aligned_rows"] = hit
+                sta_rows, order = hit[1]
+            else:
+                self.__dict__.pop("_aligned_rows", None)
             if not channel_split_runs_dense(x, pi, dyn_rows, self.stride, self.padding, self.dilation, self.groups,
                                             "auto", sta_rows, order):
                 bias = mix_bias(pi, bias_dyn, bias_sta) if bias_dyn is not None else bias_sta

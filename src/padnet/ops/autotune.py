@@ -114,6 +114,7 @@ def cpu_model() -> str:
     return _cpuinfo("model name") or platform.processor() or platform.machine() or "unknown"
 
 
+@lru_cache(maxsize=1)
 def cpu_features() -> str:
     """The CPU's feature flags (``/proc/cpuinfo`` ``flags`` / ``Features``, sorted), or ``""`` where unknown.
 

@@ -14,7 +14,7 @@ from torch import Tensor
 from . import autotune
 from .conv_backends import CONCRETE_BACKENDS, run_backend
 from .exporting import is_exporting
-from .fused import fused_applicable, fused_mode, kernel_tag, load_fused
+from .fused import fused_applicable, fused_enabled, fused_mode, kernel_tag, load_fused
 from .geometry import ConvGeometry
 
 BACKENDS = ("auto", *CONCRETE_BACKENDS)
@@ -113,7 +113,7 @@ def resolve_backend(x: Tensor, pi: Tensor, dyn: Tensor, sta: Tensor | None, stri
         ho, wo = geom.out_hw(x.shape[-2:])
         return select_backend("auto", 2, dyn.shape[1], groups, out_pixels=ho * wo, exporting=True)
     key = (tuple(dyn.shape), sta is not None, tuple(x.shape), geom.stride, str(padding), geom.dilation, geom.groups,
-           str(x.dtype), str(x.device), torch.get_num_threads(), grad, torch.is_grad_enabled())
+           str(x.dtype), str(x.device), torch.get_num_threads(), fused_enabled(), grad, torch.is_grad_enabled())
     tuning = autotune.autotune_enabled()
     hit = _CHOICES.get(key)
     if hit is not None and hit[0] == (tuning, autotune.generation()):
@@ -161,7 +161,7 @@ def resolve_single_sample_backend(x: Tensor, pi: Tensor, dyn: Tensor, sta: Tenso
     if geom is None:
         geom = conv_geometry(dyn.shape[-2:], stride, padding, dilation, groups)
     key = ("single_sample", tuple(dyn.shape), sta is not None, tuple(x.shape), geom.stride, str(padding),
-           geom.dilation, geom.groups, str(x.dtype), str(x.device), torch.get_num_threads())
+           geom.dilation, geom.groups, str(x.dtype), str(x.device), torch.get_num_threads(), fused_enabled())
     hit = _CHOICES.get(key)
     if hit is not None and hit[0] == (True, autotune.generation()):
         return hit[1]

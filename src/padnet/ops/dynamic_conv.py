@@ -51,7 +51,10 @@ def single_sample_conv(x: Tensor, pi: Tensor, dyn: Tensor, sta: Tensor | None, b
     if backend == "fused":
         y = run_backend("fused", x, pi, dyn, sta, conv_geometry(dyn.shape[-2:], stride, padding, dilation, groups),
                         padding)
-        return add_channel_bias(y, None if bias is None else bias[0])
+        y = add_channel_bias(y, None if bias is None else bias[0])
+        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            y = y.contiguous(memory_format=torch.channels_last)  # as F.conv2d returns it
+        return y
     if backend != "weight":
         raise ValueError(f"single_sample_conv: backend must be 'weight' or 'fused', got {backend!r}")
     k = dyn.shape[0]

@@ -100,9 +100,13 @@ def kernel_tag() -> str:
 
 def _digest() -> str:
     """Hash of what the binary depends on (the source is read and hashed once per process)."""
-    return hashlib.sha1("\n".join([
-        torch.__version__, cpu_model(), cpu_features(), str(sysconfig.get_config_var("EXT_SUFFIX")), _source_digest(),
-    ]).encode()).hexdigest()[:16]
+    return _hash_parts((torch.__version__, cpu_model(), cpu_features(), str(sysconfig.get_config_var("EXT_SUFFIX")),
+                        _source_digest()))
+
+
+@lru_cache(maxsize=8)
+def _hash_parts(parts: tuple[str, ...]) -> str:  # (autotune keys ask for the tag on every call)
+    return hashlib.sha1("\n".join(parts).encode()).hexdigest()[:16]
 
 
 @lru_cache(maxsize=1)
@@ -159,7 +163,8 @@ def load_fused(verbose: bool = False) -> ModuleType | None:
     if mode == "auto":
         # a missing build is remembered per cache location: the lookup (CPU flags, source hash, stat) would
         # otherwise run on every call that may use the library (im2col runs in every forward)
-        where = (os.environ.get("PADNET_EXTENSIONS_DIR"), os.environ.get("XDG_CACHE_HOME"))
+        where = tuple(os.environ.get(name) for name in
+                      ("PADNET_EXTENSIONS_DIR", "PADNET_CACHE_DIR", "XDG_CACHE_HOME", "HOME"))
         if where == _ABSENT_AT:
             return None
     try:
@@ -225,7 +230,7 @@ def fused_tiles(out_channels: int, columns: int, pixels: int, batch: int, itemsi
     backends, so a poor fit on another CPU costs speed, never correctness.
     """
     l2 = l2_cache_bytes()
-    rows, samples = 80, min(8, batch)
+    rows, samples = 80, max(1, min(8, batch))
     tiles = -(-out_channels // rows)
     chunks = -(-batch // samples)
     threads = torch.get_num_threads() if threads is None else threads

@@ -228,11 +228,13 @@ void fused_impl(const torch::Tensor& cols, const torch::Tensor& pi, const torch:
   // offsets), whole cache lines plus one, so that the rows a GEMM step reads do not share a few L1 sets
   constexpr int64_t line = 64 / static_cast<int64_t>(sizeof(T));
   constexpr int64_t ldw = CC + line;
-  const int64_t wstride = OT * ldw;
+  const int64_t rows_max = std::min(OT, O), samples_max = std::min(SB, B);  // the buffer never exceeds the shape
+  const int64_t wstride = rows_max * ldw;
   at::parallel_for(0, tiles * chunks, 1, [&](int64_t begin, int64_t end) {
     // per-thread buffer, kept between calls (a fresh one this size would be page-faulted in on every call)
     thread_local std::vector<T> wmem;
-    if (wmem.size() < static_cast<size_t>(SB * wstride + line)) wmem.resize(SB * wstride + line);  // + one line: 64-byte aligned rows
+    const size_t need = static_cast<size_t>(samples_max * wstride + line);  // + one line: 64-byte aligned rows
+    if (wmem.size() < need) wmem.resize(need);
     T* wbase = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(wmem.data()) + 63) & ~uintptr_t(63));
     for (int64_t item = begin; item < end; ++item) {
       const int64_t t = item / chunks, b0 = (item % chunks) * SB;
