@@ -726,8 +726,8 @@ def test_channel_plans_with_padded_static_rows_match_the_reference(compact, batc
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref, rtol=1e-10, atol=1e-10)
         if batch > 1:
-            sta_rows = model.__dict__["_aligned_rows"][1][0] if compact \
-                else model.__dict__["_inference_cache"]["plan"][1][1][1]
+            cache = model.__dict__["_inference_cache"]
+            sta_rows = cache["aligned_rows"][1][0] if compact else cache["plan"][1][1][1]
             assert sta_rows.shape[0] == 32
     torch.testing.assert_close(model(x), ref, rtol=1e-10, atol=1e-10)  # with autograd: unpadded rows
 

@@ -321,7 +321,7 @@ def test_a_rebuilt_kernel_is_tuned_again(kernel, tuning, monkeypatch):
         backend_selection.clear_choices()
         layer(x)  # the same build: the cached choice
         assert len(tuned) == 1 and tuned[0][-1] == f"fused:{fused.kernel_tag()}"
-        monkeypatch.setattr(backend_selection, "kernel_tag", lambda: "another-build")
+        monkeypatch.setattr(fused, "kernel_tag", lambda: "another-build")
         backend_selection.clear_choices()
         layer(x)
     assert len(tuned) == 2 and tuned[1][-1] == "fused:another-build"

@@ -390,3 +390,43 @@ def test_onnx_and_torch_export(name, tmp_path):
     path = export_onnx(compact, (x[:2],), tmp_path / f"{name}.onnx", exporter=exporter)
     got = torch.as_tensor(run_onnx(path, x[:3])[0])
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("granularity", ["element", "channel"])
+@pytest.mark.parametrize("name", [_case(n) for n in MODELS])
+def test_inference_with_the_fused_kernel_and_tuned_choices(name, granularity, monkeypatch, tmp_path):
+    """With the compiled kernels on and the tuner choosing them wherever they are candidates (batch 1 and
+    batched, PAD and compact, element and channel masks), the outputs equal the pure-PyTorch rule's around
+    in-place activations, fused norm+act, SE blocks and depthwise convs. (These layers have too few static
+    rows for the padded plain conv of a channel split: tests/test_backends.py covers that.)"""
+    from padnet.ops import autotune, backend_selection, fused
+
+    model = _pad_model(name)
+    x, y = _data()
+    _train_step(model, x, y)
+    padnet.partition_(model, [(x, y)], F.cross_entropy, ratio=0.3, criterion="taylor", iterations=1,
+                      granularity=granularity)
+    model.eval()
+    compact = padnet.compact_(copy.deepcopy(model)).eval()
+    with torch.no_grad():  # the reference: PADNET_FUSED=0 (the suite's default), no tuning
+        refs = [(m(x[:1]), m(x[:3])) for m in (model, compact)]
+    monkeypatch.setenv("PADNET_FUSED", "1")
+    monkeypatch.setenv("PADNET_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("PADNET_AUTOTUNE", "1")
+    autotune.set_autotune(None)
+    autotune.clear_autotune_cache()
+    backend_selection.clear_choices()
+    monkeypatch.setattr(autotune, "tune", lambda key, candidates, run, device, budget_s=None:
+                        "fused" if "fused" in candidates else candidates[0])
+    calls = []
+    real = fused.fused_dynamic_conv2d
+    monkeypatch.setattr(fused, "fused_dynamic_conv2d", lambda *a, **k: calls.append(1) or real(*a, **k))
+    try:
+        with torch.no_grad():
+            for m, (ref1, ref3) in zip((copy.deepcopy(model), copy.deepcopy(compact)), refs):
+                torch.testing.assert_close(m(x[:1]), ref1, rtol=1e-4, atol=1e-5)
+                torch.testing.assert_close(m(x[:3]), ref3, rtol=1e-4, atol=1e-5)
+    finally:
+        autotune.clear_autotune_cache()
+        backend_selection.clear_choices()
+    assert calls, "the fused kernel never ran"

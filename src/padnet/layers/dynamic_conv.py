@@ -819,17 +819,11 @@ class CompactDynamicConv2d(_ConvGeometry, CompactLayerMixin, nn.Module):
             sta_rows = self.weight.static_values.view(plan.static_rows_shape)
             order = st.order
             if self.groups == 1 and not torch.is_grad_enabled() and self.cache_weights and not is_exporting():
-                # static rows in whole blocks of the plain conv: a padded copy, cached for inference beside (not
-                # in) the inference cache, which holds one derived form at a time and would evict the dense
-                # factors that the same call may need
-                key = _tensor_key((self.weight.static_values,))
-                hit = self.__dict__.get("_aligned_rows")
-                if hit is None or hit[0] != key:
-                    hit = (key, aligned_static_rows(sta_rows, st.order), self.weight.static_values.untyped_storage())
-                    self.__dict__["_aligned_rows"] = hit
-                sta_rows, order = hit[1]
+                # static rows in whole blocks of the plain conv (a padded copy, cached for inference)
+                sta_rows, order = _cached(self, "aligned_rows", (self.weight.static_values,),
+                                          lambda: aligned_static_rows(sta_rows, st.order))
             else:
-                self.__dict__.pop("_aligned_rows", None)
+                self.__dict__.get("_inference_cache", {}).pop("aligned_rows", None)  # free the inference copy
             if not channel_split_runs_dense(x, pi, dyn_rows, self.stride, self.padding, self.dilation, self.groups,
                                             "auto", sta_rows, order):
                 bias = mix_bias(pi, bias_dyn, bias_sta) if bias_dyn is not None else bias_sta

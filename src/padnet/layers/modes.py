@@ -388,7 +388,11 @@ def cached_derived(module: nn.Module, name: str, tensors: tuple[Tensor, ...], co
     """``compute()`` cached on ``module`` under ``name`` until any of ``tensors`` changes (:func:`tensor_key`).
 
     Optimizer steps, ``load_state_dict`` and ``set_mode_mask`` all update in
-    place and so invalidate. The cache is a plain attribute: never saved.
+    place and so invalidate. A miss also drops every other entry whose tensors
+    have changed since (a derived form of an old mask kind is never kept), while
+    entries still valid stay: two forms one call needs (a compact layer's padded
+    static rows and its dense factors) do not evict each other. The cache is a
+    plain attribute: never saved.
     """
     key = tensor_key(tensors)
     store = module.__dict__.get("_inference_cache")
@@ -397,12 +401,13 @@ def cached_derived(module: nn.Module, name: str, tensors: tuple[Tensor, ...], co
     hit = store.get(name)
     if hit is not None and hit[0] == key:
         return hit[1]
-    store.clear()  # one derived form at a time: the mask kind may have changed
+    for other in [n for n, entry in store.items() if n == name or tensor_key(entry[3]) != entry[0]]:
+        del store[other]
     value = compute()
     # the entry holds the keyed tensors' storages: while it lives, no new storage can be allocated at
     # their addresses, so a ``param.data = ...`` replacement (which keeps the version counter) always
-    # changes the key's data pointer
-    store[name] = (key, value, tuple(t.untyped_storage() for t in tensors))
+    # changes the key's data pointer; it holds the tensors themselves to recheck their key
+    store[name] = (key, value, tuple(t.untyped_storage() for t in tensors), tensors)
     return value
 
 

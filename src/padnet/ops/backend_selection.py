@@ -14,7 +14,7 @@ from torch import Tensor
 from . import autotune
 from .conv_backends import CONCRETE_BACKENDS, run_backend
 from .exporting import is_exporting
-from .fused import fused_applicable, fused_enabled, fused_mode, kernel_tag, load_fused
+from .fused import fused_applicable, fused_enabled, fused_mode, library_key
 from .geometry import ConvGeometry
 
 BACKENDS = ("auto", *CONCRETE_BACKENDS)
@@ -130,19 +130,10 @@ def resolve_backend(x: Tensor, pi: Tensor, dyn: Tensor, sta: Tensor | None, stri
             # right after the rule's choice: the tuning budget may run out before the last candidates, and
             # the fused kernel is built for the deep layers where the rule's choice is weakest
             candidates.insert(1, "fused")
-        # the candidate set is part of the tuning key: a backend that becomes available later (the fused
-        # kernel, once built) is timed then, instead of losing to a winner tuned without it
-        tune_key = _tune_key(candidates, key)
-        choice = autotune.lookup(tune_key, candidates)
-        if choice is None:
-            choice = autotune.tune(tune_key, candidates, _trial_runner(x, pi, dyn, sta, geom, padding, grad),
-                                   x.device)
+        choice = _tuned(candidates, key, lambda: _trial_runner(x, pi, dyn, sta, geom, padding, grad), x.device)
     else:
         choice = rule
-    if len(_CHOICES) > 4096:
-        _CHOICES.clear()
-    _CHOICES[key] = ((tuning, autotune.generation()), choice)
-    return choice
+    return _remember(key, tuning, choice)
 
 
 def resolve_single_sample_backend(x: Tensor, pi: Tensor, dyn: Tensor, sta: Tensor | None, stride, padding, dilation,
@@ -167,16 +158,9 @@ def resolve_single_sample_backend(x: Tensor, pi: Tensor, dyn: Tensor, sta: Tenso
         return hit[1]
     choice = "weight"
     if fused_applicable(x, pi, dyn, sta, groups, False):
-        candidates = ["weight", "fused"]
-        tune_key = _tune_key(candidates, key)
-        choice = autotune.lookup(tune_key, candidates)
-        if choice is None:
-            choice = autotune.tune(tune_key, candidates, _single_sample_runner(x, pi, dyn, sta, geom, padding),
-                                   x.device)
-    if len(_CHOICES) > 4096:
-        _CHOICES.clear()
-    _CHOICES[key] = ((True, autotune.generation()), choice)
-    return choice
+        choice = _tuned(["weight", "fused"], key, lambda: _single_sample_runner(x, pi, dyn, sta, geom, padding),
+                        x.device)
+    return _remember(key, True, choice)
 
 
 def _single_sample_runner(x, pi, dyn, sta, geom, padding):
@@ -193,13 +177,25 @@ def _single_sample_runner(x, pi, dyn, sta, geom, padding):
     return run
 
 
-def _tune_key(candidates: list[str], key: tuple) -> tuple:
-    """Autotune key: the candidate set, the call signature and, while the compiled kernel library is in use
-    (the fused candidate, the C++ im2col of the GEMM backends), its build: a rebuilt library is timed again
-    instead of inheriting winners measured with the old one."""
-    if load_fused() is not None:
-        return (tuple(candidates), *key, f"fused:{kernel_tag()}")
-    return (tuple(candidates), *key)
+def _tuned(candidates: list[str], key: tuple, make_run, device) -> str:
+    """The autotuned choice among ``candidates`` for the call signature ``key``: from the cache, else timed
+    (``make_run()`` gives the trial runner).
+
+    The candidate set is part of the tuning key (a backend that becomes available later, the fused kernel
+    once built, is timed then instead of losing to a winner tuned without it), and so is the compiled
+    library's build while it is in use (:func:`.fused.library_key`: a rebuilt library is timed again).
+    """
+    tune_key = (tuple(candidates), *key, *library_key())
+    choice = autotune.lookup(tune_key, candidates)
+    return choice if choice is not None else autotune.tune(tune_key, candidates, make_run(), device)
+
+
+def _remember(key: tuple, tuning: bool, choice: str) -> str:
+    """Keep ``choice`` for ``key`` in this process until the tuning state or generation changes."""
+    if len(_CHOICES) > 4096:
+        _CHOICES.clear()
+    _CHOICES[key] = ((tuning, autotune.generation()), choice)
+    return choice
 
 
 def _trial_runner(x, pi, dyn, sta, geom, padding, grad: bool):

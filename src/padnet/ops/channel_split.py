@@ -16,7 +16,7 @@ from . import autotune
 from .backend_selection import resolve_backend
 from .dynamic_conv import add_channel_bias, dynamic_conv2d
 from .exporting import is_exporting
-from .fused import kernel_tag, load_fused
+from .fused import library_key
 
 _DECISIONS: dict[tuple, tuple[int, bool]] = {}  # signature -> (autotune generation, dense?)
 
@@ -40,9 +40,7 @@ def channel_split_runs_dense(x: Tensor, pi: Tensor, dyn_rows: Tensor, stride, pa
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, pi, dyn_rows, sta_rows))
     key = ("channel_split", tuple(dyn_rows.shape), tuple(sta_rows.shape), tuple(x.shape), _pair(stride),
            str(padding), _pair(dilation), str(x.dtype), str(x.device), torch.get_num_threads(), grad,
-           torch.is_grad_enabled())
-    if load_fused() is not None:  # the plans' speed depends on the kernel library's build
-        key = (*key, f"fused:{kernel_tag()}")
+           torch.is_grad_enabled(), *library_key())  # (the plans' speed depends on the kernel library's build)
     hit = _DECISIONS.get(key)
     if hit is not None and hit[0] == autotune.generation():
         return hit[1]

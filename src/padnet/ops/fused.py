@@ -98,6 +98,12 @@ def kernel_tag() -> str:
     return _digest()
 
 
+def library_key() -> tuple[str, ...]:
+    """``("fused:<kernel_tag>",)`` while the compiled library is in use, else ``()``: the suffix of every
+    autotune key whose timings depend on it (the fused candidate, the C++ im2col of the GEMM backends)."""
+    return (f"fused:{kernel_tag()}",) if load_fused() is not None else ()
+
+
 def _digest() -> str:
     """Hash of what the binary depends on (the source is read and hashed once per process)."""
     return _hash_parts((torch.__version__, cpu_model(), cpu_features(), str(sysconfig.get_config_var("EXT_SUFFIX")),
@@ -269,7 +275,7 @@ def fused_dynamic_conv2d(x: Tensor, pi: Tensor, dyn: Tensor, sta: Tensor | None,
 
 
 __all__ = ["CHUNKS", "build_directory", "build_fused", "fused_applicable", "fused_dynamic_conv2d",
-           "fused_enabled", "fused_mode", "fused_tiles", "kernel_tag", "l2_cache_bytes", "library_path", "load_fused"]
+           "fused_enabled", "fused_mode", "fused_tiles", "kernel_tag", "l2_cache_bytes", "library_key", "library_path", "load_fused"]
 
 
 if __name__ == "__main__":  # the older spelling of the build command (it warns: this module is imported twice)
