@@ -211,6 +211,19 @@ def b1_floor_table(payload):
     return "\n".join(out)
 
 
+def parts_table(payload):
+    """Rows that carry a ``part`` field: one table per part, its columns the union of the rows' keys."""
+    out = [machine_line(payload)]
+    parts: dict[str, list] = {}
+    for r in payload["rows"]:
+        parts.setdefault(r["part"], []).append(r)
+    for part, rows in parts.items():
+        cols = [k for k in dict.fromkeys(k for r in rows for k in r) if k != "part"]
+        out += ["", f"**{part}**", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        out += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
+    return "\n".join(out)
+
+
 def main() -> None:
     for title, name, render in [
         ("allocator", "allocator", allocator_table),
@@ -229,6 +242,7 @@ def main() -> None:
         ("channel split: where the time goes", "channel_split", channel_split_table),
         ("torch.compile", "compile", variant_table),
         ("fused C++ kernel (an autotune candidate where its build is cached)", "fused", variant_table),
+        ("fused kernel tiles, static-part rows, im2col", "fused_tiles", parts_table),
     ]:
         payload = load(name)
         if payload is None:

@@ -64,8 +64,9 @@ def aligned_static_rows(sta_rows: Tensor, order: Tensor) -> tuple[Tensor, Tensor
 
     The plain conv of the static part is the largest cost of a channel split,
     and PyTorch's CPU conv (oneDNN) is much slower when its output channels are
-    not whole blocks: at 512@4, batch 32, 358 output channels cost 0.93-1.0x the
-    conv with all 512, 352 or 384 channels 0.72-0.75x (docs/benchmarks.md).
+    not whole blocks: at 512@4, batch 32, 358 output channels cost about 1.0x the
+    conv with all 512, 352 or 384 channels 0.70-0.76x (docs/benchmarks.md,
+    ``benchmarks/bench_fused_tiles.py``).
     Padding costs the extra rows' FLOPs, so it is done only when they are at most
     1/8 of the static rows (358 -> 384, not 45 -> 64); ``order`` (output channel
     -> column of ``cat([static_out, dynamic_out])``) skips the padded columns.

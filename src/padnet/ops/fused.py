@@ -224,8 +224,9 @@ def fused_tiles(out_channels: int, columns: int, pixels: int, batch: int, itemsi
     samples (each load of the K kernels serves every sample of the group) and
     multiplies them with the samples' input columns (each chunk of columns
     serves every row of the tile). Tiles of up to 80 rows and groups of 8
-    samples measured best or within noise of the best at the ResNet-18 shapes,
-    batch 1 to 32, on the machine of docs/benchmarks.md (Intel Xeon, 2 MiB L2).
+    samples measured within 10-15 % of the best fixed tile shape at the
+    ResNet-18 shapes, batch 32, on the machine of docs/benchmarks.md (Intel
+    Xeon, 2 MiB L2; ``benchmarks/bench_fused_tiles.py``).
     The tiles are made equal in height (a multiple of 4 rows, the register
     blocks' height), and few work items (tiles x sample groups) a multiple of
     ``threads`` (default: torch's intra-op thread count), because the threads
