@@ -74,15 +74,25 @@ def test_miss_tunes_every_backend_then_hits_memory_and_disk(tuning, monkeypatch)
     data = json.loads(files[0].read_text())
     assert data["fingerprint"] == {"format": autotune.FORMAT, "torch": torch.__version__, "cpu": autotune.cpu_model()}
     assert list(data["entries"].values()) == [choice]
-    # a new process (simulated: memory caches cleared) reads the choice instead of tuning again
+    (runner_up,) = data["runners_up"].values()
+    assert runner_up in ops.CONCRETE_BACKENDS and runner_up != choice
+    # a new process (simulated: memory caches cleared) reads the choice instead of tuning again, after
+    # timing it once against the stored runner-up (forced here to confirm it)
     autotune._MEMORY.clear()
     autotune._DISK = None
     backend_selection.clear_choices()
+    confirmations = []
+    monkeypatch.setattr(autotune, "_confirmed", lambda *a: confirmations.append(a[:2]) or True)
     trials.clear()
     with torch.no_grad():
         ops.dynamic_conv2d(x, pi, dyn, None, padding=1)
+    assert confirmations == [(choice, runner_up)]
     assert trials == [choice]
     assert ops.autotune_cache() == {key: choice}
+    trials.clear()
+    with torch.no_grad():
+        ops.dynamic_conv2d(x, pi, dyn, None, padding=1)
+    assert trials == [choice] and len(confirmations) == 1  # confirmed once per process
 
 
 def test_every_signature_part_is_a_separate_key(tuning):
@@ -155,6 +165,95 @@ def test_cached_choice_outside_the_valid_backends_is_ignored(tuning):
     with torch.no_grad():
         ops.dynamic_conv2d(x, pi, dyn, None, padding=1)
     assert set(ops.autotune_cache().values()) <= set(ops.CONCRETE_BACKENDS)
+
+
+def sleeper(seconds: dict[str, float], log: list[str]):
+    """A trial runner whose candidates take known times."""
+    import time
+
+    def run(name: str) -> None:
+        log.append(name)
+        time.sleep(seconds[name])
+
+    return run
+
+
+def new_process():
+    autotune._MEMORY.clear()
+    autotune._DISK = None
+
+
+def test_stored_choice_is_confirmed_against_its_runner_up(tuning):
+    key, log = ("toy", 1), []
+    autotune.record(key, "fast", "slow")
+    new_process()
+    run = sleeper({"fast": 0.0, "slow": 0.02, "other": 0.0}, log)
+    assert autotune.choose(key, ["slow", "fast", "other"], lambda: run, torch.device("cpu")) == "fast"
+    # a warm-up and three alternating runs of the two stored names only; nothing else is tuned
+    assert log == ["fast", "slow"] + ["fast", "slow"] * autotune.TRIAL_REPEATS
+    log.clear()
+    assert autotune.choose(key, ["slow", "fast", "other"], lambda: run, torch.device("cpu")) == "fast"
+    assert log == []  # memory hit
+    # without a stored runner-up (a one-candidate tune, or a runner-up no longer valid) nothing is timed
+    autotune.record(("toy", 2), "fast")
+    new_process()
+    assert autotune.choose(("toy", 2), ["fast", "slow"], lambda: run, torch.device("cpu")) == "fast"
+    assert autotune.choose(key, ["fast", "other"], lambda: run, torch.device("cpu")) == "fast"
+    assert log == []
+
+
+def test_stale_stored_choice_is_tuned_again_and_rewritten(tuning):
+    """A choice persisted under load (here: the stored winner is now 20 ms slower) is not kept."""
+    key, log = ("toy", 1), []
+    autotune.record(key, "slow", "fast")
+    new_process()
+    run = sleeper({"fast": 0.0, "slow": 0.02, "other": 0.03}, log)
+    assert autotune.choose(key, ["slow", "fast", "other"], lambda: run, torch.device("cpu")) == "fast"
+    assert set(log) == {"slow", "fast", "other"}  # the whole candidate set timed again
+    data = json.loads(autotune.cache_path().read_text())
+    assert data["entries"] == {autotune._key_text(key): "fast"}
+    assert data["runners_up"] == {autotune._key_text(key): "slow"}
+    new_process()
+    log.clear()
+    assert autotune.choose(key, ["slow", "fast", "other"], lambda: run, torch.device("cpu")) == "fast"
+    assert set(log) == {"fast", "slow"}  # the rewritten entry is confirmed, not tuned again
+
+
+def test_stored_choice_that_now_fails_is_tuned_again(tuning):
+    key = ("toy", 1)
+    autotune.record(key, "broken", "fine")
+    new_process()
+
+    def run(name):
+        if name == "broken":
+            raise RuntimeError("out of memory")
+
+    assert autotune.choose(key, ["fine", "broken"], lambda: run, torch.device("cpu")) == "fine"
+
+
+def test_close_candidates_get_extra_alternating_runs(tuning):
+    log = []
+    run = sleeper({"a": 0.010, "b": 0.0105, "c": 0.05}, log)
+    assert autotune.tune(("toy", 3), ["a", "b", "c"], run, torch.device("cpu"), budget_s=10.0) in ("a", "b")
+    first = 2 * (1 + autotune.TRIAL_REPEATS)  # warm-up + repeats of a and b; c's warm-up only (4x slower)
+    assert log[:first + 1] == ["a"] * 4 + ["b"] * 4 + ["c"]
+    assert log[first + 1:] in (["a", "b"] * autotune.TRIAL_REPEATS, ["b", "a"] * autotune.TRIAL_REPEATS)
+    log.clear()
+    run = sleeper({"a": 0.01, "b": 0.025}, log)
+    assert autotune.tune(("toy", 4), ["a", "b"], run, torch.device("cpu"), budget_s=10.0) == "a"
+    assert log == ["a"] * 4 + ["b"] * 4  # a clear winner (b repeated: under 4x slower): no extra runs
+
+
+def test_runner_up_entries_from_an_untrusted_file_are_validated(tuning):
+    tuning.mkdir(parents=True)
+    key = autotune._key_text(("toy", 1))
+    autotune.cache_path().write_text(json.dumps({
+        "fingerprint": autotune.fingerprint(), "entries": {key: "fast"},
+        "runners_up": {key: ["not", "a", "name"], "orphan": "slow"}}))
+    log = []
+    run = sleeper({"fast": 0.0, "slow": 0.0}, log)
+    assert autotune.choose(("toy", 1), ["fast", "slow"], lambda: run, torch.device("cpu")) == "fast"
+    assert log == [] and autotune._RUNNERS_UP == {}
 
 
 def test_fallback_rule_when_tuning_is_off(tuning, monkeypatch):

@@ -12,7 +12,15 @@ new torch or another CPU starts from an empty cache:
 Tuning cost is bounded: one warm-up and up to three timed runs per candidate,
 candidates clearly slower on their warm-up are not repeated, and no new trial
 starts once :data:`TUNE_BUDGET_S` seconds (``PADNET_AUTOTUNE_BUDGET_S``,
-default 0.5) have been spent on one signature.
+default 0.5) have been spent on one signature. When the two fastest are within
+:data:`CLOSE_MARGIN` of each other they alternate a few more runs (within the
+same budget), so drift between their time slots does not decide.
+
+A choice read from disk was made in another process, possibly under load, so
+it is confirmed once per process before it is trusted: the stored winner is
+timed against the stored runner-up (a warm-up and three runs each, alternating).
+If the winner is more than :data:`CONFIRM_TOLERANCE` slower, the signature is
+tuned again and the file updated; otherwise the stored choice stands.
 
 ``PADNET_AUTOTUNE=0`` (or :func:`set_autotune`\\ (False), or an explicit backend
 name) turns tuning off; the deterministic cost rule of
@@ -35,14 +43,17 @@ from typing import Callable, Iterable
 
 import torch
 
-FORMAT = 2  # 2: candidate set in the backend key; min-of-repeats scoring; channel split's dense plan autotuned
+FORMAT = 3  # 3: runner-up stored beside the winner (confirmed once per process); 2: candidate set in the key
 MAX_ENTRIES = 4096  # on-disk entries kept (oldest dropped first)
 TRIAL_REPEATS = 3
 SLOW_FACTOR = 4.0  # a candidate whose warm-up is this much slower than the best so far is not repeated
+CLOSE_MARGIN = 0.15  # the two fastest within this fraction of each other alternate TRIAL_REPEATS more runs
+CONFIRM_TOLERANCE = 0.05  # a stored winner this much slower than its stored runner-up is tuned again
 
 _ENABLED: bool | None = None  # None: read PADNET_AUTOTUNE
 _MEMORY: dict[tuple, str] = {}
 _DISK: dict[str, str] | None = None  # entries of this fingerprint's file, loaded lazily
+_RUNNERS_UP: dict[str, str] = {}  # the file's runner-up per entry (loaded with _DISK)
 _DISK_WARNED = False
 _GENERATION = 0  # bumped whenever a cached decision may no longer hold (settings changed, cache cleared)
 
@@ -139,19 +150,25 @@ def _key_text(key: tuple) -> str:
     return json.dumps(key, default=str)
 
 
+def _strings(table) -> dict[str, str]:
+    """The ``str -> str`` items of a JSON object (anything else in an untrusted file is dropped)."""
+    if not isinstance(table, dict):
+        return {}
+    return {k: v for k, v in table.items() if isinstance(k, str) and isinstance(v, str)}
+
+
 def _load_disk() -> dict[str, str]:
-    global _DISK
+    global _DISK, _RUNNERS_UP
     if _DISK is None:
-        _DISK = {}
+        _DISK, _RUNNERS_UP = {}, {}
         path = cache_path()
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return _DISK  # absent or damaged: start empty (rewritten on the next record)
         if isinstance(data, dict) and data.get("fingerprint") == fingerprint():
-            entries = data.get("entries")
-            if isinstance(entries, dict):
-                _DISK = {k: v for k, v in entries.items() if isinstance(k, str) and isinstance(v, str)}
+            _DISK = _strings(data.get("entries"))
+            _RUNNERS_UP = {k: v for k, v in _strings(data.get("runners_up")).items() if k in _DISK}
     return _DISK
 
 
@@ -167,18 +184,26 @@ def lookup(key: tuple, valid: Iterable[str]) -> str | None:
     return None
 
 
-def record(key: tuple, choice: str) -> None:
-    """Remember ``choice`` for ``key`` in memory and (best effort) on disk."""
+def record(key: tuple, choice: str, runner_up: str | None = None) -> None:
+    """Remember ``choice`` for ``key`` in memory and (best effort) on disk, with the ``runner_up`` that a
+    later process times it against (:func:`choose`)."""
     global _DISK_WARNED
     _MEMORY[key] = choice
     disk = _load_disk()
-    disk[_key_text(key)] = choice
+    text = _key_text(key)
+    disk.pop(text, None)  # re-inserted last: the oldest entries are the ones dropped
+    disk[text] = choice
+    _RUNNERS_UP.pop(text, None)
+    if runner_up is not None and runner_up != choice:
+        _RUNNERS_UP[text] = runner_up
     while len(disk) > MAX_ENTRIES:
-        disk.pop(next(iter(disk)))
+        oldest = next(iter(disk))
+        del disk[oldest]
+        _RUNNERS_UP.pop(oldest, None)
     path = cache_path()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        payload = json.dumps({"fingerprint": fingerprint(), "entries": disk}, indent=0)
+        payload = json.dumps({"fingerprint": fingerprint(), "entries": disk, "runners_up": _RUNNERS_UP}, indent=0)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".autotune-", suffix=".tmp")
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
@@ -209,44 +234,107 @@ def autotune_cache() -> dict[tuple, str]:
     return dict(_MEMORY)
 
 
-def tune(key: tuple, candidates: list[str], run: Callable[[str], None], device: torch.device,
-         budget_s: float | None = None) -> str:
-    """Time ``run(name)`` for each candidate (the first is the fallback), record and return the fastest.
-
-    Candidates that raise (e.g. out of memory) are skipped; the order matters
-    only when the budget runs out (the first candidate is always measured).
-    """
-    budget = TUNE_BUDGET_S if budget_s is None else budget_s
+def _timer(device: torch.device) -> Callable[[Callable[[str], None], str], float]:
+    """``timed(run, name)``: seconds of one ``run(name)``, synchronised on CUDA."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    def timed(name: str) -> float:
+    def timed(run: Callable[[str], None], name: str) -> float:
         sync()
         t0 = time.perf_counter()
         run(name)
         sync()
         return time.perf_counter() - t0
 
+    return timed
+
+
+def tune(key: tuple, candidates: list[str], run: Callable[[str], None], device: torch.device,
+         budget_s: float | None = None) -> str:
+    """Time ``run(name)`` for each candidate (the first is the fallback), record and return the fastest.
+
+    Candidates that raise (e.g. out of memory) are skipped; the order matters
+    only when the budget runs out (the first candidate is always measured).
+    Each candidate scores the fastest of its repeats (load spikes only ever add
+    time); the two fastest, when within :data:`CLOSE_MARGIN`, alternate
+    :data:`TRIAL_REPEATS` more runs each. The runner-up is recorded too.
+    """
+    budget = TUNE_BUDGET_S if budget_s is None else budget_s
+    timed = _timer(device)
     start = time.perf_counter()
+
+    def over_budget() -> bool:
+        return time.perf_counter() - start > budget
+
     timings: dict[str, float] = {}
     for i, name in enumerate(candidates):
-        if i > 0 and time.perf_counter() - start > budget:
+        if i > 0 and over_budget():
             break
         try:
-            warm = timed(name)
+            warm = timed(run, name)
         except (RuntimeError, MemoryError):
             continue
         best = min(timings.values(), default=float("inf"))
         samples = []
         if warm < SLOW_FACTOR * best:
             for _ in range(TRIAL_REPEATS):
-                samples.append(timed(name))
-                if time.perf_counter() - start > budget:
+                samples.append(timed(run, name))
+                if over_budget():
                     break
-        # the fastest repeat: load spikes only ever add time, so the minimum is the least disturbed sample
         timings[name] = min(samples) if samples else warm
-    choice = min(timings, key=timings.get) if timings else candidates[0]
-    record(key, choice)
+    ranked = sorted(timings, key=timings.get)
+    if len(ranked) >= 2 and timings[ranked[1]] <= timings[ranked[0]] * (1 + CLOSE_MARGIN):
+        for _ in range(TRIAL_REPEATS):  # a close call: alternate, so the two share the same conditions
+            if over_budget():
+                break
+            for name in ranked[:2]:
+                timings[name] = min(timings[name], timed(run, name))
+        ranked = sorted(timings, key=timings.get)
+    choice = ranked[0] if ranked else candidates[0]
+    record(key, choice, ranked[1] if len(ranked) > 1 else None)
     return choice
+
+
+def _confirmed(stored: str, rival: str, run: Callable[[str], None], device: torch.device) -> bool:
+    """Whether ``stored`` still runs within :data:`CONFIRM_TOLERANCE` of ``rival`` (a warm-up, then
+    :data:`TRIAL_REPEATS` alternating runs each, fastest run scored). A stored choice that now fails
+    to run is not confirmed."""
+    timed = _timer(device)
+    best = {stored: float("inf"), rival: float("inf")}
+    try:
+        for name in best:
+            timed(run, name)
+        for _ in range(TRIAL_REPEATS):
+            for name in best:
+                best[name] = min(best[name], timed(run, name))
+    except (RuntimeError, MemoryError):
+        return False
+    return best[stored] <= best[rival] * (1 + CONFIRM_TOLERANCE)
+
+
+def choose(key: tuple, candidates: list[str], make_run: Callable[[], Callable[[str], None]],
+           device: torch.device, budget_s: float | None = None) -> str:
+    """The autotuned choice among ``candidates`` (the first is the rule's) for the signature ``key``.
+
+    From memory if this process decided it; else from disk, after confirming it
+    once against the stored runner-up (see the module docstring); else tuned
+    (:func:`tune`). ``make_run()`` builds the trial runner only when timing is needed.
+    """
+    hit = _MEMORY.get(key)
+    if hit is not None and hit in candidates:
+        return hit
+    text = _key_text(key)
+    stored = _load_disk().get(text)
+    if stored in candidates:
+        rival = _RUNNERS_UP.get(text)
+        if rival not in candidates or rival == stored:
+            _MEMORY[key] = stored
+            return stored
+        run = make_run()
+        if _confirmed(stored, rival, run, device):
+            _MEMORY[key] = stored
+            return stored
+        return tune(key, candidates, run, device, budget_s)
+    return tune(key, candidates, make_run(), device, budget_s)
 
 
 __all__ = [
@@ -255,6 +343,7 @@ __all__ = [
     "autotune_enabled",
     "cache_dir",
     "cache_path",
+    "choose",
     "clear_autotune_cache",
     "cpu_features",
     "cpu_model",

@@ -178,16 +178,14 @@ def _single_sample_runner(x, pi, dyn, sta, geom, padding):
 
 
 def _tuned(candidates: list[str], key: tuple, make_run, device) -> str:
-    """The autotuned choice among ``candidates`` for the call signature ``key``: from the cache, else timed
-    (``make_run()`` gives the trial runner).
+    """The autotuned choice among ``candidates`` for the call signature ``key`` (:func:`.autotune.choose`:
+    cached, a stored one confirmed once per process, else timed; ``make_run()`` gives the trial runner).
 
     The candidate set is part of the tuning key (a backend that becomes available later, the fused kernel
     once built, is timed then instead of losing to a winner tuned without it), and so is the compiled
     library's build while it is in use (:func:`.fused.library_key`: a rebuilt library is timed again).
     """
-    tune_key = (tuple(candidates), *key, *library_key())
-    choice = autotune.lookup(tune_key, candidates)
-    return choice if choice is not None else autotune.tune(tune_key, candidates, make_run(), device)
+    return autotune.choose((tuple(candidates), *key, *library_key()), candidates, make_run, device)
 
 
 def _remember(key: tuple, tuning: bool, choice: str) -> str:

@@ -45,10 +45,8 @@ def channel_split_runs_dense(x: Tensor, pi: Tensor, dyn_rows: Tensor, stride, pa
     if hit is not None and hit[0] == autotune.generation():
         return hit[1]
     candidates = ["dense", "split"] if rule else ["split", "dense"]
-    choice = autotune.lookup(key, candidates)
-    if choice is None:
-        choice = autotune.tune(key, candidates, _plan_runner(x, pi, dyn_rows, sta_rows, order, stride, padding,
-                                                             dilation, grad), x.device)
+    choice = autotune.choose(key, candidates, lambda: _plan_runner(x, pi, dyn_rows, sta_rows, order, stride,
+                                                                   padding, dilation, grad), x.device)
     if len(_DECISIONS) > 4096:
         _DECISIONS.clear()
     _DECISIONS[key] = (autotune.generation(), choice == "dense")
