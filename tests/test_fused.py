@@ -301,7 +301,7 @@ def test_batch_one_inference_runs_the_tuned_backend_with_the_same_numbers(kernel
         first = model(x)
         second = model(x)
     assert tuned == [("weight", "fused")]  # once: the second call found the layer's choice
-    assert model.__dict__["_single_sample_choice"][1] == forced
+    assert model.__dict__["_single_sample_choice"][1][0] == forced
     torch.testing.assert_close(first, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(second, first, rtol=0, atol=0)
     with torch.no_grad():
@@ -333,7 +333,7 @@ def test_batch_one_without_tuning_uses_the_rule(kernel, monkeypatch):
     layer = DynamicConv2d(4, 4, 3, padding=1).eval()
     with torch.no_grad():
         layer(torch.randn(1, 4, 6, 6))
-    assert layer.__dict__["_single_sample_choice"][1] == "weight"
+    assert layer.__dict__["_single_sample_choice"][1][0] == "weight"
 
 
 def test_single_sample_conv_refuses_an_unknown_backend():
@@ -611,6 +611,144 @@ def test_batch_one_fused_keeps_channels_last(kernel, tuning, monkeypatch):
     with torch.no_grad():
         y = layer(x)
         expected = layer(x.contiguous())
-    assert layer.__dict__["_single_sample_choice"][1] == "fused"
+    assert layer.__dict__["_single_sample_choice"][1][0] == "fused"
     assert y.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(y, expected)
+
+
+# ---- the compiled one-call batch-1 forward (routing + mixing + plain conv) ------------------------------
+
+def spy_routed(monkeypatch):
+    """Count calls of the compiled batch-1 forward the layers are handed."""
+    from padnet.layers import dynamic_conv as layer_module
+
+    calls = []
+    real = layer_module.routed_call
+
+    def spying(x, dyn):
+        fn = real(x, dyn)
+        return None if fn is None else (lambda *args: calls.append(1) or fn(*args))
+
+    monkeypatch.setattr(layer_module, "routed_call", spying)
+    return calls
+
+
+ROUTED_CASES = {
+    "plain": dict(cin=6, cout=10, kwargs={}),
+    "bias, sigmoid, temperature": dict(cin=6, cout=10, kwargs=dict(bias=True, routing="sigmoid", temperature=3.0)),
+    "router batch norm": dict(cin=8, cout=8, kwargs=dict(bias=True, router_norm="batch", temperature=0.5)),
+    "strided, dilated, grouped": dict(cin=8, cout=12, kwargs=dict(stride=2, dilation=2, groups=4, bias=True)),
+    "depthwise": dict(cin=8, cout=8, kwargs=dict(groups=8)),
+    "element PAD": dict(cin=6, cout=10, kwargs=dict(bias=True), element=True),
+}
+
+
+@pytest.mark.parametrize("compact", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", list(ROUTED_CASES))
+def test_batch_one_compiled_call_equals_the_python_path_bit_for_bit(kernel, monkeypatch, case, dtype, compact):
+    """The compiled call runs the same ATen ops as the Python path (router, routing, mixing, conv): equal to
+    the bit, and both equal the literal per-sample formula; channels_last input included."""
+    monkeypatch.setenv("PADNET_AUTOTUNE", "0")  # the rule's "weight" for both paths (no timing)
+    autotune.set_autotune(None)
+    spec = ROUTED_CASES[case]
+    torch.manual_seed(3)
+    layer = DynamicConv2d(spec["cin"], spec["cout"], 3, padding=2, **spec["kwargs"]).to(dtype)
+    if spec.get("element"):
+        layer.set_mode_mask("weight", (torch.rand(layer.mode_mask.shape) < 0.3).to(dtype))
+    with torch.no_grad():
+        layer.scale.phi.fill_(0.3) if getattr(layer.scale, "phi", None) is not None else None
+        if layer.attention.norm is not None:  # non-trivial running statistics
+            layer.attention.norm.running_mean.uniform_(-1, 1)
+            layer.attention.norm.running_var.uniform_(0.5, 2)
+    layer.eval()
+    literal = copy.deepcopy(layer)
+    literal.backend = "weight"  # explicit backend: the literal formula
+    model = CompactDynamicConv2d(layer) if compact else layer
+    x = torch.randn(1, spec["cin"], 9, 10, dtype=dtype)
+    calls = spy_routed(monkeypatch)
+    with torch.no_grad():
+        compiled = model(x)
+        compiled_cl = model(x.contiguous(memory_format=torch.channels_last))
+    assert len(calls) == 2
+    monkeypatch.undo()
+    monkeypatch.setenv("PADNET_AUTOTUNE", "0")
+    monkeypatch.setenv("PADNET_FUSED", "0")  # the Python path
+    with torch.no_grad():
+        python = model(x)
+        python_cl = model(x.contiguous(memory_format=torch.channels_last))
+        expected = literal(x)
+    assert torch.equal(compiled, python) and torch.equal(compiled_cl, python_cl)
+    assert compiled_cl.is_contiguous(memory_format=torch.channels_last) == python_cl.is_contiguous(
+        memory_format=torch.channels_last)
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    torch.testing.assert_close(compiled, expected, rtol=tol, atol=tol)
+
+
+def test_batch_one_compiled_call_is_skipped_where_python_must_run(kernel, monkeypatch):
+    """Forward hooks on the router or its parts, a replaced or subclassed router part, string padding, a norm
+    without running statistics, autograd and training: the Python path, with the hook's effect."""
+    monkeypatch.setenv("PADNET_AUTOTUNE", "0")
+    autotune.set_autotune(None)
+    torch.manual_seed(0)
+    x = torch.randn(1, 6, 7, 7)
+
+    def fresh(padding=1, **kwargs):
+        return DynamicConv2d(6, 8, 3, padding=padding, **kwargs).eval()
+
+    calls = spy_routed(monkeypatch)
+    layer = fresh()
+    with torch.no_grad():
+        layer(x)
+    assert len(calls) == 1  # the default: compiled
+    # a forward hook on the router doubles its logits: the output must change, so Python runs the module
+    for target in ("attention", "attention.fc1", "attention.fc2"):
+        layer = fresh()
+        with torch.no_grad():
+            plain = layer(x)
+        n = len(calls)
+        handle = layer.get_submodule(target).register_forward_hook(lambda m, i, o: o * 2)
+        with torch.no_grad():
+            hooked = layer(x)
+        assert len(calls) == n and not torch.equal(hooked, plain), target
+        handle.remove()
+        with torch.no_grad():
+            assert torch.equal(layer(x), plain)  # hook removed: compiled again, same numbers
+        assert len(calls) == n + 1
+    seen = []
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: seen.append(type(m).__name__))
+    try:
+        layer = fresh()
+        n = len(calls)
+        with torch.no_grad():
+            layer(x)
+        assert len(calls) == n and "KernelAttention" in seen  # a global hook sees the router
+    finally:
+        handle.remove()
+
+    class ScaledLinear(torch.nn.Linear):
+        def forward(self, inp):
+            return super().forward(inp) * 2
+
+    layer = fresh()
+    old = layer.attention.fc2
+    layer.attention.fc2 = ScaledLinear(old.in_features, old.out_features)
+    n = len(calls)
+    with torch.no_grad():
+        layer(x)
+    assert len(calls) == n
+    layer = fresh(padding="same")
+    with torch.no_grad():
+        layer(x)
+    assert len(calls) == n
+    layer = fresh(router_norm="batch")
+    layer.attention.norm.running_mean = None
+    layer.attention.norm.running_var = None
+    layer.attention.norm.track_running_stats = False
+    assert layer.attention.routing_tensors() is None
+    layer = fresh()
+    layer(x)  # autograd
+    layer.train()
+    with torch.no_grad():
+        layer(x)  # training mode
+    assert len(calls) == n

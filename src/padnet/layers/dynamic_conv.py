@@ -16,7 +16,7 @@ from ..ops.backend_selection import BACKENDS, resolve_single_sample_backend
 from ..ops.channel_split import aligned_static_rows, channel_split_conv2d, channel_split_runs_dense
 from ..ops.dynamic_conv import dynamic_conv2d, mix_bias, single_sample_conv
 from ..ops.exporting import is_exporting
-from ..ops.fused import fused_enabled
+from ..ops.fused import fused_enabled, routed_call
 from ..ops.geometry import ConvGeometry, check_conv_hyperparameters
 from ..ops.masked_conv import masked_dynamic_conv2d
 from .modes import (
@@ -27,6 +27,9 @@ from .modes import cached_derived as _cached
 from .modes import tensor_key as _tensor_key
 
 ROUTINGS = ("softmax", "sigmoid")
+# torch's registries of hooks on every module (read as dicts: non-empty means a hook runs)
+_GLOBAL_FORWARD_HOOKS = nn.modules.module._global_forward_hooks
+_GLOBAL_FORWARD_PRE_HOOKS = nn.modules.module._global_forward_pre_hooks
 ROUTER_INITS = ("official", "torch")
 ROUTER_NORMS = ("none", "batch")
 
@@ -85,6 +88,32 @@ class KernelAttention(nn.Module):
         nn.init.normal_(self.fc2.weight, 0.0, math.sqrt(2.0 / self.fc2.out_features))
         nn.init.zeros_(self.fc1.bias)
         nn.init.zeros_(self.fc2.bias)
+
+    def routing_tensors(self) -> tuple | None:
+        """``(fc1.weight, fc1.bias, norm weight, norm bias, running mean, running var, eps, fc2.weight,
+        fc2.bias)`` (``None`` for absent parts; no norm: ``eps`` 0), for a compiled call that computes this
+        router (:func:`padnet.ops.fused.routed_call`) -- or ``None`` when :meth:`forward` may do anything
+        else: a subclass, replaced or subclassed parts, a norm without running statistics, any forward
+        hook (the layer then calls the module). Runs on every batch-1 inference call: dictionary reads only.
+        """
+        if type(self) is not KernelAttention or _GLOBAL_FORWARD_HOOKS or _GLOBAL_FORWARD_PRE_HOOKS \
+                or self._forward_hooks or self._forward_pre_hooks:
+            return None
+        modules = self._modules
+        fc1, fc2, norm = modules["fc1"], modules["fc2"], modules.get("norm")  # (a None norm is a plain attribute)
+        if type(fc1) is not nn.Linear or type(fc2) is not nn.Linear or fc1._forward_hooks or fc1._forward_pre_hooks \
+                or fc2._forward_hooks or fc2._forward_pre_hooks:
+            return None
+        p1, p2 = fc1._parameters, fc2._parameters
+        if norm is None:
+            return p1["weight"], p1["bias"], None, None, None, None, 0.0, p2["weight"], p2["bias"]
+        buffers = norm._buffers
+        mean, var = buffers.get("running_mean"), buffers.get("running_var")
+        if type(norm) is not RouterBatchNorm or mean is None or var is None or norm._forward_hooks \
+                or norm._forward_pre_hooks:
+            return None
+        pn = norm._parameters
+        return p1["weight"], p1["bias"], pn.get("weight"), pn.get("bias"), mean, var, norm.eps, p2["weight"], p2["bias"]
 
     def forward(self, x: Tensor) -> Tensor:
         hidden = self.fc1(x.mean(dim=(2, 3)))
@@ -180,21 +209,47 @@ class _ConvGeometry:
             self._check_input(x)
             self.__dict__["_checked_input_shape"] = x.shape
 
-    def _single_sample_backend(self, x: Tensor, dyn: Tensor, sta: Tensor | None) -> str:
-        """``"weight"`` or ``"fused"`` for a batch-1 inference call on ``x [1, C, H, W]``
-        (:func:`~padnet.ops.backend_selection.resolve_single_sample_backend`), decided once per input
-        shape, dtype, device, thread count, autotune state and ``PADNET_FUSED`` and kept on the layer (a tuple
-        comparison per call)."""
+    def _single_sample_decision(self, x: Tensor, dyn: Tensor, sta: Tensor | None) -> tuple:
+        """``(backend, routed)`` for a batch-1 inference call on ``x [1, C, H, W]``, decided once per input
+        shape, dtype, device, thread count, autotune state, ``PADNET_FUSED`` and padding, and kept on the
+        layer (a tuple comparison per call).
+
+        ``backend``: ``"weight"`` or ``"fused"``
+        (:func:`~padnet.ops.backend_selection.resolve_single_sample_backend`). ``routed``: for
+        ``"weight"`` with numeric padding, the compiled one-call forward (:func:`~padnet.ops.fused.routed_call`)
+        where it can run, else ``None``."""
         state = (x.shape, x.dtype, x.device, torch.get_num_threads(), autotune.autotune_enabled(),
-                 autotune.generation(), fused_enabled())
+                 autotune.generation(), fused_enabled(), self.padding)
         hit = self.__dict__.get("_single_sample_choice")
         if hit is not None and hit[0] == state:
             return hit[1]
         pi = x.new_full((1, dyn.shape[0]), 1.0 / dyn.shape[0])  # timings do not depend on the routing values
         choice = resolve_single_sample_backend(x, pi, dyn, sta, self.stride, self.padding, self.dilation,
                                                self.groups)
-        self.__dict__["_single_sample_choice"] = (state, choice)
-        return choice
+        routed = None if choice != "weight" or isinstance(self.padding, str) else routed_call(x, dyn)
+        self.__dict__["_single_sample_choice"] = (state, (choice, routed))
+        return choice, routed
+
+    def _single_sample_backend(self, x: Tensor, dyn: Tensor, sta: Tensor | None) -> str:
+        """The backend of :meth:`_single_sample_decision`."""
+        return self._single_sample_decision(x, dyn, sta)[0]
+
+    def _single_sample_call(self, x: Tensor, dyn: Tensor, sta: Tensor | None, bias_dyn: Tensor | None,
+                            bias_sta: Tensor | None) -> Tensor:
+        """Batch-1 inference on checked ``x [1, C, H, W]`` with the plan's factors -> ``[1, O, H', W']``.
+
+        One compiled call (routing, mixing, conv) when the decision allows it and the router is the
+        plain default (:meth:`KernelAttention.routing_tensors`); otherwise routing in Python and
+        :func:`~padnet.ops.dynamic_conv.single_sample_conv`. Same result either way.
+        """
+        backend, routed = self._single_sample_decision(x, dyn, sta)
+        if routed is not None:
+            router = self._modules["attention"].routing_tensors()
+            if router is not None:
+                return routed(x, *router, self._temperature, self.routing == "sigmoid", dyn, sta, bias_dyn, bias_sta,
+                              self.stride, self.padding, self.dilation, self.groups)
+        return single_sample_conv(x, self._route(x), dyn, sta, bias_dyn, bias_sta, self.stride, self.padding,
+                                  self.dilation, self.groups, backend)
 
     def routing_weights(self, x: Tensor) -> Tensor:
         """Routing weights ``[B, K]`` for input ``x [B, C, H, W]``, temperature applied."""
@@ -393,8 +448,7 @@ class DynamicConv2d(_ConvGeometry, PadLayerMixin, nn.Module):
         if x.dim() == 4 and x.shape[0] == 1 and not torch.is_grad_enabled():  # deploy latency: the shortest path
             factors = self._single_sample_factors(x)
             if factors is not None:
-                return single_sample_conv(x, self._route(x), *factors, self.stride, self.padding, self.dilation,
-                                          self.groups, self._single_sample_backend(x, factors[0], factors[1]))
+                return self._single_sample_call(x, *factors)
         pi = self.routing_weights(x)
         exporting = is_exporting()
         self._observe_routing(pi, exporting)
@@ -796,9 +850,7 @@ class CompactDynamicConv2d(_ConvGeometry, CompactLayerMixin, nn.Module):
         if x.dim() == 4 and x.shape[0] == 1 and (kind == "ones" or kind == "element") and not torch.is_grad_enabled() \
                 and self.backend == "auto" and not is_exporting():
             self._check_input_once(x)  # deploy latency: the shortest path
-            dyn, sta = self._cached_dense_factors()
-            return single_sample_conv(x, self._route(x), dyn, sta, *self._bias_parts(), self.stride, self.padding,
-                                      self.dilation, self.groups, self._single_sample_backend(x, dyn, sta))
+            return self._single_sample_call(x, *self._cached_dense_factors(), *self._bias_parts())
         self._check_input(x)
         bias_dyn, bias_sta = self._bias_parts()
         if self.backend != "auto":  # explicit backend: the literal dense computation (FLOP counting)

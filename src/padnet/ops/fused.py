@@ -1,4 +1,4 @@
-"""Fused per-sample dynamic conv and element-PAD folding: C++ kernels, compiled once per machine and cached (CPU).
+"""Fused per-sample dynamic conv, element-PAD folding and the one-call batch-1 forward: C++ kernels, compiled once per machine and cached (CPU).
 
 For deep layers (few output pixels per sample) the per-sample kernels are the
 problem: at 512@4 and batch 32 they are 288 MiB, which the other backends write
@@ -17,8 +17,12 @@ The same library holds the one-pass kernels of element-PAD training
 contiguous float32/float64 CPU tensors): forming the folded factors
 ``F'_k = lambda_d M W_k + lambda_s (1 - M) W_s`` and mapping their gradient
 back through the mask, each reading the weights once instead of a chain of
-aten ops with temporaries. ``PADNET_FUSED`` decides whether the library may be
-used:
+aten ops with temporaries. And it holds ``routed_single_sample_conv``
+(:func:`routed_call`): a layer's whole batch-1 inference call -- the default
+router, routing weights, the sample's kernel and one plain conv -- as one call
+from Python running the same ATen ops (the same result to the bit), because at
+batch 1 on small layers the interpreter's work between the ops is a measurable
+part of the call. ``PADNET_FUSED`` decides whether the library may be used:
 
 - ``auto`` (default): use the compiled library if it is already in the cache
   (``bash scripts/setup.sh`` builds it: ``python -m padnet.ops.build_fused``); never
@@ -194,6 +198,23 @@ def fused_applicable(x: Tensor, pi: Tensor, dyn: Tensor, sta: Tensor | None, gro
     if len(dtypes) != 1 or x.dtype not in (torch.float32, torch.float64):
         return False
     return load_fused() is not None
+
+
+def routed_call(x: Tensor, dyn: Tensor):
+    """The compiled one-call batch-1 forward, or ``None`` where it cannot run these tensors.
+
+    ``routed_single_sample_conv(x, fc1_weight, fc1_bias, norm_weight, norm_bias, norm_mean, norm_var,
+    norm_eps, fc2_weight, fc2_bias, temperature, sigmoid, dyn, sta, bias_dyn, bias_sta, stride, padding,
+    dilation, groups) -> [1, O, H', W']``: the default router, the routing weights, the sample's kernel
+    and bias and one plain conv, as the same ATen ops the Python path runs (the same result to the bit),
+    without the interpreter's work between them. CPU, float32 / float64, the library loaded
+    (``PADNET_FUSED`` not off); ``padding`` must be numbers, not a string.
+    """
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or dyn.dtype != x.dtype \
+            or not fused_enabled():
+        return None
+    lib = load_fused()
+    return None if lib is None else lib.routed_single_sample_conv
 
 
 def l2_cache_bytes() -> int:

@@ -530,9 +530,54 @@ torch::Tensor im2col(torch::Tensor x, int64_t kh, int64_t kw, int64_t sh, int64_
   return out;
 }
 
+// The whole batch-1 inference call of a dynamic conv layer in one call from Python (padnet.ops.fused.
+// routed_single_sample_conv): the default router (global average pool -> Linear [-> BatchNorm with
+// running statistics] -> ReLU -> Linear), routing weights (softmax or sigmoid of logits / temperature),
+// the sample's kernel (pi @ dyn [+ sta]) and bias, and one plain conv. The same ATen ops in the same
+// order as the Python path, so the result is the same to the bit; only the interpreter's work per op
+// is gone (at batch 1 on small layers it is a measurable part of the call: docs/benchmarks.md).
+torch::Tensor routed_single_sample_conv(
+    torch::Tensor x, torch::Tensor fc1_weight, c10::optional<torch::Tensor> fc1_bias,
+    c10::optional<torch::Tensor> norm_weight, c10::optional<torch::Tensor> norm_bias,
+    c10::optional<torch::Tensor> norm_mean, c10::optional<torch::Tensor> norm_var, double norm_eps,
+    torch::Tensor fc2_weight, c10::optional<torch::Tensor> fc2_bias, double temperature, bool sigmoid,
+    torch::Tensor dyn, c10::optional<torch::Tensor> sta, c10::optional<torch::Tensor> bias_dyn,
+    c10::optional<torch::Tensor> bias_sta, std::vector<int64_t> stride, std::vector<int64_t> padding,
+    std::vector<int64_t> dilation, int64_t groups) {
+  TORCH_CHECK(x.dim() == 4 && x.size(0) == 1, "routed_single_sample_conv: expected one sample [1, C, H, W]");
+  TORCH_CHECK(dyn.dim() >= 3, "routed_single_sample_conv: dyn must be [K, O, C/groups, kh, kw]");
+  auto hidden = at::linear(x.mean({2, 3}), fc1_weight, fc1_bias);
+  if (norm_mean.has_value()) {
+    TORCH_CHECK(norm_var.has_value(), "routed_single_sample_conv: the norm needs running mean and variance");
+    hidden = at::batch_norm(hidden, norm_weight, norm_bias, norm_mean, norm_var, false, 0.0, norm_eps, false);
+  }
+  auto logits = at::linear(at::relu(hidden), fc2_weight, fc2_bias);
+  auto z = temperature == 1.0 ? logits : logits / temperature;
+  torch::Tensor pi;
+  if (sigmoid) {
+    pi = at::sigmoid(z);
+  } else if (z.scalar_type() == torch::kHalf || z.scalar_type() == torch::kBFloat16) {
+    pi = at::softmax(z.to(torch::kFloat), -1).to(logits.scalar_type());
+  } else {
+    pi = at::softmax(z, -1);
+  }
+  const int64_t K = dyn.size(0);
+  auto flat = dyn.reshape({K, -1});
+  auto weight = sta.has_value() ? at::addmm(sta->reshape({-1}), pi, flat) : at::mm(pi, flat);
+  c10::optional<torch::Tensor> bias;
+  if (bias_dyn.has_value()) {
+    bias = (bias_sta.has_value() ? at::addmm(*bias_sta, pi, *bias_dyn) : at::matmul(pi, *bias_dyn)).select(0, 0);
+  } else if (bias_sta.has_value()) {
+    bias = bias_sta;
+  }
+  return at::conv2d(x, weight.view(dyn.sizes().slice(1)), bias, stride, padding, dilation, groups);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fused_dynamic_conv", &fused_dynamic_conv, "fused per-sample dynamic conv (inference, CPU)");
   m.def("im2col", &im2col, "im2col into a given buffer (CPU, float32/float64)");
   m.def("fold_factors", &fold_factors, "element-PAD folded factors in one pass (training, CPU)");
   m.def("fold_factor_grads", &fold_factor_grads, "gradients of the folded factors in one pass (training, CPU)");
+  m.def("routed_single_sample_conv", &routed_single_sample_conv,
+        "routing + kernel mixing + plain conv of one sample in one call (inference)");
 }
