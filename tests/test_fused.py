@@ -746,9 +746,118 @@ def test_batch_one_compiled_call_is_skipped_where_python_must_run(kernel, monkey
     layer.attention.norm.running_var = None
     layer.attention.norm.track_running_stats = False
     assert layer.attention.routing_tensors() is None
+    with torch.no_grad(), pytest.raises(ValueError, match="more than 1 value"):
+        layer(x)  # batch statistics of one sample: the Python path's own error, not a compiled result
     layer = fresh()
     layer(x)  # autograd
     layer.train()
     with torch.no_grad():
         layer(x)  # training mode
     assert len(calls) == n
+
+
+def test_a_layer_that_ran_the_compiled_call_pickles_and_copies(kernel, monkeypatch):
+    """The batch-1 decision (holding the compiled function) is per process: not pickled, not deep-copied."""
+    import io
+    import pickle
+
+    monkeypatch.setenv("PADNET_AUTOTUNE", "0")
+    autotune.set_autotune(None)
+    layer = DynamicConv2d(6, 8, 3, padding=1).eval()
+    model = torch.nn.Sequential(layer, CompactDynamicConv2d(copy.deepcopy(layer)))
+    x = torch.randn(1, 6, 5, 5)
+    with torch.no_grad():
+        expected = layer(x), model[1](x)
+    assert "_single_sample_choice" in layer.__dict__
+    for clone in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
+        assert "_single_sample_choice" not in clone[0].__dict__
+        with torch.no_grad():
+            assert torch.equal(clone[0](x), expected[0]) and torch.equal(clone[1](x), expected[1])
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    assert isinstance(torch.load(buffer, weights_only=False), torch.nn.Sequential)
+
+
+def test_batch_one_compiled_call_leaves_custom_routing_to_python(kernel, monkeypatch):
+    """A router replaced by another module, a forward patched on an instance, tensor-subclass weights, an
+    active TorchFunctionMode, a subclass overriding the routing: the Python path runs and its result is kept."""
+    from torch.overrides import TorchFunctionMode
+
+    monkeypatch.setenv("PADNET_AUTOTUNE", "0")
+    autotune.set_autotune(None)
+    torch.manual_seed(1)
+    x = torch.randn(1, 6, 7, 7) + torch.randn(1, 6, 1, 1)
+    calls = spy_routed(monkeypatch)
+
+    def fresh(cls=DynamicConv2d):
+        layer = cls(6, 8, 3, padding=1).eval()
+        with torch.no_grad():
+            layer.attention.fc1.bias.fill_(2.0)  # active hidden units: routing away from uniform
+            assert torch.softmax(layer.attention(x), -1).std() > 0.01
+        return layer
+
+    class LogitRouter(torch.nn.Module):  # any module giving [B, K] logits
+        def forward(self, inp):
+            return inp.mean(dim=(2, 3))[:, :4] * 3
+
+    layer = fresh()
+    layer.attention = LogitRouter()
+    with torch.no_grad():
+        y = layer(x)
+    pi = torch.softmax(x.mean(dim=(2, 3))[:, :4] * 3, -1)
+    expected = F.conv2d(x, torch.einsum("k,k...->...", pi[0], layer.weight_dynamic * layer.scales()[1]), None, 1, 1)
+    torch.testing.assert_close(y, expected)
+    assert calls == []
+
+    layer = fresh()
+    with torch.no_grad():
+        plain = layer(x)
+    assert len(calls) == 1
+    fc2 = layer.attention.fc2
+    fc2.forward = lambda inp: torch.nn.Linear.forward(fc2, inp) * 0  # patched on the instance: uniform routing
+    with torch.no_grad():
+        patched = layer(x)
+    assert len(calls) == 1 and not torch.equal(patched, plain)
+
+    seen = []
+
+    class Tagged(torch.Tensor):
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return super().__torch_function__(func, types, args, kwargs or {})
+
+    layer = fresh()
+    layer.attention.fc1.weight = torch.nn.Parameter(layer.attention.fc1.weight.detach().as_subclass(Tagged))
+    with torch.no_grad():
+        layer(x)
+    assert len(calls) == 1 and seen  # the subclass saw the Python path's ops
+
+    class Counting(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    layer = fresh()
+    seen.clear()
+    with torch.no_grad(), Counting():
+        layer(x)
+    assert len(calls) == 1 and seen
+
+    class Sharper(DynamicConv2d):  # a subclass that routes its own way
+        def _route(self, inp):
+            return torch.softmax(self.attention(inp) * 10, -1)
+
+    layer = fresh(Sharper)
+    with torch.no_grad():
+        sharp = layer(x)
+        reference_sharp = single_route(layer, x, layer._route(x))
+    torch.testing.assert_close(sharp, reference_sharp)
+    assert len(calls) == 1
+
+
+def single_route(layer, x, pi):
+    dyn, sta, bias_dyn, bias_sta = layer.combined_factors()
+    return ops.dynamic_conv2d(x, pi, dyn, sta, bias_dyn, bias_sta, layer.stride, layer.padding, layer.dilation,
+                              layer.groups, "weight")

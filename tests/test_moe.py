@@ -503,3 +503,25 @@ def test_bad_inputs():
         MoEFeedForward(H, 0)
     with pytest.raises(ValueError):
         MoEFeedForward(H, I, scale="bogus")
+
+
+def test_whole_module_save_load_after_inference_drops_the_derived_caches():
+    """``torch.save(model)`` after an inference forward (which fills the per-process derived-weight cache with
+    raw storages) loads again, and the copy computes the same outputs."""
+    import io
+
+    moe = make(bias=True)
+    random_masks_(moe, 0.4)
+    moe.eval()
+    x = torch.randn(2, 5, H)
+    with torch.no_grad():
+        expected = moe(x)
+    assert moe.__dict__.get("_inference_cache")  # the cache this test is about is filled
+    buffer = io.BytesIO()
+    torch.save(moe, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert "_inference_cache" not in loaded.__dict__
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), expected, rtol=0, atol=0)
+    assert "_inference_cache" not in copy.deepcopy(moe).__dict__

@@ -30,6 +30,18 @@ ROUTINGS = ("softmax", "sigmoid")
 # torch's registries of hooks on every module (read as dicts: non-empty means a hook runs)
 _GLOBAL_FORWARD_HOOKS = nn.modules.module._global_forward_hooks
 _GLOBAL_FORWARD_PRE_HOOKS = nn.modules.module._global_forward_pre_hooks
+_PLAIN_TENSORS = (Tensor, nn.Parameter)
+
+
+def _runs_plain(module: nn.Module) -> bool:
+    """Whether calling ``module`` runs just its class's ``forward``: no forward (pre-)hooks of its own and no
+    ``forward`` replaced on the instance (as offloading / hooking libraries do)."""
+    return not (module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__)
+
+
+def _torch_function_mode_active() -> bool:
+    """Whether a ``TorchFunctionMode`` is active (it sees Python-level torch calls, not those made in C++)."""
+    return torch._C._len_torch_function_stack() > 0
 ROUTER_INITS = ("official", "torch")
 ROUTER_NORMS = ("none", "batch")
 
@@ -97,23 +109,25 @@ class KernelAttention(nn.Module):
         hook (the layer then calls the module). Runs on every batch-1 inference call: dictionary reads only.
         """
         if type(self) is not KernelAttention or _GLOBAL_FORWARD_HOOKS or _GLOBAL_FORWARD_PRE_HOOKS \
-                or self._forward_hooks or self._forward_pre_hooks:
+                or not _runs_plain(self):
             return None
         modules = self._modules
         fc1, fc2, norm = modules["fc1"], modules["fc2"], modules.get("norm")  # (a None norm is a plain attribute)
-        if type(fc1) is not nn.Linear or type(fc2) is not nn.Linear or fc1._forward_hooks or fc1._forward_pre_hooks \
-                or fc2._forward_hooks or fc2._forward_pre_hooks:
+        if type(fc1) is not nn.Linear or type(fc2) is not nn.Linear or not _runs_plain(fc1) or not _runs_plain(fc2):
             return None
         p1, p2 = fc1._parameters, fc2._parameters
         if norm is None:
-            return p1["weight"], p1["bias"], None, None, None, None, 0.0, p2["weight"], p2["bias"]
-        buffers = norm._buffers
-        mean, var = buffers.get("running_mean"), buffers.get("running_var")
-        if type(norm) is not RouterBatchNorm or mean is None or var is None or norm._forward_hooks \
-                or norm._forward_pre_hooks:
-            return None
-        pn = norm._parameters
-        return p1["weight"], p1["bias"], pn.get("weight"), pn.get("bias"), mean, var, norm.eps, p2["weight"], p2["bias"]
+            parts = p1["weight"], p1["bias"], None, None, None, None, 0.0, p2["weight"], p2["bias"]
+        else:
+            buffers = norm._buffers
+            mean, var = buffers.get("running_mean"), buffers.get("running_var")
+            if type(norm) is not RouterBatchNorm or mean is None or var is None or not _runs_plain(norm):
+                return None
+            pn = norm._parameters
+            parts = p1["weight"], p1["bias"], pn.get("weight"), pn.get("bias"), mean, var, norm.eps, p2["weight"], \
+                p2["bias"]
+        # plain tensors only: a tensor subclass (quantized or offloaded weights) runs its own Python code
+        return parts if all(type(t) in _PLAIN_TENSORS for t in parts if t is not None and type(t) is not float) else None
 
     def forward(self, x: Tensor) -> Tensor:
         hidden = self.fc1(x.mean(dim=(2, 3)))
@@ -209,6 +223,12 @@ class _ConvGeometry:
             self._check_input(x)
             self.__dict__["_checked_input_shape"] = x.shape
 
+    def __getstate__(self) -> dict:
+        """Pickling / deepcopy: the batch-1 decision is per process (it may hold a compiled function)."""
+        state = dict(super().__getstate__())  # (nn.Module's drops its compiled call)
+        state.pop("_single_sample_choice", None)
+        return state
+
     def _single_sample_decision(self, x: Tensor, dyn: Tensor, sta: Tensor | None) -> tuple:
         """``(backend, routed)`` for a batch-1 inference call on ``x [1, C, H, W]``, decided once per input
         shape, dtype, device, thread count, autotune state, ``PADNET_FUSED`` and padding, and kept on the
@@ -219,14 +239,19 @@ class _ConvGeometry:
         ``"weight"`` with numeric padding, the compiled one-call forward (:func:`~padnet.ops.fused.routed_call`)
         where it can run, else ``None``."""
         state = (x.shape, x.dtype, x.device, torch.get_num_threads(), autotune.autotune_enabled(),
-                 autotune.generation(), fused_enabled(), self.padding)
+                 autotune.generation(), fused_enabled(), self.padding, self.stride, self.dilation, self.routing)
         hit = self.__dict__.get("_single_sample_choice")
         if hit is not None and hit[0] == state:
             return hit[1]
         pi = x.new_full((1, dyn.shape[0]), 1.0 / dyn.shape[0])  # timings do not depend on the routing values
         choice = resolve_single_sample_backend(x, pi, dyn, sta, self.stride, self.padding, self.dilation,
                                                self.groups)
-        routed = None if choice != "weight" or isinstance(self.padding, str) else routed_call(x, dyn)
+        routed = None
+        cls = type(self)
+        if choice == "weight" and self.routing in ROUTINGS \
+                and all(type(v) is tuple for v in (self.padding, self.stride, self.dilation)) \
+                and cls._route is _ConvGeometry._route and cls.temperature is _ConvGeometry.temperature:
+            routed = routed_call(x, dyn)  # (a subclass that routes its own way keeps the Python path)
         self.__dict__["_single_sample_choice"] = (state, (choice, routed))
         return choice, routed
 
@@ -243,10 +268,11 @@ class _ConvGeometry:
         :func:`~padnet.ops.dynamic_conv.single_sample_conv`. Same result either way.
         """
         backend, routed = self._single_sample_decision(x, dyn, sta)
-        if routed is not None:
-            router = self._modules["attention"].routing_tensors()
+        if routed is not None and type(x) is Tensor and not _torch_function_mode_active():
+            attention = self._modules.get("attention")
+            router = attention.routing_tensors() if type(attention) is KernelAttention else None
             if router is not None:
-                return routed(x, *router, self._temperature, self.routing == "sigmoid", dyn, sta, bias_dyn, bias_sta,
+                return routed(x, *router, self._temperature, self.routing != "softmax", dyn, sta, bias_dyn, bias_sta,
                               self.stride, self.padding, self.dilation, self.groups)
         return single_sample_conv(x, self._route(x), dyn, sta, bias_dyn, bias_sta, self.stride, self.padding,
                                   self.dilation, self.groups, backend)

@@ -158,6 +158,11 @@ class PadLayerMixin:
     and own a ``scale`` (:class:`ScaleFactors`) submodule.
     """
 
+    def __getstate__(self) -> dict:
+        """Pickling / deepcopy: the :func:`cached_derived` entries are per process (they hold raw
+        storages, which ``torch.load`` cannot restore) and are rebuilt on demand: not part of the state."""
+        return _without_derived_cache(super().__getstate__())  # type: ignore[misc]
+
     _mode_group_specs: tuple[tuple[str, str, str, str, int | None, int], ...] = ()
     scale: ScaleFactors
 
@@ -411,6 +416,12 @@ def cached_derived(module: nn.Module, name: str, tensors: tuple[Tensor, ...], co
     return value
 
 
+def _without_derived_cache(state) -> dict:
+    state = dict(state)
+    state.pop("_inference_cache", None)
+    return state
+
+
 @functools.lru_cache(maxsize=None)  # a handful of attribute names; looked up on every forward
 def live_mask_attr(mask_attr: str) -> str:
     """Buffer name of the live mask paired with a mode-mask buffer (``mode_mask`` -> ``live_mask``)."""
@@ -533,6 +544,11 @@ def _scatter_columns(dst: Tensor, column_mask: Tensor, values: Tensor) -> Tensor
 
 class CompactLayerMixin:
     """Marker + protocol for deploy forms: ``packed_groups()`` lists PackedModeGroups."""
+
+    def __getstate__(self) -> dict:
+        """Pickling / deepcopy: the :func:`cached_derived` entries are per process (they hold raw
+        storages, which ``torch.load`` cannot restore) and are rebuilt on demand: not part of the state."""
+        return _without_derived_cache(super().__getstate__())  # type: ignore[misc]
 
     def packed_groups(self) -> list[PackedModeGroup]:
         return [m for m in self.children() if isinstance(m, PackedModeGroup)]  # type: ignore[attr-defined]
