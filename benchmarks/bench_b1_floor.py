@@ -16,7 +16,13 @@ one process (2 threads, float32, K = 4, the `models` suite's ResNet-18 on
 - the same GEMVs alone, back to back in model order on the model's own
   weights (interleaved medians), and the bandwidth they reach;
 - the floor "static forward + mixing alone": what the dynamic model would cost
-  if everything but the weight stream were free.
+  if everything but the weight stream were free and streaming never overlapped
+  the convs;
+- per layer, on each dynamic conv's own input: the plain conv alone, its GEMV
+  alone and the dynamic layer alone (interleaved medians). A layer cannot beat
+  the larger of its conv and its kernel stream, so "static forward - its convs +
+  sum over layers of max(conv, GEMV)" is a floor that allows full overlap; the
+  rows per layer shape show where the dynamic layers spend time above it.
 
 Rows: ``part``, ``ms`` and ``ratio`` (to the static forward of the same
 process); run it in fresh processes with ``benchmarks/fresh.py``.
@@ -27,6 +33,7 @@ from __future__ import annotations
 from _common import base_parser, log, setup, write
 
 import torch
+import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 import latency
@@ -47,6 +54,29 @@ def mixing_inputs(model: torch.nn.Module) -> list[tuple[torch.Tensor, torch.Tens
             pi = torch.softmax(torch.randn(1, w.shape[0], generator=gen), dim=-1)
             out.append((pi, w.reshape(w.shape[0], -1)))
     return out
+
+
+def layer_inputs(model: torch.nn.Module, x: torch.Tensor) -> list[tuple[torch.nn.Module, torch.Tensor]]:
+    """``(layer, its input)`` of every dynamic conv of ``model`` in module order, from one forward of ``x``."""
+    from padnet.layers import DynamicConv2d
+
+    seen: dict[int, torch.Tensor] = {}
+    layers = [m for m in model.modules() if isinstance(m, DynamicConv2d)]
+    hooks = [m.register_forward_pre_hook(lambda m, args: seen.__setitem__(id(m), args[0].detach().clone()))
+             for m in layers]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return [(m, seen[id(m)]) for m in layers]
+
+
+def layer_label(layer: torch.nn.Module, x: torch.Tensor) -> str:
+    """``"<in>-><out> k<kh> s<stride> @<H>"``: the layer shape the per-layer rows are summed by."""
+    return (f"{layer.in_channels}->{layer.out_channels} k{layer.kernel_size[0]} s{layer.stride[0]} "
+            f"@{x.shape[-1]}")
 
 
 def profiled_mix_ms(model: torch.nn.Module, x: torch.Tensor, forwards: int) -> tuple[float, float]:
@@ -78,10 +108,16 @@ def main() -> None:
         for pi, w in gemvs:
             torch.mm(pi, w)
 
+    layers = layer_inputs(dynamic, x)
+    fns = {"static": lambda: static(x), "dynamic": lambda: dynamic(x), "gemvs": run_gemvs}
+    for i, ((layer, xl), (pi, w)) in enumerate(zip(layers, gemvs)):
+        plain = layer.weight_dynamic.detach()[0].clone()
+        fns[f"conv{i}"] = lambda layer=layer, xl=xl, plain=plain: F.conv2d(
+            xl, plain, None, layer.stride, layer.padding, layer.dilation, layer.groups)
+        fns[f"gemv{i}"] = lambda pi=pi, w=w: torch.mm(pi, w)
+        fns[f"layer{i}"] = lambda layer=layer, xl=xl: layer(xl)
     with torch.no_grad():
-        timings = latency.time_interleaved(
-            {"static": lambda: static(x), "dynamic": lambda: dynamic(x), "gemvs": run_gemvs},
-            repeats=args.repeats, warmup=2)
+        timings = latency.time_interleaved(fns, repeats=args.repeats, warmup=2)
         mix_in_model, profiled_total = profiled_mix_ms(dynamic, x, args.profiled)
     s = timings["static"].median * 1e3
     d = timings["dynamic"].median * 1e3
@@ -97,9 +133,24 @@ def main() -> None:
         {"part": "rest: dynamic - static - mixing inside", "ms": d - s - mix_in_model,
          "ratio": (d - s - mix_in_model) / s},
     ]
+    per = [(layer_label(layer, xl), *(timings[f"{kind}{i}"].median * 1e3 for kind in ("conv", "gemv", "layer")))
+           for i, (layer, xl) in enumerate(layers)]
+    convs = sum(c for _, c, _, _ in per)
+    overlap = s - convs + sum(max(c, g) for _, c, g, _ in per)
+    rows += [
+        {"part": "per layer: the plain convs alone, summed", "ms": convs, "ratio": convs / s},
+        {"part": "per layer: the dynamic layers alone, summed", "ms": sum(dl for *_, dl in per),
+         "ratio": sum(dl for *_, dl in per) / s},
+        {"part": "floor with overlap: static - convs + sum of max(conv, GEMV)", "ms": overlap, "ratio": overlap / s},
+    ]
+    for label in dict.fromkeys(lab for lab, *_ in per):
+        conv_l, gemv_l, dyn_l = (sum(v[j] for v in per if v[0] == label) for j in (1, 2, 3))
+        rows.append({"part": f"layers {label}: dynamic - max(conv, GEMV)", "ms": dyn_l - max(conv_l, gemv_l),
+                     "ratio": (dyn_l - max(conv_l, gemv_l)) / s, "conv_ms": conv_l, "gemv_ms": gemv_l,
+                     "dynamic_ms": dyn_l})
     log(f"static {s:.1f} ms, dynamic {d:.1f} ms ({d / s:.2f}x); mixing in the model {mix_in_model:.1f} ms "
         f"(profiled forward {profiled_total:.1f} ms); GEMVs alone {g:.1f} ms = {nbytes / (g / 1e3) / 1e9:.1f} GB/s "
-        f"over {nbytes / 2**20:.0f} MiB; floor {(s + g) / s:.2f}x")
+        f"over {nbytes / 2**20:.0f} MiB; floor {(s + g) / s:.2f}x, with overlap {overlap / s:.2f}x")
     write("b1_floor", args, {"machine": info, "bytes_streamed": nbytes, "gemvs": len(gemvs), "rows": rows})
 
 
