@@ -625,9 +625,12 @@ def spy_routed(monkeypatch):
     calls = []
     real = layer_module.routed_call
 
-    def spying(x, dyn):
-        fn = real(x, dyn)
-        return None if fn is None else (lambda *args: calls.append(1) or fn(*args))
+    def spying(*args, **kwargs):
+        found = real(*args, **kwargs)
+        if found is None:
+            return None
+        fn, tail = found
+        return (lambda *a: calls.append(1) or fn(*a)), tail
 
     monkeypatch.setattr(layer_module, "routed_call", spying)
     return calls
@@ -861,3 +864,71 @@ def single_route(layer, x, pi):
     dyn, sta, bias_dyn, bias_sta = layer.combined_factors()
     return ops.dynamic_conv2d(x, pi, dyn, sta, bias_dyn, bias_sta, layer.stride, layer.padding, layer.dilation,
                               layer.groups, "weight")
+
+
+FUSED_ROUTED_CASES = {
+    "plain": dict(cin=6, cout=10, k=3, kwargs=dict(padding=1)),
+    "bias, sigmoid, temperature": dict(cin=6, cout=10, k=3, kwargs=dict(padding=1, bias=True, routing="sigmoid",
+                                                                        temperature=3.0)),
+    "router batch norm": dict(cin=8, cout=8, k=3, kwargs=dict(padding=1, bias=True, router_norm="batch")),
+    "element PAD": dict(cin=6, cout=10, k=3, kwargs=dict(padding=1, bias=True), element=True),
+    "pointwise": dict(cin=8, cout=12, k=1, kwargs=dict()),
+    "strided": dict(cin=5, cout=7, k=3, kwargs=dict(stride=2, padding=1)),
+    "same padding, dilated": dict(cin=5, cout=7, k=3, kwargs=dict(padding="same", dilation=2)),
+}
+
+
+@pytest.mark.parametrize("compact", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", list(FUSED_ROUTED_CASES))
+def test_batch_one_compiled_fused_call_equals_the_python_path_bit_for_bit(kernel, tuning, monkeypatch, case, dtype,
+                                                                          compact):
+    """Where the batch-1 choice is the fused kernel, the compiled call (router, im2col, fused kernel, bias,
+    channels_last) equals the Python path with the same kernel to the bit, and the literal formula."""
+    from padnet.layers import dynamic_conv as layer_module
+
+    monkeypatch.setattr(autotune, "tune", lambda key, candidates, run, device, budget_s=None:
+                        "fused" if "fused" in candidates else candidates[0])
+    spec = FUSED_ROUTED_CASES[case]
+    torch.manual_seed(4)
+    layer = DynamicConv2d(spec["cin"], spec["cout"], spec["k"], **spec["kwargs"]).to(dtype)
+    if spec.get("element"):
+        layer.set_mode_mask("weight", (torch.rand(layer.mode_mask.shape) < 0.3).to(dtype))
+    with torch.no_grad():
+        layer.attention.fc1.bias.fill_(1.0)  # routing away from uniform
+        if layer.attention.norm is not None:
+            layer.attention.norm.running_mean.uniform_(-1, 1)
+            layer.attention.norm.running_var.uniform_(0.5, 2)
+    layer.eval()
+    literal = copy.deepcopy(layer)
+    literal.backend = "weight"
+    model = CompactDynamicConv2d(layer) if compact else layer
+    x = torch.randn(1, spec["cin"], 9, 11, dtype=dtype)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    calls = spy_routed(monkeypatch)
+    with torch.no_grad():
+        compiled, compiled_cl = model(x), model(x_cl)
+    assert model.__dict__["_single_sample_choice"][1][0] == "fused" and len(calls) == 2
+    monkeypatch.setattr(layer_module, "routed_call", lambda *args, **kwargs: None)
+    model.__dict__.pop("_single_sample_choice")
+    with torch.no_grad():
+        python, python_cl = model(x), model(x_cl)
+        expected = literal(x)
+    assert model.__dict__["_single_sample_choice"][1] == ("fused", None)
+    assert torch.equal(compiled, python) and torch.equal(compiled_cl, python_cl)
+    assert compiled_cl.is_contiguous(memory_format=torch.channels_last) == python_cl.is_contiguous(
+        memory_format=torch.channels_last)
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    torch.testing.assert_close(compiled, expected, rtol=tol, atol=tol)
+
+
+def test_compiled_fused_call_refuses_a_wrong_kernel_shape(kernel):
+    x = torch.randn(1, 4, 6, 6)
+    router = (torch.randn(4, 4), None, None, None, None, None, 0.0, torch.randn(3, 4), None)
+    with pytest.raises(RuntimeError, match="dyn must be"):
+        kernel.routed_fused_single_sample_conv(x, *router, 1.0, False, torch.randn(3, 5, 2, 3, 3), None, None, None,
+                                               3, 3, 1, 1, 1, 1, 1, 1, 1, 1, False, 16, 1, 64)
+    with pytest.raises(RuntimeError, match="one sample"):
+        kernel.routed_fused_single_sample_conv(torch.randn(2, 4, 6, 6), *router, 1.0, False,
+                                               torch.randn(3, 5, 4, 3, 3), None, None, None,
+                                               3, 3, 1, 1, 1, 1, 1, 1, 1, 1, False, 16, 1, 64)

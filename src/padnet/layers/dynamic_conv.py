@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
 from ..ops import autotune
-from ..ops.backend_selection import BACKENDS, resolve_single_sample_backend
+from ..ops.backend_selection import BACKENDS, conv_geometry, resolve_single_sample_backend
 from ..ops.channel_split import aligned_static_rows, channel_split_conv2d, channel_split_runs_dense
 from ..ops.dynamic_conv import dynamic_conv2d, mix_bias, single_sample_conv
 from ..ops.exporting import is_exporting
@@ -231,13 +231,13 @@ class _ConvGeometry:
 
     def _single_sample_decision(self, x: Tensor, dyn: Tensor, sta: Tensor | None) -> tuple:
         """``(backend, routed)`` for a batch-1 inference call on ``x [1, C, H, W]``, decided once per input
-        shape, dtype, device, thread count, autotune state, ``PADNET_FUSED`` and padding, and kept on the
-        layer (a tuple comparison per call).
+        shape, dtype, device, thread count, autotune state, ``PADNET_FUSED``, geometry and routing, and kept
+        on the layer (a tuple comparison per call).
 
         ``backend``: ``"weight"`` or ``"fused"``
-        (:func:`~padnet.ops.backend_selection.resolve_single_sample_backend`). ``routed``: for
-        ``"weight"`` with numeric padding, the compiled one-call forward (:func:`~padnet.ops.fused.routed_call`)
-        where it can run, else ``None``."""
+        (:func:`~padnet.ops.backend_selection.resolve_single_sample_backend`). ``routed``: the compiled
+        one-call forward of that backend, ``(function, tail arguments)`` (:func:`~padnet.ops.fused.routed_call`),
+        where it can run and the layer routes the default way, else ``None``."""
         state = (x.shape, x.dtype, x.device, torch.get_num_threads(), autotune.autotune_enabled(),
                  autotune.generation(), fused_enabled(), self.padding, self.stride, self.dilation, self.routing)
         hit = self.__dict__.get("_single_sample_choice")
@@ -248,10 +248,11 @@ class _ConvGeometry:
                                                self.groups)
         routed = None
         cls = type(self)
-        if choice == "weight" and self.routing in ROUTINGS \
-                and all(type(v) is tuple for v in (self.padding, self.stride, self.dilation)) \
+        if self.routing in ROUTINGS and all(type(v) is tuple for v in (self.stride, self.dilation)) \
                 and cls._route is _ConvGeometry._route and cls.temperature is _ConvGeometry.temperature:
-            routed = routed_call(x, dyn)  # (a subclass that routes its own way keeps the Python path)
+            # (a subclass that routes its own way keeps the Python path)
+            geom = conv_geometry(dyn.shape[-2:], self.stride, self.padding, self.dilation, self.groups)
+            routed = routed_call(x, dyn, geom, choice, self.padding)
         self.__dict__["_single_sample_choice"] = (state, (choice, routed))
         return choice, routed
 
@@ -272,8 +273,9 @@ class _ConvGeometry:
             attention = self._modules.get("attention")
             router = attention.routing_tensors() if type(attention) is KernelAttention else None
             if router is not None:
-                return routed(x, *router, self._temperature, self.routing != "softmax", dyn, sta, bias_dyn, bias_sta,
-                              self.stride, self.padding, self.dilation, self.groups)
+                function, tail = routed
+                return function(x, *router, self._temperature, self.routing != "softmax", dyn, sta, bias_dyn,
+                                bias_sta, *tail)
         return single_sample_conv(x, self._route(x), dyn, sta, bias_dyn, bias_sta, self.stride, self.padding,
                                   self.dilation, self.groups, backend)
 

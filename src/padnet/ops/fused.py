@@ -17,12 +17,13 @@ The same library holds the one-pass kernels of element-PAD training
 contiguous float32/float64 CPU tensors): forming the folded factors
 ``F'_k = lambda_d M W_k + lambda_s (1 - M) W_s`` and mapping their gradient
 back through the mask, each reading the weights once instead of a chain of
-aten ops with temporaries. And it holds ``routed_single_sample_conv``
-(:func:`routed_call`): a layer's whole batch-1 inference call -- the default
-router, routing weights, the sample's kernel and one plain conv -- as one call
-from Python running the same ATen ops (the same result to the bit), because at
-batch 1 on small layers the interpreter's work between the ops is a measurable
-part of the call. ``PADNET_FUSED`` decides whether the library may be used:
+aten ops with temporaries. And it holds ``routed_single_sample_conv`` and
+``routed_fused_single_sample_conv`` (:func:`routed_call`): a layer's whole
+batch-1 inference call -- the default router, routing weights, and the
+sample's kernel with one plain conv, or im2col with the fused kernel -- as one
+call from Python running the same ATen ops and kernels (the same result to the
+bit), because at batch 1 the interpreter's work between the ops is a
+measurable part of the call. ``PADNET_FUSED`` decides whether the library may be used:
 
 - ``auto`` (default): use the compiled library if it is already in the cache
   (``bash scripts/setup.sh`` builds it: ``python -m padnet.ops.build_fused``); never
@@ -200,21 +201,39 @@ def fused_applicable(x: Tensor, pi: Tensor, dyn: Tensor, sta: Tensor | None, gro
     return load_fused() is not None
 
 
-def routed_call(x: Tensor, dyn: Tensor):
-    """The compiled one-call batch-1 forward, or ``None`` where it cannot run these tensors.
+def routed_call(x: Tensor, dyn: Tensor, geom: ConvGeometry, backend: str, padding=None):
+    """The compiled one-call batch-1 forward as ``(function, tail)``, or ``None`` where it cannot run.
 
-    ``routed_single_sample_conv(x, fc1_weight, fc1_bias, norm_weight, norm_bias, norm_mean, norm_var,
-    norm_eps, fc2_weight, fc2_bias, temperature, sigmoid, dyn, sta, bias_dyn, bias_sta, stride, padding,
-    dilation, groups) -> [1, O, H', W']``: the default router, the routing weights, the sample's kernel
-    and bias and one plain conv, as the same ATen ops the Python path runs (the same result to the bit),
-    without the interpreter's work between them. CPU, float32 / float64, the library loaded
-    (``PADNET_FUSED`` not off); ``padding`` must be numbers, not a string.
+    ``function(x, fc1_weight, fc1_bias, norm_weight, norm_bias, norm_mean, norm_var, norm_eps, fc2_weight,
+    fc2_bias, temperature, sigmoid, dyn, sta, bias_dyn, bias_sta, *tail) -> [1, O, H', W']`` runs the
+    default router, the routing weights, the sample's kernel and bias and the conv as the same ATen ops
+    the Python path runs (the same result to the bit), without the interpreter's work between them:
+
+    - ``backend="weight"``: ``routed_single_sample_conv``, one plain conv on the mixed kernel; ``tail`` is
+      ``(stride, padding, dilation, groups)`` (``padding`` numbers, not a string);
+    - ``backend="fused"``: ``routed_fused_single_sample_conv``, im2col and the fused kernel (groups 1);
+      ``tail`` is the geometry and :func:`fused_tiles` for this shape.
+
+    CPU, float32 / float64, the library loaded (``PADNET_FUSED`` not off). Decided once per input shape by
+    the layers, which keep the result.
     """
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or dyn.dtype != x.dtype \
             or not fused_enabled():
         return None
     lib = load_fused()
-    return None if lib is None else lib.routed_single_sample_conv
+    if lib is None:
+        return None
+    if backend == "weight":
+        if type(padding) is not tuple:  # (a string: at::conv2d's numeric overload cannot take it)
+            return None
+        return lib.routed_single_sample_conv, (geom.stride, tuple(padding), geom.dilation, geom.groups)
+    if backend != "fused" or geom.groups != 1:
+        return None
+    (kh, kw), (sh, sw), (dh, dw) = geom.kernel, geom.stride, geom.dilation
+    ho, wo = geom.out_hw(x.shape[-2:])
+    tiles = fused_tiles(dyn.shape[1], x.shape[1] * kh * kw, ho * wo, 1, x.element_size())
+    return lib.routed_fused_single_sample_conv, (kh, kw, sh, sw, *geom.pad, dh, dw,
+                                                 bool(geom.pointwise and geom.stride == (1, 1)), *tiles)
 
 
 def l2_cache_bytes() -> int:

@@ -536,6 +536,44 @@ torch::Tensor im2col(torch::Tensor x, int64_t kh, int64_t kw, int64_t sh, int64_
 // the sample's kernel (pi @ dyn [+ sta]) and bias, and one plain conv. The same ATen ops in the same
 // order as the Python path, so the result is the same to the bit; only the interpreter's work per op
 // is gone (at batch 1 on small layers it is a measurable part of the call: docs/benchmarks.md).
+namespace {
+
+// pi [1, K] of the default router for x [1, C, H, W] (see routed_single_sample_conv)
+torch::Tensor route_one(const torch::Tensor& x, const torch::Tensor& fc1_weight,
+                        const c10::optional<torch::Tensor>& fc1_bias, const c10::optional<torch::Tensor>& norm_weight,
+                        const c10::optional<torch::Tensor>& norm_bias, const c10::optional<torch::Tensor>& norm_mean,
+                        const c10::optional<torch::Tensor>& norm_var, double norm_eps, const torch::Tensor& fc2_weight,
+                        const c10::optional<torch::Tensor>& fc2_bias, double temperature, bool sigmoid) {
+  TORCH_CHECK(x.dim() == 4 && x.size(0) == 1, "routed single-sample conv: expected one sample [1, C, H, W]");
+  auto hidden = at::linear(x.mean({2, 3}), fc1_weight, fc1_bias);
+  if (norm_mean.has_value()) {
+    TORCH_CHECK(norm_var.has_value(), "routed single-sample conv: the norm needs running mean and variance");
+    hidden = at::batch_norm(hidden, norm_weight, norm_bias, norm_mean, norm_var, false, 0.0, norm_eps, false);
+  }
+  auto logits = at::linear(at::relu(hidden), fc2_weight, fc2_bias);
+  auto z = temperature == 1.0 ? logits : logits / temperature;
+  if (sigmoid) return at::sigmoid(z);
+  if (z.scalar_type() == torch::kHalf || z.scalar_type() == torch::kBFloat16)
+    return at::softmax(z.to(torch::kFloat), -1).to(logits.scalar_type());
+  return at::softmax(z, -1);
+}
+
+// the sample's bias [O] = pi @ bias_dyn (+ bias_sta), bias_sta alone, or none (as ops.dynamic_conv.mix_bias)
+c10::optional<torch::Tensor> mix_one_bias(const torch::Tensor& pi, const c10::optional<torch::Tensor>& bias_dyn,
+                                          const c10::optional<torch::Tensor>& bias_sta) {
+  if (bias_dyn.has_value())
+    return (bias_sta.has_value() ? at::addmm(*bias_sta, pi, *bias_dyn) : at::matmul(pi, *bias_dyn)).select(0, 0);
+  return bias_sta;
+}
+
+}  // namespace
+
+// The whole batch-1 inference call of a dynamic conv layer in one call from Python (padnet.ops.fused.
+// routed_call): the default router (global average pool -> Linear [-> BatchNorm with running statistics]
+// -> ReLU -> Linear), routing weights (softmax or sigmoid of logits / temperature), the sample's kernel
+// (pi @ dyn [+ sta]) and bias, and one plain conv. The same ATen ops in the same order as the Python path,
+// so the result is the same to the bit; only the interpreter's work per op is gone (at batch 1 it is a
+// measurable part of the call: docs/benchmarks.md).
 torch::Tensor routed_single_sample_conv(
     torch::Tensor x, torch::Tensor fc1_weight, c10::optional<torch::Tensor> fc1_bias,
     c10::optional<torch::Tensor> norm_weight, c10::optional<torch::Tensor> norm_bias,
@@ -544,33 +582,59 @@ torch::Tensor routed_single_sample_conv(
     torch::Tensor dyn, c10::optional<torch::Tensor> sta, c10::optional<torch::Tensor> bias_dyn,
     c10::optional<torch::Tensor> bias_sta, std::vector<int64_t> stride, std::vector<int64_t> padding,
     std::vector<int64_t> dilation, int64_t groups) {
-  TORCH_CHECK(x.dim() == 4 && x.size(0) == 1, "routed_single_sample_conv: expected one sample [1, C, H, W]");
   TORCH_CHECK(dyn.dim() >= 3, "routed_single_sample_conv: dyn must be [K, O, C/groups, kh, kw]");
-  auto hidden = at::linear(x.mean({2, 3}), fc1_weight, fc1_bias);
-  if (norm_mean.has_value()) {
-    TORCH_CHECK(norm_var.has_value(), "routed_single_sample_conv: the norm needs running mean and variance");
-    hidden = at::batch_norm(hidden, norm_weight, norm_bias, norm_mean, norm_var, false, 0.0, norm_eps, false);
-  }
-  auto logits = at::linear(at::relu(hidden), fc2_weight, fc2_bias);
-  auto z = temperature == 1.0 ? logits : logits / temperature;
-  torch::Tensor pi;
-  if (sigmoid) {
-    pi = at::sigmoid(z);
-  } else if (z.scalar_type() == torch::kHalf || z.scalar_type() == torch::kBFloat16) {
-    pi = at::softmax(z.to(torch::kFloat), -1).to(logits.scalar_type());
-  } else {
-    pi = at::softmax(z, -1);
-  }
+  auto pi = route_one(x, fc1_weight, fc1_bias, norm_weight, norm_bias, norm_mean, norm_var, norm_eps, fc2_weight,
+                      fc2_bias, temperature, sigmoid);
   const int64_t K = dyn.size(0);
   auto flat = dyn.reshape({K, -1});
   auto weight = sta.has_value() ? at::addmm(sta->reshape({-1}), pi, flat) : at::mm(pi, flat);
-  c10::optional<torch::Tensor> bias;
-  if (bias_dyn.has_value()) {
-    bias = (bias_sta.has_value() ? at::addmm(*bias_sta, pi, *bias_dyn) : at::matmul(pi, *bias_dyn)).select(0, 0);
-  } else if (bias_sta.has_value()) {
-    bias = bias_sta;
+  return at::conv2d(x, weight.view(dyn.sizes().slice(1)), mix_one_bias(pi, bias_dyn, bias_sta), stride, padding,
+                    dilation, groups);
+}
+
+// The same call where the batch-1 choice is the fused kernel (groups 1, float32/float64, CPU): the router,
+// im2col (a view for a pointwise stride-1 conv), fused_dynamic_conv with the given tiles, the bias, and
+// channels_last output for a channels_last input -- the ops of padnet.ops.dynamic_conv.single_sample_conv's
+// "fused" branch, in its order.
+torch::Tensor routed_fused_single_sample_conv(
+    torch::Tensor x, torch::Tensor fc1_weight, c10::optional<torch::Tensor> fc1_bias,
+    c10::optional<torch::Tensor> norm_weight, c10::optional<torch::Tensor> norm_bias,
+    c10::optional<torch::Tensor> norm_mean, c10::optional<torch::Tensor> norm_var, double norm_eps,
+    torch::Tensor fc2_weight, c10::optional<torch::Tensor> fc2_bias, double temperature, bool sigmoid,
+    torch::Tensor dyn, c10::optional<torch::Tensor> sta, c10::optional<torch::Tensor> bias_dyn,
+    c10::optional<torch::Tensor> bias_sta, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t pt, int64_t pb,
+    int64_t pl, int64_t pr, int64_t dh, int64_t dw, bool pointwise, int64_t OT, int64_t SB, int64_t CC) {
+  TORCH_CHECK(dyn.dim() == 5 && dyn.size(2) == x.size(1) && dyn.size(3) == kh && dyn.size(4) == kw,
+              "routed_fused_single_sample_conv: dyn must be [K, O, C, kh, kw] (groups 1)");
+  auto pi = route_one(x, fc1_weight, fc1_bias, norm_weight, norm_bias, norm_mean, norm_var, norm_eps, fc2_weight,
+                      fc2_bias, temperature, sigmoid);
+  const int64_t C = x.size(1), H = x.size(2), W = x.size(3);
+  TORCH_CHECK(H + pt + pb >= dh * (kh - 1) + 1 && W + pl + pr >= dw * (kw - 1) + 1,
+              "routed_fused_single_sample_conv: input smaller than the kernel");
+  const int64_t Ho = (H + pt + pb - dh * (kh - 1) - 1) / sh + 1, Wo = (W + pl + pr - dw * (kw - 1) - 1) / sw + 1;
+  torch::Tensor cols;
+  if (pointwise) {
+    cols = x.reshape({1, C, -1});
+  } else {
+    // a per-thread buffer kept between calls (a fresh one this size could be page-faulted in on every call)
+    thread_local torch::Tensor buffer;
+    const int64_t n = C * kh * kw * Ho * Wo;
+    if (!buffer.defined() || buffer.scalar_type() != x.scalar_type() || buffer.numel() < n)
+      buffer = torch::empty({n}, x.options());
+    cols = buffer.narrow(0, 0, n);
+    im2col(x, kh, kw, sh, sw, pt, pb, pl, pr, dh, dw, cols);
+    cols = cols.view({1, C * kh * kw, Ho * Wo});
   }
-  return at::conv2d(x, weight.view(dyn.sizes().slice(1)), bias, stride, padding, dilation, groups);
+  const int64_t K = dyn.size(0), O = dyn.size(1);
+  c10::optional<torch::Tensor> sta_rows;
+  if (sta.has_value()) sta_rows = sta->reshape({O, -1});
+  auto y = fused_dynamic_conv(cols, pi.contiguous(), dyn.reshape({K, O, -1}), sta_rows, OT, SB, CC)
+               .view({1, O, Ho, Wo});
+  auto bias = mix_one_bias(pi, bias_dyn, bias_sta);
+  if (bias.has_value()) y = y + bias->view({-1, 1, 1});
+  if (x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous())
+    y = y.contiguous(at::MemoryFormat::ChannelsLast);
+  return y;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -580,4 +644,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fold_factor_grads", &fold_factor_grads, "gradients of the folded factors in one pass (training, CPU)");
   m.def("routed_single_sample_conv", &routed_single_sample_conv,
         "routing + kernel mixing + plain conv of one sample in one call (inference)");
+  m.def("routed_fused_single_sample_conv", &routed_fused_single_sample_conv,
+        "routing + im2col + fused per-sample conv of one sample in one call (inference, CPU)");
 }
