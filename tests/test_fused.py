@@ -927,8 +927,46 @@ def test_compiled_fused_call_refuses_a_wrong_kernel_shape(kernel):
     router = (torch.randn(4, 4), None, None, None, None, None, 0.0, torch.randn(3, 4), None)
     with pytest.raises(RuntimeError, match="dyn must be"):
         kernel.routed_fused_single_sample_conv(x, *router, 1.0, False, torch.randn(3, 5, 2, 3, 3), None, None, None,
-                                               3, 3, 1, 1, 1, 1, 1, 1, 1, 1, False, 16, 1, 64)
+                                               3, 3, 1, 1, 1, 1, 1, 1, 1, 1, False, 16, 1, 64, 1 << 20)
     with pytest.raises(RuntimeError, match="one sample"):
         kernel.routed_fused_single_sample_conv(torch.randn(2, 4, 6, 6), *router, 1.0, False,
                                                torch.randn(3, 5, 4, 3, 3), None, None, None,
-                                               3, 3, 1, 1, 1, 1, 1, 1, 1, 1, False, 16, 1, 64)
+                                               3, 3, 1, 1, 1, 1, 1, 1, 1, 1, False, 16, 1, 64, 1 << 20)
+
+
+def test_compiled_fused_call_after_inference_mode_then_no_grad(kernel, tuning, monkeypatch):
+    """The compiled fused call keeps an im2col buffer per thread: one made under torch.inference_mode (an
+    inference tensor) must not be written by a later plain no_grad call -- it is replaced, and both calls
+    give the same numbers; float64 after float32 uses its own buffer."""
+    monkeypatch.setattr(autotune, "tune", lambda key, candidates, run, device, budget_s=None:
+                        "fused" if "fused" in candidates else candidates[0])
+    calls = spy_routed(monkeypatch)
+    torch.manual_seed(6)
+    layer = DynamicConv2d(5, 9, 3, padding=1).eval()
+    x = torch.randn(1, 5, 23, 21)  # a larger im2col than the other tests (a fresh buffer size)
+    with torch.inference_mode():
+        first = layer(x)
+    with torch.no_grad():
+        second = layer(x)
+        double = layer.double()(x.double())
+    assert len(calls) == 3 and torch.equal(first, second)
+    torch.testing.assert_close(double.float(), second, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_fused_call_above_the_workspace_limit_allocates_fresh(kernel, tuning, monkeypatch):
+    from padnet.ops import fused as fused_module
+
+    monkeypatch.setattr(autotune, "tune", lambda key, candidates, run, device, budget_s=None:
+                        "fused" if "fused" in candidates else candidates[0])
+    monkeypatch.setattr(fused_module, "WORKSPACE_LIMIT", 0)  # every buffer is "too large": fresh each call
+    calls = spy_routed(monkeypatch)
+    torch.manual_seed(7)
+    layer = DynamicConv2d(4, 6, 3, padding=1).eval()
+    x = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        y = layer(x)
+    assert len(calls) == 1 and layer.__dict__["_single_sample_choice"][1][1][1][-1] == 0
+    literal = copy.deepcopy(layer)
+    literal.backend = "weight"
+    with torch.no_grad():
+        torch.testing.assert_close(y, literal(x), rtol=1e-5, atol=1e-5)

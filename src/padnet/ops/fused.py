@@ -56,6 +56,7 @@ from torch import Tensor
 from .autotune import cache_dir, cpu_features, cpu_model
 from .geometry import ConvGeometry
 from .im2col import im2col_workspace
+from .workspace import WORKSPACE_LIMIT
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "fused_dynamic_conv.cpp"
 _MODULE: ModuleType | None = None
@@ -206,13 +207,15 @@ def routed_call(x: Tensor, dyn: Tensor, geom: ConvGeometry, backend: str, paddin
 
     ``function(x, fc1_weight, fc1_bias, norm_weight, norm_bias, norm_mean, norm_var, norm_eps, fc2_weight,
     fc2_bias, temperature, sigmoid, dyn, sta, bias_dyn, bias_sta, *tail) -> [1, O, H', W']`` runs the
-    default router, the routing weights, the sample's kernel and bias and the conv as the same ATen ops
-    the Python path runs (the same result to the bit), without the interpreter's work between them:
+    default router, the routing weights and the conv (one plain conv on the sample's mixed kernel, or
+    the fused kernel, which never writes it) with the sample's bias, as the same ATen ops and kernels the
+    Python path runs (the same result to the bit), without the interpreter's work between them:
 
     - ``backend="weight"``: ``routed_single_sample_conv``, one plain conv on the mixed kernel; ``tail`` is
       ``(stride, padding, dilation, groups)`` (``padding`` numbers, not a string);
     - ``backend="fused"``: ``routed_fused_single_sample_conv``, im2col and the fused kernel (groups 1);
-      ``tail`` is the geometry and :func:`fused_tiles` for this shape.
+      ``tail`` is the geometry, :func:`fused_tiles` for this shape and the size up to which the im2col
+      buffer is kept between calls (:data:`.workspace.WORKSPACE_LIMIT`).
 
     CPU, float32 / float64, the library loaded (``PADNET_FUSED`` not off). Decided once per input shape by
     the layers, which keep the result.
@@ -233,7 +236,8 @@ def routed_call(x: Tensor, dyn: Tensor, geom: ConvGeometry, backend: str, paddin
     ho, wo = geom.out_hw(x.shape[-2:])
     tiles = fused_tiles(dyn.shape[1], x.shape[1] * kh * kw, ho * wo, 1, x.element_size())
     return lib.routed_fused_single_sample_conv, (kh, kw, sh, sw, *geom.pad, dh, dw,
-                                                 bool(geom.pointwise and geom.stride == (1, 1)), *tiles)
+                                                 bool(geom.pointwise and geom.stride == (1, 1)), *tiles,
+                                                 WORKSPACE_LIMIT)
 
 
 def l2_cache_bytes() -> int:

@@ -530,12 +530,6 @@ torch::Tensor im2col(torch::Tensor x, int64_t kh, int64_t kw, int64_t sh, int64_
   return out;
 }
 
-// The whole batch-1 inference call of a dynamic conv layer in one call from Python (padnet.ops.fused.
-// routed_single_sample_conv): the default router (global average pool -> Linear [-> BatchNorm with
-// running statistics] -> ReLU -> Linear), routing weights (softmax or sigmoid of logits / temperature),
-// the sample's kernel (pi @ dyn [+ sta]) and bias, and one plain conv. The same ATen ops in the same
-// order as the Python path, so the result is the same to the bit; only the interpreter's work per op
-// is gone (at batch 1 on small layers it is a measurable part of the call: docs/benchmarks.md).
 namespace {
 
 // pi [1, K] of the default router for x [1, C, H, W] (see routed_single_sample_conv)
@@ -603,7 +597,9 @@ torch::Tensor routed_fused_single_sample_conv(
     torch::Tensor fc2_weight, c10::optional<torch::Tensor> fc2_bias, double temperature, bool sigmoid,
     torch::Tensor dyn, c10::optional<torch::Tensor> sta, c10::optional<torch::Tensor> bias_dyn,
     c10::optional<torch::Tensor> bias_sta, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t pt, int64_t pb,
-    int64_t pl, int64_t pr, int64_t dh, int64_t dw, bool pointwise, int64_t OT, int64_t SB, int64_t CC) {
+    int64_t pl, int64_t pr, int64_t dh, int64_t dw, bool pointwise, int64_t OT, int64_t SB, int64_t CC,
+    int64_t max_buffer_bytes) {
+  TORCH_CHECK(x.dim() == 4 && x.size(0) == 1, "routed single-sample conv: expected one sample [1, C, H, W]");
   TORCH_CHECK(dyn.dim() == 5 && dyn.size(2) == x.size(1) && dyn.size(3) == kh && dyn.size(4) == kw,
               "routed_fused_single_sample_conv: dyn must be [K, O, C, kh, kw] (groups 1)");
   auto pi = route_one(x, fc1_weight, fc1_bias, norm_weight, norm_bias, norm_mean, norm_var, norm_eps, fc2_weight,
@@ -616,12 +612,20 @@ torch::Tensor routed_fused_single_sample_conv(
   if (pointwise) {
     cols = x.reshape({1, C, -1});
   } else {
-    // a per-thread buffer kept between calls (a fresh one this size could be page-faulted in on every call)
-    thread_local torch::Tensor buffer;
+    // a per-thread buffer per dtype kept between calls (a fresh one this size could be page-faulted in on
+    // every call), up to max_buffer_bytes (padnet.ops.workspace's limit; larger: a fresh tensor). A buffer
+    // made under torch.inference_mode is an inference tensor, which may not be written outside it: then it
+    // is replaced (as padnet.ops.workspace does)
+    thread_local torch::Tensor buffers[2];
     const int64_t n = C * kh * kw * Ho * Wo;
-    if (!buffer.defined() || buffer.scalar_type() != x.scalar_type() || buffer.numel() < n)
-      buffer = torch::empty({n}, x.options());
-    cols = buffer.narrow(0, 0, n);
+    if (n * static_cast<int64_t>(x.element_size()) > max_buffer_bytes) {
+      cols = torch::empty({n}, x.options());
+    } else {
+      torch::Tensor& buffer = buffers[x.scalar_type() == torch::kDouble ? 1 : 0];
+      if (!buffer.defined() || buffer.numel() < n || (buffer.is_inference() && !c10::InferenceMode::is_enabled()))
+        buffer = torch::empty({n}, x.options());
+      cols = buffer.narrow(0, 0, n);
+    }
     im2col(x, kh, kw, sh, sw, pt, pb, pl, pr, dh, dw, cols);
     cols = cols.view({1, C * kh * kw, Ho * Wo});
   }
