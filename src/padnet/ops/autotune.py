@@ -18,12 +18,13 @@ same budget), so drift between their time slots does not decide.
 
 A choice read from disk was made in another process, possibly under load, so
 it is confirmed once per process before it is trusted: the stored winner is
-timed against the stored runner-up (the second fastest if it was within
-:data:`RIVAL_FACTOR` of the winner, else a candidate the budget left untimed;
-a warm-up each, then up to three alternating rounds within the budget). If the
-winner is more than :data:`CONFIRM_TOLERANCE` slower, the signature is tuned
-again and the file updated; otherwise the stored choice stands. Entries without
-a runner-up (one candidate, or a far slower second) are used as stored.
+timed against its rivals -- the stored runner-up (the second fastest if it was
+within :data:`RIVAL_FACTOR` of the winner, else a candidate the budget left
+untimed) and the rule's choice, where they differ from it (a warm-up each, then
+up to three alternating rounds within the budget). If the winner is more than
+:data:`CONFIRM_TOLERANCE` slower than either, the signature is tuned again and
+the file updated; otherwise the stored choice stands. A stored choice that is
+the rule's and has no runner-up is used as stored.
 
 ``PADNET_AUTOTUNE=0`` (or :func:`set_autotune`\\ (False), or an explicit backend
 name) turns tuning off; the deterministic cost rule of
@@ -352,8 +353,10 @@ def choose(key: tuple, candidates: list[str], make_run: Callable[[], Callable[[s
     """The autotuned choice among ``candidates`` (the first is the rule's) for the signature ``key``.
 
     From memory if this process decided it; else from disk, after confirming it
-    once against the stored runner-up (see the module docstring); else tuned
-    (:func:`tune`). ``make_run()`` builds the trial runner only when timing is needed.
+    once against its rivals -- the stored runner-up and the rule's choice (the
+    first candidate), where they differ from it (see the module docstring); else
+    tuned (:func:`tune`). ``make_run()`` builds the trial runner only when timing
+    is needed.
     """
     hit = _MEMORY.get(key)
     if hit is not None and hit in candidates:
@@ -361,12 +364,12 @@ def choose(key: tuple, candidates: list[str], make_run: Callable[[], Callable[[s
     text = _key_text(key)
     stored = _load_disk().get(text)
     if stored in candidates:
-        rival = _RUNNERS_UP.get(text)
-        if rival not in candidates or rival == stored:
+        rivals = [r for r in dict.fromkeys((_RUNNERS_UP.get(text), candidates[0])) if r in candidates and r != stored]
+        if not rivals:
             _MEMORY[key] = stored
             return stored
         run = make_run()
-        if _confirmed(stored, rival, run, device, budget_s):
+        if all(_confirmed(stored, rival, run, device, budget_s) for rival in rivals):
             _MEMORY[key] = stored
             return stored
         return tune(key, candidates, run, device, budget_s)
