@@ -421,6 +421,16 @@ def test_inference_with_the_fused_kernel_and_tuned_choices(name, granularity, mo
     calls = []
     real = fused.fused_dynamic_conv2d
     monkeypatch.setattr(fused, "fused_dynamic_conv2d", lambda *a, **k: calls.append(1) or real(*a, **k))
+    from padnet.layers import dynamic_conv as layer_module
+
+    compiled = []  # the compiled batch-1 calls (router + mixing + conv or fused kernel in one C++ call)
+    real_routed = layer_module.routed_call
+
+    def spy_routed(*args, **kwargs):
+        found = real_routed(*args, **kwargs)
+        return None if found is None else ((lambda *a: compiled.append(1) or found[0](*a)), found[1])
+
+    monkeypatch.setattr(layer_module, "routed_call", spy_routed)
     try:
         with torch.no_grad():
             for m, (ref1, ref3) in zip((copy.deepcopy(model), copy.deepcopy(compact)), refs):
@@ -430,3 +440,5 @@ def test_inference_with_the_fused_kernel_and_tuned_choices(name, granularity, mo
         autotune.clear_autotune_cache()
         backend_selection.clear_choices()
     assert calls, "the fused kernel never ran"
+    if granularity == "element":  # (channel plans run their batch-1 split in Python: docs/benchmarks.md)
+        assert compiled, "the compiled batch-1 call never ran"

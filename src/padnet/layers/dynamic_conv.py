@@ -168,6 +168,9 @@ class _ConvGeometry:
 
     in_channels: int
     groups: int
+    # per-process caches left out when pickling (:class:`~padnet.layers.modes.PerProcessCaches`): the
+    # inference plan's entries and the batch-1 decision (which may hold a compiled function)
+    _per_process_attrs = ("_inference_cache", "_single_sample_choice")
 
     def _set_geometry(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, routing,
                       temperature, backend) -> None:
@@ -222,12 +225,6 @@ class _ConvGeometry:
         if self.__dict__.get("_checked_input_shape") != x.shape:
             self._check_input(x)
             self.__dict__["_checked_input_shape"] = x.shape
-
-    def __getstate__(self) -> dict:
-        """Pickling / deepcopy: the batch-1 decision is per process (it may hold a compiled function)."""
-        state = dict(super().__getstate__())  # (nn.Module's drops its compiled call)
-        state.pop("_single_sample_choice", None)
-        return state
 
     def _single_sample_decision(self, x: Tensor, dyn: Tensor, sta: Tensor | None) -> tuple:
         """``(backend, routed)`` for a batch-1 inference call on ``x [1, C, H, W]``, decided once per input

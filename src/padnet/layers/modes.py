@@ -150,18 +150,27 @@ def combine_factors(
     return dyn, sta
 
 
-class PadLayerMixin:
+class PerProcessCaches:
+    """Base of the PAD and compact layer mixins: attributes named in ``_per_process_attrs`` are per-process
+    caches, rebuilt on demand (the :func:`cached_derived` entries hold raw storages, which ``torch.load``
+    cannot restore): pickling and ``copy.deepcopy`` leave them out of the state."""
+
+    _per_process_attrs: tuple[str, ...] = ("_inference_cache",)
+
+    def __getstate__(self) -> dict:
+        state = dict(super().__getstate__())  # type: ignore[misc]  # (nn.Module's drops its compiled call)
+        for name in self._per_process_attrs:
+            state.pop(name, None)
+        return state
+
+
+class PadLayerMixin(PerProcessCaches):
     """Mode-group protocol shared by DynamicConv2d and MoEFeedForward.
 
     Subclasses define ``_mode_group_specs``: a tuple of
     ``(group, dynamic_attr, static_attr, mask_attr, channel_dim, kernel_dims)``
     and own a ``scale`` (:class:`ScaleFactors`) submodule.
     """
-
-    def __getstate__(self) -> dict:
-        """Pickling / deepcopy: the :func:`cached_derived` entries are per process (they hold raw
-        storages, which ``torch.load`` cannot restore) and are rebuilt on demand: not part of the state."""
-        return _without_derived_cache(super().__getstate__())  # type: ignore[misc]
 
     _mode_group_specs: tuple[tuple[str, str, str, str, int | None, int], ...] = ()
     scale: ScaleFactors
@@ -416,12 +425,6 @@ def cached_derived(module: nn.Module, name: str, tensors: tuple[Tensor, ...], co
     return value
 
 
-def _without_derived_cache(state) -> dict:
-    state = dict(state)
-    state.pop("_inference_cache", None)
-    return state
-
-
 @functools.lru_cache(maxsize=None)  # a handful of attribute names; looked up on every forward
 def live_mask_attr(mask_attr: str) -> str:
     """Buffer name of the live mask paired with a mode-mask buffer (``mode_mask`` -> ``live_mask``)."""
@@ -542,13 +545,8 @@ def _scatter_columns(dst: Tensor, column_mask: Tensor, values: Tensor) -> Tensor
     return dst.scatter(1, index, values)
 
 
-class CompactLayerMixin:
+class CompactLayerMixin(PerProcessCaches):
     """Marker + protocol for deploy forms: ``packed_groups()`` lists PackedModeGroups."""
-
-    def __getstate__(self) -> dict:
-        """Pickling / deepcopy: the :func:`cached_derived` entries are per process (they hold raw
-        storages, which ``torch.load`` cannot restore) and are rebuilt on demand: not part of the state."""
-        return _without_derived_cache(super().__getstate__())  # type: ignore[misc]
 
     def packed_groups(self) -> list[PackedModeGroup]:
         return [m for m in self.children() if isinstance(m, PackedModeGroup)]  # type: ignore[attr-defined]
