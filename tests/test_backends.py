@@ -580,6 +580,94 @@ def test_masked_conv_matches_general_path_with_gradients(backend, groups, batch,
     assert all(g.abs().sum() > 0 for g in grads)  # every leaf, the scale included, is reached
 
 
+@pytest.mark.parametrize("fused", ["auto", "0"])  # the compiled folding kernels, and the chain of aten ops
+@pytest.mark.parametrize("softmax", [False, True])
+def test_masked_bmm_forms_and_maps_factors_tile_by_tile(tiny_tiles, softmax, fused, monkeypatch):
+    """The tiled element-mask conv with many batch and channel tiles: the factors are formed per channel
+    tile (by MKL's GEMMs over formed columns, or inside the compiled kernels for folded factors) and
+    each tile's gradient is mapped as soon as the last batch tile completed it; values and every
+    gradient (scales included) equal the literal formula (float64), and the tiles really were formed
+    and mapped one range at a time."""
+    from padnet.layers.modes import combine_factors
+    from padnet.ops import masked_conv, masked_factors
+
+    monkeypatch.setenv("PADNET_FUSED", fused)
+    monkeypatch.setattr(masked_conv, "resolve_backend", lambda *args, **kwargs: "bmm")
+    formed, mapped, paths = [], [], set()
+    cls = masked_factors.ElementFactors
+    real_columns, real_map, real_mix, real_pass = cls.columns, cls.map_grads, cls.mix, cls.grad_pass
+    monkeypatch.setattr(cls, "columns", lambda self, lo, hi: formed.append((lo, hi)) or paths.add("columns")
+                        or real_columns(self, lo, hi))
+    monkeypatch.setattr(cls, "mix", lambda self, pi, lo, hi, out: formed.append((lo, hi)) or paths.add("mix")
+                        or real_mix(self, pi, lo, hi, out))
+    monkeypatch.setattr(cls, "map_grads", lambda self, g, lo, hi: mapped.append((lo, hi)) or real_map(self, g, lo, hi))
+
+    def spy_pass(self, gw, pi, g, accumulate, last, gpi, lo, hi):
+        if last:
+            mapped.append((lo, hi))
+        return real_pass(self, gw, pi, g, accumulate, last, gpi, lo, hi)
+
+    monkeypatch.setattr(cls, "grad_pass", spy_pass)
+    torch.manual_seed(3)
+    x = torch.randn(5, 4, 6, 5, dtype=torch.double, requires_grad=True)
+    logits = torch.randn(5, 3, dtype=torch.double, requires_grad=True)
+    pi = torch.softmax(logits, -1) if softmax else torch.sigmoid(logits)
+    dynamic = torch.randn(3, 7, 4, 3, 3, dtype=torch.double, requires_grad=True)
+    static = torch.randn(7, 4, 3, 3, dtype=torch.double, requires_grad=True)
+    mask = (torch.rand(7, 4, 3, 3) < 0.4).double()
+    phi = torch.tensor(0.2, dtype=torch.double, requires_grad=True)
+    leaves = [x, logits, dynamic, static, phi]
+    gy = torch.randn(5, 7, 6, 5, dtype=torch.double)
+    lambda_d = 2 * torch.sigmoid(phi)
+    y = masked_conv.masked_dynamic_conv2d(x, pi, dynamic, static, mask, 2 - lambda_d, lambda_d, padding=1,
+                                          routing_sums_to_one=softmax)
+    grads = torch.autograd.grad(y, leaves, gy, retain_graph=True)  # pi and the scales are shared with ref
+    dyn, sta = combine_factors(dynamic, static, mask, 2 - lambda_d, lambda_d)
+    ref = per_sample_reference(x, pi, dyn, sta, 1, 1, 1, 1)
+    torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
+    for g, r in zip(grads, torch.autograd.grad(ref, leaves, gy)):
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-10)
+    # folded factors (softmax routing) with the build: formed inside the compiled kernels only
+    assert paths == ({"mix"} if softmax and fused == "auto" else {"columns"})
+    ck = 4 * 3 * 3
+    assert len(set(formed)) > 1 and all((lo % ck, hi % ck) == (0, 0) for lo, hi in formed)
+    assert sorted(mapped) == sorted(set(mapped)) and len(mapped) > 1  # each channel tile mapped once
+    covered = sorted(mapped)
+    assert covered[0][0] == 0 and covered[-1][1] == 7 * ck
+    assert all(a[1] == b[0] for a, b in zip(covered, covered[1:]))  # the tiles partition the columns
+
+
+def test_masked_bmm_tiled_gradients_do_not_depend_on_the_thread_count(tiny_tiles):
+    """The scales' gradients are summed per tile in tile order: bit for bit the same with 1 and 2 threads."""
+    from padnet.ops import masked_conv
+
+    torch.manual_seed(4)
+    x = torch.randn(4, 6, 8, 8)
+    logits = torch.randn(4, 3)
+    dynamic = torch.randn(3, 9, 6, 3, 3, requires_grad=True)
+    static = torch.randn(9, 6, 3, 3, requires_grad=True)
+    mask = (torch.rand(9, 6, 3, 3) < 0.3).float()
+    phi = torch.tensor(0.1, requires_grad=True)
+
+    def grads():
+        lambda_d = 2 * torch.sigmoid(phi)
+        y = masked_conv.MaskedWeightSpaceBMM.apply(x, torch.softmax(logits, -1), dynamic, static, mask,
+                                                   2 - lambda_d, lambda_d, backend_selection.conv_geometry((3, 3), 1, 1, 1, 1),
+                                                   True)
+        return torch.autograd.grad((y * y).sum(), [dynamic, static, phi])
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = grads()
+        torch.set_num_threads(2)
+        two = grads()
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(one, two):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("groups", [1, 2])
 def test_masked_conv_output_space_folds_static_for_softmax_routing(groups, monkeypatch):
     """``routing_sums_to_one``: the output-space backend runs K convs (static part folded into every factor);

@@ -970,3 +970,119 @@ def test_compiled_fused_call_above_the_workspace_limit_allocates_fresh(kernel, t
     literal.backend = "weight"
     with torch.no_grad():
         torch.testing.assert_close(y, literal(x), rtol=1e-5, atol=1e-5)
+
+
+# ---- the compiled factor GEMMs of the tiled weight-space conv (mix_factors, factor_grad_pass) ----
+
+def _tiled_weight_space_grads(x, logits, dyn, gy):
+    from padnet.ops.bmm_autograd import WeightSpaceBMM
+
+    geom = backend_selection.conv_geometry((3, 3), 1, 1, 1, 1)
+    for t in (x, logits, dyn):
+        t.grad = None
+    y = WeightSpaceBMM.apply(x, torch.softmax(logits, -1), dyn, None, geom)
+    y.backward(gy)
+    return y.detach(), x.grad, logits.grad, dyn.grad
+
+
+@pytest.mark.parametrize("num_kernels", [1, 2, 3, 4, 5, 8])  # 2, 4, 8: the unrolled kernels; others generic
+def test_compiled_factor_gemms_equal_mkl_in_the_tiled_conv(kernel, monkeypatch, num_kernels):
+    """The tiled weight-space conv with many batch and channel tiles (accumulation over batch tiles, column
+    ranges of the factors): values and every gradient with the compiled kernels equal the MKL path's and
+    a per-sample reference (float64)."""
+    from padnet.ops import bmm_kernels
+
+    monkeypatch.setitem(bmm_kernels.TILE_BUDGET, "weights", 2048)
+    monkeypatch.setitem(bmm_kernels.TILE_BUDGET, "cols", 4096)
+    torch.manual_seed(num_kernels)
+    x = torch.randn(7, 5, 6, 7, dtype=torch.float64, requires_grad=True)
+    logits = torch.randn(7, num_kernels, dtype=torch.float64, requires_grad=True)
+    dyn = torch.randn(num_kernels, 9, 5, 3, 3, dtype=torch.float64, requires_grad=True)
+    gy = torch.randn(7, 9, 6, 7, dtype=torch.float64)
+    assert bmm_kernels.StoredFactors(dyn).compiled is not None
+    compiled = _tiled_weight_space_grads(x, logits, dyn, gy)
+    monkeypatch.setenv("PADNET_FUSED", "0")
+    assert bmm_kernels.StoredFactors(dyn).compiled is None
+    mkl = _tiled_weight_space_grads(x, logits, dyn, gy)
+    for a, b in zip(compiled, mkl):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
+    pi = torch.softmax(logits, -1)
+    ref = torch.cat([F.conv2d(x[b:b + 1], torch.einsum("k,k...->...", pi[b], dyn), None, 1, 1) for b in range(7)])
+    want = torch.autograd.grad(ref, (x, logits, dyn), gy)
+    for a, b in zip(compiled[1:], want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_compiled_factor_gemms_do_not_depend_on_the_thread_count(kernel):
+    """dL/dpi and the scales are summed per fixed block of entries, in block order: float32 results are
+    bit for bit the same with 1 and 2 threads (fully dynamic and element factors)."""
+    from padnet.ops import masked_conv
+
+    torch.manual_seed(9)
+    x = torch.randn(6, 16, 8, 8, requires_grad=True)
+    logits = torch.randn(6, 4, requires_grad=True)
+    dyn = torch.randn(4, 40, 16, 3, 3, requires_grad=True)  # 5,760 entries: several blocks, a partial one
+    sta = torch.randn(40, 16, 3, 3, requires_grad=True)
+    mask = (torch.rand(40, 16, 3, 3) < 0.3).float()
+    phi = torch.tensor(0.2, requires_grad=True)
+    gy = torch.randn(6, 40, 8, 8)
+    geom = backend_selection.conv_geometry((3, 3), 1, 1, 1, 1)
+
+    def both():
+        plain = _tiled_weight_space_grads(x, logits, dyn, gy)
+        leaves = (x, logits, dyn, sta, phi)
+        lambda_d = 2 * torch.sigmoid(phi)
+        y = masked_conv.MaskedWeightSpaceBMM.apply(x, torch.softmax(logits, -1), dyn, sta, mask, 2 - lambda_d,
+                                                   lambda_d, geom, True)
+        return plain + (y.detach(),) + torch.autograd.grad(y, leaves, gy)
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = both()
+        torch.set_num_threads(2)
+        two = both()
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(one, two):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_compiled_factor_gemms_refuse_bad_operands_with_the_reason(kernel):
+    """The kernels check what their wrappers never pass (shapes, dtypes, half-given element operands,
+    finishing without element factors), before writing anything."""
+    dyn, pi = torch.randn(3, 50), torch.softmax(torch.randn(4, 3), -1)
+    out = torch.zeros(4, 50)
+    with pytest.raises(RuntimeError, match="both sta and mask"):
+        kernel.mix_factors(pi, dyn, torch.randn(50), None, 1.0, 1.0, out)
+    with pytest.raises(RuntimeError, match=r"out must be \[4, 50\]"):
+        kernel.mix_factors(pi, dyn, None, None, 1.0, 1.0, torch.zeros(4, 49))
+    with pytest.raises(RuntimeError, match="pi must be"):
+        kernel.mix_factors(pi[:, :2], dyn, None, None, 1.0, 1.0, out)
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        kernel.mix_factors(pi.half(), dyn.half(), None, None, 1.0, 1.0, out.half())
+    with pytest.raises(RuntimeError, match="1 <= K <= 64"):
+        kernel.mix_factors(torch.ones(4, 65) / 65, torch.randn(65, 50), None, None, 1.0, 1.0, out)
+    assert not out.any()
+    gw, g = torch.randn(4, 50), torch.zeros(3, 50)
+    with pytest.raises(RuntimeError, match="finish maps element"):
+        kernel.factor_grad_pass(gw, pi, dyn, None, None, 1.0, 1.0, g, False, True, True, None, None)
+    with pytest.raises(RuntimeError, match=r"gw must be \[4, 50\]"):
+        kernel.factor_grad_pass(gw[:, :40], pi, dyn, None, None, 1.0, 1.0, g, False, False, True, None, None)
+    with pytest.raises(RuntimeError, match="gpi must be"):
+        kernel.factor_grad_pass(gw, pi, dyn, None, None, 1.0, 1.0, g, False, False, True, torch.zeros(3, 3), None)
+    with pytest.raises(RuntimeError, match="g_sta is written only when finishing"):
+        kernel.factor_grad_pass(gw, pi, dyn, torch.randn(50), torch.ones(50), 1.0, 1.0, g, False, False, True,
+                                None, torch.zeros(50))
+    assert not g.any()
+
+
+def test_compiled_factor_gemms_fall_back_to_mkl_where_they_cannot_serve(kernel, monkeypatch):
+    from padnet.ops import bmm_kernels
+
+    assert bmm_kernels.compiled_factor_gemms(torch.float32, torch.device("cpu"), 4) is not None
+    assert bmm_kernels.compiled_factor_gemms(torch.bfloat16, torch.device("cpu"), 4) is None
+    assert bmm_kernels.compiled_factor_gemms(torch.float32, torch.device("cpu"), 65) is None  # too many factors
+    assert bmm_kernels.compiled_factor_gemms(torch.float32, torch.device("meta"), 4) is None
+    monkeypatch.setenv("PADNET_FUSED", "0")
+    assert bmm_kernels.compiled_factor_gemms(torch.float32, torch.device("cpu"), 4) is None

@@ -17,7 +17,14 @@ The same library holds the one-pass kernels of element-PAD training
 contiguous float32/float64 CPU tensors): forming the folded factors
 ``F'_k = lambda_d M W_k + lambda_s (1 - M) W_s`` and mapping their gradient
 back through the mask, each reading the weights once instead of a chain of
-aten ops with temporaries. And it holds ``routed_single_sample_conv`` and
+aten ops with temporaries. It holds the factor GEMMs of the tiled weight-space
+conv's training path (``mix_factors``, ``factor_grad_pass``;
+:class:`.bmm_kernels.StoredFactors` and :class:`.masked_factors.ElementFactors`
+call them): a tile's per-sample kernels ``pi @ F`` written with streaming
+stores, and ``dL/dF`` with ``dL/dpi`` in one pass over the kernels' gradient
+(MKL's two GEMMs read it twice); for an element-masked layer ``F'`` is formed
+per block inside both, and its gradient is mapped to the parameters' in the
+same pass. And it holds ``routed_single_sample_conv`` and
 ``routed_fused_single_sample_conv`` (:func:`routed_call`): a layer's whole
 batch-1 inference call -- the default router, routing weights, and the
 sample's kernel with one plain conv, or im2col with the fused kernel -- as one

@@ -5,8 +5,9 @@ the masked factors first (``dyn [K, *shape]``, ``sta [*shape]``) and handing
 them to a backend keeps ``(K + 1)`` weight-sized copies alive until the
 backward. Here the mask is folded into the backends' own autograd functions
 instead, which save only the parameters. Both write the per-sample kernels as
-one GEMM ``c @ F`` over a factor matrix formed in a reused workspace (and again
-in the backward), so no static bias is broadcast into the ``B x`` sized kernels:
+one GEMM ``c @ F`` over a factor matrix (:class:`.masked_factors.ElementFactors`)
+formed in a reused workspace (and again in the backward), so no static bias is
+broadcast into the ``B x`` sized kernels:
 
 - softmax routing (every row of ``pi`` sums to 1): ``F' [K, *shape]`` with the
   static part folded into every factor and ``c = pi``
@@ -19,7 +20,10 @@ Backends:
 - ``"weight"``: :class:`MaskedAggregate` forms the per-sample kernels
   ``[B, *shape]`` with one GEMM for the grouped conv;
 - ``"bmm"`` (``groups == 1``): :class:`MaskedWeightSpaceBMM` runs the tiled
-  forward and backward on ``(c, F)`` and recomputes ``F`` in the backward;
+  forward and backward on ``(c, F)``; ``F`` is formed per channel tile right
+  before its GEMMs (in the forward and again in the backward), and each tile of
+  its gradient is mapped to the parameters' as soon as it is complete, so
+  neither makes an extra trip through main memory;
 - otherwise the masked factors of :func:`.masked_factors.masked_factors`.
 """
 
@@ -38,27 +42,7 @@ from .conv_backends import run_backend
 from .dynamic_conv import mix_bias
 from .exporting import is_exporting
 from .geometry import ConvGeometry
-from .masked_factors import (folded_factor_grads, folded_factors, masked_factors, routing_coefficients,
-                             stacked_factor_grads, stacked_factors)
-
-
-def _factors(folded: bool, dynamic: Tensor, static: Tensor, mask: Tensor, lambda_s: Tensor,
-             lambda_d: Tensor) -> Tensor:
-    """The factor matrix the coefficients multiply: ``F' [K, ...]`` (folded) or ``F [K + 1, ...]`` (stacked)."""
-    if folded:
-        return folded_factors(dynamic, static, mask, lambda_s, lambda_d)
-    return stacked_factors(dynamic, static, mask)
-
-
-def _factor_grads(folded: bool, g: Tensor, dynamic, static, mask, lambda_s, lambda_d, need_d, need_s, need_ls,
-                  need_ld):
-    """``(g_dynamic, g_static, g_lambda_s, g_lambda_d)`` from the factor matrix's gradient (consumed in place).
-
-    Stacked: the scales sit in the coefficients, whose ordinary autograd differentiates them (``None`` here).
-    """
-    if folded:
-        return folded_factor_grads(g, dynamic, static, mask, lambda_s, lambda_d, need_d, need_s, need_ls, need_ld)
-    return (*stacked_factor_grads(g, mask, need_d, need_s), None, None)
+from .masked_factors import ElementFactors, masked_factors, routing_coefficients
 
 
 def _full_precision(t: Tensor):
@@ -83,8 +67,8 @@ class MaskedAggregate(torch.autograd.Function):
                 lambda_d: Tensor, folded: bool) -> Tensor:
         ctx.folded = folded
         ctx.save_for_backward(coeffs, dynamic, static, mask, lambda_s, lambda_d)
-        f = _factors(folded, dynamic, static, mask, lambda_s, lambda_d)  # freed on return
-        w = coeffs.to(dynamic.dtype) @ f.reshape(f.shape[0], -1)  # [B, P]
+        factors = ElementFactors(folded, dynamic, static, mask, lambda_s, lambda_d)
+        w = coeffs.to(dynamic.dtype) @ factors.columns(0, factors.numel)  # [B, P]
         return w.view(coeffs.shape[0], *dynamic.shape[1:])
 
     @staticmethod
@@ -93,17 +77,17 @@ class MaskedAggregate(torch.autograd.Function):
         coeffs, dynamic, static, mask, lambda_s, lambda_d = ctx.saved_tensors
         need_c, need_d, need_s, _, need_ls, need_ld = ctx.needs_input_grad[:6]
         with _full_precision(g_w):
-            f = _factors(ctx.folded, dynamic, static, mask, lambda_s, lambda_d)
+            factors = ElementFactors(ctx.folded, dynamic, static, mask, lambda_s, lambda_d)
             # under autocast the forward's GEMM ran in reduced precision and the kernels' gradient
             # arrives in it: the gradients are computed in the parameters' dtype
             g = g_w.reshape(g_w.shape[0], -1).to(dynamic.dtype)
-            g_c = (g @ f.reshape(f.shape[0], -1).t()).to(coeffs.dtype) if need_c else None
-            del f
+            g_c = (g @ factors.columns(0, factors.numel).t()).to(coeffs.dtype) if need_c else None
             g_d = g_s = g_ls = g_ld = None
             if need_d or need_s or need_ls or need_ld:
-                g_f = (coeffs.to(g.dtype).t() @ g).view(-1, *dynamic.shape[1:])
-                g_d, g_s, g_ls, g_ld = _factor_grads(ctx.folded, g_f, dynamic, static, mask, lambda_s, lambda_d,
-                                                     need_d, need_s, need_ls, need_ld)
+                g_f = coeffs.to(g.dtype).t() @ g  # [rows, P]
+                factors.prepare_grads(need_d, need_s, need_ls, need_ld)
+                factors.map_grads(g_f, 0, factors.numel)
+                g_d, g_s, g_ls, g_ld = factors.grads(g_f)
         return g_c, g_d, g_s, None, g_ls, g_ld, None
 
 
@@ -111,14 +95,16 @@ class MaskedWeightSpaceBMM(torch.autograd.Function):
     """The tiled weight-space conv of :mod:`.bmm_autograd` over ``coeffs @ factors`` (``groups == 1``).
 
     Coefficients and factors as in :class:`MaskedAggregate`; the factors are
-    formed in the forward and again in the backward instead of being saved.
+    formed tile by tile in the forward and again in the backward instead of
+    being saved, and the factors' gradient is mapped tile by tile.
     """
 
     @staticmethod
     def forward(ctx, x, coeffs, dynamic, static, mask, lambda_s, lambda_d, geom: ConvGeometry, folded: bool):
         ctx.geom, ctx.folded = geom, folded
         ctx.save_for_backward(x, coeffs, dynamic, static, mask, lambda_s, lambda_d)
-        return bmm_tiled_forward(x, coeffs, _factors(folded, dynamic, static, mask, lambda_s, lambda_d), None, geom)
+        factors = ElementFactors(folded, dynamic, static, mask, lambda_s, lambda_d)
+        return bmm_tiled_forward(x, coeffs, factors, None, geom)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -127,13 +113,10 @@ class MaskedWeightSpaceBMM(torch.autograd.Function):
         need_x, need_c, need_d, need_s, _, need_ls, need_ld = ctx.needs_input_grad[:7]
         need_f = need_d or need_s or need_ls or need_ld
         with _full_precision(gy):
-            f = _factors(ctx.folded, dynamic, static, mask, lambda_s, lambda_d)
-            gx, g_c, g_f, _ = bmm_backward(x, coeffs, f, None, ctx.geom, gy, need_x, need_c, need_f, False)
-            del f
-            g_d = g_s = g_ls = g_ld = None
-            if need_f:
-                g_d, g_s, g_ls, g_ld = _factor_grads(ctx.folded, g_f, dynamic, static, mask, lambda_s, lambda_d,
-                                                     need_d, need_s, need_ls, need_ld)
+            factors = ElementFactors(ctx.folded, dynamic, static, mask, lambda_s, lambda_d)
+            factors.prepare_grads(need_d, need_s, need_ls, need_ld)
+            gx, g_c, g_f, _ = bmm_backward(x, coeffs, factors, None, ctx.geom, gy, need_x, need_c, need_f, False)
+            g_d, g_s, g_ls, g_ld = factors.grads(g_f.view(factors.rows, -1)) if need_f else (None,) * 4
         return gx, g_c, g_d, g_s, None, g_ls, g_ld, None, None
 
 

@@ -63,26 +63,6 @@ def factor_grads(g_dyn, g_sta, dynamic, static, mask, lambda_s, lambda_d, need_d
 _FACTOR_SLOT, _STATIC_SLOT, _SCALE_SLOT = 5, 6, 7
 
 
-def stacked_factors(dynamic: Tensor, static: Tensor, mask: Tensor) -> Tensor:
-    """``F [K + 1, *shape]``: ``F[k] = M * dynamic[k]`` (``k < K``), ``F[K] = (1 - M) * static``; no autograd.
-
-    With the routing coefficients ``c = [lambda_d * pi, lambda_s]`` (``[B, K + 1]``)
-    the per-sample kernels are ``c @ F``: one GEMM without a bias term (a bias
-    would be broadcast into the ``[B, *shape]`` output first, one more pass over
-    it), and the scales live in ``c``, where ordinary autograd differentiates them.
-    ``F`` lives in a reused per-thread workspace (valid until the next call):
-    a fresh allocation of this size would be page-faulted in on every call.
-    """
-    k = dynamic.shape[0]
-    with torch.no_grad():
-        m = mask.to(dynamic.dtype)
-        out = workspace(_FACTOR_SLOT, (k + 1) * static.numel(), dynamic).view(k + 1, *static.shape)
-        for i in range(k):  # same-shape operands: the contiguous, vectorised kernels (no broadcasting)
-            torch.mul(dynamic[i], m, out=out[i])
-        torch.addcmul(static, static, m, value=-1.0, out=out[k])  # (1 - M) W_s
-    return out
-
-
 def _compiled_folding(dynamic: Tensor, static: Tensor, mask: Tensor):
     """The compiled module of :mod:`.fused` if its one-pass folding kernels can serve these tensors, else ``None``.
 
@@ -98,66 +78,185 @@ def _compiled_folding(dynamic: Tensor, static: Tensor, mask: Tensor):
     return module if module is not None and hasattr(module, "fold_factors") else None
 
 
+class ElementFactors:
+    """The factor matrix of an element-masked PAD layer, formed and differentiated by column range; no autograd.
+
+    ``dynamic [K, *shape]``, ``static`` and ``mask`` ``[*shape]`` (the mask may broadcast), ``lambda_*`` 0-d or
+    1-element. With ``P = prod(shape)`` and the columns in the weight's flattened order (the columns of output
+    channels ``o0:o1`` are ``o0 * P/O : o1 * P/O``):
+
+    - ``folded`` (softmax routing, every row of ``pi`` sums to 1): ``F' [K, P]``,
+      ``F'[k] = lambda_d M W_k + lambda_s (1 - M) W_s``; the per-sample kernels are ``pi @ F'``;
+    - otherwise the K + 1 stacked masked factors ``F [K + 1, P]``, ``F[k] = M W_k``,
+      ``F[K] = (1 - M) W_s``, with the coefficients ``[lambda_d pi, lambda_s]`` of
+      :func:`routing_coefficients` (ordinary autograd differentiates the scales there).
+
+    The tiled weight-space GEMM (:mod:`.bmm_autograd`) asks for each tile's columns right before
+    it uses them and maps each tile's gradient as soon as it is complete, so neither ``F`` nor its
+    gradient makes an extra trip through main memory; :class:`.masked_conv.MaskedAggregate` asks
+    for all columns at once. :meth:`columns` writes into a reused per-thread workspace (a fresh
+    buffer of this size would be page-faulted in on every call), valid until the next call; the
+    folded columns are formed by the compiled one-pass kernel of :mod:`.fused` where it serves
+    these tensors, else by one ``addcmul`` per factor.
+    """
+
+    def __init__(self, folded: bool, dynamic: Tensor, static: Tensor, mask: Tensor,
+                 lambda_s: Tensor | None = None, lambda_d: Tensor | None = None) -> None:
+        if folded and (lambda_s is None or lambda_d is None):
+            raise ValueError("ElementFactors: the folded factors need both scales")
+        k = dynamic.shape[0]
+        self.folded = folded
+        self.rows = k if folded else k + 1
+        self.dtype = dynamic.dtype
+        self.kernel_shape = tuple(static.shape)
+        self.out_channels = static.shape[0]
+        self.numel = static.numel()
+        self._module = _compiled_folding(dynamic, static, mask) if folded else None
+        # the compiled factor GEMMs (the tiled conv's mix and gradient pass) form F' inside their blocks
+        self.compiled = (self._module if self._module is not None and hasattr(self._module, "factor_grad_pass")
+                         and k <= 64 else None)
+        self._dyn = dynamic.detach().reshape(k, -1)
+        self._sta = static.detach().reshape(-1)
+        self._mask = mask.detach().to(dynamic.dtype).expand(static.shape).reshape(-1)
+        self._scales = (lambda_s, lambda_d)
+        self._ls = float(lambda_s) if folded else 0.0
+        self._ld = float(lambda_d) if folded else 0.0
+        self._formed: tuple[int, int] | None = None
+        self._buffer: Tensor | None = None
+        self._need = (False, False, False, False)
+        self._g_static: Tensor | None = None
+        self._g_scales: list = [0.0, 0.0]  # dL/dlambda_s, dL/dlambda_d, summed over column ranges in order
+
+    def columns(self, lo: int, hi: int) -> Tensor:
+        """``F[:, lo:hi]`` (``[rows, hi - lo]``), in the workspace; formed again only for a new range."""
+        if self._formed == (lo, hi):
+            return self._buffer
+        n = hi - lo
+        dyn, sta, m = self._dyn[:, lo:hi], self._sta[lo:hi], self._mask[lo:hi]
+        out = workspace(_FACTOR_SLOT, self.rows * n, self._dyn).view(self.rows, n)
+        with torch.no_grad():
+            if not self.folded:
+                for i in range(self.rows - 1):  # same-shape operands: the contiguous, vectorised kernels
+                    torch.mul(dyn[i], m, out=out[i])
+                torch.addcmul(sta, sta, m, value=-1.0, out=out[-1])  # (1 - M) W_s
+            elif self._module is not None:
+                self._module.fold_factors(dyn, sta, m, self._ls, self._ld, out)
+            else:
+                st = workspace(_STATIC_SLOT, n, self._sta)
+                torch.addcmul(sta, sta, m, value=-1.0, out=st).mul_(self._ls)  # lambda_s (1 - M) W_s
+                md = torch.mul(m, self._ld, out=workspace(_SCALE_SLOT, n, self._mask))  # lambda_d M
+                for i in range(self.rows):
+                    torch.addcmul(st, dyn[i], md, out=out[i])
+        self._formed, self._buffer = (lo, hi), out
+        return out
+
+    def prepare_grads(self, need_d: bool, need_s: bool, need_ls: bool, need_ld: bool) -> None:
+        """Say which parameter gradients :meth:`map_grads` must produce (before the first call)."""
+        self._need = (need_d, need_s, need_ls and self.folded, need_ld and self.folded)
+        if self.folded and need_s:
+            self._g_static = self._sta.new_empty(self.numel)
+        self._g_scales = [0.0, 0.0]
+
+    def map_grads(self, g: Tensor, lo: int, hi: int) -> None:
+        """Map ``dL/dF[:, lo:hi]`` (``g [rows, hi - lo]``, complete, consumed in place) to the parameters'.
+
+        Folded: ``dL/dW_k = lambda_d M g_k`` (in place), ``dL/dW_s = lambda_s (1 - M) sum_k g_k``,
+        ``dL/dlambda_d = sum_k <M g_k, W_k>``, ``dL/dlambda_s = <(1 - M) sum_k g_k, W_s>``.
+        Stacked: ``M g_k`` and ``(1 - M) g_K`` in place.
+        """
+        need_d, need_s, need_ls, need_ld = self._need
+        dyn, sta, m = self._dyn[:, lo:hi], self._sta[lo:hi], self._mask[lo:hi]
+        with torch.no_grad():
+            if not self.folded:
+                if need_d:
+                    g[:-1].mul_(m)
+                if need_s:
+                    g[-1].addcmul_(g[-1], m, value=-1.0)  # (1 - M) g, in place
+                return
+            g_sta_out = self._g_static[lo:hi] if need_s else None
+            if self._module is not None and g.dtype == dyn.dtype:  # one pass over g, W_k, W_s and M
+                _, g_ls, g_ld = self._module.fold_factor_grads(g, dyn, sta, m, self._ls, self._ld, need_d, need_s,
+                                                               g_sta_out)
+            else:
+                g_sum = g.sum(0) if need_s or need_ls else None  # before g is overwritten
+                lambda_s, lambda_d = self._scales
+                _, g_st, _, g_ls, g_ld = factor_grads(g, g_sum, dyn, sta, m, lambda_s, lambda_d, need_d, need_s,
+                                                      need_ls, need_ld, in_place=True)
+                if need_s:
+                    g_sta_out.copy_(g_st)
+                g_ls = float(g_ls.sum()) if g_ls is not None else 0.0
+                g_ld = float(g_ld.sum()) if g_ld is not None else 0.0
+        self._g_scales[0] += g_ls
+        self._g_scales[1] += g_ld
+
+    def mix(self, pi: Tensor, lo: int, hi: int, out: Tensor) -> None:
+        """``out [B, hi - lo] = pi @ F'[:, lo:hi]``, ``F'`` formed per block of entries inside the compiled kernel."""
+        self.compiled.mix_factors(pi, self._dyn[:, lo:hi], self._sta[lo:hi], self._mask[lo:hi], self._ls, self._ld,
+                                  out)
+
+    def grad_pass(self, gw: Tensor, pi: Tensor, g: Tensor | None, accumulate: bool, last: bool,
+                  gpi: Tensor | None, lo: int, hi: int) -> None:
+        """One compiled pass over ``gw [B, hi - lo]`` (the per-sample kernels' gradient): ``g (+)= pi^T gw``
+        (``dL/dF'``, ``[rows, hi - lo]``, may be ``None``) and ``gpi += gw F'^T``; ``last`` (the tile's
+        ``dL/dF'`` is then complete): mapped to the parameters' gradients in the same pass, as
+        :meth:`map_grads` does."""
+        need_d, need_s, _, _ = self._need
+        finish = last and g is not None
+        g_ls, g_ld = self.compiled.factor_grad_pass(
+            gw, pi, self._dyn[:, lo:hi], self._sta[lo:hi], self._mask[lo:hi], self._ls, self._ld, g, accumulate,
+            finish, need_d, gpi, self._g_static[lo:hi] if finish and need_s else None)
+        if finish:
+            self._g_scales[0] += g_ls
+            self._g_scales[1] += g_ld
+
+    def grads(self, g: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+        """``(g_dynamic [K, *shape], g_static [*shape], g_lambda_s, g_lambda_d)`` once every column of ``g``
+        (``[rows, P]``) went through :meth:`map_grads`; ``None`` where not needed (always for the stacked
+        factors' scales)."""
+        need_d, need_s, need_ls, need_ld = self._need
+        k = self._dyn.shape[0]
+        g_dynamic = g[:k].view(k, *self.kernel_shape) if need_d else None
+        if not need_s:
+            g_static = None
+        elif self.folded:
+            g_static = self._g_static.view(self.kernel_shape)
+        else:
+            g_static = g[k].view(self.kernel_shape)
+        lambda_s, lambda_d = self._scales
+        g_ls = lambda_s.new_tensor(self._g_scales[0]).reshape(lambda_s.shape) if need_ls else None
+        g_ld = lambda_d.new_tensor(self._g_scales[1]).reshape(lambda_d.shape) if need_ld else None
+        return g_dynamic, g_static, g_ls, g_ld
+
+
+def stacked_factors(dynamic: Tensor, static: Tensor, mask: Tensor) -> Tensor:
+    """``F [K + 1, *shape]`` of :class:`ElementFactors` (stacked), all columns; in the workspace, no autograd."""
+    factors = ElementFactors(False, dynamic, static, mask)
+    return factors.columns(0, factors.numel).view(factors.rows, *factors.kernel_shape)
+
+
 def folded_factors(dynamic: Tensor, static: Tensor, mask: Tensor, lambda_s: Tensor, lambda_d: Tensor) -> Tensor:
     """``F' [K, *shape]``, ``F'[k] = lambda_d M dynamic[k] + lambda_s (1 - M) static``; no autograd.
 
     Under softmax routing (every row of ``pi`` sums to 1) the per-sample kernels
     are ``pi @ F'``: the static part folded into each of the K factors, so the
-    weight-space GEMMs have exactly the shapes of a fully dynamic layer's. ``F'``
-    is written into a reused workspace (valid until the next call), as in
-    :func:`stacked_factors`: by the compiled one-pass kernel of :mod:`.fused`
-    where it is available (reads the K + 2 inputs once, writes ``F'`` once), else
-    by one ``addcmul`` per factor.
+    weight-space GEMMs have exactly the shapes of a fully dynamic layer's. All
+    columns of :class:`ElementFactors` (folded), in the workspace.
     """
-    k = dynamic.shape[0]
-    with torch.no_grad():
-        m = mask.to(dynamic.dtype)
-        out = workspace(_FACTOR_SLOT, k * static.numel(), dynamic).view(k, *static.shape)
-        module = _compiled_folding(dynamic, static, mask)
-        if module is not None:
-            module.fold_factors(dynamic.view(k, -1), static.view(-1), m.contiguous().view(-1),
-                                float(lambda_s), float(lambda_d), out.view(k, -1))
-            return out
-        sta = workspace(_STATIC_SLOT, static.numel(), static).view_as(static)
-        torch.addcmul(static, static, m, value=-1.0, out=sta).mul_(lambda_s)  # lambda_s (1 - M) W_s
-        md = torch.mul(m, lambda_d, out=workspace(_SCALE_SLOT, m.numel(), m).view_as(m))  # lambda_d M
-        for i in range(k):
-            torch.addcmul(sta, dynamic[i], md, out=out[i])
-    return out
-
-
-def stacked_factor_grads(g_stack: Tensor, mask: Tensor, need_d: bool, need_s: bool
-                         ) -> tuple[Tensor | None, Tensor | None]:
-    """Map the gradient of :func:`stacked_factors` (``[K + 1, *shape]``, consumed in place) to ``(g_dynamic, g_static)``."""
-    k = g_stack.shape[0] - 1
-    m = mask.to(g_stack.dtype)
-    g_dynamic = g_stack[:k].mul_(m) if need_d else None
-    g_static = g_stack[k].addcmul_(g_stack[k], m, value=-1.0) if need_s else None  # (1 - M) g, in place
-    return g_dynamic, g_static
+    factors = ElementFactors(True, dynamic, static, mask, lambda_s, lambda_d)
+    return factors.columns(0, factors.numel).view(factors.rows, *factors.kernel_shape)
 
 
 def folded_factor_grads(g_fold: Tensor, dynamic: Tensor, static: Tensor, mask: Tensor, lambda_s: Tensor,
                         lambda_d: Tensor, need_d: bool, need_s: bool, need_ls: bool, need_ld: bool):
-    """Map the gradient of :func:`folded_factors` (``[K, *shape]``, consumed in place) to
-    ``(g_dynamic, g_static, g_lambda_s, g_lambda_d)`` (``None`` where not needed).
-
-    ``dL/dW_k = lambda_d M g_k``, ``dL/dW_s = lambda_s (1 - M) sum_k g_k``,
-    ``dL/dlambda_d = sum_k <M g_k, W_k>``, ``dL/dlambda_s = <(1 - M) sum_k g_k, W_s>``.
+    """Map the gradient of :func:`folded_factors` (``[K, *shape]``, consumed in place when contiguous) to
+    ``(g_dynamic, g_static, g_lambda_s, g_lambda_d)`` (``None`` where not needed); see
+    :meth:`ElementFactors.map_grads`.
     """
-    module = (_compiled_folding(dynamic, static, mask)
-              if g_fold.is_contiguous() and g_fold.dtype == dynamic.dtype else None)
-    if module is not None:  # one pass over g, W_k, W_s and M
-        k = g_fold.shape[0]
-        g_sta, g_ls, g_ld = module.fold_factor_grads(
-            g_fold.view(k, -1), dynamic.view(k, -1), static.view(-1), mask.to(dynamic.dtype).contiguous().view(-1),
-            float(lambda_s), float(lambda_d), need_d, need_s)
-        return (g_fold if need_d else None, g_sta.view_as(static) if need_s else None,
-                lambda_s.new_tensor(g_ls).reshape(lambda_s.shape) if need_ls else None,
-                lambda_d.new_tensor(g_ld).reshape(lambda_d.shape) if need_ld else None)
-    g_sum = g_fold.sum(0) if need_s or need_ls else None  # before g_fold is overwritten
-    g_dynamic, g_static, _, g_ls, g_ld = factor_grads(g_fold, g_sum, dynamic, static, mask, lambda_s, lambda_d,
-                                                      need_d, need_s, need_ls, need_ld, in_place=True)
-    return g_dynamic, g_static, g_ls, g_ld
+    factors = ElementFactors(True, dynamic, static, mask, lambda_s, lambda_d)
+    g = g_fold.contiguous().view(factors.rows, -1)
+    factors.prepare_grads(need_d, need_s, need_ls, need_ld)
+    factors.map_grads(g, 0, factors.numel)
+    return factors.grads(g)
 
 
 def routing_coefficients(pi: Tensor, lambda_s: Tensor, lambda_d: Tensor) -> Tensor:
@@ -171,6 +270,5 @@ def masked_factors(dynamic: Tensor, static: Tensor, mask: Tensor, lambda_s: Tens
     return MaskedFactors.apply(dynamic, static, mask, lambda_s, lambda_d)
 
 
-__all__ = ["MaskedFactors", "factor_grads", "folded_factor_grads", "folded_factors", "masked_factors",
-           "routing_coefficients",
-           "stacked_factor_grads", "stacked_factors"]
+__all__ = ["ElementFactors", "MaskedFactors", "factor_grads", "folded_factor_grads", "folded_factors",
+           "masked_factors", "routing_coefficients", "stacked_factors"]

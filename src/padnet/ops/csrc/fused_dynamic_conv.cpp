@@ -20,10 +20,12 @@
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <immintrin.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -264,12 +266,14 @@ void fused_dispatch(const torch::Tensor& cols, const torch::Tensor& pi, const to
 // F[k, p] = ld m[p] W[k, p] + ls (1 - m[p]) Ws[p] (padnet.ops.masked_factors.folded_factors), and the map
 // of dL/dF to the parameters' gradients. Blocks of FB entries are the parallel work items; the scale
 // gradients are summed per block (in the block's dtype, FB terms) and the blocks' sums in double, in
-// block order, so the result does not depend on the thread count.
+// block order, so the result does not depend on the thread count. The [K, P] operands may be column ranges
+// of wider matrices (a tile of the tiled weight-space GEMM): their rows are `*s` entries apart.
 
 constexpr int64_t FB = 2048;  // entries per block: the block's m, Ws and sums stay in L1
 
 template <typename T>
-void fold_impl(const T* dyn, const T* sta, const T* mask, T ls, T ld, T* out, int64_t K, int64_t P) {
+void fold_impl(const T* dyn, int64_t ds, const T* sta, const T* mask, T ls, T ld, T* out, int64_t os, int64_t K,
+               int64_t P) {
   const int64_t blocks = (P + FB - 1) / FB;
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     T md[FB], st[FB];
@@ -281,8 +285,8 @@ void fold_impl(const T* dyn, const T* sta, const T* mask, T ls, T ld, T* out, in
         st[i] = ls * (sta[p0 + i] - sta[p0 + i] * m);
       }
       for (int64_t k = 0; k < K; ++k) {
-        const T* w = dyn + k * P + p0;
-        T* f = out + k * P + p0;
+        const T* w = dyn + k * ds + p0;
+        T* f = out + k * os + p0;
         for (int64_t i = 0; i < n; ++i) f[i] = st[i] + w[i] * md[i];
       }
     }
@@ -292,8 +296,8 @@ void fold_impl(const T* dyn, const T* sta, const T* mask, T ls, T ld, T* out, in
 // one block of fold_grads_impl: entries [p0, p0 + n), vectorised over the entries (the sums over k stay in
 // registers); the scale gradients' partial sums of the block are returned in *acc_ls_out, *acc_ld_out
 template <typename T, bool NEED_D, bool NEED_S>
-void fold_grads_block(T* g, const T* dyn, const T* sta, const T* mask, T ls, T ld, T* g_sta, int64_t K, int64_t P,
-                      int64_t p0, int64_t n, T* acc_ls_out, T* acc_ld_out) {
+void fold_grads_block(T* g, int64_t gs_, const T* dyn, int64_t ds, const T* sta, const T* mask, T ls, T ld,
+                      T* g_sta, int64_t K, int64_t p0, int64_t n, T* acc_ls_out, T* acc_ld_out) {
   using V = typename Vec<T>::type;
   constexpr int N = Vec<T>::N;
   const V lsv = vzero<T>() + ls, ldv = vzero<T>() + ld;
@@ -303,10 +307,10 @@ void fold_grads_block(T* g, const T* dyn, const T* sta, const T* mask, T ls, T l
     const V m = vload<T>(mask + i);
     V gsum = vzero<T>(), gw = vzero<T>();
     for (int64_t k = 0; k < K; ++k) {
-      const V gi = vload<T>(g + k * P + i);
+      const V gi = vload<T>(g + k * gs_ + i);
       gsum += gi;
-      gw += gi * vload<T>(dyn + k * P + i);
-      if (NEED_D) vstore<T>(g + k * P + i, ldv * m * gi);
+      gw += gi * vload<T>(dyn + k * ds + i);
+      if (NEED_D) vstore<T>(g + k * gs_ + i, ldv * m * gi);
     }
     acc_ld += m * gw;
     const V gs = gsum - gsum * m;  // (1 - m) sum_k g_k
@@ -322,10 +326,10 @@ void fold_grads_block(T* g, const T* dyn, const T* sta, const T* mask, T ls, T l
     const T m = mask[i];
     T gsum = T(0), gw = T(0);
     for (int64_t k = 0; k < K; ++k) {
-      const T gi = g[k * P + i];
+      const T gi = g[k * gs_ + i];
       gsum += gi;
-      gw += gi * dyn[k * P + i];
-      if (NEED_D) g[k * P + i] = ld * m * gi;
+      gw += gi * dyn[k * ds + i];
+      if (NEED_D) g[k * gs_ + i] = ld * m * gi;
     }
     sum_ld += m * gw;
     const T gs = gsum - gsum * m;
@@ -338,8 +342,8 @@ void fold_grads_block(T* g, const T* dyn, const T* sta, const T* mask, T ls, T l
 
 // g [K, P] (dL/dF, overwritten with dL/dW if need_d) -> (g_sta [P] if need_s, dL/dls, dL/dld)
 template <typename T>
-void fold_grads_impl(T* g, const T* dyn, const T* sta, const T* mask, T ls, T ld, T* g_sta, int64_t K, int64_t P,
-                     bool need_d, bool need_s, double* g_ls, double* g_ld) {
+void fold_grads_impl(T* g, int64_t gs_, const T* dyn, int64_t ds, const T* sta, const T* mask, T ls, T ld, T* g_sta,
+                     int64_t K, int64_t P, bool need_d, bool need_s, double* g_ls, double* g_ld) {
   const int64_t blocks = (P + FB - 1) / FB;
   std::vector<double> part_ls(blocks, 0.0), part_ld(blocks, 0.0);
   auto block = need_d ? (need_s ? fold_grads_block<T, true, true> : fold_grads_block<T, true, false>)
@@ -348,7 +352,7 @@ void fold_grads_impl(T* g, const T* dyn, const T* sta, const T* mask, T ls, T ld
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t p0 = blk * FB;
       T acc_ls, acc_ld;
-      block(g, dyn, sta, mask, ls, ld, g_sta, K, P, p0, std::min(FB, P - p0), &acc_ls, &acc_ld);
+      block(g, gs_, dyn, ds, sta, mask, ls, ld, g_sta, K, p0, std::min(FB, P - p0), &acc_ls, &acc_ld);
       part_ls[blk] = static_cast<double>(acc_ls);
       part_ld[blk] = static_cast<double>(acc_ld);
     }
@@ -362,6 +366,11 @@ void fold_grads_impl(T* g, const T* dyn, const T* sta, const T* mask, T ls, T ld
   *g_ld = s_ld;
 }
 
+// a [K, P] operand whose rows are contiguous and do not overlap (a column range of a wider matrix allowed)
+bool row_major_rows(const torch::Tensor& t) {
+  return t.dim() == 2 && (t.size(1) <= 1 || t.stride(1) == 1) && (t.size(0) <= 1 || t.stride(0) >= t.size(1));
+}
+
 void check_factor_args(const char* what, const torch::Tensor& dyn, const torch::Tensor& sta,
                        const torch::Tensor& mask) {
   TORCH_CHECK(dyn.dim() == 2 && sta.dim() == 1 && mask.dim() == 1, what, ": expected dyn [K, P], sta [P], mask [P]");
@@ -369,7 +378,8 @@ void check_factor_args(const char* what, const torch::Tensor& dyn, const torch::
   TORCH_CHECK(dyn.device().is_cpu() && sta.device().is_cpu() && mask.device().is_cpu(), what, ": CPU tensors only");
   TORCH_CHECK(dyn.scalar_type() == sta.scalar_type() && dyn.scalar_type() == mask.scalar_type(), what,
               ": one dtype expected");
-  TORCH_CHECK(dyn.is_contiguous() && sta.is_contiguous() && mask.is_contiguous(), what, ": contiguous tensors only");
+  TORCH_CHECK(row_major_rows(dyn) && sta.is_contiguous() && mask.is_contiguous(), what,
+              ": dyn needs contiguous, non-overlapping rows; sta and mask must be contiguous");
   TORCH_CHECK(dyn.scalar_type() == torch::kFloat || dyn.scalar_type() == torch::kDouble, what,
               ": float32 or float64 only");
 }
@@ -409,46 +419,408 @@ torch::Tensor fused_dynamic_conv(torch::Tensor cols, torch::Tensor pi, torch::Te
   return y;
 }
 
-// dyn [K, P], sta [P], mask [P] (0/1 values), ls, ld (doubles) -> out [K, P] (written, returned)
+// dyn [K, P], sta [P], mask [P] (0/1 values), ls, ld (doubles) -> out [K, P] (written, returned). dyn and out
+// may be column ranges of wider matrices (rows contiguous, any row stride).
 torch::Tensor fold_factors(torch::Tensor dyn, torch::Tensor sta, torch::Tensor mask, double ls, double ld,
                            torch::Tensor out) {
   check_factor_args("fold_factors", dyn, sta, mask);
-  TORCH_CHECK(out.sizes() == dyn.sizes() && out.scalar_type() == dyn.scalar_type() && out.is_contiguous() &&
-                  out.device().is_cpu(), "fold_factors: out must be a contiguous CPU tensor like dyn");
+  TORCH_CHECK(out.sizes() == dyn.sizes() && out.scalar_type() == dyn.scalar_type() && row_major_rows(out) &&
+                  out.device().is_cpu(), "fold_factors: out must be a CPU tensor like dyn with contiguous rows");
   const int64_t K = dyn.size(0), P = dyn.size(1);
   if (dyn.scalar_type() == torch::kFloat) {
-    fold_impl<float>(dyn.data_ptr<float>(), sta.data_ptr<float>(), mask.data_ptr<float>(), static_cast<float>(ls),
-                     static_cast<float>(ld), out.data_ptr<float>(), K, P);
+    fold_impl<float>(dyn.data_ptr<float>(), dyn.stride(0), sta.data_ptr<float>(), mask.data_ptr<float>(),
+                     static_cast<float>(ls), static_cast<float>(ld), out.data_ptr<float>(), out.stride(0), K, P);
   } else {
-    fold_impl<double>(dyn.data_ptr<double>(), sta.data_ptr<double>(), mask.data_ptr<double>(), ls, ld,
-                      out.data_ptr<double>(), K, P);
+    fold_impl<double>(dyn.data_ptr<double>(), dyn.stride(0), sta.data_ptr<double>(), mask.data_ptr<double>(), ls,
+                      ld, out.data_ptr<double>(), out.stride(0), K, P);
   }
   out.unsafeGetTensorImpl()->bump_version();  // written in place, as an out= op would record
   return out;
 }
 
-// g [K, P] (dL/dF, overwritten with dL/dW when need_d), dyn, sta, mask as in fold_factors
-// -> (g_sta [P] (empty unless need_s), dL/dls, dL/dld)
+// g [K, P] (dL/dF, overwritten with dL/dW when need_d), dyn, sta, mask as in fold_factors (g and dyn may be
+// column ranges of wider matrices) -> (g_sta [P] (empty unless need_s), dL/dls, dL/dld). g_sta is written into
+// g_sta_out when it is given (a contiguous [P] tensor of sta's dtype), else allocated.
 std::tuple<torch::Tensor, double, double> fold_factor_grads(torch::Tensor g, torch::Tensor dyn, torch::Tensor sta,
                                                             torch::Tensor mask, double ls, double ld, bool need_d,
-                                                            bool need_s) {
+                                                            bool need_s, c10::optional<torch::Tensor> g_sta_out) {
   check_factor_args("fold_factor_grads", dyn, sta, mask);
-  TORCH_CHECK(g.sizes() == dyn.sizes() && g.scalar_type() == dyn.scalar_type() && g.is_contiguous() &&
-                  g.device().is_cpu(), "fold_factor_grads: g must be a contiguous CPU tensor like dyn");
+  TORCH_CHECK(g.sizes() == dyn.sizes() && g.scalar_type() == dyn.scalar_type() && row_major_rows(g) &&
+                  g.device().is_cpu(), "fold_factor_grads: g must be a CPU tensor like dyn with contiguous rows");
   const int64_t K = dyn.size(0), P = dyn.size(1);
-  auto g_sta = torch::empty({need_s ? P : 0}, sta.options());
+  torch::Tensor g_sta;
+  if (need_s && g_sta_out.has_value() && g_sta_out->defined()) {
+    g_sta = *g_sta_out;
+    TORCH_CHECK(g_sta.dim() == 1 && g_sta.size(0) == P && g_sta.is_contiguous() &&
+                    g_sta.scalar_type() == sta.scalar_type() && g_sta.device().is_cpu(),
+                "fold_factor_grads: g_sta_out must be a contiguous CPU tensor like sta");
+  } else {
+    g_sta = torch::empty({need_s ? P : 0}, sta.options());
+  }
   double g_ls = 0.0, g_ld = 0.0;
   if (dyn.scalar_type() == torch::kFloat) {
-    fold_grads_impl<float>(g.data_ptr<float>(), dyn.data_ptr<float>(), sta.data_ptr<float>(), mask.data_ptr<float>(),
-                           static_cast<float>(ls), static_cast<float>(ld), need_s ? g_sta.data_ptr<float>() : nullptr,
-                           K, P, need_d, need_s, &g_ls, &g_ld);
+    fold_grads_impl<float>(g.data_ptr<float>(), g.stride(0), dyn.data_ptr<float>(), dyn.stride(0),
+                           sta.data_ptr<float>(), mask.data_ptr<float>(), static_cast<float>(ls),
+                           static_cast<float>(ld), need_s ? g_sta.data_ptr<float>() : nullptr, K, P, need_d, need_s,
+                           &g_ls, &g_ld);
   } else {
-    fold_grads_impl<double>(g.data_ptr<double>(), dyn.data_ptr<double>(), sta.data_ptr<double>(),
-                            mask.data_ptr<double>(), ls, ld, need_s ? g_sta.data_ptr<double>() : nullptr, K, P,
-                            need_d, need_s, &g_ls, &g_ld);
+    fold_grads_impl<double>(g.data_ptr<double>(), g.stride(0), dyn.data_ptr<double>(), dyn.stride(0),
+                            sta.data_ptr<double>(), mask.data_ptr<double>(), ls, ld,
+                            need_s ? g_sta.data_ptr<double>() : nullptr, K, P, need_d, need_s, &g_ls, &g_ld);
   }
   if (need_d) g.unsafeGetTensorImpl()->bump_version();  // overwritten in place, as mul_ would record
+  if (need_s) g_sta.unsafeGetTensorImpl()->bump_version();
   return std::make_tuple(g_sta, g_ls, g_ld);
+}
+
+
+// ---- the factor GEMMs of the tiled weight-space conv (training): one pass each ----
+//
+// The tiled weight-space conv (padnet.ops.bmm_autograd) needs, per tile of columns of the factor matrix F
+// [K, n] and per batch tile of nb samples:
+//   forward (and the input gradient): w[b, p] = sum_k pi[b, k] F[k, p]                         (mix_factors)
+//   backward, from the per-sample kernels' gradient gw [nb, n]:                          (factor_grad_pass)
+//     dL/dF[k, p] (+)= sum_b pi[b, k] gw[b, p]  and  dL/dpi[b, k] += sum_p gw[b, p] F[k, p].
+// Two GEMMs (MKL) read gw twice; this pass reads it once. For an element-masked PAD layer F is not stored:
+// F[k, p] = ld m[p] W[k, p] + ls (1 - m[p]) Ws[p] is formed per block of GB entries in L1 from W, Ws and m
+// (the folded factors above), and on the last batch tile the finished dL/dF is mapped to dL/dW, dL/dWs and
+// the scales' gradients in the same pass, so neither F nor dL/dF makes a trip through main memory. Blocks of
+// GB entries are the parallel work items; sums over entries (dL/dpi, the scales) are kept per block and added
+// in block order, so the results do not depend on the thread count.
+
+namespace {
+
+constexpr int64_t GB = 512;    // entries per block of mix_factors: K rows of F stay in L1
+constexpr int64_t GBG = 2048;  // entries per block of factor_grad_pass: K rows of F and dL/dF stay in L2, and
+                               // each of the B rows of gw is read in runs of 8 KiB (the prefetchers keep up)
+// the rows of the per-block buffers are padded by RPAD entries: rows a multiple of 4 KiB apart would make
+// each store to one row stall the next row's loads (4K aliasing)
+constexpr int64_t RPAD = 48;
+constexpr int64_t RSG = GBG + RPAD;
+constexpr int64_t KMAX = 64;  // factors per call (the accumulators of dL/dpi live on the stack)
+
+// F's block [K][m] into f (rows BS + RPAD apart; element) or pointers into W's rows (stored factors)
+template <typename T, int64_t BS>
+void factor_block(const T* dyn, int64_t ds, const T* sta, const T* mask, T ls, T ld, int64_t K, int64_t p0, int64_t m,
+                  T* f, const T** rows) {
+  if (mask == nullptr) {
+    for (int64_t k = 0; k < K; ++k) rows[k] = dyn + k * ds + p0;
+    return;
+  }
+  T md[BS], st[BS];
+  for (int64_t i = 0; i < m; ++i) {
+    const T mi = mask[p0 + i];
+    md[i] = ld * mi;
+    st[i] = ls * (sta[p0 + i] - sta[p0 + i] * mi);
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    const T* w = dyn + k * ds + p0;
+    T* fk = f + k * (BS + RPAD);
+    for (int64_t i = 0; i < m; ++i) fk[i] = st[i] + w[i] * md[i];
+    rows[k] = fk;
+  }
+}
+
+// a store that bypasses the caches (the per-sample kernels of a tile are larger than the caches and are read
+// back by the next GEMM from memory anyway: no read-for-ownership of the destination lines), where aligned
+template <typename T>
+inline void vstream(T* p, typename Vec<T>::type v) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same<T, float>::value) _mm512_stream_ps(p, reinterpret_cast<__m512&>(v));
+  else _mm512_stream_pd(p, reinterpret_cast<__m512d&>(v));
+#elif defined(__AVX__)
+  if constexpr (std::is_same<T, float>::value) _mm256_stream_ps(p, reinterpret_cast<__m256&>(v));
+  else _mm256_stream_pd(p, reinterpret_cast<__m256d&>(v));
+#else
+  vstore<T>(p, v);
+#endif
+}
+
+// one block of mix_impl; KC > 0: K == KC known at compile time (the loops over k unroll)
+template <typename T, int KC, bool STREAM>
+void mix_block(const T* pi, int64_t B, int64_t K_, const T* const* rows, T* out, int64_t os, int64_t p0,
+               int64_t m) {
+  using V = typename Vec<T>::type;
+  constexpr int N = Vec<T>::N;
+  const int64_t K = KC > 0 ? KC : K_;
+  const int64_t mv = m - m % N;
+  for (int64_t b = 0; b < B; ++b) {
+    const T* pb = pi + b * K;
+    T* o = out + b * os + p0;
+    T c[KC > 0 ? KC : KMAX];
+    for (int64_t k = 0; k < K; ++k) c[k] = pb[k];
+    for (int64_t i = 0; i < mv; i += N) {
+      V acc = c[0] * vload<T>(rows[0] + i);
+      for (int64_t k = 1; k < K; ++k) acc += c[k] * vload<T>(rows[k] + i);
+      if (STREAM) vstream<T>(o + i, acc);
+      else vstore<T>(o + i, acc);
+    }
+    for (int64_t i = mv; i < m; ++i) {
+      T acc = T(0);
+      for (int64_t k = 0; k < K; ++k) acc += c[k] * rows[k][i];
+      o[i] = acc;
+    }
+  }
+}
+
+template <typename T>
+void mix_impl(const T* pi, int64_t B, int64_t K, const T* dyn, int64_t ds, const T* sta, const T* mask, T ls, T ld,
+              T* out, int64_t os, int64_t n) {
+  constexpr int N = Vec<T>::N;
+  const bool stream = reinterpret_cast<uintptr_t>(out) % VBYTES == 0 && os % N == 0;
+  auto block = K == 4 ? (stream ? mix_block<T, 4, true> : mix_block<T, 4, false>)
+             : K == 2 ? (stream ? mix_block<T, 2, true> : mix_block<T, 2, false>)
+             : K == 8 ? (stream ? mix_block<T, 8, true> : mix_block<T, 8, false>)
+                      : (stream ? mix_block<T, 0, true> : mix_block<T, 0, false>);
+  const int64_t blocks = (n + GB - 1) / GB;
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> f(mask ? K * (GB + RPAD) : 0);
+    const T* rows[KMAX];
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t p0 = blk * GB, m = std::min(GB, n - p0);
+      factor_block<T, GB>(dyn, ds, sta, mask, ls, ld, K, p0, m, f.data(), rows);
+      block(pi, B, K, rows, out, os, p0, m);
+    }
+#if defined(__AVX__)
+    if (stream) _mm_sfence();  // this thread's streaming stores are visible before the next GEMM reads them
+#endif
+  });
+}
+
+// one block of grad_pass_impl: r [K][GB] (dL/dF of the block, updated), part_pi [B * K] (written) when HAS_PI
+template <typename T, int KC, bool HAS_G, bool HAS_PI>
+void grad_block(const T* gw, int64_t gws, const T* pi, int64_t B, int64_t K_, const T* const* rows, T* r,
+                T* part_pi, int64_t p0, int64_t m) {
+  using V = typename Vec<T>::type;
+  constexpr int N = Vec<T>::N;
+  constexpr int KB = KC > 0 ? KC : KMAX;
+  const int64_t K = KC > 0 ? KC : K_;
+  const int64_t mv = m - m % N;
+  for (int64_t b = 0; b < B; ++b) {
+    const T* gb = gw + b * gws + p0;
+    T c[KB];
+    V acc[KB];
+    T tail[KB];
+    for (int64_t k = 0; k < K; ++k) {
+      c[k] = pi[b * K + k];
+      acc[k] = vzero<T>();
+      tail[k] = T(0);
+    }
+    const T* next = b + 1 < B ? gb + gws : gb;  // the next row's run, fetched while this one is worked on
+    for (int64_t i = 0; i < mv; i += N) {
+      const V gv = vload<T>(gb + i);
+      if (i % (64 / sizeof(T)) == 0) __builtin_prefetch(next + i, 0, 3);
+      for (int64_t k = 0; k < K; ++k) {
+        if (HAS_G) vstore<T>(r + k * RSG + i, vload<T>(r + k * RSG + i) + c[k] * gv);
+        if (HAS_PI) acc[k] += gv * vload<T>(rows[k] + i);
+      }
+    }
+    for (int64_t i = mv; i < m; ++i) {
+      for (int64_t k = 0; k < K; ++k) {
+        if (HAS_G) r[k * RSG + i] += c[k] * gb[i];
+        if (HAS_PI) tail[k] += gb[i] * rows[k][i];
+      }
+    }
+    if (HAS_PI) {
+      for (int64_t k = 0; k < K; ++k) {
+        T sum = tail[k];
+        for (int j = 0; j < N; ++j) sum += acc[k][j];
+        part_pi[b * K + k] = sum;
+      }
+    }
+  }
+}
+
+template <typename T, int KC>
+using GradBlockFn = void (*)(const T*, int64_t, const T*, int64_t, int64_t, const T* const*, T*, T*, int64_t,
+                             int64_t);
+
+template <typename T, int KC>
+GradBlockFn<T, KC> grad_block_for(bool has_g, bool has_pi) {
+  return has_g ? (has_pi ? grad_block<T, KC, true, true> : grad_block<T, KC, true, false>)
+               : (has_pi ? grad_block<T, KC, false, true> : grad_block<T, KC, false, false>);
+}
+
+// gw [B, n] (rows gws apart), pi [B, K]; F as in mix_impl. g [K, n] (rows gs apart, may be null): dL/dF,
+// accumulated onto its contents when `accumulate`; `finish` (element factors only): mapped in place to
+// dL/dW = ld m dL/dF (when need_d), g_sta = ls (1 - m) sum_k dL/dF (when given) and the scales' partial
+// sums (part_scales [blocks][2]). part_pi [blocks][B * K] (may be null): the blocks' dL/dpi sums.
+template <typename T>
+void grad_pass_impl(const T* gw, int64_t gws, const T* pi, int64_t B, int64_t K, const T* dyn, int64_t ds,
+                    const T* sta, const T* mask, T ls, T ld, T* g, int64_t gs, bool accumulate, bool finish,
+                    bool need_d, T* g_sta, T* part_pi, T* part_scales, int64_t n) {
+  const bool has_g = g != nullptr, has_pi = part_pi != nullptr;
+  auto block = K == 4 ? grad_block_for<T, 4>(has_g, has_pi)
+             : K == 2 ? grad_block_for<T, 2>(has_g, has_pi)
+             : K == 8 ? grad_block_for<T, 8>(has_g, has_pi)
+                      : grad_block_for<T, 0>(has_g, has_pi);
+  const int64_t blocks = (n + GBG - 1) / GBG;
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> f(mask && has_pi ? K * RSG : 0), raw(has_g ? K * RSG : 0);
+    const T* rows[KMAX];
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t p0 = blk * GBG, m = std::min(GBG, n - p0);
+      if (has_pi) factor_block<T, GBG>(dyn, ds, sta, mask, ls, ld, K, p0, m, f.data(), rows);
+      T* r = raw.data();
+      for (int64_t k = 0; has_g && k < K; ++k) {
+        if (accumulate) std::memcpy(r + k * RSG, g + k * gs + p0, m * sizeof(T));
+        else std::fill(r + k * RSG, r + k * RSG + m, T(0));
+      }
+      block(gw, gws, pi, B, K, rows, r, has_pi ? part_pi + blk * B * K : nullptr, p0, m);
+      if (!has_g) continue;
+      if (!finish) {
+        for (int64_t k = 0; k < K; ++k) std::memcpy(g + k * gs + p0, r + k * RSG, m * sizeof(T));
+        continue;
+      }
+      // element factors, the last batch tile: map dL/dF to the parameters' gradients (as fold_grads_block)
+      using V = typename Vec<T>::type;
+      constexpr int N = Vec<T>::N;
+      const V lsv = vzero<T>() + ls, ldv = vzero<T>() + ld;
+      V vls = vzero<T>(), vld = vzero<T>();
+      const int64_t mv = m - m % N;
+      for (int64_t i = 0; i < mv; i += N) {
+        const V mi = vload<T>(mask + p0 + i);
+        V gsum = vzero<T>(), gwd = vzero<T>();
+        for (int64_t k = 0; k < K; ++k) {
+          const V gi = vload<T>(r + k * RSG + i);
+          gsum += gi;
+          gwd += gi * vload<T>(dyn + k * ds + p0 + i);
+          if (need_d) vstore<T>(g + k * gs + p0 + i, ldv * mi * gi);
+        }
+        vld += mi * gwd;
+        const V gsr = gsum - gsum * mi;  // (1 - m) sum_k dL/dF
+        vls += gsr * vload<T>(sta + p0 + i);
+        if (g_sta) vstore<T>(g_sta + p0 + i, lsv * gsr);
+      }
+      T sum_ls = T(0), sum_ld = T(0);
+      for (int j = 0; j < N; ++j) {
+        sum_ls += vls[j];
+        sum_ld += vld[j];
+      }
+      for (int64_t i = mv; i < m; ++i) {
+        const T mi = mask[p0 + i];
+        T gsum = T(0), gwd = T(0);
+        for (int64_t k = 0; k < K; ++k) {
+          const T gi = r[k * RSG + i];
+          gsum += gi;
+          gwd += gi * dyn[k * ds + p0 + i];
+          if (need_d) g[k * gs + p0 + i] = ld * mi * gi;
+        }
+        sum_ld += mi * gwd;
+        const T gsr = gsum - gsum * mi;
+        sum_ls += gsr * sta[p0 + i];
+        if (g_sta) g_sta[p0 + i] = ls * gsr;
+      }
+      part_scales[2 * blk] = sum_ls;
+      part_scales[2 * blk + 1] = sum_ld;
+    }
+  });
+}
+
+void check_rows(const char* what, const char* name, const torch::Tensor& t, int64_t rows, int64_t cols,
+                const torch::Tensor& like) {
+  TORCH_CHECK(row_major_rows(t) && t.size(0) == rows && t.size(1) == cols, what, ": ", name, " must be [", rows,
+              ", ", cols, "] with contiguous rows");
+  TORCH_CHECK(t.scalar_type() == like.scalar_type() && t.device().is_cpu(), what, ": ", name,
+              " must be a CPU tensor of the factors' dtype");
+}
+
+// the optional element operands: both or neither
+bool element_operands(const char* what, const torch::Tensor& dyn, const c10::optional<torch::Tensor>& sta,
+                      const c10::optional<torch::Tensor>& mask) {
+  const bool has_s = sta.has_value() && sta->defined(), has_m = mask.has_value() && mask->defined();
+  TORCH_CHECK(has_s == has_m, what, ": give both sta and mask (element factors) or neither (stored factors)");
+  TORCH_CHECK(dyn.scalar_type() == torch::kFloat || dyn.scalar_type() == torch::kDouble, what,
+              ": float32 or float64 only");
+  TORCH_CHECK(row_major_rows(dyn) && dyn.device().is_cpu() && dyn.size(0) >= 1 && dyn.size(0) <= KMAX, what,
+              ": dyn must be a CPU [K, n] tensor with contiguous rows and 1 <= K <= ", KMAX);
+  if (has_m) check_factor_args(what, dyn, *sta, *mask);
+  return has_m;
+}
+
+}  // namespace
+
+// pi [B, K], dyn [K, n] (rows contiguous), optional sta [n] and mask [n] (element factors: F is folded on
+// the fly), ls, ld -> out [B, n] (rows contiguous; written, returned): out = pi @ F
+torch::Tensor mix_factors(torch::Tensor pi, torch::Tensor dyn, c10::optional<torch::Tensor> sta,
+                          c10::optional<torch::Tensor> mask, double ls, double ld, torch::Tensor out) {
+  const bool element = element_operands("mix_factors", dyn, sta, mask);
+  const int64_t K = dyn.size(0), n = dyn.size(1);
+  TORCH_CHECK(pi.dim() == 2 && pi.size(1) == K, "mix_factors: pi must be [B, K]");
+  pi = pi.to(dyn.scalar_type()).contiguous();
+  const int64_t B = pi.size(0);
+  check_rows("mix_factors", "out", out, B, n, dyn);
+  if (dyn.scalar_type() == torch::kFloat) {
+    mix_impl<float>(pi.data_ptr<float>(), B, K, dyn.data_ptr<float>(), dyn.stride(0),
+                    element ? sta->data_ptr<float>() : nullptr, element ? mask->data_ptr<float>() : nullptr,
+                    static_cast<float>(ls), static_cast<float>(ld), out.data_ptr<float>(), out.stride(0), n);
+  } else {
+    mix_impl<double>(pi.data_ptr<double>(), B, K, dyn.data_ptr<double>(), dyn.stride(0),
+                     element ? sta->data_ptr<double>() : nullptr, element ? mask->data_ptr<double>() : nullptr, ls,
+                     ld, out.data_ptr<double>(), out.stride(0), n);
+  }
+  out.unsafeGetTensorImpl()->bump_version();
+  return out;
+}
+
+// gw [B, n], pi [B, K], F as in mix_factors; g [K, n] or undefined (dL/dF, accumulated when `accumulate`;
+// with element factors and `finish`, mapped in place to dL/dW (need_d) and g_sta [n] (if given));
+// gpi [B, K] or undefined (dL/dpi, added to). Returns the scales' gradients (dL/dls, dL/dld; 0 unless
+// finishing element factors).
+std::tuple<double, double> factor_grad_pass(torch::Tensor gw, torch::Tensor pi, torch::Tensor dyn,
+                                            c10::optional<torch::Tensor> sta, c10::optional<torch::Tensor> mask,
+                                            double ls, double ld, c10::optional<torch::Tensor> g_opt,
+                                            bool accumulate, bool finish, bool need_d,
+                                            c10::optional<torch::Tensor> gpi_opt,
+                                            c10::optional<torch::Tensor> g_sta_opt) {
+  const bool element = element_operands("factor_grad_pass", dyn, sta, mask);
+  const int64_t K = dyn.size(0), n = dyn.size(1);
+  TORCH_CHECK(pi.dim() == 2 && pi.size(1) == K, "factor_grad_pass: pi must be [B, K]");
+  pi = pi.to(dyn.scalar_type()).contiguous();
+  const int64_t B = pi.size(0);
+  check_rows("factor_grad_pass", "gw", gw, B, n, dyn);
+  const bool has_g = g_opt.has_value() && g_opt->defined(), has_pi = gpi_opt.has_value() && gpi_opt->defined();
+  const bool has_gs = g_sta_opt.has_value() && g_sta_opt->defined();
+  TORCH_CHECK(!finish || (element && has_g), "factor_grad_pass: finish maps element factors' dL/dF: give g");
+  TORCH_CHECK(!has_gs || finish, "factor_grad_pass: g_sta is written only when finishing");
+  if (has_g) check_rows("factor_grad_pass", "g", *g_opt, K, n, dyn);
+  if (has_pi) {
+    TORCH_CHECK(gpi_opt->dim() == 2 && gpi_opt->size(0) == B && gpi_opt->size(1) == K &&
+                    gpi_opt->scalar_type() == dyn.scalar_type() && gpi_opt->device().is_cpu(),
+                "factor_grad_pass: gpi must be a [B, K] CPU tensor of the factors' dtype");
+  }
+  if (has_gs) {
+    TORCH_CHECK(g_sta_opt->dim() == 1 && g_sta_opt->size(0) == n && g_sta_opt->is_contiguous() &&
+                    g_sta_opt->scalar_type() == dyn.scalar_type() && g_sta_opt->device().is_cpu(),
+                "factor_grad_pass: g_sta must be a contiguous [n] CPU tensor of the factors' dtype");
+  }
+  const int64_t blocks = (n + GBG - 1) / GBG;
+  auto part_pi = torch::empty({has_pi ? blocks : 0, B * K}, dyn.options());
+  auto part_scales = torch::zeros({finish ? blocks : 0, 2}, dyn.options());
+  double g_ls = 0.0, g_ld = 0.0;
+  AT_DISPATCH_FLOATING_TYPES(dyn.scalar_type(), "factor_grad_pass", [&] {
+    using T = scalar_t;
+    grad_pass_impl<T>(gw.data_ptr<T>(), gw.stride(0), pi.data_ptr<T>(), B, K, dyn.data_ptr<T>(), dyn.stride(0),
+                      element ? sta->data_ptr<T>() : nullptr, element ? mask->data_ptr<T>() : nullptr,
+                      static_cast<T>(ls), static_cast<T>(ld), has_g ? g_opt->data_ptr<T>() : nullptr,
+                      has_g ? g_opt->stride(0) : 0, accumulate, finish, need_d,
+                      has_gs ? g_sta_opt->data_ptr<T>() : nullptr, has_pi ? part_pi.data_ptr<T>() : nullptr,
+                      finish ? part_scales.data_ptr<T>() : nullptr, n);
+    if (has_pi) {  // the blocks' sums in block order, in double
+      auto sums = part_pi.to(torch::kDouble).sum(0).view({B, K});
+      gpi_opt->add_(sums.to(dyn.scalar_type()));
+    }
+    if (finish) {
+      const T* ps = part_scales.data_ptr<T>();
+      for (int64_t blk = 0; blk < blocks; ++blk) {
+        g_ls += static_cast<double>(ps[2 * blk]);
+        g_ld += static_cast<double>(ps[2 * blk + 1]);
+      }
+    }
+  });
+  if (has_g) g_opt->unsafeGetTensorImpl()->bump_version();
+  if (has_gs) g_sta_opt->unsafeGetTensorImpl()->bump_version();
+  return std::make_tuple(g_ls, g_ld);
 }
 
 
@@ -645,7 +1017,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fused_dynamic_conv", &fused_dynamic_conv, "fused per-sample dynamic conv (inference, CPU)");
   m.def("im2col", &im2col, "im2col into a given buffer (CPU, float32/float64)");
   m.def("fold_factors", &fold_factors, "element-PAD folded factors in one pass (training, CPU)");
-  m.def("fold_factor_grads", &fold_factor_grads, "gradients of the folded factors in one pass (training, CPU)");
+  m.def("fold_factor_grads", &fold_factor_grads, "gradients of the folded factors in one pass (training, CPU)",
+        py::arg("g"), py::arg("dyn"), py::arg("sta"), py::arg("mask"), py::arg("ls"), py::arg("ld"),
+        py::arg("need_d"), py::arg("need_s"), py::arg("g_sta_out") = py::none());
+  m.def("mix_factors", &mix_factors, "per-sample kernels of one tile, pi @ F, F stored or folded (training, CPU)",
+        py::arg("pi"), py::arg("dyn"), py::arg("sta"), py::arg("mask"), py::arg("ls"), py::arg("ld"),
+        py::arg("out"));
+  m.def("factor_grad_pass", &factor_grad_pass,
+        "dL/dF and dL/dpi of one tile in one pass over the kernels' gradient (training, CPU)",
+        py::arg("gw"), py::arg("pi"), py::arg("dyn"), py::arg("sta"), py::arg("mask"), py::arg("ls"), py::arg("ld"),
+        py::arg("g"), py::arg("accumulate"), py::arg("finish"), py::arg("need_d"), py::arg("gpi"),
+        py::arg("g_sta"));
   m.def("routed_single_sample_conv", &routed_single_sample_conv,
         "routing + kernel mixing + plain conv of one sample in one call (inference)");
   m.def("routed_fused_single_sample_conv", &routed_fused_single_sample_conv,
