@@ -499,25 +499,19 @@ constexpr int64_t RPAD = 48;
 constexpr int64_t RSG = GBG + RPAD;
 constexpr int64_t KMAX = 64;  // factors per call (the accumulators of dL/dpi live on the stack)
 
-// F's block [K][m] into f (rows BS + RPAD apart; element) or pointers into W's rows (stored factors)
-template <typename T, int64_t BS>
-void factor_block(const T* dyn, int64_t ds, const T* sta, const T* mask, T ls, T ld, int64_t K, int64_t p0, int64_t m,
-                  T* f, const T** rows) {
-  if (mask == nullptr) {
-    for (int64_t k = 0; k < K; ++k) rows[k] = dyn + k * ds + p0;
-    return;
-  }
-  T md[BS], st[BS];
+// The K rows of a block are read straight from W; for element factors the block's
+//   md[p] = ld m[p]  and  st[p] = ls (1 - m[p]) Ws[p]
+// are formed once (F'[k, p] = md[p] W[k, p] + st[p]), and the kernels apply them per vector:
+//   sum_k c_k F'[k] = md (sum_k c_k W[k]) + (sum_k c_k) st      (the per-sample kernels)
+//   sum_p g[p] F'[k, p] = sum_p (g md)[p] W[k, p] + sum_p g[p] st[p]   (dL/dpi)
+// -- the same sums in another order (they agree to rounding), with two more multiply-adds per vector
+// instead of a K-row copy of F' per block.
+template <typename T>
+void element_block(const T* sta, const T* mask, T ls, T ld, int64_t p0, int64_t m, T* md, T* st) {
   for (int64_t i = 0; i < m; ++i) {
-    const T mi = mask[p0 + i];
+    const T mi = mask[p0 + i], si = sta[p0 + i];
     md[i] = ld * mi;
-    st[i] = ls * (sta[p0 + i] - sta[p0 + i] * mi);
-  }
-  for (int64_t k = 0; k < K; ++k) {
-    const T* w = dyn + k * ds + p0;
-    T* fk = f + k * (BS + RPAD);
-    for (int64_t i = 0; i < m; ++i) fk[i] = st[i] + w[i] * md[i];
-    rows[k] = fk;
+    st[i] = ls * (si - si * mi);
   }
 }
 
@@ -536,10 +530,10 @@ inline void vstream(T* p, typename Vec<T>::type v) {
 #endif
 }
 
-// one block of mix_impl; KC > 0: K == KC known at compile time (the loops over k unroll)
-template <typename T, int KC, bool STREAM>
-void mix_block(const T* pi, int64_t B, int64_t K_, const T* const* rows, T* out, int64_t os, int64_t p0,
-               int64_t m) {
+// one block of mix_impl; KC > 0: K == KC known at compile time (the loops over k unroll); ELEM: md, st given
+template <typename T, int KC, bool STREAM, bool ELEM>
+void mix_block(const T* pi, int64_t B, int64_t K_, const T* const* rows, const T* md, const T* st, T* out,
+               int64_t os, int64_t p0, int64_t m) {
   using V = typename Vec<T>::type;
   constexpr int N = Vec<T>::N;
   const int64_t K = KC > 0 ? KC : K_;
@@ -548,19 +542,34 @@ void mix_block(const T* pi, int64_t B, int64_t K_, const T* const* rows, T* out,
     const T* pb = pi + b * K;
     T* o = out + b * os + p0;
     T c[KC > 0 ? KC : KMAX];
-    for (int64_t k = 0; k < K; ++k) c[k] = pb[k];
+    T csum = T(0);
+    for (int64_t k = 0; k < K; ++k) {
+      c[k] = pb[k];
+      csum += c[k];
+    }
     for (int64_t i = 0; i < mv; i += N) {
       V acc = c[0] * vload<T>(rows[0] + i);
       for (int64_t k = 1; k < K; ++k) acc += c[k] * vload<T>(rows[k] + i);
+      if (ELEM) acc = acc * vload<T>(md + i) + csum * vload<T>(st + i);
       if (STREAM) vstream<T>(o + i, acc);
       else vstore<T>(o + i, acc);
     }
     for (int64_t i = mv; i < m; ++i) {
       T acc = T(0);
       for (int64_t k = 0; k < K; ++k) acc += c[k] * rows[k][i];
-      o[i] = acc;
+      o[i] = ELEM ? acc * md[i] + csum * st[i] : acc;
     }
   }
+}
+
+template <typename T>
+using MixBlockFn = void (*)(const T*, int64_t, int64_t, const T* const*, const T*, const T*, T*, int64_t, int64_t,
+                            int64_t);
+
+template <typename T, int KC>
+MixBlockFn<T> mix_block_for(bool stream, bool elem) {
+  return stream ? (elem ? mix_block<T, KC, true, true> : mix_block<T, KC, true, false>)
+                : (elem ? mix_block<T, KC, false, true> : mix_block<T, KC, false, false>);
 }
 
 template <typename T>
@@ -568,18 +577,20 @@ void mix_impl(const T* pi, int64_t B, int64_t K, const T* dyn, int64_t ds, const
               T* out, int64_t os, int64_t n) {
   constexpr int N = Vec<T>::N;
   const bool stream = reinterpret_cast<uintptr_t>(out) % VBYTES == 0 && os % N == 0;
-  auto block = K == 4 ? (stream ? mix_block<T, 4, true> : mix_block<T, 4, false>)
-             : K == 2 ? (stream ? mix_block<T, 2, true> : mix_block<T, 2, false>)
-             : K == 8 ? (stream ? mix_block<T, 8, true> : mix_block<T, 8, false>)
-                      : (stream ? mix_block<T, 0, true> : mix_block<T, 0, false>);
+  const bool elem = mask != nullptr;
+  auto block = K == 4 ? mix_block_for<T, 4>(stream, elem)
+             : K == 2 ? mix_block_for<T, 2>(stream, elem)
+             : K == 8 ? mix_block_for<T, 8>(stream, elem)
+                      : mix_block_for<T, 0>(stream, elem);
   const int64_t blocks = (n + GB - 1) / GB;
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> f(mask ? K * (GB + RPAD) : 0);
+    T md[GB], st[GB];
     const T* rows[KMAX];
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t p0 = blk * GB, m = std::min(GB, n - p0);
-      factor_block<T, GB>(dyn, ds, sta, mask, ls, ld, K, p0, m, f.data(), rows);
-      block(pi, B, K, rows, out, os, p0, m);
+      for (int64_t k = 0; k < K; ++k) rows[k] = dyn + k * ds + p0;
+      if (elem) element_block<T>(sta, mask, ls, ld, p0, m, md, st);
+      block(pi, B, K, rows, md, st, out, os, p0, m);
     }
 #if defined(__AVX__)
     if (stream) _mm_sfence();  // this thread's streaming stores are visible before the next GEMM reads them
@@ -587,7 +598,8 @@ void mix_impl(const T* pi, int64_t B, int64_t K, const T* dyn, int64_t ds, const
   });
 }
 
-// one block of grad_pass_impl: r [K][GB] (dL/dF of the block, updated), part_pi [B * K] (written) when HAS_PI
+// one block of grad_pass_impl: r [K][RSG] (dL/dF of the block, updated) when HAS_G, part_pi [B * K] (written)
+// when HAS_PI
 template <typename T, int KC, bool HAS_G, bool HAS_PI>
 void grad_block(const T* gw, int64_t gws, const T* pi, int64_t B, int64_t K_, const T* const* rows, T* r,
                 T* part_pi, int64_t p0, int64_t m) {
@@ -631,12 +643,12 @@ void grad_block(const T* gw, int64_t gws, const T* pi, int64_t B, int64_t K_, co
   }
 }
 
-template <typename T, int KC>
+template <typename T>
 using GradBlockFn = void (*)(const T*, int64_t, const T*, int64_t, int64_t, const T* const*, T*, T*, int64_t,
                              int64_t);
 
 template <typename T, int KC>
-GradBlockFn<T, KC> grad_block_for(bool has_g, bool has_pi) {
+GradBlockFn<T> grad_block_for(bool has_g, bool has_pi) {
   return has_g ? (has_pi ? grad_block<T, KC, true, true> : grad_block<T, KC, true, false>)
                : (has_pi ? grad_block<T, KC, false, true> : grad_block<T, KC, false, false>);
 }
@@ -649,18 +661,30 @@ template <typename T>
 void grad_pass_impl(const T* gw, int64_t gws, const T* pi, int64_t B, int64_t K, const T* dyn, int64_t ds,
                     const T* sta, const T* mask, T ls, T ld, T* g, int64_t gs, bool accumulate, bool finish,
                     bool need_d, T* g_sta, T* part_pi, T* part_scales, int64_t n) {
-  const bool has_g = g != nullptr, has_pi = part_pi != nullptr;
+  const bool has_g = g != nullptr, has_pi = part_pi != nullptr, elem = mask != nullptr;
   auto block = K == 4 ? grad_block_for<T, 4>(has_g, has_pi)
              : K == 2 ? grad_block_for<T, 2>(has_g, has_pi)
              : K == 8 ? grad_block_for<T, 8>(has_g, has_pi)
                       : grad_block_for<T, 0>(has_g, has_pi);
   const int64_t blocks = (n + GBG - 1) / GBG;
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> f(mask && has_pi ? K * RSG : 0), raw(has_g ? K * RSG : 0);
+    // element factors: the block's F' rows are formed once into f (B samples read them), from md and st
+    std::vector<T> raw(has_g ? K * RSG : 0), f(elem && has_pi ? K * RSG : 0), mdv(elem ? GBG : 0),
+        stv(elem ? GBG : 0);
     const T* rows[KMAX];
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t p0 = blk * GBG, m = std::min(GBG, n - p0);
-      if (has_pi) factor_block<T, GBG>(dyn, ds, sta, mask, ls, ld, K, p0, m, f.data(), rows);
+      for (int64_t k = 0; k < K; ++k) rows[k] = dyn + k * ds + p0;
+      if (elem && has_pi) {
+        T* md = mdv.data();
+        T* st = stv.data();
+        element_block<T>(sta, mask, ls, ld, p0, m, md, st);
+        for (int64_t k = 0; k < K; ++k) {
+          T* fk = f.data() + k * RSG;
+          for (int64_t i = 0; i < m; ++i) fk[i] = md[i] * rows[k][i] + st[i];
+          rows[k] = fk;
+        }
+      }
       T* r = raw.data();
       for (int64_t k = 0; has_g && k < K; ++k) {
         if (accumulate) std::memcpy(r + k * RSG, g + k * gs + p0, m * sizeof(T));
@@ -681,12 +705,14 @@ void grad_pass_impl(const T* gw, int64_t gws, const T* pi, int64_t B, int64_t K,
       for (int64_t i = 0; i < mv; i += N) {
         const V mi = vload<T>(mask + p0 + i);
         V gsum = vzero<T>(), gwd = vzero<T>();
+        // every load of the vector first, then the stores: rows of g and W that are a multiple of 4 KiB
+        // apart would otherwise stall each load behind the previous row's store (4K aliasing)
         for (int64_t k = 0; k < K; ++k) {
           const V gi = vload<T>(r + k * RSG + i);
           gsum += gi;
           gwd += gi * vload<T>(dyn + k * ds + p0 + i);
-          if (need_d) vstore<T>(g + k * gs + p0 + i, ldv * mi * gi);
         }
+        for (int64_t k = 0; need_d && k < K; ++k) vstore<T>(g + k * gs + p0 + i, ldv * mi * vload<T>(r + k * RSG + i));
         vld += mi * gwd;
         const V gsr = gsum - gsum * mi;  // (1 - m) sum_k dL/dF
         vls += gsr * vload<T>(sta + p0 + i);
