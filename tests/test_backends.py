@@ -580,7 +580,7 @@ def test_masked_conv_matches_general_path_with_gradients(backend, groups, batch,
     assert all(g.abs().sum() > 0 for g in grads)  # every leaf, the scale included, is reached
 
 
-@pytest.mark.parametrize("fused", ["auto", "0"])  # the compiled folding kernels, and the chain of aten ops
+@pytest.mark.parametrize("fused", ["1", "0"])  # the compiled kernels (built on first use), and aten ops
 @pytest.mark.parametrize("softmax", [False, True])
 def test_masked_bmm_forms_and_maps_factors_tile_by_tile(tiny_tiles, softmax, fused, monkeypatch):
     """The tiled element-mask conv with many batch and channel tiles: the factors are formed per channel
@@ -627,8 +627,11 @@ def test_masked_bmm_forms_and_maps_factors_tile_by_tile(tiny_tiles, softmax, fus
     torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
     for g, r in zip(grads, torch.autograd.grad(ref, leaves, gy)):
         torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-10)
-    # folded factors (softmax routing) with the build: formed inside the compiled kernels only
-    assert paths == ({"mix"} if softmax and fused == "auto" else {"columns"})
+    # folded factors (softmax routing) with the build: applied inside the compiled kernels only
+    compiled = bmm_kernels.compiled_factor_gemms(torch.float64, torch.device("cpu"), 3) is not None
+    if fused == "1" and not compiled:
+        pytest.skip("the compiled library could not be built here")
+    assert paths == ({"mix"} if softmax and fused == "1" else {"columns"})
     ck = 4 * 3 * 3
     assert len(set(formed)) > 1 and all((lo % ck, hi % ck) == (0, 0) for lo, hi in formed)
     assert sorted(mapped) == sorted(set(mapped)) and len(mapped) > 1  # each channel tile mapped once

@@ -1086,3 +1086,112 @@ def test_compiled_factor_gemms_fall_back_to_mkl_where_they_cannot_serve(kernel, 
     assert bmm_kernels.compiled_factor_gemms(torch.float32, torch.device("meta"), 4) is None
     monkeypatch.setenv("PADNET_FUSED", "0")
     assert bmm_kernels.compiled_factor_gemms(torch.float32, torch.device("cpu"), 4) is None
+
+
+def _factor_reference(pi, dyn, sta, mask, ls, ld):
+    """F (stored) or F' (element) in float64."""
+    d = dyn.double()
+    if mask is None:
+        return d
+    m = mask.double()
+    return ld * m * d + ls * (1 - m) * sta.double()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("num_kernels", [2, 3, 4, 8])  # unrolled variants (2, 4, 8) and the generic one
+@pytest.mark.parametrize("n", [4608, 4133])  # several blocks; whole vectors (streaming stores) or a ragged tail
+@pytest.mark.parametrize("element", [False, True])
+def test_factor_gemm_kernels_match_float64_references(kernel, dtype, num_kernels, n, element):
+    """``mix_factors`` and ``factor_grad_pass`` on column ranges of wider matrices, several blocks, both
+    store paths, accumulation onto an earlier batch tile, and (element) the finishing map with and without
+    dL/dW and dL/dWs: against float64 references."""
+    torch.manual_seed(num_kernels + n)
+    B, lo, width = 5, 37, n + 100
+    big = torch.randn(num_kernels, width, dtype=dtype)
+    dyn = big[:, lo:lo + n]  # rows `width` apart: a column range
+    sta = torch.randn(width, dtype=dtype)[lo:lo + n] if element else None
+    mask = (torch.rand(n) < 0.3).to(dtype) if element else None
+    ls, ld = (0.7, 1.3) if element else (0.0, 0.0)
+    pi = torch.softmax(torch.randn(B, num_kernels, dtype=dtype), -1)
+    f = _factor_reference(pi, dyn, sta, mask, ls, ld)
+    tol = dict(rtol=1e-12, atol=1e-11) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-5)
+
+    out = torch.empty(B, n, dtype=dtype)  # fresh: 64-byte aligned; rows whole vectors only for n = 4608
+    kernel.mix_factors(pi, dyn, sta, mask, ls, ld, out)
+    torch.testing.assert_close(out.double(), pi.double() @ f, **tol)
+
+    gw = torch.randn(B, n, dtype=dtype)
+    prior = torch.randn(num_kernels, width, dtype=dtype)
+    g = prior.clone()
+    gpi0 = torch.randn(B, num_kernels, dtype=dtype)
+    gpi = gpi0.clone()
+    kernel.factor_grad_pass(gw, pi, dyn, sta, mask, ls, ld, g[:, lo:lo + n], True, False, True, gpi, None)
+    raw = prior[:, lo:lo + n].double() + pi.double().t() @ gw.double()
+    torch.testing.assert_close(g[:, lo:lo + n].double(), raw, **tol)
+    assert torch.equal(g[:, :lo], prior[:, :lo]) and torch.equal(g[:, lo + n:], prior[:, lo + n:])
+    torch.testing.assert_close(gpi.double(), gpi0.double() + gw.double() @ f.t(), **tol)
+    if not element:
+        return
+    m = mask.double()
+    for need_d, with_sta in [(True, True), (False, True), (True, False)]:
+        g = prior.clone()
+        g_sta = torch.full((n,), 7.0, dtype=dtype)
+        g_ls, g_ld = kernel.factor_grad_pass(gw, pi, dyn, sta, mask, ls, ld, g[:, lo:lo + n], True, True, need_d,
+                                             None, g_sta if with_sta else None)
+        if need_d:
+            torch.testing.assert_close(g[:, lo:lo + n].double(), ld * m * raw, **tol)
+        if with_sta:
+            torch.testing.assert_close(g_sta.double(), ls * (1 - m) * raw.sum(0), **tol)
+        else:
+            assert torch.equal(g_sta, torch.full((n,), 7.0, dtype=dtype))
+        want_ls = float(((1 - m) * raw.sum(0) * sta.double()).sum())
+        want_ld = float((m * raw * dyn.double()).sum())
+        scale = max(1.0, abs(want_ls), abs(want_ld))
+        assert abs(g_ls - want_ls) / scale < (1e-10 if dtype == torch.float64 else 1e-4)
+        assert abs(g_ld - want_ld) / scale < (1e-10 if dtype == torch.float64 else 1e-4)
+
+
+@pytest.mark.parametrize("geometry", [dict(stride=2, padding=1, dilation=1, kernel=3),
+                                      dict(stride=1, padding=2, dilation=2, kernel=3),
+                                      dict(stride=2, padding=0, dilation=1, kernel=1)])
+@pytest.mark.parametrize("element", [False, True])
+def test_tiled_conv_with_compiled_factor_gemms_matches_per_sample_reference(kernel, monkeypatch, geometry, element):
+    """Strided, dilated and pointwise geometries through the tiled conv with the compiled factor GEMMs
+    (several batch tiles of two samples, several channel tiles), fully dynamic and element factors:
+    values and every gradient against a per-sample reference (float64)."""
+    from padnet.layers.modes import combine_factors
+    from padnet.ops import bmm_kernels, masked_conv
+    from padnet.ops.bmm_autograd import WeightSpaceBMM
+
+    kh = geometry["kernel"]
+    ck = 6 * kh * kh
+    monkeypatch.setitem(bmm_kernels.TILE_BUDGET, "cols", 2 * ck * 64 * 8)  # two samples of <= 64 pixels
+    monkeypatch.setitem(bmm_kernels.TILE_BUDGET, "weights", 2 * ck * 3 * 8)  # three output channels
+    torch.manual_seed(kh + geometry["stride"])
+    x = torch.randn(5, 6, 8, 7, dtype=torch.float64, requires_grad=True)
+    logits = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    dyn = torch.randn(4, 8, 6, kh, kh, dtype=torch.float64, requires_grad=True)
+    sta = torch.randn(8, 6, kh, kh, dtype=torch.float64, requires_grad=True)
+    mask = (torch.rand(8, 6, kh, kh) < 0.4).double()
+    phi = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    geom = backend_selection.conv_geometry((kh, kh), geometry["stride"], geometry["padding"],
+                                           geometry["dilation"], 1)
+    pi = torch.softmax(logits, -1)
+    lambda_d = 2 * torch.sigmoid(phi)
+    assert bmm_kernels.StoredFactors(dyn).compiled is not None
+    if element:
+        leaves = (x, logits, dyn, sta, phi)
+        y = masked_conv.MaskedWeightSpaceBMM.apply(x, pi, dyn, sta, mask, 2 - lambda_d, lambda_d, geom, True)
+        d, s = combine_factors(dyn, sta, mask, 2 - lambda_d, lambda_d)
+        kernels = torch.einsum("bk,k...->b...", pi, d) + s
+    else:
+        leaves = (x, logits, dyn)
+        y = WeightSpaceBMM.apply(x, pi, dyn, None, geom)
+        kernels = torch.einsum("bk,k...->b...", pi, dyn)
+    ref = torch.cat([F.conv2d(x[b:b + 1], kernels[b], None, geometry["stride"], geometry["padding"],
+                              geometry["dilation"]) for b in range(5)])
+    torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
+    gy = torch.randn_like(ref)
+    got = torch.autograd.grad(y, leaves, gy, retain_graph=True)
+    for a, b in zip(got, torch.autograd.grad(ref, leaves, gy)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)

@@ -14,7 +14,7 @@ only where it measured fastest, and only for inference (no autograd), CPU,
 
 The same library holds the one-pass kernels of element-PAD training
 (``fold_factors``, ``fold_factor_grads``; :mod:`.masked_factors` calls them for
-contiguous float32/float64 CPU tensors): forming the folded factors
+contiguous float32/float64 CPU parameters, one column range at a time): forming the folded factors
 ``F'_k = lambda_d M W_k + lambda_s (1 - M) W_s`` and mapping their gradient
 back through the mask, each reading the weights once instead of a chain of
 aten ops with temporaries. It holds the factor GEMMs of the tiled weight-space

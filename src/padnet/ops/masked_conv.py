@@ -5,9 +5,9 @@ the masked factors first (``dyn [K, *shape]``, ``sta [*shape]``) and handing
 them to a backend keeps ``(K + 1)`` weight-sized copies alive until the
 backward. Here the mask is folded into the backends' own autograd functions
 instead, which save only the parameters. Both write the per-sample kernels as
-one GEMM ``c @ F`` over a factor matrix (:class:`.masked_factors.ElementFactors`)
-formed in a reused workspace (and again in the backward), so no static bias is
-broadcast into the ``B x`` sized kernels:
+one GEMM ``c @ F`` over a factor matrix (:class:`.masked_factors.ElementFactors`),
+formed again in the backward instead of saved, so no static bias is broadcast
+into the ``B x`` sized kernels:
 
 - softmax routing (every row of ``pi`` sums to 1): ``F' [K, *shape]`` with the
   static part folded into every factor and ``c = pi``
@@ -20,10 +20,12 @@ Backends:
 - ``"weight"``: :class:`MaskedAggregate` forms the per-sample kernels
   ``[B, *shape]`` with one GEMM for the grouped conv;
 - ``"bmm"`` (``groups == 1``): :class:`MaskedWeightSpaceBMM` runs the tiled
-  forward and backward on ``(c, F)``; ``F`` is formed per channel tile right
-  before its GEMMs (in the forward and again in the backward), and each tile of
-  its gradient is mapped to the parameters' as soon as it is complete, so
-  neither makes an extra trip through main memory;
+  forward and backward on ``(c, F)``. With the compiled library and softmax
+  routing, ``F'`` is applied inside the compiled factor GEMMs (never written)
+  and the gradient is mapped to the parameters' in the last batch tile's pass;
+  otherwise ``F`` is formed per channel tile right before its GEMMs (in the
+  forward and again in the backward) and each tile of its gradient is mapped as
+  soon as it is complete;
 - otherwise the masked factors of :func:`.masked_factors.masked_factors`.
 """
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .bmm_kernels import compiled_factor_gemms
 from .fused import fused_enabled, load_fused
 from .workspace import workspace
 
@@ -91,13 +92,15 @@ class ElementFactors:
       ``F[K] = (1 - M) W_s``, with the coefficients ``[lambda_d pi, lambda_s]`` of
       :func:`routing_coefficients` (ordinary autograd differentiates the scales there).
 
-    The tiled weight-space GEMM (:mod:`.bmm_autograd`) asks for each tile's columns right before
-    it uses them and maps each tile's gradient as soon as it is complete, so neither ``F`` nor its
-    gradient makes an extra trip through main memory; :class:`.masked_conv.MaskedAggregate` asks
-    for all columns at once. :meth:`columns` writes into a reused per-thread workspace (a fresh
-    buffer of this size would be page-faulted in on every call), valid until the next call; the
-    folded columns are formed by the compiled one-pass kernel of :mod:`.fused` where it serves
-    these tensors, else by one ``addcmul`` per factor.
+    The tiled weight-space GEMM (:mod:`.bmm_autograd`) works one tile of columns at a time. With
+    the compiled library and folded factors (``compiled``), :meth:`mix` and :meth:`grad_pass` apply
+    ``F'`` inside the compiled kernels (it is never written), and the last batch tile's pass maps
+    the finished gradient to the parameters'; otherwise it asks for each tile's :meth:`columns`
+    right before using them and hands each completed tile of the gradient to :meth:`map_grads`.
+    :class:`.masked_conv.MaskedAggregate` asks for all columns at once. :meth:`columns` writes into
+    a reused per-thread workspace (a fresh buffer of this size would be page-faulted in on every
+    call), valid until its next use; the folded columns are formed by the compiled one-pass kernel
+    of :mod:`.fused` where it serves these tensors, else by one ``addcmul`` per factor.
     """
 
     def __init__(self, folded: bool, dynamic: Tensor, static: Tensor, mask: Tensor,
@@ -113,24 +116,22 @@ class ElementFactors:
         self.numel = static.numel()
         self._module = _compiled_folding(dynamic, static, mask) if folded else None
         # the compiled factor GEMMs (the tiled conv's mix and gradient pass) form F' inside their blocks
-        self.compiled = (self._module if self._module is not None and hasattr(self._module, "factor_grad_pass")
-                         and k <= 64 else None)
+        self.compiled = compiled_factor_gemms(dynamic.dtype, dynamic.device, k) if self._module is not None else None
         self._dyn = dynamic.detach().reshape(k, -1)
         self._sta = static.detach().reshape(-1)
         self._mask = mask.detach().to(dynamic.dtype).expand(static.shape).reshape(-1)
         self._scales = (lambda_s, lambda_d)
-        self._ls = float(lambda_s) if folded else 0.0
-        self._ld = float(lambda_d) if folded else 0.0
-        self._formed: tuple[int, int] | None = None
-        self._buffer: Tensor | None = None
+        # the compiled kernels take the scales as numbers (CPU tensors: no device sync); the aten ops, tensors
+        self._ls = float(lambda_s) if self._module is not None else None
+        self._ld = float(lambda_d) if self._module is not None else None
         self._need = (False, False, False, False)
         self._g_static: Tensor | None = None
-        self._g_scales: list = [0.0, 0.0]  # dL/dlambda_s, dL/dlambda_d, summed over column ranges in order
+        # dL/dlambda_s, dL/dlambda_d, summed over column ranges in order (numbers from the compiled kernels,
+        # 0-d tensors from the aten ops)
+        self._g_scales: list = [0.0, 0.0]
 
     def columns(self, lo: int, hi: int) -> Tensor:
-        """``F[:, lo:hi]`` (``[rows, hi - lo]``), in the workspace; formed again only for a new range."""
-        if self._formed == (lo, hi):
-            return self._buffer
+        """``F[:, lo:hi]`` (``[rows, hi - lo]``), formed into the workspace (valid until its next use)."""
         n = hi - lo
         dyn, sta, m = self._dyn[:, lo:hi], self._sta[lo:hi], self._mask[lo:hi]
         out = workspace(_FACTOR_SLOT, self.rows * n, self._dyn).view(self.rows, n)
@@ -142,12 +143,12 @@ class ElementFactors:
             elif self._module is not None:
                 self._module.fold_factors(dyn, sta, m, self._ls, self._ld, out)
             else:
+                lambda_s, lambda_d = (t.detach() for t in self._scales)
                 st = workspace(_STATIC_SLOT, n, self._sta)
-                torch.addcmul(sta, sta, m, value=-1.0, out=st).mul_(self._ls)  # lambda_s (1 - M) W_s
-                md = torch.mul(m, self._ld, out=workspace(_SCALE_SLOT, n, self._mask))  # lambda_d M
+                torch.addcmul(sta, sta, m, value=-1.0, out=st).mul_(lambda_s)  # lambda_s (1 - M) W_s
+                md = torch.mul(m, lambda_d, out=workspace(_SCALE_SLOT, n, self._mask))  # lambda_d M
                 for i in range(self.rows):
                     torch.addcmul(st, dyn[i], md, out=out[i])
-        self._formed, self._buffer = (lo, hi), out
         return out
 
     def prepare_grads(self, need_d: bool, need_s: bool, need_ls: bool, need_ld: bool) -> None:
@@ -184,10 +185,10 @@ class ElementFactors:
                                                       need_ls, need_ld, in_place=True)
                 if need_s:
                     g_sta_out.copy_(g_st)
-                g_ls = float(g_ls.sum()) if g_ls is not None else 0.0
-                g_ld = float(g_ld.sum()) if g_ld is not None else 0.0
-        self._g_scales[0] += g_ls
-        self._g_scales[1] += g_ld
+                g_ls = g_ls.sum() if g_ls is not None else 0.0
+                g_ld = g_ld.sum() if g_ld is not None else 0.0
+        self._g_scales[0] = self._g_scales[0] + g_ls
+        self._g_scales[1] = self._g_scales[1] + g_ld
 
     def mix(self, pi: Tensor, lo: int, hi: int, out: Tensor) -> None:
         """``out [B, hi - lo] = pi @ F'[:, lo:hi]``, ``F'`` formed per block of entries inside the compiled kernel."""
@@ -223,9 +224,16 @@ class ElementFactors:
         else:
             g_static = g[k].view(self.kernel_shape)
         lambda_s, lambda_d = self._scales
-        g_ls = lambda_s.new_tensor(self._g_scales[0]).reshape(lambda_s.shape) if need_ls else None
-        g_ld = lambda_d.new_tensor(self._g_scales[1]).reshape(lambda_d.shape) if need_ld else None
+        g_ls = _scale_grad(self._g_scales[0], lambda_s) if need_ls else None
+        g_ld = _scale_grad(self._g_scales[1], lambda_d) if need_ld else None
         return g_dynamic, g_static, g_ls, g_ld
+
+
+def _scale_grad(value, scale: Tensor) -> Tensor:
+    """A scale's gradient (a number or a 0-d tensor) as a tensor of the scale's dtype, device and shape."""
+    if isinstance(value, Tensor):
+        return value.to(scale.dtype).reshape(scale.shape)
+    return scale.new_tensor(value).reshape(scale.shape)
 
 
 def stacked_factors(dynamic: Tensor, static: Tensor, mask: Tensor) -> Tensor:

@@ -20,7 +20,9 @@
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
-#include <immintrin.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>  // streaming stores (vstream); elsewhere plain stores
+#endif
 
 #include <algorithm>
 #include <cstdint>
@@ -482,11 +484,12 @@ std::tuple<torch::Tensor, double, double> fold_factor_grads(torch::Tensor g, tor
 //   backward, from the per-sample kernels' gradient gw [nb, n]:                          (factor_grad_pass)
 //     dL/dF[k, p] (+)= sum_b pi[b, k] gw[b, p]  and  dL/dpi[b, k] += sum_p gw[b, p] F[k, p].
 // Two GEMMs (MKL) read gw twice; this pass reads it once. For an element-masked PAD layer F is not stored:
-// F[k, p] = ld m[p] W[k, p] + ls (1 - m[p]) Ws[p] is formed per block of GB entries in L1 from W, Ws and m
-// (the folded factors above), and on the last batch tile the finished dL/dF is mapped to dL/dW, dL/dWs and
-// the scales' gradients in the same pass, so neither F nor dL/dF makes a trip through main memory. Blocks of
-// GB entries are the parallel work items; sums over entries (dL/dpi, the scales) are kept per block and added
-// in block order, so the results do not depend on the thread count.
+// F[k, p] = ld m[p] W[k, p] + ls (1 - m[p]) Ws[p] (the folded factors above) is applied per block from W, Ws
+// and m inside both kernels (see element_block), and on the last batch tile the finished dL/dF is mapped to
+// dL/dW, dL/dWs and the scales' gradients in the same pass: F is never written, and with one batch tile
+// neither is the unmapped dL/dF (with several, the partial dL/dF is kept in g between them). Blocks of GB
+// (mix) or GBG (gradient pass) entries are the parallel work items; sums over entries (dL/dpi, the scales)
+// are kept per block and added in block order, in double, so the results do not depend on the thread count.
 
 namespace {
 
@@ -499,13 +502,11 @@ constexpr int64_t RPAD = 48;
 constexpr int64_t RSG = GBG + RPAD;
 constexpr int64_t KMAX = 64;  // factors per call (the accumulators of dL/dpi live on the stack)
 
-// The K rows of a block are read straight from W; for element factors the block's
-//   md[p] = ld m[p]  and  st[p] = ls (1 - m[p]) Ws[p]
-// are formed once (F'[k, p] = md[p] W[k, p] + st[p]), and the kernels apply them per vector:
-//   sum_k c_k F'[k] = md (sum_k c_k W[k]) + (sum_k c_k) st      (the per-sample kernels)
-//   sum_p g[p] F'[k, p] = sum_p (g md)[p] W[k, p] + sum_p g[p] st[p]   (dL/dpi)
-// -- the same sums in another order (they agree to rounding), with two more multiply-adds per vector
-// instead of a K-row copy of F' per block.
+// For element factors the block's  md[p] = ld m[p]  and  st[p] = ls (1 - m[p]) Ws[p]  are formed once
+// (F'[k, p] = md[p] W[k, p] + st[p]). The per-sample kernels read the K rows straight from W and apply them
+// per vector, sum_k c_k F'[k] = md (sum_k c_k W[k]) + (sum_k c_k) st (the same sum in another order: they
+// agree to rounding; two more multiply-adds per vector, no copy of F'); the gradient pass, where B samples
+// read each row, forms the block's K rows of F' once into a buffer.
 template <typename T>
 void element_block(const T* sta, const T* mask, T ls, T ld, int64_t p0, int64_t m, T* md, T* st) {
   for (int64_t i = 0; i < m; ++i) {
@@ -833,8 +834,12 @@ std::tuple<double, double> factor_grad_pass(torch::Tensor gw, torch::Tensor pi, 
                       has_gs ? g_sta_opt->data_ptr<T>() : nullptr, has_pi ? part_pi.data_ptr<T>() : nullptr,
                       finish ? part_scales.data_ptr<T>() : nullptr, n);
     if (has_pi) {  // the blocks' sums in block order, in double
-      auto sums = part_pi.to(torch::kDouble).sum(0).view({B, K});
-      gpi_opt->add_(sums.to(dyn.scalar_type()));
+      std::vector<double> sums(B * K, 0.0);
+      const T* pp = part_pi.data_ptr<T>();
+      for (int64_t blk = 0; blk < blocks; ++blk)
+        for (int64_t j = 0; j < B * K; ++j) sums[j] += static_cast<double>(pp[blk * B * K + j]);
+      auto total = torch::from_blob(sums.data(), {B, K}, torch::kDouble);
+      gpi_opt->add_(total.to(dyn.scalar_type()));
     }
     if (finish) {
       const T* ps = part_scales.data_ptr<T>();
