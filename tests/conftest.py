@@ -21,6 +21,24 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def at_one_and_two_threads():
+    """``run(fn) -> (fn() with 1 intra-op thread, fn() with 2)``, the thread count restored after: for
+    results that must not depend on it."""
+    def run(fn):
+        threads = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)
+            one = fn()
+            torch.set_num_threads(2)
+            two = fn()
+        finally:
+            torch.set_num_threads(threads)
+        return one, two
+
+    return run
+
+
 # The suite checks numbers, not speed: backend="auto" uses the deterministic cost rule unless a test turns
 # autotuning on, and any autotune cache file goes to a throw-away directory, never the user's ~/.cache.
 # The compiled fused kernel is the exception: it is keyed by torch, CPU and source, and rebuilding it for every

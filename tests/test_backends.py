@@ -640,7 +640,7 @@ def test_masked_bmm_forms_and_maps_factors_tile_by_tile(tiny_tiles, softmax, fus
     assert all(a[1] == b[0] for a, b in zip(covered, covered[1:]))  # the tiles partition the columns
 
 
-def test_masked_bmm_tiled_gradients_do_not_depend_on_the_thread_count(tiny_tiles):
+def test_masked_bmm_tiled_gradients_do_not_depend_on_the_thread_count(tiny_tiles, at_one_and_two_threads):
     """The scales' gradients are summed per tile in tile order: bit for bit the same with 1 and 2 threads."""
     from padnet.ops import masked_conv
 
@@ -659,14 +659,7 @@ def test_masked_bmm_tiled_gradients_do_not_depend_on_the_thread_count(tiny_tiles
                                                    True)
         return torch.autograd.grad((y * y).sum(), [dynamic, static, phi])
 
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = grads()
-        torch.set_num_threads(2)
-        two = grads()
-    finally:
-        torch.set_num_threads(threads)
+    one, two = at_one_and_two_threads(grads)
     for a, b in zip(one, two):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 

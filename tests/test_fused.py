@@ -445,7 +445,8 @@ def test_folding_kernels_match_the_literal_formula(kernel, monkeypatch, dtype, n
         torch.testing.assert_close(got.double() / scale, want / scale, **tol)
 
 
-def test_folding_kernels_agree_with_the_aten_path_and_are_thread_count_independent(kernel, monkeypatch):
+def test_folding_kernels_agree_with_the_aten_path_and_are_thread_count_independent(kernel, monkeypatch,
+                                                                                      at_one_and_two_threads):
     from padnet.ops import masked_factors as mf
 
     torch.manual_seed(3)
@@ -466,14 +467,7 @@ def test_folding_kernels_agree_with_the_aten_path_and_are_thread_count_independe
     for a, b in zip(compiled[1], aten[1]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     monkeypatch.setenv("PADNET_FUSED", "1")
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = both()
-        torch.set_num_threads(2)
-        two = both()
-    finally:
-        torch.set_num_threads(threads)
+    one, two = at_one_and_two_threads(both)
     torch.testing.assert_close(two[0], one[0], rtol=0, atol=0)
     for a, b in zip(two[1], one[1]):  # fixed blocks, summed in block order: bit for bit
         torch.testing.assert_close(a, b, rtol=0, atol=0)
@@ -1013,7 +1007,7 @@ def test_compiled_factor_gemms_equal_mkl_in_the_tiled_conv(kernel, monkeypatch, 
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
-def test_compiled_factor_gemms_do_not_depend_on_the_thread_count(kernel):
+def test_compiled_factor_gemms_do_not_depend_on_the_thread_count(kernel, at_one_and_two_threads):
     """dL/dpi and the scales are summed per fixed block of entries, in block order: float32 results are
     bit for bit the same with 1 and 2 threads (fully dynamic and element factors)."""
     from padnet.ops import masked_conv
@@ -1036,14 +1030,7 @@ def test_compiled_factor_gemms_do_not_depend_on_the_thread_count(kernel):
                                                    lambda_d, geom, True)
         return plain + (y.detach(),) + torch.autograd.grad(y, leaves, gy)
 
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = both()
-        torch.set_num_threads(2)
-        two = both()
-    finally:
-        torch.set_num_threads(threads)
+    one, two = at_one_and_two_threads(both)
     for a, b in zip(one, two):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
