@@ -27,6 +27,8 @@ from .modes import cached_derived as _cached
 from .modes import tensor_key as _tensor_key
 
 ROUTINGS = ("softmax", "sigmoid")
+ROUTER_INITS = ("official", "torch")
+ROUTER_NORMS = ("none", "batch")
 # torch's registries of hooks on every module (read as dicts: non-empty means a hook runs)
 _GLOBAL_FORWARD_HOOKS = nn.modules.module._global_forward_hooks
 _GLOBAL_FORWARD_PRE_HOOKS = nn.modules.module._global_forward_pre_hooks
@@ -42,8 +44,6 @@ def _runs_plain(module: nn.Module) -> bool:
 def _torch_function_mode_active() -> bool:
     """Whether a ``TorchFunctionMode`` is active (it sees Python-level torch calls, not those made in C++)."""
     return torch._C._len_torch_function_stack() > 0
-ROUTER_INITS = ("official", "torch")
-ROUTER_NORMS = ("none", "batch")
 
 
 class RouterBatchNorm(nn.BatchNorm1d):

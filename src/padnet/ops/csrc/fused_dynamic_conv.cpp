@@ -342,14 +342,23 @@ void fold_grads_block(T* g, int64_t gs_, const T* dyn, int64_t ds, const T* sta,
   *acc_ld_out = sum_ld;
 }
 
+template <typename T>
+using FoldGradsBlockFn = void (*)(T*, int64_t, const T*, int64_t, const T*, const T*, T, T, T*, int64_t, int64_t,
+                                  int64_t, T*, T*);
+
+template <typename T>
+FoldGradsBlockFn<T> fold_grads_block_for(bool need_d, bool need_s) {
+  return need_d ? (need_s ? fold_grads_block<T, true, true> : fold_grads_block<T, true, false>)
+                : (need_s ? fold_grads_block<T, false, true> : fold_grads_block<T, false, false>);
+}
+
 // g [K, P] (dL/dF, overwritten with dL/dW if need_d) -> (g_sta [P] if need_s, dL/dls, dL/dld)
 template <typename T>
 void fold_grads_impl(T* g, int64_t gs_, const T* dyn, int64_t ds, const T* sta, const T* mask, T ls, T ld, T* g_sta,
                      int64_t K, int64_t P, bool need_d, bool need_s, double* g_ls, double* g_ld) {
   const int64_t blocks = (P + FB - 1) / FB;
   std::vector<double> part_ls(blocks, 0.0), part_ld(blocks, 0.0);
-  auto block = need_d ? (need_s ? fold_grads_block<T, true, true> : fold_grads_block<T, true, false>)
-                      : (need_s ? fold_grads_block<T, false, true> : fold_grads_block<T, false, false>);
+  auto block = fold_grads_block_for<T>(need_d, need_s);
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t p0 = blk * FB;
@@ -656,7 +665,7 @@ GradBlockFn<T> grad_block_for(bool has_g, bool has_pi) {
 
 // gw [B, n] (rows gws apart), pi [B, K]; F as in mix_impl. g [K, n] (rows gs apart, may be null): dL/dF,
 // accumulated onto its contents when `accumulate`; `finish` (element factors only): mapped in place to
-// dL/dW = ld m dL/dF (when need_d), g_sta = ls (1 - m) sum_k dL/dF (when given) and the scales' partial
+// dL/dW = ld m dL/dF by fold_grads_block (when need_d; else g is left holding dL/dF), g_sta = ls (1 - m) sum_k dL/dF (when given) and the scales' partial
 // sums (part_scales [blocks][2]). part_pi [blocks][B * K] (may be null): the blocks' dL/dpi sums.
 template <typename T>
 void grad_pass_impl(const T* gw, int64_t gws, const T* pi, int64_t B, int64_t K, const T* dyn, int64_t ds,
@@ -697,49 +706,10 @@ void grad_pass_impl(const T* gw, int64_t gws, const T* pi, int64_t B, int64_t K,
         for (int64_t k = 0; k < K; ++k) std::memcpy(g + k * gs + p0, r + k * RSG, m * sizeof(T));
         continue;
       }
-      // element factors, the last batch tile: map dL/dF to the parameters' gradients (as fold_grads_block)
-      using V = typename Vec<T>::type;
-      constexpr int N = Vec<T>::N;
-      const V lsv = vzero<T>() + ls, ldv = vzero<T>() + ld;
-      V vls = vzero<T>(), vld = vzero<T>();
-      const int64_t mv = m - m % N;
-      for (int64_t i = 0; i < mv; i += N) {
-        const V mi = vload<T>(mask + p0 + i);
-        V gsum = vzero<T>(), gwd = vzero<T>();
-        // every load of the vector first, then the stores: rows of g and W that are a multiple of 4 KiB
-        // apart would otherwise stall each load behind the previous row's store (4K aliasing)
-        for (int64_t k = 0; k < K; ++k) {
-          const V gi = vload<T>(r + k * RSG + i);
-          gsum += gi;
-          gwd += gi * vload<T>(dyn + k * ds + p0 + i);
-        }
-        for (int64_t k = 0; need_d && k < K; ++k) vstore<T>(g + k * gs + p0 + i, ldv * mi * vload<T>(r + k * RSG + i));
-        vld += mi * gwd;
-        const V gsr = gsum - gsum * mi;  // (1 - m) sum_k dL/dF
-        vls += gsr * vload<T>(sta + p0 + i);
-        if (g_sta) vstore<T>(g_sta + p0 + i, lsv * gsr);
-      }
-      T sum_ls = T(0), sum_ld = T(0);
-      for (int j = 0; j < N; ++j) {
-        sum_ls += vls[j];
-        sum_ld += vld[j];
-      }
-      for (int64_t i = mv; i < m; ++i) {
-        const T mi = mask[p0 + i];
-        T gsum = T(0), gwd = T(0);
-        for (int64_t k = 0; k < K; ++k) {
-          const T gi = r[k * RSG + i];
-          gsum += gi;
-          gwd += gi * dyn[k * ds + p0 + i];
-          if (need_d) g[k * gs + p0 + i] = ld * mi * gi;
-        }
-        sum_ld += mi * gwd;
-        const T gsr = gsum - gsum * mi;
-        sum_ls += gsr * sta[p0 + i];
-        if (g_sta) g_sta[p0 + i] = ls * gsr;
-      }
-      part_scales[2 * blk] = sum_ls;
-      part_scales[2 * blk + 1] = sum_ld;
+      // element factors, the last batch tile: the finished dL/dF into g, then mapped there in place
+      for (int64_t k = 0; k < K; ++k) std::memcpy(g + k * gs + p0, r + k * RSG, m * sizeof(T));
+      fold_grads_block_for<T>(need_d, g_sta != nullptr)(g, gs, dyn, ds, sta, mask, ls, ld, g_sta, K, p0, m,
+                                                        &part_scales[2 * blk], &part_scales[2 * blk + 1]);
     }
   });
 }
@@ -791,7 +761,8 @@ torch::Tensor mix_factors(torch::Tensor pi, torch::Tensor dyn, c10::optional<tor
 }
 
 // gw [B, n], pi [B, K], F as in mix_factors; g [K, n] or undefined (dL/dF, accumulated when `accumulate`;
-// with element factors and `finish`, mapped in place to dL/dW (need_d) and g_sta [n] (if given));
+// with element factors and `finish`, mapped in place to dL/dW (need_d; else left as dL/dF) and g_sta [n] (if
+// given));
 // gpi [B, K] or undefined (dL/dpi, added to). Returns the scales' gradients (dL/dls, dL/dld; 0 unless
 // finishing element factors).
 std::tuple<double, double> factor_grad_pass(torch::Tensor gw, torch::Tensor pi, torch::Tensor dyn,
