@@ -324,13 +324,17 @@ def test_batch_one_inference_matches_the_autograd_forward(name):
 
 @pytest.mark.parametrize("name", [_case(n) for n in MODELS])
 def test_partitioned_training_with_the_compiled_folding_kernels(name, monkeypatch):
-    """The element-mask training step with the one-pass C++ folding kernels (``PADNET_FUSED=1``) gives the
-    loss and every gradient of the pure-PyTorch path (``PADNET_FUSED=0``, the suite's default)."""
+    """The element-mask training step with the one-pass C++ folding kernels and, in the layers that run the
+    tiled conv, the compiled factor GEMMs (``PADNET_FUSED=1``) gives the loss and every gradient of the
+    pure-PyTorch path (``PADNET_FUSED=0``, the suite's default)."""
     from padnet.ops import fused
-    from padnet.ops.masked_factors import _compiled_folding
+    from padnet.ops.masked_factors import ElementFactors, _compiled_folding
 
     model, x = _partitioned(name)
     _, y = _data()
+    passes = []
+    real_pass = ElementFactors.grad_pass
+    monkeypatch.setattr(ElementFactors, "grad_pass", lambda self, *a: passes.append(1) or real_pass(self, *a))
     results = []
     for mode in ("0", "1"):
         monkeypatch.setenv("PADNET_FUSED", mode)
@@ -338,6 +342,8 @@ def test_partitioned_training_with_the_compiled_folding_kernels(name, monkeypatc
     assert fused.load_fused() is not None, f"the C++ kernels did not build: {fused._FAILED}"
     probe = torch.zeros(2, 3)
     assert _compiled_folding(probe[None], probe, probe) is not None  # so the "1" run used them
+    if name != "resnext_timm":  # (its grouped layers run the grouped-conv backend, not the tiled conv)
+        assert passes, "no element layer ran the compiled factor GEMMs"
     _assert_same_step(*results, 1e-6, 1e-5, 1e-6)
 
 
