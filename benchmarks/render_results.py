@@ -1,10 +1,12 @@
 """Render benchmarks/results/*.json as the markdown tables of docs/benchmarks.md.
 
     python benchmarks/render_results.py > /tmp/tables.md
+    python benchmarks/render_results.py --prefix zen3_ > /tmp/zen3.md   # results saved as zen3_<name>
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from pathlib import Path
@@ -225,6 +227,9 @@ def parts_table(payload):
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prefix", default="", help="render the results saved as <prefix><name> (another machine's runs)")
+    prefix = parser.parse_args().prefix
     for title, name, render in [
         ("allocator", "allocator", allocator_table),
         ("backends (functional, forward)", "backends", backends_table),
@@ -244,13 +249,13 @@ def main() -> None:
         ("fused C++ kernel (an autotune candidate where its build is cached)", "fused", variant_table),
         ("fused kernel tiles, static-part rows, im2col", "fused_tiles", parts_table),
     ]:
-        payload = load(name)
+        payload = load(prefix + name)
         if payload is None:
             continue
         print(f"### {title}\n")
         print(render(payload))
         print()
-    tuned = [(n, p) for n in ("backends", "backends_grad") if (p := load(n)) is not None]
+    tuned = [(n, p) for n in ("backends", "backends_grad") if (p := load(prefix + n)) is not None]
     table = autotune_table(tuned)
     if table:
         print("### autotune check\n")

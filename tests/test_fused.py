@@ -111,6 +111,7 @@ def test_bad_tile_shapes_are_refused(kernel, tiles):
 
 
 def test_tile_rule_balances_the_threads_and_fits_the_l2_cache(monkeypatch):
+    monkeypatch.setattr(fused, "_L2_BYTES", 2 << 20)  # the rule's inputs, not this machine's cache (512 KiB on Zen 3)
     assert fused.fused_tiles(512, 4608, 16, 32, 4, threads=2) == (76, 8, 128)  # 7 tiles (6 x 76 + 56), 4 groups
     assert fused.fused_tiles(77, 2304, 64, 32, 4, threads=2) == (77, 8, 128)  # one tile, not 64 + 13
     assert fused.fused_tiles(154, 4608, 16, 32, 4, threads=2) == (80, 8, 128)  # two tiles: 80 + 74

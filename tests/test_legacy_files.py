@@ -16,6 +16,13 @@ from padnet.layers import is_compact_layer, pad_layers
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
+
+def assert_same_outputs(y, expected_y):
+    """Equal to float32 rounding. The expected outputs were computed on an AVX-512 Intel CPU; other CPUs' conv
+    kernels round differently (max 4.5e-8 on an AMD Zen 3, for outputs of size 0.2), while one wrongly loaded
+    tensor moves the outputs by orders of magnitude more than the 1e-6 allowed here."""
+    torch.testing.assert_close(y, expected_y, rtol=0, atol=1e-6)
+
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
@@ -31,7 +38,7 @@ def test_v0_1_pad_file_loads_exactly(expected):
     assert all(layer.mode_groups()[0].num_factors == 2 for layer in layers.values())
     with torch.no_grad():
         y = model(expected["x"])
-    assert torch.equal(y, expected["y_pad"])
+    assert_same_outputs(y, expected["y_pad"])
 
 
 def test_v0_1_compact_file_loads_exactly(expected):
@@ -40,7 +47,7 @@ def test_v0_1_compact_file_loads_exactly(expected):
     assert sum(is_compact_layer(m) for m in model.modules()) == 11
     with torch.no_grad():
         y = model(expected["x"])
-    assert torch.equal(y, expected["y_compact"])
+    assert_same_outputs(y, expected["y_compact"])
 
 
 def test_v0_1_bert_moe_compact_file_loads_exactly(expected):
@@ -48,7 +55,7 @@ def test_v0_1_bert_moe_compact_file_loads_exactly(expected):
     assert sum(is_compact_layer(m) for m in model.modules()) == 1
     with torch.no_grad():
         y = model(input_ids=expected["input_ids"], attention_mask=expected["attention_mask"])
-    assert torch.equal(y, expected["y_bert_compact"])
+    assert_same_outputs(y, expected["y_bert_compact"])
 
 
 def test_v0_1_compact_folded_file_now_loads_exactly():
@@ -60,4 +67,4 @@ def test_v0_1_compact_folded_file_now_loads_exactly():
     assert isinstance(model.bn1, torch.nn.BatchNorm2d)  # after the (static) stem: never folded
     assert padnet.get_state(model).ops() == ["dynamize", "compact", "fold_bn"]
     with torch.no_grad():
-        assert torch.equal(model(expected["x"]), expected["y"])
+        assert_same_outputs(model(expected["x"]), expected["y"])
