@@ -127,7 +127,7 @@ def resolve_backend(x: Tensor, pi: Tensor, dyn: Tensor, sta: Tensor | None, stri
         if groups > 1 and groups == dyn.shape[1]:  # depthwise: width-1 GEMMs are never competitive
             candidates = [b for b in candidates if b != "bmm"] or ["weight"]
         if fused_applicable(x, pi, dyn, sta, groups, grad):
-            # right after the rule's choice: the tuning budget may run out before the last candidates, and
+            # right after the rule's choice: the budget may run out before the last candidates' warm-ups, and
             # the fused kernel is built for the deep layers where the rule's choice is weakest
             candidates.insert(1, "fused")
         choice = _tuned(candidates, key, lambda: _trial_runner(x, pi, dyn, sta, geom, padding, grad), x.device)
