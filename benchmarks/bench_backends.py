@@ -30,6 +30,8 @@ def main() -> None:
     p.add_argument("--batches", default="32")
     p.add_argument("--kernels", type=int, default=4)
     p.add_argument("--grad", action="store_true", help="time forward+backward instead of forward")
+    p.add_argument("--rotate", action="store_true",
+                   help="rotate the candidates' order every round (auto runs after a different backend each time)")
     p.add_argument("--budgets", default="", help="extra bmm tile budgets 'W/C' in MiB, e.g. 4/8,32/32")
     args = p.parse_args()
     info = setup(args)
@@ -73,7 +75,7 @@ def main() -> None:
                     finally:
                         bmm_kernels.TILE_BUDGET.update(default)
                 fns[f"bmm[{spec}]"] = run(tiled)
-            t = time_interleaved(fns, repeats=args.repeats, min_round_s=0.02)
+            t = time_interleaved(fns, repeats=args.repeats, min_round_s=0.02, rotate=args.rotate)
             base = t["static"].median
             choice = cf.select_backend("auto", b, c, 1, out_pixels=hw * hw, requires_grad=args.grad)
             with torch.set_grad_enabled(args.grad):

@@ -233,6 +233,8 @@ def main() -> None:
     for title, name, render in [
         ("allocator", "allocator", allocator_table),
         ("backends (functional, forward)", "backends", backends_table),
+        ("backends (functional, forward, the candidates' order rotated every round: `--rotate`)", "backends_rotated",
+         backends_table),
         ("backends (functional, forward+backward)", "backends_grad", lambda p: backends_table(p, grad=True)),
         ("conv layers", "conv_layers", layers_tables),
         ("MoE", "moe", moe_table),
@@ -255,7 +257,7 @@ def main() -> None:
         print(f"### {title}\n")
         print(render(payload))
         print()
-    tuned = [(n, p) for n in ("backends", "backends_grad") if (p := load(prefix + n)) is not None]
+    tuned = [(n, p) for n in ("backends", "backends_rotated", "backends_grad") if (p := load(prefix + n)) is not None]
     table = autotune_table(tuned)
     if table:
         print("### autotune check\n")
