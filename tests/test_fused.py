@@ -276,12 +276,13 @@ def test_autotune_times_the_fused_kernel_for_inference_only(kernel, tuning, monk
     assert calls and "fused" not in calls
 
 
-@pytest.mark.parametrize("forced", ["fused", "weight"])
+@pytest.mark.parametrize("forced", ["fused", "weight", "bmm"])
 @pytest.mark.parametrize("compact", [False, True])
 def test_batch_one_inference_runs_the_tuned_backend_with_the_same_numbers(kernel, tuning, monkeypatch, forced,
                                                                           compact):
-    """Batch 1 times "weight" (aggregate + plain conv) against the fused kernel once per input shape; either
-    gives the per-sample reference, bias included, and the layer keeps the choice until the shape changes."""
+    """Batch 1 times "weight" (aggregate + plain conv), the fused kernel and the tiled per-sample GEMM once
+    per input shape; each gives the per-sample reference, bias included, and the layer keeps the choice
+    until the shape changes."""
     tuned = []
 
     def fake_tune(key, candidates, run, device, budget_s=None):
@@ -301,13 +302,13 @@ def test_batch_one_inference_runs_the_tuned_backend_with_the_same_numbers(kernel
         expected = literal(x)
         first = model(x)
         second = model(x)
-    assert tuned == [("weight", "fused")]  # once: the second call found the layer's choice
+    assert tuned == [("weight", "fused", "bmm")]  # once: the second call found the layer's choice
     assert model.__dict__["_single_sample_choice"][1][0] == forced
     torch.testing.assert_close(first, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(second, first, rtol=0, atol=0)
     with torch.no_grad():
         model(torch.randn(1, 6, 5, 5))  # a new shape is decided again
-    assert tuned == [("weight", "fused")] * 2
+    assert tuned == [("weight", "fused", "bmm")] * 2
 
 
 def test_a_rebuilt_kernel_is_tuned_again(kernel, tuning, monkeypatch):
@@ -339,8 +340,8 @@ def test_batch_one_without_tuning_uses_the_rule(kernel, monkeypatch):
 
 def test_single_sample_conv_refuses_an_unknown_backend():
     x, pi, dyn = torch.randn(1, 2, 4, 4), torch.ones(1, 2) / 2, torch.randn(2, 3, 2, 3, 3)
-    with pytest.raises(ValueError, match="'weight' or 'fused'"):
-        ops.dynamic_conv.single_sample_conv(x, pi, dyn, None, None, None, 1, 1, 1, 1, "bmm")
+    with pytest.raises(ValueError, match="'weight', 'fused' or 'bmm'"):
+        ops.dynamic_conv.single_sample_conv(x, pi, dyn, None, None, None, 1, 1, 1, 1, "output")
 
 
 def test_a_kernel_that_becomes_available_is_tuned_then(kernel, tuning, monkeypatch):
@@ -599,14 +600,15 @@ def test_turning_the_kernel_off_after_it_was_chosen_falls_back(kernel, tuning, m
     torch.testing.assert_close(off, on, rtol=1e-5, atol=1e-5)
 
 
-def test_batch_one_fused_keeps_channels_last(kernel, tuning, monkeypatch):
-    monkeypatch.setattr(autotune, "tune", lambda key, candidates, run, device, budget_s=None: "fused")
+@pytest.mark.parametrize("forced", ["fused", "bmm"])
+def test_batch_one_fused_keeps_channels_last(kernel, tuning, monkeypatch, forced):
+    monkeypatch.setattr(autotune, "tune", lambda key, candidates, run, device, budget_s=None: forced)
     layer = DynamicConv2d(6, 8, 3, padding=1).eval()
     x = torch.randn(1, 6, 5, 7).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         y = layer(x)
         expected = layer(x.contiguous())
-    assert layer.__dict__["_single_sample_choice"][1][0] == "fused"
+    assert layer.__dict__["_single_sample_choice"][1][0] == forced
     assert y.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(y, expected)
 

@@ -231,7 +231,7 @@ class _ConvGeometry:
         shape, dtype, device, thread count, autotune state, ``PADNET_FUSED``, geometry and routing, and kept
         on the layer (a tuple comparison per call).
 
-        ``backend``: ``"weight"`` or ``"fused"``
+        ``backend``: ``"weight"``, ``"fused"`` or ``"bmm"``
         (:func:`~padnet.ops.backend_selection.resolve_single_sample_backend`). ``routed``: the compiled
         one-call forward of that backend, ``(function, tail arguments)`` (:func:`~padnet.ops.fused.routed_call`),
         where it can run and the layer routes the default way, else ``None``."""

@@ -142,10 +142,14 @@ def resolve_single_sample_backend(x: Tensor, pi: Tensor, dyn: Tensor, sta: Tenso
 
     ``"weight"`` aggregates the sample's one kernel and runs one plain conv: the
     rule, and the choice while exporting or with tuning off. With tuning on and the
-    fused C++ kernel available, both are timed once per signature and ``"fused"``
-    is used where it measured faster: it streams the K kernels once and never
-    writes the aggregated one, which wins on deep layers whose plain conv is
-    memory-bound at batch 1 (docs/benchmarks.md).
+    C++ library available, ``"weight"``, ``"fused"`` and ``"bmm"`` are timed once
+    per signature and the fastest is used. Both others never write the
+    aggregated kernel: the fused kernel streams the K kernels once, and the tiled
+    per-sample GEMM (``"bmm"``, compiled mixing + BLAS GEMM per tile of output
+    channels) mixes one tile at a time in cache. On deep layers, whose plain
+    conv is memory-bound at batch 1, they win; which one depends on the CPU
+    (``bmm`` on an AMD Zen 3 from 128@16 up, the fused kernel at 512@4 on an
+    Intel Xeon; docs/benchmarks.md).
     """
     if is_exporting() or not autotune.autotune_enabled():
         return "weight"
@@ -158,19 +162,20 @@ def resolve_single_sample_backend(x: Tensor, pi: Tensor, dyn: Tensor, sta: Tenso
         return hit[1]
     choice = "weight"
     if fused_applicable(x, pi, dyn, sta, groups, False):
-        choice = _tuned(["weight", "fused"], key, lambda: _single_sample_runner(x, pi, dyn, sta, geom, padding),
-                        x.device)
+        choice = _tuned(["weight", "fused", "bmm"], key,
+                        lambda: _single_sample_runner(x, pi, dyn, sta, geom, padding), x.device)
     return _remember(key, True, choice)
 
 
 def _single_sample_runner(x, pi, dyn, sta, geom, padding):
-    """``run(name)``: one batch-1 inference call by ``"weight"`` (aggregate + plain conv) or ``"fused"``."""
+    """``run(name)``: one batch-1 inference call by ``"weight"`` (aggregate + plain conv), ``"fused"`` or
+    ``"bmm"``."""
     from .dynamic_conv import single_sample_conv  # (dynamic_conv imports this module)
 
     def run(name: str) -> None:
         with torch.no_grad():
-            if name == "fused":
-                run_backend("fused", x, pi, dyn, sta, geom, padding)
+            if name in ("fused", "bmm"):
+                run_backend(name, x, pi, dyn, sta, geom, padding)
             else:
                 single_sample_conv(x, pi, dyn, sta, None, None, geom.stride, padding, geom.dilation, geom.groups)
 

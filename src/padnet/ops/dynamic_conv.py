@@ -44,19 +44,20 @@ def single_sample_conv(x: Tensor, pi: Tensor, dyn: Tensor, sta: Tensor | None, b
     as the batched backends use for their ``B`` kernels, measured slower here: one kernel is at most a few
     MiB, which malloc serves from its heap once it has been freed before, and the workspace's per-call
     bookkeeping cost more than that.) ``backend="fused"``: the C++ kernel of :mod:`.fused`, which never
-    writes the aggregated kernel (inference only; chosen by
+    writes the aggregated kernel (inference only); ``backend="bmm"``: the tiled per-sample GEMM, which mixes
+    one tile of output channels at a time (both chosen by
     :func:`.backend_selection.resolve_single_sample_backend`).
     """
     bias = mix_bias(pi, bias_dyn, bias_sta)
-    if backend == "fused":
-        y = run_backend("fused", x, pi, dyn, sta, conv_geometry(dyn.shape[-2:], stride, padding, dilation, groups),
+    if backend in ("fused", "bmm"):
+        y = run_backend(backend, x, pi, dyn, sta, conv_geometry(dyn.shape[-2:], stride, padding, dilation, groups),
                         padding)
         y = add_channel_bias(y, None if bias is None else bias[0])
         if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
             y = y.contiguous(memory_format=torch.channels_last)  # as F.conv2d returns it
         return y
     if backend != "weight":
-        raise ValueError(f"single_sample_conv: backend must be 'weight' or 'fused', got {backend!r}")
+        raise ValueError(f"single_sample_conv: backend must be 'weight', 'fused' or 'bmm', got {backend!r}")
     k = dyn.shape[0]
     weight = torch.mm(pi, dyn.reshape(k, -1)) if sta is None else torch.addmm(sta.reshape(-1), pi, dyn.reshape(k, -1))
     return F.conv2d(x, weight.view(dyn.shape[1:]), None if bias is None else bias[0], stride, padding, dilation,
