@@ -271,12 +271,11 @@ def tune(key: tuple, candidates: list[str], run: Callable[[str], None], device: 
     Warm-ups first, because one call of a poor candidate can take a large part
     of the budget: on an AMD EPYC (Zen 3) the rule's ``"output"`` at 512@4,
     batch 32, took 0.26 s a call, so its warm-up and repeats used the whole
-    budget and the fused kernel, 3.5x faster there, was never timed. Candidates
+    budget and the fused kernel, about 3x faster there, was never timed. Candidates
     that raise (e.g. out of memory) are skipped. Each candidate scores the
-    fastest of its repeats (load spikes only ever add time), or its warm-up
-    where the budget left none; the two fastest, when within
-    :data:`CLOSE_MARGIN`, alternate :data:`TRIAL_REPEATS` more runs each. The
-    runner-up is recorded too.
+    fastest of its runs, warm-up included (load spikes only ever add time); the
+    two fastest, when within :data:`CLOSE_MARGIN`, alternate
+    :data:`TRIAL_REPEATS` more runs each. The runner-up is recorded too.
     """
     budget = TUNE_BUDGET_S if budget_s is None else budget_s
     timed = _timer(device)
@@ -304,7 +303,7 @@ def tune(key: tuple, candidates: list[str], run: Callable[[str], None], device: 
             samples.append(timed(run, name))
             if over_budget():
                 break
-        timings[name] = min(samples)
+        timings[name] = min(warm[name], *samples)  # (load only ever adds time: the warm-up counts too)
     ranked = sorted(timings, key=timings.get)
     if len(ranked) >= 2 and timings[ranked[1]] <= timings[ranked[0]] * (1 + CLOSE_MARGIN):
         for _ in range(TRIAL_REPEATS):  # a close call: alternate, so the two share the same conditions

@@ -143,11 +143,10 @@ def resolve_single_sample_backend(x: Tensor, pi: Tensor, dyn: Tensor, sta: Tenso
     ``"weight"`` aggregates the sample's one kernel and runs one plain conv: the
     rule, and the choice while exporting or with tuning off. With tuning on and the
     C++ library available, ``"weight"``, ``"fused"`` and ``"bmm"`` are timed once
-    per signature and the fastest is used. Both others never write the
-    aggregated kernel: the fused kernel streams the K kernels once, and the tiled
-    per-sample GEMM (``"bmm"``, compiled mixing + BLAS GEMM per tile of output
-    channels) mixes one tile at a time in cache. On deep layers, whose plain
-    conv is memory-bound at batch 1, they win; which one depends on the CPU
+    per signature and the fastest is used. The fused kernel streams the K kernels
+    once and never writes the aggregated one; ``"bmm"`` at batch 1 mixes the whole
+    kernel into a reused workspace (compiled when there is no static part and
+    K <= 64) and runs im2col plus one BLAS GEMM. Which wins depends on the CPU
     (``bmm`` on an AMD Zen 3 from 128@16 up, the fused kernel at 512@4 on an
     Intel Xeon; docs/benchmarks.md).
     """

@@ -44,8 +44,8 @@ def single_sample_conv(x: Tensor, pi: Tensor, dyn: Tensor, sta: Tensor | None, b
     as the batched backends use for their ``B`` kernels, measured slower here: one kernel is at most a few
     MiB, which malloc serves from its heap once it has been freed before, and the workspace's per-call
     bookkeeping cost more than that.) ``backend="fused"``: the C++ kernel of :mod:`.fused`, which never
-    writes the aggregated kernel (inference only); ``backend="bmm"``: the tiled per-sample GEMM, which mixes
-    one tile of output channels at a time (both chosen by
+    writes the aggregated kernel (inference only); ``backend="bmm"``: the per-sample GEMM backend (at batch 1
+    one tile: the kernel mixed into a reused workspace, im2col, one BLAS GEMM) (both chosen by
     :func:`.backend_selection.resolve_single_sample_backend`).
     """
     bias = mix_bias(pi, bias_dyn, bias_sta)
