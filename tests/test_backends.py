@@ -384,6 +384,47 @@ def test_channel_split_interleaved_channels_match_reference():
     torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("padded", [0, 3])
+def test_merge_split_outputs_equals_cat_then_index_select(channels_last, padded):
+    """The one-pass merge gives ``cat([ys, yd]).index_select(order)`` exactly, padded static columns skipped,
+    in the parts' memory format, with the same gradients."""
+    torch.manual_seed(5)
+    n_sta, n_dyn = 6, 4
+    ys = torch.randn(3, n_sta + padded, 5, 4, dtype=torch.double)
+    yd = torch.randn(3, n_dyn, 5, 4, dtype=torch.double)
+    if channels_last:
+        ys, yd = (t.contiguous(memory_format=torch.channels_last) for t in (ys, yd))
+    ys.requires_grad_(True)
+    yd.requires_grad_(True)
+    columns = torch.cat([torch.arange(n_sta), torch.arange(n_dyn) + n_sta + padded])
+    order = columns[torch.randperm(n_sta + n_dyn)]
+    y = channel_split.merge_split_outputs(ys, yd, order)
+    ref = torch.cat([ys, yd], dim=1).index_select(1, order)
+    assert torch.equal(y, ref)
+    assert y.is_contiguous(memory_format=torch.channels_last) == channels_last
+    g = torch.randn_like(ref)
+    got = torch.autograd.grad(y, (ys, yd), g)
+    want = torch.autograd.grad(ref, (ys, yd), g)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    assert torch.all(got[0][:, n_sta:] == 0)  # the padded columns get no gradient
+
+
+def test_channel_split_conv_keeps_channels_last_and_matches_nchw():
+    torch.manual_seed(4)
+    x = torch.randn(3, 5, 6, 6, dtype=torch.double)
+    pi = torch.softmax(torch.randn(3, 2, dtype=torch.double), -1)
+    dyn_rows = torch.randn(2, 3, 5, 3, 3, dtype=torch.double)
+    sta_rows = torch.randn(6, 5, 3, 3, dtype=torch.double)
+    order = torch.tensor([6, 0, 1, 7, 2, 3, 8, 4, 5])
+    y = cf.channel_split_conv2d(x, pi, dyn_rows, sta_rows, order, None, padding=1, backend="bmm")
+    y_cl = cf.channel_split_conv2d(x.contiguous(memory_format=torch.channels_last), pi, dyn_rows, sta_rows, order,
+                                   None, padding=1, backend="bmm")
+    assert y_cl.is_contiguous(memory_format=torch.channels_last) and not y_cl.is_contiguous()
+    torch.testing.assert_close(y_cl, y, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("size, path", [(6, "split"), (16, "dense")])
 def test_channel_split_picks_dense_path_for_wide_outputs(size, path, monkeypatch):
     """Many output pixels per sample (grouped-conv territory): one dynamic conv over all channels."""
