@@ -9,7 +9,11 @@ on the same input, all as ratios to the static conv of the full shape:
 static output channels, padded with zero rows to a multiple of 32 where the
 layer does: ``padnet.ops.aligned_static_rows``), ``dynamic_part`` (the dynamic conv over the 30%
 dynamic channels, backend as ``auto`` picks it, padded as the layer pads it),
-``merge`` (concatenate both outputs and restore the channel order).
+``merge`` (both outputs interleaved into channel order, as the layer does it:
+``padnet.ops.merge_split_outputs``), and for comparison ``merge_two_pass``
+(``cat`` then ``index_select``, the merge before the eighth session) and the
+same two for channels_last outputs (``merge_cl``; ``merge_cl_two_pass`` also
+converts back to channels_last, as the layer had to).
 Where ``auto`` would run the dynamic part as a grouped conv (many output pixels
 per sample), the layer skips the split and runs one dynamic conv over all
 channels (``path = dense``); the parts then still time the split it avoids
@@ -50,6 +54,7 @@ def main() -> None:
             backend = cf.resolve_backend(x, pi, dyn_rows, None, 1, 1, 1, 1, "auto")
             ys = F.conv2d(x, sta_rows, padding=1)
             yd = cf.dynamic_conv2d(x, pi, dyn_rows, None, padding=1, backend="auto")  # runs `backend`
+            ys_cl, yd_cl = (t.contiguous(memory_format=torch.channels_last) for t in (ys, yd))
         path = "dense" if cf.channel_split_runs_dense(x, pi, dyn_rows, 1, 1, 1, 1) else "split"
         fns = {
             "static": lambda: static(x),
@@ -57,7 +62,11 @@ def main() -> None:
             "routing": lambda: compact.routing_weights(x),
             "static_part": lambda: F.conv2d(x, sta_rows, padding=1),
             "dynamic_part": lambda: cf.dynamic_conv2d(x, pi, dyn_rows, None, padding=1, backend="auto"),
-            "merge": lambda: torch.cat([ys, yd], dim=1).index_select(1, order),
+            "merge": lambda: cf.merge_split_outputs(ys, yd, order),
+            "merge_two_pass": lambda: torch.cat([ys, yd], dim=1).index_select(1, order),
+            "merge_cl": lambda: cf.merge_split_outputs(ys_cl, yd_cl, order),
+            "merge_cl_two_pass": lambda: torch.cat([ys_cl, yd_cl], dim=1).index_select(1, order).contiguous(
+                memory_format=torch.channels_last),
         }
         with torch.no_grad():
             t = time_interleaved(fns, repeats=args.repeats, min_round_s=0.02)

@@ -164,13 +164,14 @@ def micro_table(payload):
 def channel_split_table(payload):
     rows = payload["rows"]
     parts = ["compact_channel", "routing", "static_part", "dynamic_part", "merge", "sum_of_parts"]
+    parts += [p for p in ("merge_two_pass", "merge_cl", "merge_cl_two_pass") if rows and p in rows[0]]
     out = [machine_line(payload), "",
            "| shape | batch | static ms | path | dynamic-part backend | dynamic channels | " + " | ".join(parts) + " |",
            "|---|---|---|---|---|---|" + "---|" * len(parts)]
     for r in rows:
         out.append(f"| {r['shape']} | {r['batch']} | {r['static_ms']:.1f} | {r['path']} | {r['dynamic_backend']} | "
                    f"{r['dynamic_channels']} | "
-                   + " | ".join(f"{r[p]:.2f}" for p in parts) + " |")
+                   + " | ".join(f"{r[p]:.3f}" if p.startswith("merge") else f"{r[p]:.2f}" for p in parts) + " |")
     return "\n".join(out)
 
 

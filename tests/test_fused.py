@@ -878,14 +878,17 @@ FUSED_ROUTED_CASES = {
 @pytest.mark.parametrize("compact", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("case", list(FUSED_ROUTED_CASES))
+@pytest.mark.parametrize("backend", ["fused", "bmm"])
 def test_batch_one_compiled_fused_call_equals_the_python_path_bit_for_bit(kernel, tuning, monkeypatch, case, dtype,
-                                                                          compact):
-    """Where the batch-1 choice is the fused kernel, the compiled call (router, im2col, fused kernel, bias,
-    channels_last) equals the Python path with the same kernel to the bit, and the literal formula."""
+                                                                          compact, backend):
+    """Where the batch-1 choice is the fused kernel or the per-sample GEMM (``bmm``), the compiled call
+    (router, im2col, the kernel, bias, channels_last) equals the Python path with the same backend to the
+    bit, and the literal formula. The "element PAD" and sigmoid cases have a static part (``bmm`` mixes
+    with addmm there), the others none (``bmm`` mixes with the compiled ``mix_factors``)."""
     from padnet.layers import dynamic_conv as layer_module
 
     monkeypatch.setattr(autotune, "tune", lambda key, candidates, run, device, budget_s=None:
-                        "fused" if "fused" in candidates else candidates[0])
+                        backend if backend in candidates else candidates[0])
     spec = FUSED_ROUTED_CASES[case]
     torch.manual_seed(4)
     layer = DynamicConv2d(spec["cin"], spec["cout"], spec["k"], **spec["kwargs"]).to(dtype)
@@ -905,13 +908,13 @@ def test_batch_one_compiled_fused_call_equals_the_python_path_bit_for_bit(kernel
     calls = spy_routed(monkeypatch)
     with torch.no_grad():
         compiled, compiled_cl = model(x), model(x_cl)
-    assert model.__dict__["_single_sample_choice"][1][0] == "fused" and len(calls) == 2
+    assert model.__dict__["_single_sample_choice"][1][0] == backend and len(calls) == 2
     monkeypatch.setattr(layer_module, "routed_call", lambda *args, **kwargs: None)
     model.__dict__.pop("_single_sample_choice")
     with torch.no_grad():
         python, python_cl = model(x), model(x_cl)
         expected = literal(x)
-    assert model.__dict__["_single_sample_choice"][1] == ("fused", None)
+    assert model.__dict__["_single_sample_choice"][1] == (backend, None)
     assert torch.equal(compiled, python) and torch.equal(compiled_cl, python_cl)
     assert compiled_cl.is_contiguous(memory_format=torch.channels_last) == python_cl.is_contiguous(
         memory_format=torch.channels_last)
@@ -929,6 +932,83 @@ def test_compiled_fused_call_refuses_a_wrong_kernel_shape(kernel):
         kernel.routed_fused_single_sample_conv(torch.randn(2, 4, 6, 6), *router, 1.0, False,
                                                torch.randn(3, 5, 4, 3, 3), None, None, None,
                                                3, 3, 1, 1, 1, 1, 1, 1, 1, 1, False, 16, 1, 64, 1 << 20)
+
+
+def test_compiled_bmm_call_refuses_wrong_shapes(kernel):
+    x = torch.randn(1, 4, 6, 6)
+    router = (torch.randn(4, 4), None, None, None, None, None, 0.0, torch.randn(3, 4), None)
+    geometry = (3, 3, 1, 1, 1, 1, 1, 1, 1, 1, False, True, 1 << 20)
+    with pytest.raises(RuntimeError, match="dyn must be"):
+        kernel.routed_bmm_single_sample_conv(x, *router, 1.0, False, torch.randn(3, 5, 2, 3, 3), None, None, None,
+                                             *geometry)
+    with pytest.raises(RuntimeError, match="sta must be"):
+        kernel.routed_bmm_single_sample_conv(x, *router, 1.0, False, torch.randn(3, 5, 4, 3, 3),
+                                             torch.randn(4, 4, 3, 3), None, None, *geometry)
+    with pytest.raises(RuntimeError, match="one sample"):
+        kernel.routed_bmm_single_sample_conv(torch.randn(2, 4, 6, 6), *router, 1.0, False,
+                                             torch.randn(3, 5, 4, 3, 3), None, None, None, *geometry)
+
+
+def test_batch_one_bmm_with_several_channel_tiles_keeps_the_python_loop(kernel, tuning, monkeypatch):
+    """A sample's kernel larger than one tile of the per-sample GEMM: no compiled call (it runs one tile),
+    the Python loop over channel tiles, the same numbers as the literal formula."""
+    from padnet.layers import dynamic_conv as layer_module
+    from padnet.ops import bmm_kernels
+
+    monkeypatch.setattr(autotune, "tune", lambda key, candidates, run, device, budget_s=None:
+                        "bmm" if "bmm" in candidates else candidates[0])
+    monkeypatch.setitem(bmm_kernels.TILE_BUDGET, "weights", 3 * 5 * 9 * 4)  # 3 output channels per tile
+    calls = spy_routed(monkeypatch)
+    torch.manual_seed(8)
+    layer = DynamicConv2d(5, 10, 3, padding=1, bias=True).eval()
+    literal = copy.deepcopy(layer)
+    literal.backend = "weight"
+    x = torch.randn(1, 5, 7, 7)
+    with torch.no_grad():
+        y = layer(x)
+        expected = literal(x)
+    assert layer.__dict__["_single_sample_choice"][1] == ("bmm", None) and not calls
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_batch_one_trial_times_each_candidate_as_the_layer_runs_it(kernel, tuning, monkeypatch):
+    """The batch-1 tuner times every candidate through its compiled one-call forward (the layer's path),
+    with a bias where the layer has one; the memory format and the bias are part of the signature, so a
+    channels_last input is tuned on its own."""
+    from padnet.ops import backend_selection as selection
+
+    tuned, ran = [], []
+
+    def tune(key, candidates, run, device, budget_s=None):
+        tuned.append(key)
+        for name in candidates:
+            run(name)
+        return "bmm"
+
+    real = selection.routed_call
+
+    def spying(x, dyn, geom, backend, padding=None):
+        found = real(x, dyn, geom, backend, padding)
+        if found is None:
+            return None
+        function, tail = found
+        return (lambda *a: ran.append((backend, a[15] is not None, a[0].is_contiguous())) or function(*a)), tail
+
+    monkeypatch.setattr(autotune, "tune", tune)
+    monkeypatch.setattr(selection, "routed_call", spying)
+    torch.manual_seed(9)
+    layer = DynamicConv2d(6, 8, 3, padding=1, bias=True).eval()
+    x = torch.randn(1, 6, 9, 9)
+    with torch.no_grad():
+        y = layer(x)
+        y_cl = layer(x.contiguous(memory_format=torch.channels_last))
+        layer(x)  # decided: no new tuning
+    assert len(tuned) == 2
+    assert ran == [(name, True, True) for name in ("weight", "fused", "bmm")] + \
+        [(name, True, False) for name in ("weight", "fused", "bmm")]
+    assert layer.__dict__["_single_sample_choice"][1][0] == "bmm"
+    torch.testing.assert_close(y_cl, y, rtol=1e-5, atol=1e-5)
+    assert y_cl.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_compiled_fused_call_after_inference_mode_then_no_grad(kernel, tuning, monkeypatch):

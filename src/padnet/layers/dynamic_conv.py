@@ -226,23 +226,23 @@ class _ConvGeometry:
             self._check_input(x)
             self.__dict__["_checked_input_shape"] = x.shape
 
-    def _single_sample_decision(self, x: Tensor, dyn: Tensor, sta: Tensor | None) -> tuple:
+    def _single_sample_decision(self, x: Tensor, dyn: Tensor, sta: Tensor | None, bias: bool) -> tuple:
         """``(backend, routed)`` for a batch-1 inference call on ``x [1, C, H, W]``, decided once per input
-        shape, dtype, device, thread count, autotune state, ``PADNET_FUSED``, geometry and routing, and kept
-        on the layer (a tuple comparison per call).
+        shape, memory format, dtype, device, thread count, autotune state, ``PADNET_FUSED``, geometry,
+        routing and whether there is a bias, and kept on the layer (a tuple comparison per call).
 
         ``backend``: ``"weight"``, ``"fused"`` or ``"bmm"``
         (:func:`~padnet.ops.backend_selection.resolve_single_sample_backend`). ``routed``: the compiled
         one-call forward of that backend, ``(function, tail arguments)`` (:func:`~padnet.ops.fused.routed_call`),
         where it can run and the layer routes the default way, else ``None``."""
-        state = (x.shape, x.dtype, x.device, torch.get_num_threads(), autotune.autotune_enabled(),
-                 autotune.generation(), fused_enabled(), self.padding, self.stride, self.dilation, self.routing)
+        state = (x.shape, x.is_contiguous(), x.dtype, x.device, torch.get_num_threads(), autotune.autotune_enabled(),
+                 autotune.generation(), fused_enabled(), self.padding, self.stride, self.dilation, self.routing, bias)
         hit = self.__dict__.get("_single_sample_choice")
         if hit is not None and hit[0] == state:
             return hit[1]
         pi = x.new_full((1, dyn.shape[0]), 1.0 / dyn.shape[0])  # timings do not depend on the routing values
         choice = resolve_single_sample_backend(x, pi, dyn, sta, self.stride, self.padding, self.dilation,
-                                               self.groups)
+                                               self.groups, bias=bias)
         routed = None
         cls = type(self)
         if self.routing in ROUTINGS and all(type(v) is tuple for v in (self.stride, self.dilation)) \
@@ -253,9 +253,9 @@ class _ConvGeometry:
         self.__dict__["_single_sample_choice"] = (state, (choice, routed))
         return choice, routed
 
-    def _single_sample_backend(self, x: Tensor, dyn: Tensor, sta: Tensor | None) -> str:
+    def _single_sample_backend(self, x: Tensor, dyn: Tensor, sta: Tensor | None, bias: bool) -> str:
         """The backend of :meth:`_single_sample_decision`."""
-        return self._single_sample_decision(x, dyn, sta)[0]
+        return self._single_sample_decision(x, dyn, sta, bias)[0]
 
     def _single_sample_call(self, x: Tensor, dyn: Tensor, sta: Tensor | None, bias_dyn: Tensor | None,
                             bias_sta: Tensor | None) -> Tensor:
@@ -265,7 +265,7 @@ class _ConvGeometry:
         plain default (:meth:`KernelAttention.routing_tensors`); otherwise routing in Python and
         :func:`~padnet.ops.dynamic_conv.single_sample_conv`. Same result either way.
         """
-        backend, routed = self._single_sample_decision(x, dyn, sta)
+        backend, routed = self._single_sample_decision(x, dyn, sta, bias_dyn is not None or bias_sta is not None)
         if routed is not None and type(x) is Tensor and not _torch_function_mode_active():
             attention = self._modules.get("attention")
             router = attention.routing_tensors() if type(attention) is KernelAttention else None
@@ -511,8 +511,9 @@ class DynamicConv2d(_ConvGeometry, PadLayerMixin, nn.Module):
             return self._static_conv(x, pi, *factors)
         dyn, sta, bias_dyn, bias_sta = factors  # "ones" and "element" (pruned entries included)
         if x.shape[0] == 1:  # the deploy latency case: the backend decided once per input shape
+            backend = self._single_sample_backend(x, dyn, sta, bias_dyn is not None or bias_sta is not None)
             return single_sample_conv(x, pi, dyn, sta, bias_dyn, bias_sta, self.stride, self.padding,
-                                      self.dilation, self.groups, self._single_sample_backend(x, dyn, sta))
+                                      self.dilation, self.groups, backend)
         return dynamic_conv2d(x, pi, dyn, sta, bias_dyn, bias_sta, self.stride, self.padding, self.dilation,
                               self.groups, "auto")
 

@@ -12,7 +12,7 @@ weight-sized copies), :mod:`.fused` (C++ inference kernel, ``csrc/``; used where
 from .autotune import autotune_cache, autotune_enabled, clear_autotune_cache, set_autotune
 from .backend_selection import BACKENDS, resolve_backend, select_backend
 from .bmm_kernels import TILE_BUDGET, aggregate_kernels
-from .channel_split import aligned_static_rows, channel_split_conv2d, channel_split_runs_dense
+from .channel_split import aligned_static_rows, channel_split_conv2d, channel_split_runs_dense, merge_split_outputs
 from .conv_backends import CONCRETE_BACKENDS
 from .dynamic_conv import dynamic_conv2d, mix_bias
 from .exporting import export_mode, is_exporting
@@ -36,6 +36,7 @@ __all__ = [
     "export_mode",
     "im2col",
     "is_exporting",
+    "merge_split_outputs",
     "mix_bias",
     "resolve_backend",
     "select_backend",

@@ -10,11 +10,12 @@ from functools import lru_cache
 
 import torch
 from torch import Tensor
+from torch.nn.modules.utils import _pair
 
 from . import autotune
 from .conv_backends import CONCRETE_BACKENDS, run_backend
 from .exporting import is_exporting
-from .fused import fused_applicable, fused_enabled, fused_mode, library_key
+from .fused import fused_applicable, fused_enabled, fused_mode, library_key, routed_call
 from .geometry import ConvGeometry
 
 BACKENDS = ("auto", *CONCRETE_BACKENDS)
@@ -137,7 +138,7 @@ def resolve_backend(x: Tensor, pi: Tensor, dyn: Tensor, sta: Tensor | None, stri
 
 
 def resolve_single_sample_backend(x: Tensor, pi: Tensor, dyn: Tensor, sta: Tensor | None, stride, padding, dilation,
-                                  groups: int, geom: ConvGeometry | None = None) -> str:
+                                  groups: int, geom: ConvGeometry | None = None, bias: bool = False) -> str:
     """Backend of a batch-1 inference call (:func:`.dynamic_conv.single_sample_conv`).
 
     ``"weight"`` aggregates the sample's one kernel and runs one plain conv: the
@@ -149,34 +150,52 @@ def resolve_single_sample_backend(x: Tensor, pi: Tensor, dyn: Tensor, sta: Tenso
     K <= 64) and runs im2col plus one BLAS GEMM. Which wins depends on the CPU
     (``bmm`` on an AMD Zen 3 from 128@16 up, the fused kernel at 512@4 on an
     Intel Xeon; docs/benchmarks.md).
+
+    Each candidate is timed as a layer's batch-1 call runs it: the compiled
+    one-call forward (:func:`.fused.routed_call`, with a stand-in router of the
+    same form) where it exists, else :func:`.dynamic_conv.single_sample_conv`;
+    with a bias when ``bias`` (the layer has one) and in ``x``'s memory format.
+    Both are part of the signature.
     """
     if is_exporting() or not autotune.autotune_enabled():
         return "weight"
     if geom is None:
         geom = conv_geometry(dyn.shape[-2:], stride, padding, dilation, groups)
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     key = ("single_sample", tuple(dyn.shape), sta is not None, tuple(x.shape), geom.stride, str(padding),
-           geom.dilation, geom.groups, str(x.dtype), str(x.device), torch.get_num_threads(), fused_enabled())
+           geom.dilation, geom.groups, str(x.dtype), str(x.device), torch.get_num_threads(), fused_enabled(),
+           channels_last, bool(bias))
     hit = _CHOICES.get(key)
     if hit is not None and hit[0] == (True, autotune.generation()):
         return hit[1]
     choice = "weight"
     if fused_applicable(x, pi, dyn, sta, groups, False):
         choice = _tuned(["weight", "fused", "bmm"], key,
-                        lambda: _single_sample_runner(x, pi, dyn, sta, geom, padding), x.device)
+                        lambda: _single_sample_runner(x, pi, dyn, sta, geom, padding, bias), x.device)
     return _remember(key, True, choice)
 
 
-def _single_sample_runner(x, pi, dyn, sta, geom, padding):
+def _single_sample_runner(x, pi, dyn, sta, geom, padding, bias: bool):
     """``run(name)``: one batch-1 inference call by ``"weight"`` (aggregate + plain conv), ``"fused"`` or
-    ``"bmm"``."""
+    ``"bmm"``, the way a layer runs it (see :func:`resolve_single_sample_backend`)."""
     from .dynamic_conv import single_sample_conv  # (dynamic_conv imports this module)
+
+    k = dyn.shape[0]
+    bias_sta = x.new_zeros(dyn.shape[1]) if bias else None
+    # a router of the default form (pool -> Linear -> ReLU -> Linear -> softmax), one hidden unit: the same
+    # ops per call as a layer's, for every candidate
+    router = (x.new_zeros(1, x.shape[1]), None, None, None, None, None, 0.0, x.new_zeros(k, 1), None, 1.0, False)
+    pad = padding if isinstance(padding, str) else tuple(_pair(padding))  # (the layers keep a tuple)
 
     def run(name: str) -> None:
         with torch.no_grad():
-            if name in ("fused", "bmm"):
-                run_backend(name, x, pi, dyn, sta, geom, padding)
+            routed = routed_call(x, dyn, geom, name, pad)
+            if routed is not None:
+                function, tail = routed
+                function(x, *router, dyn, sta, None, bias_sta, *tail)
             else:
-                single_sample_conv(x, pi, dyn, sta, None, None, geom.stride, padding, geom.dilation, geom.groups)
+                single_sample_conv(x, pi, dyn, sta, None, bias_sta, geom.stride, padding, geom.dilation,
+                                   geom.groups, name)
 
     return run
 

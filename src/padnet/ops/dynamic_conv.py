@@ -92,7 +92,8 @@ def dynamic_conv2d(
     if x.shape[0] == 1 and backend in ("auto", "weight") and not is_exporting():
         single = "weight"
         if backend == "auto" and not torch.is_grad_enabled():  # (layers keep this decision per input shape)
-            single = resolve_single_sample_backend(x, pi, dyn, sta, stride, padding, dilation, groups)
+            single = resolve_single_sample_backend(x, pi, dyn, sta, stride, padding, dilation, groups,
+                                                   bias=bias_dyn is not None or bias_sta is not None)
         return single_sample_conv(x, pi, dyn, sta, bias_dyn, bias_sta, stride, padding, dilation, groups, single)
     geom = conv_geometry(dyn.shape[-2:], stride, padding, dilation, groups)
     name = resolve_backend(x, pi, dyn, sta, stride, padding, dilation, groups, backend, geom=geom)

@@ -214,15 +214,19 @@ def routed_call(x: Tensor, dyn: Tensor, geom: ConvGeometry, backend: str, paddin
 
     ``function(x, fc1_weight, fc1_bias, norm_weight, norm_bias, norm_mean, norm_var, norm_eps, fc2_weight,
     fc2_bias, temperature, sigmoid, dyn, sta, bias_dyn, bias_sta, *tail) -> [1, O, H', W']`` runs the
-    default router, the routing weights and the conv (one plain conv on the sample's mixed kernel, or
-    the fused kernel, which never writes it) with the sample's bias, as the same ATen ops and kernels the
+    default router, the routing weights and the conv (one plain conv on the sample's mixed kernel, the
+    fused kernel, which never writes it, or one GEMM on it) with the sample's bias, as the same ATen ops and kernels the
     Python path runs (the same result to the bit), without the interpreter's work between them:
 
     - ``backend="weight"``: ``routed_single_sample_conv``, one plain conv on the mixed kernel; ``tail`` is
       ``(stride, padding, dilation, groups)`` (``padding`` numbers, not a string);
     - ``backend="fused"``: ``routed_fused_single_sample_conv``, im2col and the fused kernel (groups 1);
       ``tail`` is the geometry, :func:`fused_tiles` for this shape and the size up to which the im2col
-      buffer is kept between calls (:data:`.workspace.WORKSPACE_LIMIT`).
+      buffer is kept between calls (:data:`.workspace.WORKSPACE_LIMIT`);
+    - ``backend="bmm"``: ``routed_bmm_single_sample_conv``, im2col, the kernel mixed into a kept buffer and
+      one GEMM, as :func:`.bmm_kernels.bmm_tiled_forward` runs one sample (groups 1, and only where the
+      sample's kernel is one tile of it); ``tail`` is the geometry, whether the compiled ``mix_factors``
+      mixes (:func:`.bmm_kernels.compiled_factor_gemms`) and the buffer limit.
 
     CPU, float32 / float64, the library loaded (``PADNET_FUSED`` not off). Decided once per input shape by
     the layers, which keep the result.
@@ -237,13 +241,21 @@ def routed_call(x: Tensor, dyn: Tensor, geom: ConvGeometry, backend: str, paddin
         if type(padding) is not tuple:  # (a string: at::conv2d's numeric overload cannot take it)
             return None
         return lib.routed_single_sample_conv, (geom.stride, tuple(padding), geom.dilation, geom.groups)
-    if backend != "fused" or geom.groups != 1:
+    if backend not in ("fused", "bmm") or geom.groups != 1:
         return None
     (kh, kw), (sh, sw), (dh, dw) = geom.kernel, geom.stride, geom.dilation
     ho, wo = geom.out_hw(x.shape[-2:])
-    tiles = fused_tiles(dyn.shape[1], x.shape[1] * kh * kw, ho * wo, 1, x.element_size())
-    return lib.routed_fused_single_sample_conv, (kh, kw, sh, sw, *geom.pad, dh, dw,
-                                                 bool(geom.pointwise and geom.stride == (1, 1)), *tiles,
+    pointwise = bool(geom.pointwise and geom.stride == (1, 1))
+    if backend == "bmm":
+        from .bmm_kernels import compiled_factor_gemms, tiles  # (bmm_kernels imports this module)
+
+        if tiles(1, dyn.shape[1], x.shape[1] * kh * kw, ho * wo, x.element_size())[1] != dyn.shape[1]:
+            return None  # more than one channel tile: the Python loop serves
+        compiled_mix = compiled_factor_gemms(dyn.dtype, dyn.device, dyn.shape[0]) is not None
+        return lib.routed_bmm_single_sample_conv, (kh, kw, sh, sw, *geom.pad, dh, dw, pointwise, compiled_mix,
+                                                   WORKSPACE_LIMIT)
+    tile_sizes = fused_tiles(dyn.shape[1], x.shape[1] * kh * kw, ho * wo, 1, x.element_size())
+    return lib.routed_fused_single_sample_conv, (kh, kw, sh, sw, *geom.pad, dh, dw, pointwise, *tile_sizes,
                                                  WORKSPACE_LIMIT)
 
 

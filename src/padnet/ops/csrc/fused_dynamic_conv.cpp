@@ -926,6 +926,31 @@ torch::Tensor route_one(const torch::Tensor& x, const torch::Tensor& fc1_weight,
   return at::softmax(z, -1);
 }
 
+// n elements of a per-thread buffer per (slot, dtype) kept between calls (a fresh one this size could be
+// page-faulted in on every call), up to max_buffer_bytes (padnet.ops.workspace's limit; larger: a fresh
+// tensor). A buffer made under torch.inference_mode is an inference tensor, which may not be written outside
+// it: then it is replaced (as padnet.ops.workspace does)
+torch::Tensor thread_buffer(int slot, int64_t n, const torch::Tensor& like, int64_t max_buffer_bytes) {
+  thread_local torch::Tensor buffers[2][2];
+  if (n * static_cast<int64_t>(like.element_size()) > max_buffer_bytes) return torch::empty({n}, like.options());
+  torch::Tensor& buffer = buffers[slot][like.scalar_type() == torch::kDouble ? 1 : 0];
+  if (!buffer.defined() || buffer.numel() < n || (buffer.is_inference() && !c10::InferenceMode::is_enabled()))
+    buffer = torch::empty({n}, like.options());
+  return buffer.narrow(0, 0, n);
+}
+
+// im2col of one sample x [1, C, H, W] -> [1, C*kh*kw, Ho*Wo] (a view of x for a pointwise stride-1 conv, else
+// written into buffer slot 0), as padnet.ops.im2col.im2col_workspace
+torch::Tensor one_sample_cols(const torch::Tensor& x, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t pt,
+                              int64_t pb, int64_t pl, int64_t pr, int64_t dh, int64_t dw, int64_t Ho, int64_t Wo,
+                              bool pointwise, int64_t max_buffer_bytes) {
+  const int64_t C = x.size(1);
+  if (pointwise) return x.reshape({1, C, -1});
+  auto cols = thread_buffer(0, C * kh * kw * Ho * Wo, x, max_buffer_bytes);
+  im2col(x, kh, kw, sh, sw, pt, pb, pl, pr, dh, dw, cols);
+  return cols.view({1, C * kh * kw, Ho * Wo});
+}
+
 // the sample's bias [O] = pi @ bias_dyn (+ bias_sta), bias_sta alone, or none (as ops.dynamic_conv.mix_bias)
 c10::optional<torch::Tensor> mix_one_bias(const torch::Tensor& pi, const c10::optional<torch::Tensor>& bias_dyn,
                                           const c10::optional<torch::Tensor>& bias_sta) {
@@ -982,32 +1007,60 @@ torch::Tensor routed_fused_single_sample_conv(
   TORCH_CHECK(H + pt + pb >= dh * (kh - 1) + 1 && W + pl + pr >= dw * (kw - 1) + 1,
               "routed_fused_single_sample_conv: input smaller than the kernel");
   const int64_t Ho = (H + pt + pb - dh * (kh - 1) - 1) / sh + 1, Wo = (W + pl + pr - dw * (kw - 1) - 1) / sw + 1;
-  torch::Tensor cols;
-  if (pointwise) {
-    cols = x.reshape({1, C, -1});
-  } else {
-    // a per-thread buffer per dtype kept between calls (a fresh one this size could be page-faulted in on
-    // every call), up to max_buffer_bytes (padnet.ops.workspace's limit; larger: a fresh tensor). A buffer
-    // made under torch.inference_mode is an inference tensor, which may not be written outside it: then it
-    // is replaced (as padnet.ops.workspace does)
-    thread_local torch::Tensor buffers[2];
-    const int64_t n = C * kh * kw * Ho * Wo;
-    if (n * static_cast<int64_t>(x.element_size()) > max_buffer_bytes) {
-      cols = torch::empty({n}, x.options());
-    } else {
-      torch::Tensor& buffer = buffers[x.scalar_type() == torch::kDouble ? 1 : 0];
-      if (!buffer.defined() || buffer.numel() < n || (buffer.is_inference() && !c10::InferenceMode::is_enabled()))
-        buffer = torch::empty({n}, x.options());
-      cols = buffer.narrow(0, 0, n);
-    }
-    im2col(x, kh, kw, sh, sw, pt, pb, pl, pr, dh, dw, cols);
-    cols = cols.view({1, C * kh * kw, Ho * Wo});
-  }
+  torch::Tensor cols = one_sample_cols(x, kh, kw, sh, sw, pt, pb, pl, pr, dh, dw, Ho, Wo, pointwise, max_buffer_bytes);
   const int64_t K = dyn.size(0), O = dyn.size(1);
   c10::optional<torch::Tensor> sta_rows;
   if (sta.has_value()) sta_rows = sta->reshape({O, -1});
   auto y = fused_dynamic_conv(cols, pi.contiguous(), dyn.reshape({K, O, -1}), sta_rows, OT, SB, CC)
                .view({1, O, Ho, Wo});
+  auto bias = mix_one_bias(pi, bias_dyn, bias_sta);
+  if (bias.has_value()) y = y + bias->view({-1, 1, 1});
+  if (x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous())
+    y = y.contiguous(at::MemoryFormat::ChannelsLast);
+  return y;
+}
+
+// The same call where the batch-1 choice is the per-sample GEMM ("bmm"; groups 1, float32/float64, CPU): the
+// router, im2col, the sample's kernel mixed into a per-thread buffer (mix_factors where compiled_mix, the
+// Python path's choice for K <= 64 factors and no static part; else one mm / addmm), one bmm into a fresh
+// output, the bias, and channels_last output for a channels_last input -- the ops of
+// padnet.ops.bmm_kernels.bmm_tiled_forward at batch 1 (one tile: the caller checks that the kernel fits the
+// tile budget) and of padnet.ops.dynamic_conv.single_sample_conv's "bmm" branch, in their order.
+torch::Tensor routed_bmm_single_sample_conv(
+    torch::Tensor x, torch::Tensor fc1_weight, c10::optional<torch::Tensor> fc1_bias,
+    c10::optional<torch::Tensor> norm_weight, c10::optional<torch::Tensor> norm_bias,
+    c10::optional<torch::Tensor> norm_mean, c10::optional<torch::Tensor> norm_var, double norm_eps,
+    torch::Tensor fc2_weight, c10::optional<torch::Tensor> fc2_bias, double temperature, bool sigmoid,
+    torch::Tensor dyn, c10::optional<torch::Tensor> sta, c10::optional<torch::Tensor> bias_dyn,
+    c10::optional<torch::Tensor> bias_sta, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t pt, int64_t pb,
+    int64_t pl, int64_t pr, int64_t dh, int64_t dw, bool pointwise, bool compiled_mix, int64_t max_buffer_bytes) {
+  TORCH_CHECK(x.dim() == 4 && x.size(0) == 1, "routed single-sample conv: expected one sample [1, C, H, W]");
+  TORCH_CHECK(dyn.dim() == 5 && dyn.size(2) == x.size(1) && dyn.size(3) == kh && dyn.size(4) == kw,
+              "routed_bmm_single_sample_conv: dyn must be [K, O, C, kh, kw] (groups 1)");
+  TORCH_CHECK(!sta.has_value() || sta->numel() == dyn[0].numel(),
+              "routed_bmm_single_sample_conv: sta must be [O, C, kh, kw]");
+  auto pi = route_one(x, fc1_weight, fc1_bias, norm_weight, norm_bias, norm_mean, norm_var, norm_eps, fc2_weight,
+                      fc2_bias, temperature, sigmoid);
+  const int64_t C = x.size(1), H = x.size(2), W = x.size(3);
+  TORCH_CHECK(H + pt + pb >= dh * (kh - 1) + 1 && W + pl + pr >= dw * (kw - 1) + 1,
+              "routed_bmm_single_sample_conv: input smaller than the kernel");
+  const int64_t Ho = (H + pt + pb - dh * (kh - 1) - 1) / sh + 1, Wo = (W + pl + pr - dw * (kw - 1) - 1) / sw + 1;
+  const int64_t K = dyn.size(0), O = dyn.size(1), CK = C * kh * kw;
+  auto cols = one_sample_cols(x, kh, kw, sh, sw, pt, pb, pl, pr, dh, dw, Ho, Wo, pointwise, max_buffer_bytes);
+  auto flat = dyn.reshape({K, O * CK});
+  auto mix_pi = pi.to(dyn.scalar_type());
+  auto w = thread_buffer(1, O * CK, x, max_buffer_bytes).view({1, O * CK});
+  if (sta.has_value()) {
+    at::addmm_out(w, sta->reshape({O * CK}), mix_pi, flat);
+  } else if (compiled_mix) {
+    mix_factors(mix_pi, flat, c10::nullopt, c10::nullopt, 0.0, 0.0, w);
+  } else {
+    at::mm_out(w, mix_pi, flat);
+  }
+  auto out = torch::empty({1, O, Ho, Wo}, x.options());
+  auto out_rows = out.view({1, O, Ho * Wo});
+  at::bmm_out(out_rows, w.view({1, O, CK}), cols);
+  torch::Tensor y = out;
   auto bias = mix_one_bias(pi, bias_dyn, bias_sta);
   if (bias.has_value()) y = y + bias->view({-1, 1, 1});
   if (x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous())
@@ -1034,4 +1087,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "routing + kernel mixing + plain conv of one sample in one call (inference)");
   m.def("routed_fused_single_sample_conv", &routed_fused_single_sample_conv,
         "routing + im2col + fused per-sample conv of one sample in one call (inference, CPU)");
+  m.def("routed_bmm_single_sample_conv", &routed_bmm_single_sample_conv,
+        "routing + im2col + kernel mixing + one GEMM of one sample in one call (inference, CPU)");
 }
