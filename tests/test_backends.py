@@ -121,9 +121,11 @@ def test_select_backend_rule():
     assert sel("auto", 32, 64, 1, out_pixels=backend_selection._GROUPED_MIN_L) == "weight"  # small kernels, wide GEMMs
     assert sel("auto", 32, 512, 1, out_pixels=backend_selection._OUTPUT_MAX_L + 1) == "bmm"
     thin = dict(out_pixels=backend_selection._OUTPUT_MAX_L)
-    assert sel("auto", 32, 512, 1, **thin) == "output"  # thin per-sample GEMMs, wide K-fold conv
-    assert sel("auto", 8, 512, 1, **thin) == "bmm"  # the K-fold conv would be too narrow
-    assert sel("auto", 32, 512, 1, requires_grad=True, **thin) == "bmm"
+    for batch in (8, 32):  # thin per-sample GEMMs: the fused kernel where it can run, else the tiled GEMM
+        assert sel("auto", batch, 512, 1, fused_available=True, **thin) == "fused"
+        assert sel("auto", batch, 512, 1, **thin) == "bmm"
+        assert sel("auto", batch, 512, 1, requires_grad=True, fused_available=True, **thin) == "bmm"
+    assert sel("auto", 32, 512, 4, fused_available=True, **thin) == "output"  # grouped: the K-fold conv
     assert sel("auto", 32, 512, 1, out_pixels=backend_selection._GROUPED_MIN_L, device="cuda") == "weight"
     for batch in (1, 32):
         for groups, out in ((1, 64), (64, 64)):

@@ -367,14 +367,36 @@ def test_a_kernel_that_becomes_available_is_tuned_then(kernel, tuning, monkeypat
 
 
 def test_fused_is_timed_right_after_the_rule(kernel, tuning, monkeypatch):
-    """The tuning budget (0.5 s) can run out before the last candidates: the kernel must not be one of them."""
+    """The tuning budget (0.5 s) can run out before the last candidates: the kernel must not be one of them.
+    It is first where the rule picks it (thin layers: 16 output pixels or fewer), else right after the rule."""
     seen = []
     real = autotune.tune
     monkeypatch.setattr(autotune, "tune", lambda key, cands, *a, **k: seen.append(list(cands)) or real(key, cands, *a, **k))
     with torch.no_grad():
-        ops.dynamic_conv2d(torch.randn(3, 6, 4, 4), torch.softmax(torch.randn(3, 2), -1), torch.randn(2, 8, 6, 3, 3),
-                           None, padding=1)
-    assert seen and seen[0][1] == "fused" and set(seen[0]) == {*ops.CONCRETE_BACKENDS, "fused"}
+        for size in (4, 6):  # 16 and 36 output pixels
+            ops.dynamic_conv2d(torch.randn(3, 6, size, size), torch.softmax(torch.randn(3, 2), -1),
+                               torch.randn(2, 8, 6, 3, 3), None, padding=1)
+    assert len(seen) == 2 and seen[0][0] == "fused" and seen[1][1] == "fused"
+    assert all(sorted(c) == sorted({*ops.CONCRETE_BACKENDS, "fused"}) for c in seen)  # each candidate once
+
+
+def test_rule_without_tuning_runs_thin_inference_layers_on_the_kernel(kernel, monkeypatch):
+    """Tuning off: a batched inference call with at most 16 output pixels runs the fused kernel (the rule),
+    with autograd or without the library the tiled GEMM; the numbers are the reference's either way."""
+    monkeypatch.setenv("PADNET_AUTOTUNE", "0")
+    autotune.set_autotune(None)
+    backend_selection.clear_choices()
+    torch.manual_seed(2)
+    x, pi, dyn = torch.randn(3, 6, 4, 4), torch.softmax(torch.randn(3, 2), -1), torch.randn(2, 8, 6, 3, 3)
+    with torch.no_grad():
+        assert backend_selection.resolve_backend(x, pi, dyn, None, 1, 1, 1, 1) == "fused"
+        y = ops.dynamic_conv2d(x, pi, dyn, None, padding=1)
+        expected = ops.dynamic_conv2d(x, pi, dyn, None, padding=1, backend="weight")
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+    assert backend_selection.resolve_backend(x, pi, dyn.requires_grad_(), None, 1, 1, 1, 1) == "bmm"
+    monkeypatch.setenv("PADNET_FUSED", "0")
+    with torch.no_grad():
+        assert backend_selection.resolve_backend(x, pi, dyn.detach(), None, 1, 1, 1, 1) == "bmm"
 
 
 def test_without_the_kernel_the_pure_pytorch_backends_serve(tuning, monkeypatch):

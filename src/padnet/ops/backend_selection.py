@@ -23,8 +23,7 @@ BACKENDS = ("auto", *CONCRETE_BACKENDS)
 # Cost-rule constants (CPU), measured on one machine (docs/benchmarks.md); the rule is the fallback when
 # autotuning is off and the choice while exporting.
 _GROUPED_MIN_L = 256  # output pixels per sample from which the grouped conv beats bmm
-_OUTPUT_MAX_L = 16  # per-sample GEMM width at or below which (K+1)x FLOPs beat streaming B kernels ...
-_OUTPUT_MIN_COLUMNS = 256  # ... once the output-space conv has B * L >= this many columns to be efficient
+_OUTPUT_MAX_L = 16  # per-sample GEMM width at or below which streaming B kernels is the cost: the fused kernel
 
 
 def select_backend(
@@ -37,6 +36,7 @@ def select_backend(
     device: torch.device | str | None = None,
     exporting: bool = False,
     requires_grad: bool = False,
+    fused_available: bool = False,
 ) -> str:
     """Resolve ``"auto"`` by the cost rule (explicit names pass through).
 
@@ -46,9 +46,13 @@ def select_backend(
     output space costs ``K (+1)`` convs of FLOPs as one large, cache-friendly conv.
 
     - Batch 1 or depthwise (``groups == out_channels``): ``"weight"``.
+    - ``L <= _OUTPUT_MAX_L`` (16), ``groups == 1``: ``"fused"`` for inference
+      where the compiled kernel is available (``fused_available``), else
+      ``"bmm"``; grouped: ``"output"``. (At 512@4, batch 32 the fused kernel
+      measured 0.55x / 0.43x the time of ``"output"`` and ``"bmm"`` 0.95x /
+      0.55x on an Intel Xeon / an AMD Zen 3, batch 8 alike: docs/benchmarks.md,
+      section on ``auto``.)
     - ``L >= _GROUPED_MIN_L`` (256) or grouped convs: ``"weight"``.
-    - ``L <= _OUTPUT_MAX_L`` (16) and ``B * L >= _OUTPUT_MIN_COLUMNS`` (256),
-      inference, ``groups == 1``: ``"output"``; with autograd or fewer columns ``"bmm"``.
     - Otherwise ``"bmm"``; non-CPU devices ``"weight"``.
     - Exporting: never ``"weight"`` (``groups = B`` would freeze the batch size):
       ``"output"`` for depthwise / thin layers, else ``"bmm"`` (untiled).
@@ -63,9 +67,9 @@ def select_backend(
     if torch.device(device if device is not None else "cpu").type != "cpu":
         return "weight"
     if out_pixels <= _OUTPUT_MAX_L:
-        if groups == 1 and (requires_grad or batch_size * out_pixels < _OUTPUT_MIN_COLUMNS):
-            return "bmm"
-        return "output"
+        if groups > 1:
+            return "output"
+        return "fused" if fused_available and not requires_grad else "bmm"
     if out_pixels >= _GROUPED_MIN_L or groups > 1:
         return "weight"
     return "bmm"
@@ -121,13 +125,14 @@ def resolve_backend(x: Tensor, pi: Tensor, dyn: Tensor, sta: Tensor | None, stri
         return hit[1]
     ho, wo = geom.out_hw(x.shape[-2:])  # raises the clear "input smaller than the kernel" error
     fused_mode()  # a bad PADNET_FUSED raises on the first batched call, not only in a later no-grad one
+    fused_ok = x.shape[0] > 1 and fused_applicable(x, pi, dyn, sta, groups, grad)
     rule = select_backend("auto", int(x.shape[0]), dyn.shape[1], groups, out_pixels=ho * wo, device=x.device,
-                          requires_grad=grad)
+                          requires_grad=grad, fused_available=fused_ok)
     if x.shape[0] > 1 and tuning:
         candidates = [rule] + [b for b in CONCRETE_BACKENDS if b != rule]
         if groups > 1 and groups == dyn.shape[1]:  # depthwise: width-1 GEMMs are never competitive
             candidates = [b for b in candidates if b != "bmm"] or ["weight"]
-        if fused_applicable(x, pi, dyn, sta, groups, grad):
+        if fused_ok and rule != "fused":
             # right after the rule's choice: the budget may run out before the last candidates' warm-ups, and
             # the fused kernel is built for the deep layers where the rule's choice is weakest
             candidates.insert(1, "fused")
