@@ -427,6 +427,33 @@ def test_channel_split_conv_keeps_channels_last_and_matches_nchw():
     torch.testing.assert_close(y_cl, y, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("padded", [0, 2])
+def test_channel_split_batch_one_assembles_the_kernel_with_gradients(padded):
+    """Batch 1 assembles one kernel (static rows and mixed dynamic rows interleaved in one pass): outputs and
+    every gradient equal the per-sample reference on the dense factors (float64), padded static rows skipped."""
+    torch.manual_seed(6)
+    x = torch.randn(1, 5, 6, 6, dtype=torch.double, requires_grad=True)
+    logits = torch.randn(1, 2, dtype=torch.double, requires_grad=True)
+    dyn_rows = torch.randn(2, 3, 5, 3, 3, dtype=torch.double, requires_grad=True)
+    sta_rows = torch.randn(6, 5, 3, 3, dtype=torch.double, requires_grad=True)
+    order = torch.tensor([6, 0, 1, 7, 2, 3, 8, 4, 5])
+    sta_run = sta_rows
+    if padded:
+        sta_run = torch.cat([sta_rows, sta_rows.new_zeros(padded, 5, 3, 3)])
+        order = torch.where(order >= 6, order + padded, order)
+    pi = torch.softmax(logits, -1)
+    y = cf.channel_split_conv2d(x, pi, dyn_rows, sta_run, order, None, padding=1)
+    dense_dyn = torch.zeros(2, 9, 5, 3, 3, dtype=torch.double).index_copy(1, torch.tensor([0, 3, 6]), dyn_rows)
+    dense_sta = torch.zeros(9, 5, 3, 3, dtype=torch.double).index_copy(0, torch.tensor([1, 2, 4, 5, 7, 8]),
+                                                                        sta_rows)
+    ref = per_sample_reference(x, pi, dense_dyn, dense_sta, 1, 1, 1, 1)
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(ref)
+    leaves = (x, logits, dyn_rows, sta_rows)
+    for a, b in zip(torch.autograd.grad(y, leaves, g, retain_graph=True), torch.autograd.grad(ref, leaves, g)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("size, path", [(6, "split"), (16, "dense")])
 def test_channel_split_picks_dense_path_for_wide_outputs(size, path, monkeypatch):
     """Many output pixels per sample (grouped-conv territory): one dynamic conv over all channels."""

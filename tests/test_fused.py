@@ -996,7 +996,7 @@ def test_batch_one_bmm_with_several_channel_tiles_keeps_the_python_loop(kernel, 
 def test_batch_one_trial_times_each_candidate_as_the_layer_runs_it(kernel, tuning, monkeypatch):
     """The batch-1 tuner times every candidate through its compiled one-call forward (the layer's path),
     with a bias where the layer has one; the memory format and the bias are part of the signature, so a
-    channels_last input is tuned on its own."""
+    channels_last input is tuned on its own; the functional API (Python path) is tuned without them."""
     from padnet.ops import backend_selection as selection
 
     tuned, ran = [], []
@@ -1031,6 +1031,13 @@ def test_batch_one_trial_times_each_candidate_as_the_layer_runs_it(kernel, tunin
     assert layer.__dict__["_single_sample_choice"][1][0] == "bmm"
     torch.testing.assert_close(y_cl, y, rtol=1e-5, atol=1e-5)
     assert y_cl.is_contiguous(memory_format=torch.channels_last)
+    # the functional API runs the Python path: tuned on its own signature, never through a compiled call
+    dyn, sta, bias_dyn, bias_sta = layer.combined_factors()
+    with torch.no_grad():
+        pi = layer.routing_weights(x)
+        y_functional = ops.dynamic_conv2d(x, pi, dyn, sta, bias_dyn, bias_sta, 1, 1, 1, 1)
+    assert len(tuned) == 3 and len(ran) == 6
+    torch.testing.assert_close(y_functional, y, rtol=1e-5, atol=1e-5)
 
 
 def test_compiled_fused_call_after_inference_mode_then_no_grad(kernel, tuning, monkeypatch):

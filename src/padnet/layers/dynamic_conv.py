@@ -226,36 +226,42 @@ class _ConvGeometry:
             self._check_input(x)
             self.__dict__["_checked_input_shape"] = x.shape
 
-    def _single_sample_decision(self, x: Tensor, dyn: Tensor, sta: Tensor | None, bias: bool) -> tuple:
+    def _single_sample_decision(self, x: Tensor, dyn: Tensor, sta: Tensor | None, bias: bool,
+                                compiled: bool = True) -> tuple:
         """``(backend, routed)`` for a batch-1 inference call on ``x [1, C, H, W]``, decided once per input
         shape, memory format, dtype, device, thread count, autotune state, ``PADNET_FUSED``, geometry,
-        routing and whether there is a bias, and kept on the layer (a tuple comparison per call).
+        routing, whether there is a bias and whether the call may be compiled, and kept on the layer (a
+        tuple comparison per call).
 
         ``backend``: ``"weight"``, ``"fused"`` or ``"bmm"``
-        (:func:`~padnet.ops.backend_selection.resolve_single_sample_backend`). ``routed``: the compiled
-        one-call forward of that backend, ``(function, tail arguments)`` (:func:`~padnet.ops.fused.routed_call`),
-        where it can run and the layer routes the default way, else ``None``."""
+        (:func:`~padnet.ops.backend_selection.resolve_single_sample_backend`, its candidates timed the way
+        this layer will run them). ``routed``: the compiled one-call forward of that backend,
+        ``(function, tail arguments)`` (:func:`~padnet.ops.fused.routed_call`), where ``compiled``, it can
+        run and the layer routes the default way, else ``None``."""
+        cls = type(self)
+        # (a subclass that routes its own way keeps the Python path)
+        compiled = compiled and self.routing in ROUTINGS and all(type(v) is tuple for v in (self.stride,
+                                                                                             self.dilation)) \
+            and cls._route is _ConvGeometry._route and cls.temperature is _ConvGeometry.temperature
         state = (x.shape, x.is_contiguous(), x.dtype, x.device, torch.get_num_threads(), autotune.autotune_enabled(),
-                 autotune.generation(), fused_enabled(), self.padding, self.stride, self.dilation, self.routing, bias)
+                 autotune.generation(), fused_enabled(), self.padding, self.stride, self.dilation, self.routing, bias,
+                 compiled)
         hit = self.__dict__.get("_single_sample_choice")
         if hit is not None and hit[0] == state:
             return hit[1]
         pi = x.new_full((1, dyn.shape[0]), 1.0 / dyn.shape[0])  # timings do not depend on the routing values
         choice = resolve_single_sample_backend(x, pi, dyn, sta, self.stride, self.padding, self.dilation,
-                                               self.groups, bias=bias)
+                                               self.groups, bias=bias, compiled=compiled)
         routed = None
-        cls = type(self)
-        if self.routing in ROUTINGS and all(type(v) is tuple for v in (self.stride, self.dilation)) \
-                and cls._route is _ConvGeometry._route and cls.temperature is _ConvGeometry.temperature:
-            # (a subclass that routes its own way keeps the Python path)
+        if compiled:
             geom = conv_geometry(dyn.shape[-2:], self.stride, self.padding, self.dilation, self.groups)
             routed = routed_call(x, dyn, geom, choice, self.padding)
         self.__dict__["_single_sample_choice"] = (state, (choice, routed))
         return choice, routed
 
     def _single_sample_backend(self, x: Tensor, dyn: Tensor, sta: Tensor | None, bias: bool) -> str:
-        """The backend of :meth:`_single_sample_decision`."""
-        return self._single_sample_decision(x, dyn, sta, bias)[0]
+        """The backend of :meth:`_single_sample_decision` for a call that runs the Python path."""
+        return self._single_sample_decision(x, dyn, sta, bias, compiled=False)[0]
 
     def _single_sample_call(self, x: Tensor, dyn: Tensor, sta: Tensor | None, bias_dyn: Tensor | None,
                             bias_sta: Tensor | None) -> Tensor:

@@ -143,7 +143,8 @@ def resolve_backend(x: Tensor, pi: Tensor, dyn: Tensor, sta: Tensor | None, stri
 
 
 def resolve_single_sample_backend(x: Tensor, pi: Tensor, dyn: Tensor, sta: Tensor | None, stride, padding, dilation,
-                                  groups: int, geom: ConvGeometry | None = None, bias: bool = False) -> str:
+                                  groups: int, geom: ConvGeometry | None = None, bias: bool = False,
+                                  compiled: bool = False) -> str:
     """Backend of a batch-1 inference call (:func:`.dynamic_conv.single_sample_conv`).
 
     ``"weight"`` aggregates the sample's one kernel and runs one plain conv: the
@@ -156,11 +157,13 @@ def resolve_single_sample_backend(x: Tensor, pi: Tensor, dyn: Tensor, sta: Tenso
     (``bmm`` on an AMD Zen 3 from 128@16 up, the fused kernel at 512@4 on an
     Intel Xeon; docs/benchmarks.md).
 
-    Each candidate is timed as a layer's batch-1 call runs it: the compiled
-    one-call forward (:func:`.fused.routed_call`, with a stand-in router of the
-    same form) where it exists, else :func:`.dynamic_conv.single_sample_conv`;
-    with a bias when ``bias`` (the layer has one) and in ``x``'s memory format.
-    Both are part of the signature.
+    Each candidate is timed as the caller will run it: with ``compiled`` (a
+    layer whose batch-1 call runs compiled) through the compiled one-call
+    forward (:func:`.fused.routed_call`, with a stand-in router of the same
+    form) where the candidate has one, else through
+    :func:`.dynamic_conv.single_sample_conv` (the functional API); with a bias
+    when ``bias`` and in ``x``'s memory format. All three are part of the
+    signature.
     """
     if is_exporting() or not autotune.autotune_enabled():
         return "weight"
@@ -169,20 +172,20 @@ def resolve_single_sample_backend(x: Tensor, pi: Tensor, dyn: Tensor, sta: Tenso
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     key = ("single_sample", tuple(dyn.shape), sta is not None, tuple(x.shape), geom.stride, str(padding),
            geom.dilation, geom.groups, str(x.dtype), str(x.device), torch.get_num_threads(), fused_enabled(),
-           channels_last, bool(bias))
+           channels_last, bool(bias), bool(compiled))
     hit = _CHOICES.get(key)
     if hit is not None and hit[0] == (True, autotune.generation()):
         return hit[1]
     choice = "weight"
     if fused_applicable(x, pi, dyn, sta, groups, False):
         choice = _tuned(["weight", "fused", "bmm"], key,
-                        lambda: _single_sample_runner(x, pi, dyn, sta, geom, padding, bias), x.device)
+                        lambda: _single_sample_runner(x, pi, dyn, sta, geom, padding, bias, compiled), x.device)
     return _remember(key, True, choice)
 
 
-def _single_sample_runner(x, pi, dyn, sta, geom, padding, bias: bool):
+def _single_sample_runner(x, pi, dyn, sta, geom, padding, bias: bool, compiled: bool):
     """``run(name)``: one batch-1 inference call by ``"weight"`` (aggregate + plain conv), ``"fused"`` or
-    ``"bmm"``, the way a layer runs it (see :func:`resolve_single_sample_backend`)."""
+    ``"bmm"``, compiled or through the Python path (see :func:`resolve_single_sample_backend`)."""
     from .dynamic_conv import single_sample_conv  # (dynamic_conv imports this module)
 
     k = dyn.shape[0]
@@ -194,7 +197,7 @@ def _single_sample_runner(x, pi, dyn, sta, geom, padding, bias: bool):
 
     def run(name: str) -> None:
         with torch.no_grad():
-            routed = routed_call(x, dyn, geom, name, pad)
+            routed = routed_call(x, dyn, geom, name, pad) if compiled else None
             if routed is not None:
                 function, tail = routed
                 function(x, *router, dyn, sta, None, bias_sta, *tail)

@@ -120,12 +120,21 @@ def merge_split_outputs(ys: Tensor, yd: Tensor, order: Tensor) -> Tensor:
         batch, _, height, width = both.shape
         rows = both.permute(0, 2, 3, 1).reshape(-1, both.shape[1]).index_select(1, order)
         return rows.view(batch, height, width, order.shape[0]).permute(0, 3, 1, 2)
-    n_static = order.shape[0] - yd.shape[1]
-    positions = torch.argsort(order)  # column -> output channel, the static columns first
-    y = yd.new_empty((yd.shape[0], order.shape[0], *yd.shape[2:]))
-    y.index_copy_(1, positions[:n_static], ys if ys.shape[1] == n_static else ys[:, :n_static])
-    y.index_copy_(1, positions[n_static:], yd)
-    return y
+    return _interleave(ys, yd, order, 1)
+
+
+def _interleave(first: Tensor, second: Tensor, order: Tensor, dim: int) -> Tensor:
+    """``cat([first, second], dim).index_select(dim, order)`` written in one pass: each part copied once
+    into its slices of a fresh tensor (``first``'s slices beyond ``len(order) - second.shape[dim]`` are
+    padding that ``order`` skips)."""
+    n_first = order.shape[0] - second.shape[dim]
+    positions = torch.argsort(order)  # column -> position, the first part's columns first
+    shape = list(second.shape)
+    shape[dim] = order.shape[0]
+    out = second.new_empty(shape)
+    out.index_copy_(dim, positions[:n_first], first if first.shape[dim] == n_first else first.narrow(dim, 0, n_first))
+    out.index_copy_(dim, positions[n_first:], second)
+    return out
 
 
 def _split(x, pi, dyn_rows, sta_rows, order, stride, padding, dilation, backend) -> Tensor:
@@ -202,7 +211,7 @@ def channel_split_conv2d(
     if groups == 1 and x.shape[0] == 1 and not is_exporting():
         # one sample: assemble its whole kernel (static rows + mixed dynamic rows) and run one conv
         mixed = (pi @ dyn_rows.flatten(1)).view(dyn_rows.shape[1:])
-        weight = torch.cat([sta_rows, mixed], dim=0).index_select(0, order)
+        weight = _interleave(sta_rows, mixed, order, 0)  # one pass over the kernel
         return add_channel_bias(F.conv2d(x, weight, None, stride, padding, dilation), bias)
     if groups == 1:
         if channel_split_runs_dense(x, pi, dyn_rows, stride, padding, dilation, groups, backend, sta_rows, order):
