@@ -19,6 +19,9 @@ python benchmarks/fresh.py --runs 5 --name models_train_element -- python benchm
 # batch 1 against CondConv with many rounds: the gap is tens of microseconds per call
 $F --name conv_layers_b1_r300 -- python benchmarks/bench_conv_layers.py --threads 2 --repeats 300 --batches 1 \
     --modes fwd --variants condconv,dynamic $WAIT
+# the same with the compact channel-PAD layer beside them (channel PAD at batch 1 against fully dynamic)
+$F --name conv_layers_b1_r300_channel -- python benchmarks/bench_conv_layers.py --threads 2 --repeats 300 --batches 1 \
+    --modes fwd --variants condconv,dynamic,compact_channel $WAIT
 # ResNet-18 batch 1: the mixing GEMVs inside the model, alone, and the floor they set
 $F --name b1_floor -- python benchmarks/bench_b1_floor.py --threads 2 --repeats 15 $WAIT
 # the same with OpenMP's default wait policy (what users get; the suites above sleep waiting threads)
