@@ -143,6 +143,68 @@ def test_low_precision_close_to_float64(dtype):
     torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol * ref.abs().max().item())
 
 
+@pytest.mark.parametrize("batch", [1, 2])
+def test_channel_split_conv_under_cpu_bfloat16_autocast(batch):
+    """The functional channel split with the tiled GEMM (float32 out of its autograd function) beside a bf16
+    static conv: the one-pass merge promotes like ``cat``; values and gradients match float32."""
+    from padnet import ops
+
+    torch.manual_seed(0)
+    x = torch.randn(batch, 5, 6, 6, requires_grad=True)
+    pi = torch.softmax(torch.randn(batch, 2), -1)
+    dyn_rows = torch.randn(2, 3, 5, 3, 3, requires_grad=True)
+    sta_rows = torch.randn(6, 5, 3, 3, requires_grad=True)
+    order = torch.tensor([6, 0, 1, 7, 2, 3, 8, 4, 5])
+    leaves = (x, dyn_rows, sta_rows)
+    ref = ops.channel_split_conv2d(x, pi, dyn_rows, sta_rows, order, None, padding=1, backend="bmm")
+    g_ref = torch.autograd.grad(ref.sum(), leaves)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ops.channel_split_conv2d(x, pi, dyn_rows, sta_rows, order, None, padding=1, backend="bmm")
+    g = torch.autograd.grad(y.float().sum(), leaves)
+    torch.testing.assert_close(y.float(), ref, rtol=5e-2, atol=1e-1)
+    for a, b in zip(g, g_ref):
+        assert a.dtype == torch.float32
+        scale = b.abs().max().item()
+        torch.testing.assert_close(a / scale, b / scale, rtol=0, atol=6e-2)
+
+
+@pytest.mark.parametrize("compact", [False, True])
+@pytest.mark.parametrize("batch, backend", [(1, "auto"), (3, "bmm"), (3, "weight"), (3, "output")])
+def test_channel_layer_under_cpu_bfloat16_autocast(batch, backend, compact):
+    """A channel-structured layer (whole output channels static or dynamic) under ``torch.autocast("cpu",
+    bfloat16)``: the static and dynamic parts can come out in different dtypes (a bf16 conv beside a float32
+    GEMM); the merge promotes them as ``cat`` does. Forward with and without autograd, gradients in the
+    parameters' dtype and close to the float32 ones."""
+    from padnet.layers import CompactDynamicConv2d
+
+    torch.manual_seed(1)
+    layer = DynamicConv2d(6, 10, 3, padding=1, num_kernels=3, backend=backend)
+    rows = torch.zeros(10)
+    rows[torch.randperm(10)[:3]] = 1
+    layer.set_mode_mask("weight", rows.view(-1, 1, 1, 1).expand(layer.mode_mask.shape).clone())
+    model = CompactDynamicConv2d(layer) if compact else layer
+    x = torch.randn(batch, 6, 7, 7)
+    model(x).sum().backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(x)
+        y.float().sum().backward()
+        with torch.no_grad():
+            y_eval = model.eval()(x)
+    model.train()
+    with torch.no_grad():
+        expected = model(x)
+    for out in (y, y_eval):
+        torch.testing.assert_close(out.float(), expected, rtol=5e-2, atol=5e-2)
+    got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert got.keys() == ref.keys()
+    for name, grad in got.items():
+        assert grad.dtype == torch.float32, name
+        scale = ref[name].abs().max().item() + 1e-6
+        torch.testing.assert_close(grad / scale, ref[name] / scale, rtol=0, atol=6e-2, msg=name)
+
+
 @pytest.mark.parametrize("batch", [1, 6])  # batch 1: MaskedAggregate; 6: the tiled masked GEMM (cost rule)
 @pytest.mark.parametrize("backward_inside", [False, True])
 @pytest.mark.parametrize("routing", ["softmax", "sigmoid"])

@@ -239,10 +239,13 @@ class _ConvGeometry:
         ``(function, tail arguments)`` (:func:`~padnet.ops.fused.routed_call`), where ``compiled``, it can
         run and the layer routes the default way, else ``None``."""
         cls = type(self)
-        # (a subclass that routes its own way keeps the Python path)
+        # (a subclass that routes its own way, or a router other than a plain KernelAttention, keeps the
+        # Python path; per-call conditions -- hooks, tensor subclasses, torch-function modes -- are not known
+        # here, and such calls run the Python path with the decision made for the compiled one)
         compiled = compiled and self.routing in ROUTINGS and all(type(v) is tuple for v in (self.stride,
                                                                                              self.dilation)) \
-            and cls._route is _ConvGeometry._route and cls.temperature is _ConvGeometry.temperature
+            and cls._route is _ConvGeometry._route and cls.temperature is _ConvGeometry.temperature \
+            and type(self._modules.get("attention")) is KernelAttention
         state = (x.shape, x.is_contiguous(), x.dtype, x.device, torch.get_num_threads(), autotune.autotune_enabled(),
                  autotune.generation(), fused_enabled(), self.padding, self.stride, self.dilation, self.routing, bias,
                  compiled)

@@ -118,7 +118,8 @@ def resolve_backend(x: Tensor, pi: Tensor, dyn: Tensor, sta: Tensor | None, stri
         ho, wo = geom.out_hw(x.shape[-2:])
         return select_backend("auto", 2, dyn.shape[1], groups, out_pixels=ho * wo, exporting=True)
     key = (tuple(dyn.shape), sta is not None, tuple(x.shape), geom.stride, str(padding), geom.dilation, geom.groups,
-           str(x.dtype), str(x.device), torch.get_num_threads(), fused_enabled(), grad, torch.is_grad_enabled())
+           str(x.dtype), str(x.device), torch.get_num_threads(), fused_enabled(), grad, torch.is_grad_enabled(),
+           *library_key())  # (the rule's choice depends on whether the library is loaded)
     tuning = autotune.autotune_enabled()
     hit = _CHOICES.get(key)
     if hit is not None and hit[0] == (tuning, autotune.generation()):
@@ -159,8 +160,8 @@ def resolve_single_sample_backend(x: Tensor, pi: Tensor, dyn: Tensor, sta: Tenso
 
     Each candidate is timed as the caller will run it: with ``compiled`` (a
     layer whose batch-1 call runs compiled) through the compiled one-call
-    forward (:func:`.fused.routed_call`, with a stand-in router of the same
-    form) where the candidate has one, else through
+    forward (:func:`.fused.routed_call`, with a small stand-in router of the
+    default form) where the candidate has one, else through
     :func:`.dynamic_conv.single_sample_conv` (the functional API); with a bias
     when ``bias`` and in ``x``'s memory format. All three are part of the
     signature.
@@ -190,14 +191,16 @@ def _single_sample_runner(x, pi, dyn, sta, geom, padding, bias: bool, compiled: 
 
     k = dyn.shape[0]
     bias_sta = x.new_zeros(dyn.shape[1]) if bias else None
-    # a router of the default form (pool -> Linear -> ReLU -> Linear -> softmax), one hidden unit: the same
-    # ops per call as a layer's, for every candidate
+    # a stand-in router of the default form (pool -> Linear -> ReLU -> Linear -> softmax; one hidden unit, no
+    # norm): the same routing ops for every candidate, about a layer's
     router = (x.new_zeros(1, x.shape[1]), None, None, None, None, None, 0.0, x.new_zeros(k, 1), None, 1.0, False)
     pad = padding if isinstance(padding, str) else tuple(_pair(padding))  # (the layers keep a tuple)
+    # looked up once, as a layer keeps its decision's compiled call
+    calls = {name: routed_call(x, dyn, geom, name, pad) if compiled else None for name in ("weight", "fused", "bmm")}
 
     def run(name: str) -> None:
         with torch.no_grad():
-            routed = routed_call(x, dyn, geom, name, pad) if compiled else None
+            routed = calls.get(name)
             if routed is not None:
                 function, tail = routed
                 function(x, *router, dyn, sta, None, bias_sta, *tail)

@@ -98,8 +98,9 @@ def merge_split_outputs(ys: Tensor, yd: Tensor, order: Tensor) -> Tensor:
         order: long ``[O]``; output channel ``o`` is column ``order[o]`` of
             ``cat([ys, yd], dim=1)``.
     Returns:
-        ``[B, O, H, W]``, channels_last if both parts are (as the convs return
-        them for a channels_last input).
+        ``[B, O, H, W]`` in the parts' promoted dtype; channels_last where both
+        parts are channels_last and not also NCHW-contiguous (as the convs
+        return them for a channels_last input), else NCHW.
 
     One pass over the output where it can be: for NCHW parts each part is
     copied once into its channels of a fresh output (``index_copy_``: 0.4-0.7x
@@ -131,9 +132,12 @@ def _interleave(first: Tensor, second: Tensor, order: Tensor, dim: int) -> Tenso
     positions = torch.argsort(order)  # column -> position, the first part's columns first
     shape = list(second.shape)
     shape[dim] = order.shape[0]
-    out = second.new_empty(shape)
-    out.index_copy_(dim, positions[:n_first], first if first.shape[dim] == n_first else first.narrow(dim, 0, n_first))
-    out.index_copy_(dim, positions[n_first:], second)
+    # the parts' dtypes differ under autocast (a bf16 conv beside a float32 one): promote, as cat does
+    dtype = torch.promote_types(first.dtype, second.dtype)
+    out = second.new_empty(shape, dtype=dtype)
+    first = first if first.shape[dim] == n_first else first.narrow(dim, 0, n_first)
+    out.index_copy_(dim, positions[:n_first], first.to(dtype))
+    out.index_copy_(dim, positions[n_first:], second.to(dtype))
     return out
 
 

@@ -177,7 +177,7 @@ def masked_dynamic_conv2d(
         y = F.conv2d(x.reshape(1, b * c, h, w), kernels.reshape(b * dynamic.shape[1], *dynamic.shape[2:]), None,
                      geom.stride, padding, geom.dilation, b * groups)
         y = y.reshape(b, dynamic.shape[1], *y.shape[-2:])
-    else:
+    else:  # "bmm", and "fused" (an inference choice: here the masks fold tile by tile in the masked GEMM)
         y = MaskedWeightSpaceBMM.apply(x, coeffs, dynamic, static, mask, lambda_s, lambda_d, geom, folded)
     bias = mix_bias(pi, bias_dyn, bias_sta)
     if bias is not None:
