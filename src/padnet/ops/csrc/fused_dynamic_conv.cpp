@@ -28,6 +28,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -959,6 +960,31 @@ c10::optional<torch::Tensor> mix_one_bias(const torch::Tensor& pi, const c10::op
   return bias_sta;
 }
 
+// The checks of the routed im2col calls (one sample; dyn [K, O, C, kh, kw] for groups 1; an input at least the
+// dilated kernel) -> the output size (Ho, Wo)
+std::pair<int64_t, int64_t> one_sample_out_hw(const char* what, const torch::Tensor& x, const torch::Tensor& dyn,
+                                              int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t pt, int64_t pb,
+                                              int64_t pl, int64_t pr, int64_t dh, int64_t dw) {
+  TORCH_CHECK(x.dim() == 4 && x.size(0) == 1, "routed single-sample conv: expected one sample [1, C, H, W]");
+  TORCH_CHECK(dyn.dim() == 5 && dyn.size(2) == x.size(1) && dyn.size(3) == kh && dyn.size(4) == kw, what,
+              ": dyn must be [K, O, C, kh, kw] (groups 1)");
+  const int64_t H = x.size(2), W = x.size(3);
+  TORCH_CHECK(H + pt + pb >= dh * (kh - 1) + 1 && W + pl + pr >= dw * (kw - 1) + 1, what,
+              ": input smaller than the kernel");
+  return {(H + pt + pb - dh * (kh - 1) - 1) / sh + 1, (W + pl + pr - dw * (kw - 1) - 1) / sw + 1};
+}
+
+// y [1, O, Ho, Wo] plus the sample's bias, channels_last for a channels_last input (as F.conv2d returns it)
+torch::Tensor finish_one_sample(torch::Tensor y, const torch::Tensor& x, const torch::Tensor& pi,
+                                const c10::optional<torch::Tensor>& bias_dyn,
+                                const c10::optional<torch::Tensor>& bias_sta) {
+  auto bias = mix_one_bias(pi, bias_dyn, bias_sta);
+  if (bias.has_value()) y = y + bias->view({-1, 1, 1});
+  if (x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous())
+    y = y.contiguous(at::MemoryFormat::ChannelsLast);
+  return y;
+}
+
 }  // namespace
 
 // The whole batch-1 inference call of a dynamic conv layer in one call from Python (padnet.ops.fused.
@@ -998,26 +1024,17 @@ torch::Tensor routed_fused_single_sample_conv(
     c10::optional<torch::Tensor> bias_sta, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t pt, int64_t pb,
     int64_t pl, int64_t pr, int64_t dh, int64_t dw, bool pointwise, int64_t OT, int64_t SB, int64_t CC,
     int64_t max_buffer_bytes) {
-  TORCH_CHECK(x.dim() == 4 && x.size(0) == 1, "routed single-sample conv: expected one sample [1, C, H, W]");
-  TORCH_CHECK(dyn.dim() == 5 && dyn.size(2) == x.size(1) && dyn.size(3) == kh && dyn.size(4) == kw,
-              "routed_fused_single_sample_conv: dyn must be [K, O, C, kh, kw] (groups 1)");
+  const auto [Ho, Wo] = one_sample_out_hw("routed_fused_single_sample_conv", x, dyn, kh, kw, sh, sw, pt, pb, pl, pr,
+                                          dh, dw);
   auto pi = route_one(x, fc1_weight, fc1_bias, norm_weight, norm_bias, norm_mean, norm_var, norm_eps, fc2_weight,
                       fc2_bias, temperature, sigmoid);
-  const int64_t C = x.size(1), H = x.size(2), W = x.size(3);
-  TORCH_CHECK(H + pt + pb >= dh * (kh - 1) + 1 && W + pl + pr >= dw * (kw - 1) + 1,
-              "routed_fused_single_sample_conv: input smaller than the kernel");
-  const int64_t Ho = (H + pt + pb - dh * (kh - 1) - 1) / sh + 1, Wo = (W + pl + pr - dw * (kw - 1) - 1) / sw + 1;
   torch::Tensor cols = one_sample_cols(x, kh, kw, sh, sw, pt, pb, pl, pr, dh, dw, Ho, Wo, pointwise, max_buffer_bytes);
   const int64_t K = dyn.size(0), O = dyn.size(1);
   c10::optional<torch::Tensor> sta_rows;
   if (sta.has_value()) sta_rows = sta->reshape({O, -1});
   auto y = fused_dynamic_conv(cols, pi.contiguous(), dyn.reshape({K, O, -1}), sta_rows, OT, SB, CC)
                .view({1, O, Ho, Wo});
-  auto bias = mix_one_bias(pi, bias_dyn, bias_sta);
-  if (bias.has_value()) y = y + bias->view({-1, 1, 1});
-  if (x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous())
-    y = y.contiguous(at::MemoryFormat::ChannelsLast);
-  return y;
+  return finish_one_sample(y, x, pi, bias_dyn, bias_sta);
 }
 
 // The same call where the batch-1 choice is the per-sample GEMM ("bmm"; groups 1, float32/float64, CPU): the
@@ -1034,18 +1051,13 @@ torch::Tensor routed_bmm_single_sample_conv(
     torch::Tensor dyn, c10::optional<torch::Tensor> sta, c10::optional<torch::Tensor> bias_dyn,
     c10::optional<torch::Tensor> bias_sta, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t pt, int64_t pb,
     int64_t pl, int64_t pr, int64_t dh, int64_t dw, bool pointwise, bool compiled_mix, int64_t max_buffer_bytes) {
-  TORCH_CHECK(x.dim() == 4 && x.size(0) == 1, "routed single-sample conv: expected one sample [1, C, H, W]");
-  TORCH_CHECK(dyn.dim() == 5 && dyn.size(2) == x.size(1) && dyn.size(3) == kh && dyn.size(4) == kw,
-              "routed_bmm_single_sample_conv: dyn must be [K, O, C, kh, kw] (groups 1)");
+  const auto [Ho, Wo] = one_sample_out_hw("routed_bmm_single_sample_conv", x, dyn, kh, kw, sh, sw, pt, pb, pl, pr,
+                                          dh, dw);
   TORCH_CHECK(!sta.has_value() || sta->numel() == dyn[0].numel(),
               "routed_bmm_single_sample_conv: sta must be [O, C, kh, kw]");
   auto pi = route_one(x, fc1_weight, fc1_bias, norm_weight, norm_bias, norm_mean, norm_var, norm_eps, fc2_weight,
                       fc2_bias, temperature, sigmoid);
-  const int64_t C = x.size(1), H = x.size(2), W = x.size(3);
-  TORCH_CHECK(H + pt + pb >= dh * (kh - 1) + 1 && W + pl + pr >= dw * (kw - 1) + 1,
-              "routed_bmm_single_sample_conv: input smaller than the kernel");
-  const int64_t Ho = (H + pt + pb - dh * (kh - 1) - 1) / sh + 1, Wo = (W + pl + pr - dw * (kw - 1) - 1) / sw + 1;
-  const int64_t K = dyn.size(0), O = dyn.size(1), CK = C * kh * kw;
+  const int64_t K = dyn.size(0), O = dyn.size(1), CK = x.size(1) * kh * kw;
   auto cols = one_sample_cols(x, kh, kw, sh, sw, pt, pb, pl, pr, dh, dw, Ho, Wo, pointwise, max_buffer_bytes);
   auto flat = dyn.reshape({K, O * CK});
   auto mix_pi = pi.to(dyn.scalar_type());
@@ -1060,12 +1072,7 @@ torch::Tensor routed_bmm_single_sample_conv(
   auto out = torch::empty({1, O, Ho, Wo}, x.options());
   auto out_rows = out.view({1, O, Ho * Wo});
   at::bmm_out(out_rows, w.view({1, O, CK}), cols);
-  torch::Tensor y = out;
-  auto bias = mix_one_bias(pi, bias_dyn, bias_sta);
-  if (bias.has_value()) y = y + bias->view({-1, 1, 1});
-  if (x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous())
-    y = y.contiguous(at::MemoryFormat::ChannelsLast);
-  return y;
+  return finish_one_sample(out, x, pi, bias_dyn, bias_sta);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
