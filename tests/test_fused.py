@@ -399,6 +399,27 @@ def test_rule_without_tuning_runs_thin_inference_layers_on_the_kernel(kernel, mo
         assert backend_selection.resolve_backend(x, pi, dyn.detach(), None, 1, 1, 1, 1) == "bmm"
 
 
+def test_the_library_becoming_available_makes_kept_decisions_again(kernel, monkeypatch):
+    """Choices kept while the library was absent (the rule's "bmm" for a thin layer, with tuning off) are made
+    again once it loads: loading bumps the autotune generation, and the rule then picks the fused kernel."""
+    monkeypatch.setenv("PADNET_AUTOTUNE", "0")
+    monkeypatch.setenv("PADNET_FUSED", "auto")
+    autotune.set_autotune(None)
+    backend_selection.clear_choices()
+    x, pi, dyn = torch.randn(3, 6, 4, 4), torch.softmax(torch.randn(3, 2), -1), torch.randn(2, 8, 6, 3, 3)
+    monkeypatch.setattr(fused, "_MODULE", None)
+    monkeypatch.setattr(fused, "_ABSENT_AT", None)
+    monkeypatch.setattr(fused, "_import_prebuilt", lambda: None)  # not built yet
+    with torch.no_grad():
+        assert backend_selection.resolve_backend(x, pi, dyn, None, 1, 1, 1, 1) == "bmm"
+    monkeypatch.setattr(fused, "_ABSENT_AT", None)
+    monkeypatch.setattr(fused, "_import_prebuilt", lambda: kernel)  # built now (e.g. by another process)
+    before = autotune.generation()
+    assert fused.load_fused() is kernel and autotune.generation() > before
+    with torch.no_grad():
+        assert backend_selection.resolve_backend(x, pi, dyn, None, 1, 1, 1, 1) == "fused"
+
+
 def test_without_the_kernel_the_pure_pytorch_backends_serve(tuning, monkeypatch):
     monkeypatch.setattr(fused, "_MODULE", None)
     monkeypatch.setattr(fused, "_FAILED", None)

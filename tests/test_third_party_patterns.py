@@ -398,13 +398,15 @@ def test_onnx_and_torch_export(name, tmp_path):
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("choice", ["fused", "bmm"])
 @pytest.mark.parametrize("granularity", ["element", "channel"])
 @pytest.mark.parametrize("name", [_case(n) for n in MODELS])
-def test_inference_with_the_fused_kernel_and_tuned_choices(name, granularity, monkeypatch, tmp_path):
-    """With the compiled kernels on and the tuner choosing them wherever they are candidates (batch 1 and
-    batched, PAD and compact, element and channel masks), the outputs equal the pure-PyTorch rule's around
-    in-place activations, fused norm+act, SE blocks and depthwise convs. (These layers have too few static
-    rows for the padded plain conv of a channel split: tests/test_backends.py covers that.)"""
+def test_inference_with_the_fused_kernel_and_tuned_choices(name, granularity, choice, monkeypatch, tmp_path):
+    """With the compiled kernels on and the tuner choosing ``choice`` (the fused kernel, or the tiled GEMM
+    with its compiled batch-1 call) wherever it is a candidate (batch 1 and batched, PAD and compact, element
+    and channel masks), the outputs equal the pure-PyTorch rule's around in-place activations, fused
+    norm+act, SE blocks and depthwise convs. (These layers have too few static rows for the padded plain
+    conv of a channel split: tests/test_backends.py covers that.)"""
     from padnet.ops import autotune, backend_selection, fused
 
     model = _pad_model(name)
@@ -423,7 +425,7 @@ def test_inference_with_the_fused_kernel_and_tuned_choices(name, granularity, mo
     autotune.clear_autotune_cache()
     backend_selection.clear_choices()
     monkeypatch.setattr(autotune, "tune", lambda key, candidates, run, device, budget_s=None:
-                        "fused" if "fused" in candidates else candidates[0])
+                        choice if choice in candidates else candidates[0])
     calls = []
     real = fused.fused_dynamic_conv2d
     monkeypatch.setattr(fused, "fused_dynamic_conv2d", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -445,6 +447,6 @@ def test_inference_with_the_fused_kernel_and_tuned_choices(name, granularity, mo
     finally:
         autotune.clear_autotune_cache()
         backend_selection.clear_choices()
-    assert calls, "the fused kernel never ran"
+    assert bool(calls) == (choice == "fused"), "the fused kernel ran where it was not chosen, or never"
     if granularity == "element":  # (channel plans run their batch-1 split in Python: docs/benchmarks.md)
         assert compiled, "the compiled batch-1 call never ran"

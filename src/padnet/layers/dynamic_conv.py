@@ -238,20 +238,20 @@ class _ConvGeometry:
         this layer will run them). ``routed``: the compiled one-call forward of that backend,
         ``(function, tail arguments)`` (:func:`~padnet.ops.fused.routed_call`), where ``compiled``, it can
         run and the layer routes the default way, else ``None``."""
-        cls = type(self)
-        # (a subclass that routes its own way, or a router other than a plain KernelAttention, keeps the
-        # Python path; per-call conditions -- hooks, tensor subclasses, torch-function modes -- are not known
-        # here, and such calls run the Python path with the decision made for the compiled one)
-        compiled = compiled and self.routing in ROUTINGS and all(type(v) is tuple for v in (self.stride,
-                                                                                             self.dilation)) \
-            and cls._route is _ConvGeometry._route and cls.temperature is _ConvGeometry.temperature \
-            and type(self._modules.get("attention")) is KernelAttention
         state = (x.shape, x.is_contiguous(), x.dtype, x.device, torch.get_num_threads(), autotune.autotune_enabled(),
                  autotune.generation(), fused_enabled(), self.padding, self.stride, self.dilation, self.routing, bias,
                  compiled)
         hit = self.__dict__.get("_single_sample_choice")
         if hit is not None and hit[0] == state:
             return hit[1]
+        cls = type(self)
+        # (a subclass that routes its own way, or a router other than a plain KernelAttention, keeps the
+        # Python path; per-call conditions -- hooks, tensor subclasses, torch-function modes -- are checked by
+        # the call, which then runs the Python path with the decision made for the compiled one)
+        compiled = compiled and self.routing in ROUTINGS and all(type(v) is tuple for v in (self.stride,
+                                                                                             self.dilation)) \
+            and cls._route is _ConvGeometry._route and cls.temperature is _ConvGeometry.temperature \
+            and type(self._modules.get("attention")) is KernelAttention
         pi = x.new_full((1, dyn.shape[0]), 1.0 / dyn.shape[0])  # timings do not depend on the routing values
         choice = resolve_single_sample_backend(x, pi, dyn, sta, self.stride, self.padding, self.dilation,
                                                self.groups, bias=bias, compiled=compiled)

@@ -72,6 +72,13 @@ def generation() -> int:
     return _GENERATION
 
 
+def forget_decisions() -> None:
+    """Bump :func:`generation`: every decision kept from it (the backends' memo, the layers' batch-1
+    choices) is made again on its next use -- e.g. once the compiled kernel library becomes available."""
+    global _GENERATION
+    _GENERATION += 1
+
+
 def _budget_from_env() -> float:
     raw = os.environ.get("PADNET_AUTOTUNE_BUDGET_S", "0.5")
     try:
@@ -398,6 +405,7 @@ __all__ = [
     "cpu_features",
     "cpu_model",
     "fingerprint",
+    "forget_decisions",
     "generation",
     "lookup",
     "record",

@@ -118,8 +118,8 @@ def resolve_backend(x: Tensor, pi: Tensor, dyn: Tensor, sta: Tensor | None, stri
         ho, wo = geom.out_hw(x.shape[-2:])
         return select_backend("auto", 2, dyn.shape[1], groups, out_pixels=ho * wo, exporting=True)
     key = (tuple(dyn.shape), sta is not None, tuple(x.shape), geom.stride, str(padding), geom.dilation, geom.groups,
-           str(x.dtype), str(x.device), torch.get_num_threads(), fused_enabled(), grad, torch.is_grad_enabled(),
-           *library_key())  # (the rule's choice depends on whether the library is loaded)
+           str(x.dtype), str(x.device), torch.get_num_threads(), fused_enabled(), grad, torch.is_grad_enabled())
+    # (the library loading later bumps the generation: the rule's choice depends on it)
     tuning = autotune.autotune_enabled()
     hit = _CHOICES.get(key)
     if hit is not None and hit[0] == (tuning, autotune.generation()):

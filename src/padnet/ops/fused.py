@@ -60,7 +60,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from .autotune import cache_dir, cpu_features, cpu_model
+from .autotune import cache_dir, cpu_features, cpu_model, forget_decisions
 from .geometry import ConvGeometry
 from .im2col import im2col_workspace
 from .workspace import WORKSPACE_LIMIT
@@ -190,6 +190,8 @@ def load_fused(verbose: bool = False) -> ModuleType | None:
         _MODULE = _import_prebuilt() if mode == "auto" else build_fused(verbose)
         if _MODULE is None:
             _ABSENT_AT = where
+        else:
+            forget_decisions()  # the rule and the candidates change with the library: decide again
     except Exception as exc:  # no compiler / ninja / headers, or a damaged library: the PyTorch backends serve
         _FAILED = f"{type(exc).__name__}: {exc}"
         warnings.warn(f"padnet: the fused dynamic-conv kernel could not be "
@@ -215,8 +217,9 @@ def routed_call(x: Tensor, dyn: Tensor, geom: ConvGeometry, backend: str, paddin
     ``function(x, fc1_weight, fc1_bias, norm_weight, norm_bias, norm_mean, norm_var, norm_eps, fc2_weight,
     fc2_bias, temperature, sigmoid, dyn, sta, bias_dyn, bias_sta, *tail) -> [1, O, H', W']`` runs the
     default router, the routing weights and the conv (one plain conv on the sample's mixed kernel, the
-    fused kernel, which never writes it, or one GEMM on it) with the sample's bias, as the same ATen ops and kernels the
-    Python path runs (the same result to the bit), without the interpreter's work between them:
+    fused kernel, which never writes it, or one GEMM on it) with the sample's bias, as the same ATen ops
+    and kernels the Python path runs (the same result to the bit), without the interpreter's work between
+    them:
 
     - ``backend="weight"``: ``routed_single_sample_conv``, one plain conv on the mixed kernel; ``tail`` is
       ``(stride, padding, dilation, groups)`` (``padding`` numbers, not a string);
