@@ -110,21 +110,38 @@ def test_bad_tile_shapes_are_refused(kernel, tiles):
         fused.fused_dynamic_conv2d(x, pi, dyn, None, ConvGeometry((3, 3), 1, 1, 1, 1), 1, tiles=tiles)
 
 
-def test_tile_rule_balances_the_threads_and_fits_the_l2_cache(monkeypatch):
+@pytest.mark.parametrize("block", [4, 6])
+def test_tile_rule_balances_the_threads_and_fits_the_l2_cache(monkeypatch, block):
     monkeypatch.setattr(fused, "_L2_BYTES", 2 << 20)  # the rule's inputs, not this machine's cache (512 KiB on Zen 3)
-    assert fused.fused_tiles(512, 4608, 16, 32, 4, threads=2) == (76, 8, 128)  # 7 tiles (6 x 76 + 56), 4 groups
+    monkeypatch.setattr(fused, "register_block_rows", lambda pixels, itemsize: block)  # the library's, per CPU
+    if block == 4:
+        assert fused.fused_tiles(512, 4608, 16, 32, 4, threads=2) == (76, 8, 128)  # 7 tiles (6 x 76 + 56), 4 groups
+        assert fused.fused_tiles(154, 4608, 16, 32, 4, threads=2) == (80, 8, 128)  # two tiles: 80 + 74
+    else:
+        assert fused.fused_tiles(512, 4608, 16, 32, 4, threads=2) == (78, 8, 128)  # 7 tiles (6 x 78 + 44)
+        assert fused.fused_tiles(154, 4608, 16, 32, 4, threads=2) == (78, 8, 128)  # two tiles: 78 + 76
     assert fused.fused_tiles(77, 2304, 64, 32, 4, threads=2) == (77, 8, 128)  # one tile, not 64 + 13
-    assert fused.fused_tiles(154, 4608, 16, 32, 4, threads=2) == (80, 8, 128)  # two tiles: 80 + 74
-    assert fused.fused_tiles(240, 1000, 49, 1, 4, threads=2) == (60, 1, 128)  # batch 1: 3 tiles -> 4 for 2 threads
+    # batch 1, many pixels: 3 tiles -> 4 for 2 threads; few pixels (deep layers): two register blocks high
+    assert fused.fused_tiles(240, 1000, 100, 1, 4, threads=2) == (60, 1, 128)
+    assert fused.fused_tiles(240, 1000, 49, 1, 4, threads=2) == (2 * block, 1, 256)
     assert fused.fused_tiles(20, 180, 64, 3, 4, threads=1) == (20, 3, 128)  # never more rows / samples than exist
     monkeypatch.setattr(fused, "_L2_BYTES", 256 << 10)  # a small L2: the chunk halves
-    assert fused.fused_tiles(512, 4608, 16, 32, 4, threads=2) == (76, 8, 64)
+    assert fused.fused_tiles(512, 4608, 16, 32, 4, threads=2) == ((76, 8, 64) if block == 4 else (78, 8, 64))
     assert fused.l2_cache_bytes() == 256 << 10
     for out_channels in range(1, 200):  # every tile shape covers the rows with tiles of (nearly) equal height
         rows, samples, _ = fused.fused_tiles(out_channels, 90, 16, 32, 4, threads=2)
         tiles = -(-out_channels // rows)
-        assert 1 <= rows <= max(out_channels, 4) and samples == 8
-        assert out_channels - (tiles - 1) * rows > 0 and rows - (out_channels - (tiles - 1) * rows) < rows // 2 + 4
+        assert 1 <= rows <= max(out_channels, block) and samples == 8
+        assert rows == out_channels or rows % block == 0  # whole register blocks
+        assert out_channels - (tiles - 1) * rows > 0 and rows - (out_channels - (tiles - 1) * rows) < rows // 2 + block
+
+
+def test_register_block_rows_come_from_the_library(kernel):
+    """The tile rule rounds to the height of the GEMM's register block, which the compiled library
+    reports for its vector width (6 or 8 rows for two or more vectors of pixels, more for one)."""
+    wide = fused.register_block_rows(64, 4)
+    assert wide in (4, 6, 8) and kernel.register_block_rows(64, 4) == wide
+    assert fused.register_block_rows(1, 4) in (8, 16)  # a single vector of pixels: taller blocks
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

@@ -281,6 +281,16 @@ _L2_BYTES: int | None = None
 CHUNKS = (64, 128, 256)  # the column chunks the kernel is compiled for
 
 
+def register_block_rows(pixels: int, itemsize: int) -> int:
+    """Height of the fused kernel's GEMM register block for ``pixels`` output pixels per sample (the
+    compiled library decides it from its vector width: 6 with AVX2 for two or more vectors of pixels, 8 with
+    AVX-512, more for a single vector); 4 where the library is not loaded."""
+    module = load_fused()
+    if module is None or not hasattr(module, "register_block_rows"):
+        return 4
+    return int(module.register_block_rows(pixels, itemsize))
+
+
 def fused_tiles(out_channels: int, columns: int, pixels: int, batch: int, itemsize: int,
                 threads: int | None = None) -> tuple[int, int, int]:
     """``(rows, samples, chunk)`` work-item shape of the fused kernel for one conv.
@@ -292,26 +302,39 @@ def fused_tiles(out_channels: int, columns: int, pixels: int, batch: int, itemsi
     serves every row of the tile). Tiles of up to 80 rows and groups of 8
     samples measured within 10-15 % of the best fixed tile shape at the
     ResNet-18 shapes, batch 32, on the machine of docs/benchmarks.md (Intel
-    Xeon, 2 MiB L2; ``benchmarks/bench_fused_tiles.py``).
-    The tiles are made equal in height (a multiple of 4 rows, the register
-    blocks' height), and few work items (tiles x sample groups) a multiple of
-    ``threads`` (default: torch's intra-op thread count), because the threads
-    take contiguous runs of items: 77 rows are one tile, 154 two (80 + 74),
-    never 64 + 13. The chunk is 128 columns, or 64 if the item's mixed rows
-    (``samples x rows x chunk``) would not fit in half the L2 cache
-    (:func:`l2_cache_bytes`). The autotuner times the result against the other
-    backends, so a poor fit on another CPU costs speed, never correctness.
+    Xeon, 2 MiB L2; ``benchmarks/bench_fused_tiles.py``). At batch 1 with few
+    pixels (<= 64: the deep layers, where the K kernels' stream dominates) a
+    tile is two register blocks high and the chunk 256 columns instead: each
+    item then streams few kernel rows at a time in long runs, and the threads
+    share many small items (on the Zen 3 machine, weights cold in cache, the
+    kernel alone: 1.43x and 1.94x the static conv at 256@8 and 512@4 against
+    1.88x and 2.85x with the batch rule's 64 rows and 128 columns; scratch
+    timings).
+    The tiles are made equal in height (a multiple of the register block's
+    height, :func:`register_block_rows`), and few work items (tiles x sample
+    groups) a multiple of ``threads`` (default: torch's intra-op thread
+    count), because the threads take contiguous runs of items: 77 rows are
+    one tile, 154 two, never 64 + 13. The chunk is 128 columns, or 64 if the
+    item's mixed rows (``samples x rows x chunk``) would not fit in half the
+    L2 cache (:func:`l2_cache_bytes`). The autotuner times the result against
+    the other backends, so a poor fit on another CPU costs speed, never
+    correctness.
     """
     l2 = l2_cache_bytes()
-    rows, samples = 80, max(1, min(8, batch))
+    block = register_block_rows(pixels, itemsize)
+    samples = max(1, min(8, batch))
+    few_pixels_at_batch_1 = batch == 1 and pixels <= 64
+    rows = 2 * block if few_pixels_at_batch_1 else 80
     tiles = -(-out_channels // rows)
     chunks = -(-batch // samples)
     threads = torch.get_num_threads() if threads is None else threads
     while (tiles * chunks) % threads and tiles * chunks < 8 * threads and tiles < out_channels:
         tiles += 1  # (3 items on 2 threads would leave one thread idle a third of the time)
     per_tile = -(-out_channels // tiles)
-    rows = min(out_channels, -(-per_tile // 4) * 4)
+    rows = min(out_channels, -(-per_tile // block) * block)
     line = 64 // itemsize
+    if few_pixels_at_batch_1 and rows * (256 + line) * itemsize <= l2 // 2:
+        return rows, samples, 256  # long runs of each kernel row, fewer passes over the accumulators
     chunk = 128 if samples * rows * (128 + line) * itemsize <= l2 // 2 else 64
     return rows, samples, chunk
 
@@ -342,7 +365,8 @@ def fused_dynamic_conv2d(x: Tensor, pi: Tensor, dyn: Tensor, sta: Tensor | None,
 
 
 __all__ = ["CHUNKS", "build_directory", "build_fused", "fused_applicable", "fused_dynamic_conv2d",
-           "fused_enabled", "fused_mode", "fused_tiles", "kernel_tag", "l2_cache_bytes", "library_key", "library_path", "load_fused"]
+           "fused_enabled", "fused_mode", "fused_tiles", "kernel_tag", "l2_cache_bytes", "library_key", "library_path", "load_fused",
+           "register_block_rows"]
 
 
 if __name__ == "__main__":  # the older spelling of the build command (it warns: this module is imported twice)

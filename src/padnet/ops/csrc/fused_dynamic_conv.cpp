@@ -194,14 +194,26 @@ PADNET_NO_AUTOVEC void tail_blocks(const T* w, const T* cols_b, T* y_b, int64_t 
   if constexpr (RB > 1) tail_blocks<T, RB / 2, ldw>(w, cols_b, y_b, CK, L, o0, r, ot, keep, accumulate);
 }
 
+// register blocks (AVX-512 has 32 vector registers, AVX/SSE 16: no spills in either):
+// few pixels (deep layers): 16 (8) rows x 1 vector; wide outputs with AVX-512: 4 rows x 4 vectors
+// (8 loads per 16 FMAs); otherwise 8 (6) rows x 2 vectors. With AVX2, 6 x 2 (12 accumulators, 8 loads per
+// 12 FMAs) replaced 4 x 2, for which GCC folded the pixel loads into the FMAs (12 loads per 8 FMAs): the
+// kernel with K = 1 at 256@8, batch 1, one thread, went from 2.42 to 1.52-1.68 ms against 1.10-1.32 ms for
+// MKL's GEMM on the same operands (Zen 3, scratch timing).
+constexpr int RB1 = VBYTES == 64 ? 16 : 8, RB2 = VBYTES == 64 ? 8 : 6;
+
+// the height of the register block the GEMM runs for L output pixels per sample (the full-height blocks
+// of a tile: padnet.ops.fused.fused_tiles makes tiles a multiple of it)
+int64_t block_rows_for(int64_t L, int64_t itemsize) {
+  const int64_t N = VBYTES / itemsize;
+  if (VBYTES == 64 && L >= 4 * N) return 4;
+  return L < 2 * N ? RB1 : RB2;
+}
+
 // rows [0, ot) of the mixed tile times cols_b -> y_b rows [o0, o0 + ot)
 template <typename T, int64_t ldw>
 void gemm_tile(const T* w, const T* cols_b, T* y_b, int64_t CK, int64_t L, int64_t o0, int64_t ot, bool accumulate) {
   constexpr int N = Vec<T>::N;
-  // register blocks (AVX-512 has 32 vector registers, AVX/SSE 16: no spills in either):
-  // few pixels (deep layers): 16 (8) rows x 1 vector; wide outputs with AVX-512: 4 rows x 4 vectors
-  // (8 loads per 16 FMAs); otherwise 8 (4) rows x 2 vectors
-  constexpr int RB1 = VBYTES == 64 ? 16 : 8, RB2 = VBYTES == 64 ? 8 : 4;
   const int64_t lfull = (L / N) * N;
   if (VBYTES == 64 && L >= 4 * N) {
     row_blocks<T, 4, 4, ldw>(w, cols_b, y_b, CK, L, o0, 0, ot, lfull, accumulate);
@@ -1117,6 +1129,9 @@ torch::Tensor routed_bmm_single_sample_conv(
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fused_dynamic_conv", &fused_dynamic_conv, "fused per-sample dynamic conv (inference, CPU)");
   m.def("im2col", &im2col, "im2col into a given buffer (CPU, float32/float64)");
+  m.def("register_block_rows", &block_rows_for,
+        "rows of the fused kernel's GEMM register block for this many output pixels and item size",
+        py::arg("pixels"), py::arg("itemsize"));
   m.def("fold_factors", &fold_factors, "element-PAD folded factors in one pass (training, CPU)");
   m.def("fold_factor_grads", &fold_factor_grads, "gradients of the folded factors in one pass (training, CPU)",
         py::arg("g"), py::arg("dyn"), py::arg("sta"), py::arg("mask"), py::arg("ls"), py::arg("ld"),
