@@ -68,7 +68,8 @@ def test_fused_matches_per_sample_reference(kernel, dtype, cin, cout, kernel_siz
     (40, 4, 40, (4, 4)),   # two sample chunks (32 + 8); C*kh*kw = 360: two column chunks, the last partial
     (3, 9, 8, (5, 5)),     # K = 9: the scalar mixing path
     (2, 1, 30, (3, 7)),    # K = 1; L = 21: a pixel remainder after one vector
-    (5, 4, 64, (3, 3)),    # L = 9, fewer pixels than one vector: the scalar edge path only; 3 column chunks
+    (5, 4, 64, (3, 3)),    # L = 9: one vector and its overlapping tail (AVX2), or the scalar edge path only
+                           # (AVX-512, fewer pixels than one vector); 3 column chunks
 ])
 def test_fused_chunking_and_kernel_counts(kernel, dtype, batch, num_kernels, cin, hw):
     torch.manual_seed(1)
@@ -134,6 +135,26 @@ def test_tile_rule_balances_the_threads_and_fits_the_l2_cache(monkeypatch, block
         assert 1 <= rows <= max(out_channels, block) and samples == 8
         assert rows == out_channels or rows % block == 0  # whole register blocks
         assert out_channels - (tiles - 1) * rows > 0 and rows - (out_channels - (tiles - 1) * rows) < rows // 2 + block
+
+
+@pytest.mark.parametrize("block", [4, 6, 8])
+@pytest.mark.parametrize("threads", [2, 3, 4])
+@pytest.mark.parametrize("pixels, batch", [(16, 32), (49, 1), (100, 1)])
+def test_tile_rule_gives_whole_register_blocks_and_busy_threads(monkeypatch, block, threads, pixels, batch):
+    """Tiles are whole register blocks, and where few work items exist their count is a multiple of the
+    thread count unless no split into whole blocks of one height gives one."""
+    monkeypatch.setattr(fused, "_L2_BYTES", 1 << 20)
+    monkeypatch.setattr(fused, "register_block_rows", lambda pixels, itemsize: block)
+    for out_channels in range(1, 300):
+        rows, samples, _ = fused.fused_tiles(out_channels, 300, pixels, batch, 4, threads=threads)
+        tiles = -(-out_channels // rows)
+        items = tiles * -(-batch // samples)
+        assert rows == out_channels or rows % block == 0
+        blocks = -(-out_channels // block)
+        balanced = [t for t in range(1, blocks + 1) if -(-blocks // -(-blocks // t)) == t
+                    and (t * -(-batch // samples)) % threads == 0]
+        if items < 8 * threads and items % threads and balanced:
+            assert max(balanced) < tiles, (out_channels, rows, tiles)  # only where none at least this fine
 
 
 def test_register_block_rows_come_from_the_library(kernel):
@@ -1235,7 +1256,9 @@ def _factor_reference(pi, dyn, sta, mask, ls, ld):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("num_kernels", [2, 3, 4, 8])  # unrolled variants (2, 4, 8) and the generic one
+# unrolled variants (2, 4, 8) and the generic one; with B = 5 samples K = 2, 3, 4 form the element rows once
+# per block, K = 5 and 8 apply them per vector (B <= K)
+@pytest.mark.parametrize("num_kernels", [2, 3, 4, 5, 8])
 @pytest.mark.parametrize("n", [4608, 4133])  # several blocks; whole vectors (streaming stores) or a ragged tail
 @pytest.mark.parametrize("element", [False, True])
 def test_factor_gemm_kernels_match_float64_references(kernel, dtype, num_kernels, n, element):
@@ -1270,13 +1293,16 @@ def test_factor_gemm_kernels_match_float64_references(kernel, dtype, num_kernels
     if not element:
         return
     m = mask.double()
-    for need_d, with_sta in [(True, True), (False, True), (True, False)]:
+    for need_d, with_sta in [(True, True), (False, True), (True, False), (False, False)]:
         g = prior.clone()
         g_sta = torch.full((n,), 7.0, dtype=dtype)
         g_ls, g_ld = kernel.factor_grad_pass(gw, pi, dyn, sta, mask, ls, ld, g[:, lo:lo + n], True, True, need_d,
                                              None, g_sta if with_sta else None)
         if need_d:
             torch.testing.assert_close(g[:, lo:lo + n].double(), ld * m * raw, **tol)
+        else:  # dL/dF itself, copied from the block's buffer
+            torch.testing.assert_close(g[:, lo:lo + n].double(), raw, **tol)
+        assert torch.equal(g[:, :lo], prior[:, :lo]) and torch.equal(g[:, lo + n:], prior[:, lo + n:])
         if with_sta:
             torch.testing.assert_close(g_sta.double(), ls * (1 - m) * raw.sum(0), **tol)
         else:

@@ -282,9 +282,10 @@ CHUNKS = (64, 128, 256)  # the column chunks the kernel is compiled for
 
 
 def register_block_rows(pixels: int, itemsize: int) -> int:
-    """Height of the fused kernel's GEMM register block for ``pixels`` output pixels per sample (the
-    compiled library decides it from its vector width: 6 with AVX2 for two or more vectors of pixels, 8 with
-    AVX-512, more for a single vector); 4 where the library is not loaded."""
+    """Height of the fused kernel's GEMM register block for ``pixels`` output pixels per sample, as the
+    compiled library runs it for its vector width: with AVX2 or SSE (16 vector registers) 8 rows for fewer
+    than two vectors of pixels, else 6; with AVX-512 16 rows for one vector, 8 for two or three, 4 for four
+    or more. 4 where the library is not loaded."""
     module = load_fused()
     if module is None or not hasattr(module, "register_block_rows"):
         return 4
@@ -325,13 +326,18 @@ def fused_tiles(out_channels: int, columns: int, pixels: int, batch: int, itemsi
     samples = max(1, min(8, batch))
     few_pixels_at_batch_1 = batch == 1 and pixels <= 64
     rows = 2 * block if few_pixels_at_batch_1 else 80
-    tiles = -(-out_channels // rows)
+    blocks = -(-out_channels // block)  # the rows in register blocks: tiles are whole blocks
     chunks = -(-batch // samples)
     threads = torch.get_num_threads() if threads is None else threads
-    while (tiles * chunks) % threads and tiles * chunks < 8 * threads and tiles < out_channels:
-        tiles += 1  # (3 items on 2 threads would leave one thread idle a third of the time)
-    per_tile = -(-out_channels // tiles)
-    rows = min(out_channels, -(-per_tile // block) * block)
+    per_tile = -(-rows // block)
+    for tiles in range(-(-blocks // per_tile), blocks + 1):
+        per_tile = -(-blocks // tiles)  # equal heights
+        actual = -(-blocks // per_tile)  # (tiles of that height: possibly fewer than asked for)
+        if actual == tiles and ((actual * chunks) % threads == 0 or actual * chunks >= 8 * threads):
+            break  # (3 items on 2 threads would leave one thread idle a third of the time)
+    else:
+        per_tile = -(-blocks // -(-blocks // -(-rows // block)))  # no balanced count: the first one
+    rows = min(out_channels, per_tile * block)
     line = 64 // itemsize
     if few_pixels_at_batch_1 and rows * (256 + line) * itemsize <= l2 // 2:
         return rows, samples, 256  # long runs of each kernel row, fewer passes over the accumulators

@@ -175,13 +175,16 @@ PADNET_NO_AUTOVEC inline void row_block(const T* w, const T* cols_b, T* y_b, int
     for (; l0 < lfull; l0 += N) gemm_block<T, RB, 1, ldw>(w, cols_b, y_b, CK, L, row0, l0, accumulate);
 }
 
-// rows [r, ot) in blocks of RB rows, the remainder in blocks of RB / 2, RB / 4, ..., 1 (no row runs alone
-// unless one is left)
+// the next smaller register block for a tile's leftover rows: 6 -> 3 -> 2 -> 1, otherwise halving
+constexpr int next_rows(int rb) { return rb == 6 ? 3 : rb == 3 ? 2 : rb / 2; }
+
+// rows [r, ot) in blocks of RB rows, the remainder in the smaller blocks of next_rows down to 1 (a row runs
+// alone only where one is left over: 1 of a power of two, 1 or 4 of 6)
 template <typename T, int RB, int PV, int64_t ldw>
 PADNET_NO_AUTOVEC void row_blocks(const T* w, const T* cols_b, T* y_b, int64_t CK, int64_t L, int64_t o0, int64_t r,
                                   int64_t ot, int64_t lfull, bool accumulate) {
   for (; r + RB <= ot; r += RB) row_block<T, RB, PV, ldw>(w + r * ldw, cols_b, y_b, CK, L, o0 + r, lfull, accumulate);
-  if constexpr (RB > 1) row_blocks<T, RB / 2, PV, ldw>(w, cols_b, y_b, CK, L, o0, r, ot, lfull, accumulate);
+  if constexpr (RB > 1) row_blocks<T, next_rows(RB), PV, ldw>(w, cols_b, y_b, CK, L, o0, r, ot, lfull, accumulate);
 }
 
 // the last L % N pixels (L >= N): one overlapping vector per block of rows
@@ -191,23 +194,35 @@ PADNET_NO_AUTOVEC void tail_blocks(const T* w, const T* cols_b, T* y_b, int64_t 
   constexpr int N = Vec<T>::N;
   for (; r + RB <= ot; r += RB)
     gemm_block<T, RB, 1, ldw, true>(w + r * ldw, cols_b, y_b, CK, L, o0 + r, L - N, accumulate, keep);
-  if constexpr (RB > 1) tail_blocks<T, RB / 2, ldw>(w, cols_b, y_b, CK, L, o0, r, ot, keep, accumulate);
+  if constexpr (RB > 1) tail_blocks<T, next_rows(RB), ldw>(w, cols_b, y_b, CK, L, o0, r, ot, keep, accumulate);
 }
 
-// register blocks (AVX-512 has 32 vector registers, AVX/SSE 16: no spills in either):
-// few pixels (deep layers): 16 (8) rows x 1 vector; wide outputs with AVX-512: 4 rows x 4 vectors
-// (8 loads per 16 FMAs); otherwise 8 (6) rows x 2 vectors. With AVX2, 6 x 2 (12 accumulators, 8 loads per
-// 12 FMAs) replaced 4 x 2, for which GCC folded the pixel loads into the FMAs (12 loads per 8 FMAs): the
+// register blocks (AVX-512 has 32 vector registers, AVX2/SSE 16: no spills in either):
+// one vector of pixels (deep layers): 16 (8) rows x 1 vector; wide outputs with AVX-512: 4 rows x 4 vectors
+// (8 loads per 16 FMAs); otherwise 8 (6) rows x 2 vectors. With 16 registers, 6 x 2 (12 accumulators, 8 loads
+// per 12 FMAs) replaced 4 x 2, for which GCC folded the pixel loads into the FMAs (12 loads per 8 FMAs): the
 // kernel with K = 1 at 256@8, batch 1, one thread, went from 2.42 to 1.52-1.68 ms against 1.10-1.32 ms for
-// MKL's GEMM on the same operands (Zen 3, scratch timing).
+// MKL's GEMM on the same operands (Zen 3, AVX2, scratch timing). The blocks change no sum's order.
 constexpr int RB1 = VBYTES == 64 ? 16 : 8, RB2 = VBYTES == 64 ? 8 : 6;
+
+enum class GemmPath { kWide4, kOneVector, kTwoVectors };
+
+// which register blocks the GEMM runs for L output pixels per sample, N lanes per vector
+inline GemmPath gemm_path(int64_t L, int64_t N) {
+  if (VBYTES == 64 && L >= 4 * N) return GemmPath::kWide4;
+  return L < 2 * N ? GemmPath::kOneVector : GemmPath::kTwoVectors;
+}
 
 // the height of the register block the GEMM runs for L output pixels per sample (the full-height blocks
 // of a tile: padnet.ops.fused.fused_tiles makes tiles a multiple of it)
 int64_t block_rows_for(int64_t L, int64_t itemsize) {
-  const int64_t N = VBYTES / itemsize;
-  if (VBYTES == 64 && L >= 4 * N) return 4;
-  return L < 2 * N ? RB1 : RB2;
+  TORCH_CHECK(itemsize == 4 || itemsize == 8, "register_block_rows: itemsize must be 4 (float32) or 8 (float64)");
+  TORCH_CHECK(L >= 1, "register_block_rows: pixels must be positive");
+  switch (gemm_path(L, VBYTES / itemsize)) {
+    case GemmPath::kWide4: return 4;
+    case GemmPath::kOneVector: return RB1;
+    default: return RB2;
+  }
 }
 
 // rows [0, ot) of the mixed tile times cols_b -> y_b rows [o0, o0 + ot)
@@ -215,15 +230,17 @@ template <typename T, int64_t ldw>
 void gemm_tile(const T* w, const T* cols_b, T* y_b, int64_t CK, int64_t L, int64_t o0, int64_t ot, bool accumulate) {
   constexpr int N = Vec<T>::N;
   const int64_t lfull = (L / N) * N;
-  if (VBYTES == 64 && L >= 4 * N) {
-    row_blocks<T, 4, 4, ldw>(w, cols_b, y_b, CK, L, o0, 0, ot, lfull, accumulate);
-  } else if (L < 2 * N) {
+  const GemmPath path = gemm_path(L, N);
+  if (path == GemmPath::kWide4) {
+    if constexpr (VBYTES == 64) row_blocks<T, 4, 4, ldw>(w, cols_b, y_b, CK, L, o0, 0, ot, lfull, accumulate);
+  } else if (path == GemmPath::kOneVector) {
     row_blocks<T, RB1, 1, ldw>(w, cols_b, y_b, CK, L, o0, 0, ot, lfull, accumulate);
   } else {
     row_blocks<T, RB2, 2, ldw>(w, cols_b, y_b, CK, L, o0, 0, ot, lfull, accumulate);
   }
-  if (lfull < L && L >= N) {
-    tail_blocks<T, RB2, ldw>(w, cols_b, y_b, CK, L, o0, 0, ot, N - (L - lfull), accumulate);
+  if (lfull < L && L >= N) {  // the tail in blocks of the tile's height (a multiple of the path's block)
+    if (path == GemmPath::kOneVector) tail_blocks<T, RB1, ldw>(w, cols_b, y_b, CK, L, o0, 0, ot, N - (L - lfull), accumulate);
+    else tail_blocks<T, RB2, ldw>(w, cols_b, y_b, CK, L, o0, 0, ot, N - (L - lfull), accumulate);
   } else if (lfull < L) {  // fewer pixels than one vector: scalar
     gemm_edge<T>(w, ldw, cols_b, y_b, CK, L, o0, 0, ot, lfull, L, accumulate);
   }
@@ -528,6 +545,7 @@ constexpr int64_t GBG = 2048;  // entries per block of factor_grad_pass: K rows 
 // each store to one row stall the next row's loads (4K aliasing)
 constexpr int64_t RPAD = 48;
 constexpr int64_t RSG = GBG + RPAD;
+constexpr int64_t RSM = GB + RPAD;
 constexpr int64_t KMAX = 64;  // factors per call (the accumulators of dL/dpi live on the stack)
 
 // For element factors F'[k, p] = md[p] W[k, p] + st[p] with  md[p] = ld m[p]  and  st[p] = ls (1 - m[p]) Ws[p].
@@ -639,9 +657,11 @@ void mix_impl(const T* pi, int64_t B, int64_t K, const T* dyn, int64_t ds, const
              : K == 8 ? mix_block_for<T, 8>(stream, elem)
                       : mix_block_for<T, 0>(stream, elem);
   const int64_t blocks = (n + GB - 1) / GB;
-  // element factors with more samples than factors: the block's K rows of F' are formed once into f (an
-  // L1-sized buffer) and every sample runs the stored factors' loop over them; with few samples the rows are
-  // applied per vector instead (no buffer pass)
+  // element factors with more samples than factors: the block's K rows of F' are formed once into f (K rows
+  // of GB entries, RSM apart against 4K aliasing; 8 KiB for K = 4 in float32) and every sample runs the
+  // stored factors' loop over them; with few samples the rows are applied per vector instead (no buffer
+  // pass). The two round differently (F' rounded first, or not), so a sample's kernel can differ in the last
+  // bits between a batch tile of more and one of at most K samples.
   const bool form_rows = elem && B > K;
   if (form_rows) block = K == 4 ? mix_block_for<T, 4>(stream, false)
                        : K == 2 ? mix_block_for<T, 2>(stream, false)
@@ -649,14 +669,14 @@ void mix_impl(const T* pi, int64_t B, int64_t K, const T* dyn, int64_t ds, const
                                 : mix_block_for<T, 0>(stream, false);
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     T md[GB], st[GB];
-    std::vector<T> f(form_rows ? K * GB : 0);
+    std::vector<T> f(form_rows ? K * RSM : 0);
     const T* rows[KMAX];
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t p0 = blk * GB, m = std::min(GB, n - p0);
       for (int64_t k = 0; k < K; ++k) rows[k] = dyn + k * ds + p0;
       if (form_rows) {
-        form_element_rows<T>(sta, mask, ls, ld, p0, m, K, rows, f.data(), GB);
-        for (int64_t k = 0; k < K; ++k) rows[k] = f.data() + k * GB;
+        form_element_rows<T>(sta, mask, ls, ld, p0, m, K, rows, f.data(), RSM);
+        for (int64_t k = 0; k < K; ++k) rows[k] = f.data() + k * RSM;
       } else if (elem) {
         element_block<T>(sta, mask, ls, ld, p0, m, md, st);
       }
@@ -724,8 +744,9 @@ GradBlockFn<T> grad_block_for(bool has_g, bool has_pi) {
 }
 
 // gw [B, n] (rows gws apart), pi [B, K]; F as in mix_impl. g [K, n] (rows gs apart, may be null): dL/dF,
-// accumulated onto its contents when `accumulate`; `finish` (element factors only): mapped in place to
-// dL/dW = ld m dL/dF by fold_grads_block (when need_d; else g is left holding dL/dF), g_sta = ls (1 - m) sum_k dL/dF (when given) and the scales' partial
+// accumulated onto its contents when `accumulate`; `finish` (element factors only): the finished dL/dF is
+// mapped from the block's buffer into g as dL/dW = ld m dL/dF by fold_grads_block (when need_d; else g gets
+// dL/dF itself), g_sta = ls (1 - m) sum_k dL/dF (when given) and the scales' partial
 // sums (part_scales [blocks][2]). part_pi [blocks][B * K] (may be null): the blocks' dL/dpi sums.
 template <typename T>
 void grad_pass_impl(const T* gw, int64_t gws, const T* pi, int64_t B, int64_t K, const T* dyn, int64_t ds,
@@ -738,7 +759,7 @@ void grad_pass_impl(const T* gw, int64_t gws, const T* pi, int64_t B, int64_t K,
                       : grad_block_for<T, 0>(has_g, has_pi);
   const int64_t blocks = (n + GBG - 1) / GBG;
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    // element factors: the block's F' rows are formed once into f (B samples read them), from md and st
+    // element factors: the block's F' rows are formed once into f (B samples read them), from W, Ws and m
     std::vector<T> raw(has_g ? K * RSG : 0), f(elem && has_pi ? K * RSG : 0);
     const T* rows[KMAX];
     for (int64_t blk = begin; blk < end; ++blk) {
@@ -813,8 +834,7 @@ torch::Tensor mix_factors(torch::Tensor pi, torch::Tensor dyn, c10::optional<tor
 }
 
 // gw [B, n], pi [B, K], F as in mix_factors; g [K, n] or undefined (dL/dF, accumulated when `accumulate`;
-// with element factors and `finish`, mapped in place to dL/dW (need_d; else left as dL/dF) and g_sta [n] (if
-// given));
+// with element factors and `finish`, g receives dL/dW (need_d; else dL/dF) and g_sta [n] (if given) dL/dWs);
 // gpi [B, K] or undefined (dL/dpi, added to). Returns the scales' gradients (dL/dls, dL/dld; 0 unless
 // finishing element factors).
 std::tuple<double, double> factor_grad_pass(torch::Tensor gw, torch::Tensor pi, torch::Tensor dyn,
