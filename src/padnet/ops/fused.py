@@ -329,14 +329,13 @@ def fused_tiles(out_channels: int, columns: int, pixels: int, batch: int, itemsi
     blocks = -(-out_channels // block)  # the rows in register blocks: tiles are whole blocks
     chunks = -(-batch // samples)
     threads = torch.get_num_threads() if threads is None else threads
-    per_tile = -(-rows // block)
-    for tiles in range(-(-blocks // per_tile), blocks + 1):
-        per_tile = -(-blocks // tiles)  # equal heights
-        actual = -(-blocks // per_tile)  # (tiles of that height: possibly fewer than asked for)
-        if actual == tiles and ((actual * chunks) % threads == 0 or actual * chunks >= 8 * threads):
-            break  # (3 items on 2 threads would leave one thread idle a third of the time)
-    else:
-        per_tile = -(-blocks // -(-blocks // -(-rows // block)))  # no balanced count: the first one
+    first = -(-blocks // -(-rows // block))  # tiles of about `rows`
+    per_tile = -(-blocks // first)  # (equal heights; kept where no count below balances the threads)
+    for tiles in range(first, blocks + 1):
+        height = -(-blocks // tiles)
+        if -(-blocks // height) == tiles and (tiles * chunks % threads == 0 or tiles * chunks >= 8 * threads):
+            per_tile = height  # (3 items on 2 threads would leave one thread idle a third of the time)
+            break
     rows = min(out_channels, per_tile * block)
     line = 64 // itemsize
     if few_pixels_at_batch_1 and rows * (256 + line) * itemsize <= l2 // 2:

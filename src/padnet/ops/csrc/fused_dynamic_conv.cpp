@@ -303,24 +303,38 @@ void fused_dispatch(const torch::Tensor& cols, const torch::Tensor& pi, const to
 
 constexpr int64_t FB = 2048;  // entries per block: the block's m, Ws and sums stay in L1
 
+// the block's K rows of F' into f (rows fs apart): f[k][i] = ld m[p0 + i] W[k][i] + ls (1 - m[p0 + i]) Ws[p0 + i],
+// vectorised by hand (one load of m and Ws per vector for all K rows); fold_factors writes F' with it, and
+// the factor GEMMs below form their blocks' rows with it
+template <typename T>
+void form_element_rows(const T* sta, const T* mask, T ls, T ld, int64_t p0, int64_t m, int64_t K,
+                       const T* const* rows, T* f, int64_t fs) {
+  using V = typename Vec<T>::type;
+  constexpr int N = Vec<T>::N;
+  const V lsv = vzero<T>() + ls, ldv = vzero<T>() + ld;
+  int64_t i = 0;
+  for (; i + N <= m; i += N) {
+    const V mi = vload<T>(mask + p0 + i), si = vload<T>(sta + p0 + i);
+    const V md = ldv * mi, st = lsv * (si - si * mi);
+    for (int64_t k = 0; k < K; ++k) vstore<T>(f + k * fs + i, md * vload<T>(rows[k] + i) + st);
+  }
+  for (; i < m; ++i) {
+    const T mi = mask[p0 + i], si = sta[p0 + i];
+    const T md = ld * mi, st = ls * (si - si * mi);
+    for (int64_t k = 0; k < K; ++k) f[k * fs + i] = md * rows[k][i] + st;
+  }
+}
+
 template <typename T>
 void fold_impl(const T* dyn, int64_t ds, const T* sta, const T* mask, T ls, T ld, T* out, int64_t os, int64_t K,
                int64_t P) {
   const int64_t blocks = (P + FB - 1) / FB;
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    T md[FB], st[FB];
+    std::vector<const T*> rows(K);
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t p0 = blk * FB, n = std::min(FB, P - p0);
-      for (int64_t i = 0; i < n; ++i) {
-        const T m = mask[p0 + i];
-        md[i] = ld * m;
-        st[i] = ls * (sta[p0 + i] - sta[p0 + i] * m);
-      }
-      for (int64_t k = 0; k < K; ++k) {
-        const T* w = dyn + k * ds + p0;
-        T* f = out + k * os + p0;
-        for (int64_t i = 0; i < n; ++i) f[i] = st[i] + w[i] * md[i];
-      }
+      for (int64_t k = 0; k < K; ++k) rows[k] = dyn + k * ds + p0;
+      form_element_rows<T>(sta, mask, ls, ld, p0, n, K, rows.data(), out + p0, os);
     }
   });
 }
@@ -565,27 +579,6 @@ void element_block(const T* sta, const T* mask, T ls, T ld, int64_t p0, int64_t 
     const T mi = mask[p0 + i], si = sta[p0 + i];
     md[i] = ld * mi;
     st[i] = ls * (si - si * mi);
-  }
-}
-
-// the block's K rows of F' into f (rows fs apart): f[k][i] = ld m[p0 + i] W[k][i] + ls (1 - m[p0 + i]) Ws[p0 + i],
-// vectorised by hand (one load of m and Ws per vector for all K rows)
-template <typename T>
-void form_element_rows(const T* sta, const T* mask, T ls, T ld, int64_t p0, int64_t m, int64_t K,
-                       const T* const* rows, T* f, int64_t fs) {
-  using V = typename Vec<T>::type;
-  constexpr int N = Vec<T>::N;
-  const V lsv = vzero<T>() + ls, ldv = vzero<T>() + ld;
-  int64_t i = 0;
-  for (; i + N <= m; i += N) {
-    const V mi = vload<T>(mask + p0 + i), si = vload<T>(sta + p0 + i);
-    const V md = ldv * mi, st = lsv * (si - si * mi);
-    for (int64_t k = 0; k < K; ++k) vstore<T>(f + k * fs + i, md * vload<T>(rows[k] + i) + st);
-  }
-  for (; i < m; ++i) {
-    const T mi = mask[p0 + i], si = sta[p0 + i];
-    const T md = ld * mi, st = ls * (si - si * mi);
-    for (int64_t k = 0; k < K; ++k) f[k * fs + i] = md * rows[k][i] + st;
   }
 }
 
