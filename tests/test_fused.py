@@ -714,6 +714,87 @@ def spy_routed(monkeypatch):
     return calls
 
 
+def route_like_the_compiled_call(monkeypatch, kernel, model):
+    """Make the Python path of ``model`` route with the compiled call's hand-written router (``route_one``), so
+    that what follows the routing -- mixing, conv, bias, layout -- can be compared to the bit."""
+    layer = model
+
+    def compiled_route(x):
+        return kernel.route_one(x, *layer.attention.routing_tensors(), layer.temperature, layer.routing != "softmax")
+
+    monkeypatch.setattr(model, "_route", compiled_route, raising=False)
+
+
+def python_routing(attention, x, routing="softmax", temperature=1.0):
+    from padnet.layers.dynamic_conv import routing_from_logits
+
+    return routing_from_logits(attention(x), routing, temperature)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("norm", ["none", "batch", "batch, no affine"])
+@pytest.mark.parametrize("routing, temperature", [("softmax", 1.0), ("softmax", 0.3), ("sigmoid", 2.5)])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_compiled_router_matches_the_module(kernel, dtype, norm, routing, temperature, layout):
+    """``route_one`` (the compiled calls' hand-written router: pool, Linear, BatchNorm with running statistics,
+    ReLU, Linear, softmax / sigmoid of logits / T) equals ``KernelAttention`` + ``routing_from_logits`` to
+    float rounding, for channel counts that are and are not whole vectors and pixel counts below a vector."""
+    from padnet.layers.dynamic_conv import KernelAttention
+
+    torch.manual_seed(11)
+    for channels, h, w in [(5, 3, 7), (16, 1, 1), (37, 9, 10), (64, 8, 8)]:
+        attention = KernelAttention(channels, 6, 4, norm="none" if norm == "none" else "batch").to(dtype).eval()
+        with torch.no_grad():
+            attention.fc1.bias.uniform_(-1, 1)
+            attention.fc2.bias.uniform_(-1, 1)
+            if attention.norm is not None:
+                attention.norm.running_mean.uniform_(-1, 1)
+                attention.norm.running_var.uniform_(0.5, 2)
+                attention.norm.weight.uniform_(0.5, 2)
+                attention.norm.bias.uniform_(-1, 1)
+        if norm == "batch, no affine":
+            attention.norm.weight = None
+            attention.norm.bias = None
+        x = torch.randn(1, channels, h, w, dtype=dtype) * 3 + 0.5
+        if layout == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            expected = python_routing(attention, x, routing, temperature)
+            got = kernel.route_one(x, *attention.routing_tensors(), temperature, routing == "sigmoid")
+        assert got.shape == expected.shape == (1, 6) and got.dtype == dtype
+        tol = 1e-6 if dtype == torch.float32 else 1e-13
+        torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
+
+
+def test_compiled_router_takes_the_aten_ops_where_it_cannot_serve(kernel):
+    """A non-contiguous router weight, autograd on, or an input neither contiguous nor channels_last: the
+    Python router's ATen ops in its order (equal to the bit, and with a graph under autograd); NaN input gives
+    NaN routing weights on either path; a wrong weight shape is ATen's error."""
+    from padnet.layers.dynamic_conv import KernelAttention
+
+    torch.manual_seed(12)
+    attention = KernelAttention(12, 4, 2).eval()
+    x = torch.randn(1, 12, 5, 6)
+    parts = list(attention.routing_tensors())
+    with torch.no_grad():
+        expected = python_routing(attention, x)
+        strided = list(parts)
+        strided[0] = parts[0].t().contiguous().t()
+        assert torch.equal(kernel.route_one(x, *strided, 1.0, False), expected)
+        sliced = torch.randn(1, 12, 5, 12)[..., ::2]
+        assert torch.equal(kernel.route_one(sliced, *parts, 1.0, False), python_routing(attention, sliced))
+        for bad in (x.clone(), x.contiguous(memory_format=torch.channels_last).clone()):
+            bad[0, 3, 1, 2] = float("nan")
+            assert torch.isnan(kernel.route_one(bad, *parts, 1.0, False)).all()
+        with pytest.raises(RuntimeError):
+            wrong = list(parts)
+            wrong[0] = torch.randn(parts[0].shape[0], 11)
+            kernel.route_one(x, *wrong, 1.0, False)
+        with pytest.raises(RuntimeError, match="temperature"):
+            kernel.route_one(x, *parts, 0.0, False)
+    graph = kernel.route_one(x, *parts, 1.0, False)  # autograd on: the ATen ops, differentiable
+    assert torch.equal(graph, expected) and graph.requires_grad
+
 ROUTED_CASES = {
     "plain": dict(cin=6, cout=10, kwargs={}),
     "bias, sigmoid, temperature": dict(cin=6, cout=10, kwargs=dict(bias=True, routing="sigmoid", temperature=3.0)),
@@ -727,9 +808,10 @@ ROUTED_CASES = {
 @pytest.mark.parametrize("compact", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("case", list(ROUTED_CASES))
-def test_batch_one_compiled_call_equals_the_python_path_bit_for_bit(kernel, monkeypatch, case, dtype, compact):
-    """The compiled call runs the same ATen ops as the Python path (router, routing, mixing, conv): equal to
-    the bit, and both equal the literal per-sample formula; channels_last input included."""
+def test_batch_one_compiled_call_equals_the_python_path(kernel, monkeypatch, case, dtype, compact):
+    """The compiled call equals the Python path to float rounding (its router is hand-written), and to the bit
+    given the same routing weights (the same ATen ops for mixing and conv), and both equal the literal
+    per-sample formula; channels_last input included."""
     monkeypatch.setenv("PADNET_AUTOTUNE", "0")  # the rule's "weight" for both paths (no timing)
     autotune.set_autotune(None)
     spec = ROUTED_CASES[case]
@@ -759,7 +841,13 @@ def test_batch_one_compiled_call_equals_the_python_path_bit_for_bit(kernel, monk
         python = model(x)
         python_cl = model(x.contiguous(memory_format=torch.channels_last))
         expected = literal(x)
-    assert torch.equal(compiled, python) and torch.equal(compiled_cl, python_cl)
+    tol = 2e-6 if dtype == torch.float32 else 1e-13
+    torch.testing.assert_close(compiled, python, rtol=tol, atol=tol)
+    torch.testing.assert_close(compiled_cl, python_cl, rtol=tol, atol=tol)
+    route_like_the_compiled_call(monkeypatch, kernel, model)
+    with torch.no_grad():
+        same_pi, same_pi_cl = model(x), model(x.contiguous(memory_format=torch.channels_last))
+    assert torch.equal(compiled, same_pi) and torch.equal(compiled_cl, same_pi_cl)
     assert compiled_cl.is_contiguous(memory_format=torch.channels_last) == python_cl.is_contiguous(
         memory_format=torch.channels_last)
     tol = 1e-5 if dtype == torch.float32 else 1e-10
@@ -960,11 +1048,11 @@ FUSED_ROUTED_CASES = {
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("case", list(FUSED_ROUTED_CASES))
 @pytest.mark.parametrize("backend", ["fused", "bmm"])
-def test_batch_one_compiled_fused_call_equals_the_python_path_bit_for_bit(kernel, tuning, monkeypatch, case, dtype,
-                                                                          compact, backend):
+def test_batch_one_compiled_fused_call_equals_the_python_path(kernel, tuning, monkeypatch, case, dtype, compact,
+                                                              backend):
     """Where the batch-1 choice is the fused kernel or the per-sample GEMM (``bmm``), the compiled call
-    (router, im2col, the kernel, bias, channels_last) equals the Python path with the same backend to the
-    bit, and the literal formula. The "element PAD" and sigmoid cases have a static part (``bmm`` mixes
+    (router, im2col, the kernel, bias, channels_last) equals the Python path with the same backend to float
+    rounding, to the bit given the same routing weights, and the literal formula. The "element PAD" and sigmoid cases have a static part (``bmm`` mixes
     with addmm there), the others none (``bmm`` mixes with the compiled ``mix_factors``)."""
     from padnet.layers import dynamic_conv as layer_module
 
@@ -996,7 +1084,13 @@ def test_batch_one_compiled_fused_call_equals_the_python_path_bit_for_bit(kernel
         python, python_cl = model(x), model(x_cl)
         expected = literal(x)
     assert model.__dict__["_single_sample_choice"][1] == (backend, None)
-    assert torch.equal(compiled, python) and torch.equal(compiled_cl, python_cl)
+    tol = 2e-6 if dtype == torch.float32 else 1e-13
+    torch.testing.assert_close(compiled, python, rtol=tol, atol=tol)
+    torch.testing.assert_close(compiled_cl, python_cl, rtol=tol, atol=tol)
+    route_like_the_compiled_call(monkeypatch, kernel, model)
+    with torch.no_grad():
+        same_pi, same_pi_cl = model(x), model(x_cl)
+    assert torch.equal(compiled, same_pi) and torch.equal(compiled_cl, same_pi_cl)
     assert compiled_cl.is_contiguous(memory_format=torch.channels_last) == python_cl.is_contiguous(
         memory_format=torch.channels_last)
     tol = 1e-5 if dtype == torch.float32 else 1e-10

@@ -25,6 +25,7 @@
 #endif
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -971,13 +972,155 @@ torch::Tensor im2col(torch::Tensor x, int64_t kh, int64_t kw, int64_t sh, int64_
 
 namespace {
 
-// pi [1, K] of the default router for x [1, C, H, W] (see routed_single_sample_conv)
+// ---- the default router for one sample, hand-written ----
+//
+// pooled[c] = mean_{h,w} x[0, c, h, w]; hidden = relu(norm(fc1 pooled)); logits = fc2 hidden; pi = softmax or
+// sigmoid of logits / temperature. At batch 1 these are a handful of tiny ops: as ATen calls (a reduction,
+// two linears, relu, softmax, each allocating its output and setting up its iterator) they cost tens of
+// microseconds a layer, more than the arithmetic, and more still with the caches cold after the conv before
+// them (docs/benchmarks.md). Here they are a few loops over the input and the router's weights, with no
+// allocation but the result. The sums run in another order than ATen's, so pi agrees with the Python
+// router's to float rounding, not to the bit.
+
+// sums[c] = sum over the H*W positions of channel c of x [1, C, H, W] (NCHW or channels_last), accumulated in
+// vector lanes of T and combined in double
+template <typename T>
+void pool_sums(const torch::Tensor& x, double* sums) {
+  using V = typename Vec<T>::type;
+  constexpr int N = Vec<T>::N;
+  const int64_t C = x.size(1), HW = x.size(2) * x.size(3);
+  const T* p = x.data_ptr<T>();
+  if (x.is_contiguous()) {
+    for (int64_t c = 0; c < C; ++c) {
+      const T* row = p + c * HW;
+      V a0 = vzero<T>(), a1 = vzero<T>(), a2 = vzero<T>(), a3 = vzero<T>();
+      int64_t i = 0;
+      for (; i + 4 * N <= HW; i += 4 * N) {
+        a0 += vload<T>(row + i);
+        a1 += vload<T>(row + i + N);
+        a2 += vload<T>(row + i + 2 * N);
+        a3 += vload<T>(row + i + 3 * N);
+      }
+      for (; i + N <= HW; i += N) a0 += vload<T>(row + i);
+      const V a = (a0 + a1) + (a2 + a3);
+      double s = 0.0;
+      for (int j = 0; j < N; ++j) s += static_cast<double>(a[j]);
+      for (; i < HW; ++i) s += static_cast<double>(row[i]);
+      sums[c] = s;
+    }
+  } else {  // channels_last: position-major rows of C channels
+    std::vector<T> acc(C, T(0));
+    for (int64_t i = 0; i < HW; ++i) {
+      const T* row = p + i * C;
+      int64_t c = 0;
+      for (; c + N <= C; c += N) vstore<T>(acc.data() + c, vload<T>(acc.data() + c) + vload<T>(row + c));
+      for (; c < C; ++c) acc[c] += row[c];
+    }
+    for (int64_t c = 0; c < C; ++c) sums[c] = static_cast<double>(acc[c]);
+  }
+}
+
+// out[r] = bias[r] + sum_c w[r, c] in[c] for r < R (w [R, C] contiguous; bias optional), in double
+template <typename T>
+void small_linear(const T* w, const T* bias, const double* in, double* out, int64_t R, int64_t C) {
+  for (int64_t r = 0; r < R; ++r) {
+    const T* wr = w + r * C;
+    double s0 = 0.0, s1 = 0.0;
+    int64_t c = 0;
+    for (; c + 2 <= C; c += 2) {
+      s0 += static_cast<double>(wr[c]) * in[c];
+      s1 += static_cast<double>(wr[c + 1]) * in[c + 1];
+    }
+    if (c < C) s0 += static_cast<double>(wr[c]) * in[c];
+    out[r] = s0 + s1 + (bias ? static_cast<double>(bias[r]) : 0.0);
+  }
+}
+
+bool plain_router_part(const c10::optional<torch::Tensor>& t, const torch::Tensor& x, int64_t numel) {
+  return !t.has_value() || (t->scalar_type() == x.scalar_type() && t->device().is_cpu() && t->is_contiguous() &&
+                            t->dim() == 1 && t->numel() == numel);
+}
+
+// Whether route_fast computes this router: no autograd, CPU float32/float64 throughout, contiguous parts of the shapes the
+// Linear / BatchNorm modules would accept (anything else runs the ATen ops, which raise their own errors)
+bool route_fast_applies(const torch::Tensor& x, const torch::Tensor& fc1_weight,
+                        const c10::optional<torch::Tensor>& fc1_bias, const c10::optional<torch::Tensor>& norm_weight,
+                        const c10::optional<torch::Tensor>& norm_bias, const c10::optional<torch::Tensor>& norm_mean,
+                        const c10::optional<torch::Tensor>& norm_var, const torch::Tensor& fc2_weight,
+                        const c10::optional<torch::Tensor>& fc2_bias) {
+  if (at::GradMode::is_enabled()) return false;  // (no autograd graph here: with grad on, the ATen ops run)
+  if (!x.device().is_cpu() || (x.scalar_type() != torch::kFloat && x.scalar_type() != torch::kDouble)) return false;
+  if (!x.is_contiguous() && !x.is_contiguous(at::MemoryFormat::ChannelsLast)) return false;
+  if (x.size(2) * x.size(3) == 0) return false;  // (the mean of nothing: ATen's NaN)
+  for (const auto* w : {&fc1_weight, &fc2_weight})
+    if (w->dim() != 2 || w->scalar_type() != x.scalar_type() || !w->device().is_cpu() || !w->is_contiguous())
+      return false;
+  const int64_t R = fc1_weight.size(0);
+  if (fc1_weight.size(1) != x.size(1) || fc2_weight.size(1) != R || fc2_weight.size(0) == 0) return false;
+  if (norm_mean.has_value() != norm_var.has_value()) return false;
+  if (!norm_mean.has_value() && (norm_weight.has_value() || norm_bias.has_value())) return false;
+  return plain_router_part(fc1_bias, x, R) && plain_router_part(norm_weight, x, R) &&
+         plain_router_part(norm_bias, x, R) && plain_router_part(norm_mean, x, R) &&
+         plain_router_part(norm_var, x, R) && plain_router_part(fc2_bias, x, fc2_weight.size(0));
+}
+
+template <typename T>
+torch::Tensor route_fast(const torch::Tensor& x, const torch::Tensor& fc1_weight,
+                         const c10::optional<torch::Tensor>& fc1_bias, const c10::optional<torch::Tensor>& norm_weight,
+                         const c10::optional<torch::Tensor>& norm_bias, const c10::optional<torch::Tensor>& norm_mean,
+                         const c10::optional<torch::Tensor>& norm_var, double norm_eps,
+                         const torch::Tensor& fc2_weight, const c10::optional<torch::Tensor>& fc2_bias,
+                         double temperature, bool sigmoid) {
+  const int64_t C = x.size(1), R = fc1_weight.size(0), K = fc2_weight.size(0);
+  auto ptr = [](const c10::optional<torch::Tensor>& t) -> const T* { return t.has_value() ? t->data_ptr<T>() : nullptr; };
+  std::vector<double> work(C + R + K);
+  double* pooled = work.data();
+  double* hidden = pooled + C;
+  double* logits = hidden + R;
+  pool_sums<T>(x, pooled);
+  const double inv = 1.0 / static_cast<double>(x.size(2) * x.size(3));
+  for (int64_t c = 0; c < C; ++c) pooled[c] = static_cast<double>(static_cast<T>(pooled[c] * inv));
+  small_linear<T>(fc1_weight.data_ptr<T>(), ptr(fc1_bias), pooled, hidden, R, C);
+  if (norm_mean.has_value()) {
+    const T *mean = ptr(norm_mean), *var = ptr(norm_var), *g = ptr(norm_weight), *b = ptr(norm_bias);
+    for (int64_t r = 0; r < R; ++r) {
+      double h = (hidden[r] - mean[r]) / std::sqrt(static_cast<double>(var[r]) + norm_eps);
+      hidden[r] = h * (g ? static_cast<double>(g[r]) : 1.0) + (b ? static_cast<double>(b[r]) : 0.0);
+    }
+  }
+  for (int64_t r = 0; r < R; ++r) hidden[r] = std::max(hidden[r], 0.0);
+  small_linear<T>(fc2_weight.data_ptr<T>(), ptr(fc2_bias), hidden, logits, K, R);
+  auto pi = torch::empty({1, K}, x.options());
+  T* out = pi.data_ptr<T>();
+  for (int64_t k = 0; k < K; ++k) logits[k] /= temperature;
+  if (sigmoid) {
+    for (int64_t k = 0; k < K; ++k) out[k] = static_cast<T>(1.0 / (1.0 + std::exp(-logits[k])));
+  } else {
+    const double top = *std::max_element(logits, logits + K);
+    double total = 0.0;
+    for (int64_t k = 0; k < K; ++k) total += (logits[k] = std::exp(logits[k] - top));
+    for (int64_t k = 0; k < K; ++k) out[k] = static_cast<T>(logits[k] / total);
+  }
+  return pi;
+}
+
+// pi [1, K] of the default router for x [1, C, H, W] (see routed_single_sample_conv): route_fast where it
+// applies, else the Python router's ATen ops in its order
 torch::Tensor route_one(const torch::Tensor& x, const torch::Tensor& fc1_weight,
                         const c10::optional<torch::Tensor>& fc1_bias, const c10::optional<torch::Tensor>& norm_weight,
                         const c10::optional<torch::Tensor>& norm_bias, const c10::optional<torch::Tensor>& norm_mean,
                         const c10::optional<torch::Tensor>& norm_var, double norm_eps, const torch::Tensor& fc2_weight,
                         const c10::optional<torch::Tensor>& fc2_bias, double temperature, bool sigmoid) {
   TORCH_CHECK(x.dim() == 4 && x.size(0) == 1, "routed single-sample conv: expected one sample [1, C, H, W]");
+  TORCH_CHECK(std::isfinite(temperature) && temperature > 0.0, "routed single-sample conv: temperature must be a "
+              "positive number, got ", temperature);
+  if (route_fast_applies(x, fc1_weight, fc1_bias, norm_weight, norm_bias, norm_mean, norm_var, fc2_weight, fc2_bias)) {
+    if (x.scalar_type() == torch::kFloat)
+      return route_fast<float>(x, fc1_weight, fc1_bias, norm_weight, norm_bias, norm_mean, norm_var, norm_eps,
+                               fc2_weight, fc2_bias, temperature, sigmoid);
+    return route_fast<double>(x, fc1_weight, fc1_bias, norm_weight, norm_bias, norm_mean, norm_var, norm_eps,
+                              fc2_weight, fc2_bias, temperature, sigmoid);
+  }
   auto hidden = at::linear(x.mean({2, 3}), fc1_weight, fc1_bias);
   if (norm_mean.has_value()) {
     TORCH_CHECK(norm_var.has_value(), "routed single-sample conv: the norm needs running mean and variance");
@@ -1157,6 +1300,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("gw"), py::arg("pi"), py::arg("dyn"), py::arg("sta"), py::arg("mask"), py::arg("ls"), py::arg("ld"),
         py::arg("g"), py::arg("accumulate"), py::arg("finish"), py::arg("need_d"), py::arg("gpi"),
         py::arg("g_sta"));
+  m.def("route_one", &route_one, "routing weights [1, K] of the default router for one sample (CPU)",
+        py::arg("x"), py::arg("fc1_weight"), py::arg("fc1_bias"), py::arg("norm_weight"), py::arg("norm_bias"),
+        py::arg("norm_mean"), py::arg("norm_var"), py::arg("norm_eps"), py::arg("fc2_weight"), py::arg("fc2_bias"),
+        py::arg("temperature"), py::arg("sigmoid"));
   m.def("routed_single_sample_conv", &routed_single_sample_conv,
         "routing + kernel mixing + plain conv of one sample in one call (inference)");
   m.def("routed_fused_single_sample_conv", &routed_fused_single_sample_conv,
