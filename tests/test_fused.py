@@ -1102,11 +1102,59 @@ def test_compiled_fused_call_refuses_a_wrong_kernel_shape(kernel):
     router = (torch.randn(4, 4), None, None, None, None, None, 0.0, torch.randn(3, 4), None)
     with pytest.raises(RuntimeError, match="dyn must be"):
         kernel.routed_fused_single_sample_conv(x, *router, 1.0, False, torch.randn(3, 5, 2, 3, 3), None, None, None,
-                                               3, 3, 1, 1, 1, 1, 1, 1, 1, 1, False, 16, 1, 64, 1 << 20)
+                                               3, 3, 1, 1, 1, 1, 1, 1, 1, 1, False, 16, 1, 64, 1 << 20, None)
     with pytest.raises(RuntimeError, match="one sample"):
         kernel.routed_fused_single_sample_conv(torch.randn(2, 4, 6, 6), *router, 1.0, False,
                                                torch.randn(3, 5, 4, 3, 3), None, None, None,
-                                               3, 3, 1, 1, 1, 1, 1, 1, 1, 1, False, 16, 1, 64, 1 << 20)
+                                               3, 3, 1, 1, 1, 1, 1, 1, 1, 1, False, 16, 1, 64, 1 << 20, None)
+    with pytest.raises(RuntimeError, match="packed must hold"):
+        kernel.routed_fused_single_sample_conv(x, *router, 1.0, False, torch.randn(3, 5, 4, 3, 3), None, None, None,
+                                               3, 3, 1, 1, 1, 1, 1, 1, 1, 1, False, 16, 1, 64, 1 << 20,
+                                               torch.randn(3 * 5 * 36 - 1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("num_kernels", [1, 3, 4, 9])
+def test_packed_factors_give_the_row_layouts_numbers_to_the_bit(kernel, dtype, num_kernels):
+    """``pack_fused_factors`` + ``fused_dynamic_conv_packed`` equal ``fused_dynamic_conv`` on the factors' row
+    layout bit for bit: tiles that do not divide the rows, chunks that do not divide the columns, columns that
+    are not whole vectors (the packed tail), more kernels than the vectorised mix takes (9), a static part,
+    several samples per work item; the packed copy is a permutation of the factors."""
+    torch.manual_seed(13)
+    for out_channels, columns, pixels, batch, tiles in [(10, 27, 7, 1, (4, 1, 64)), (37, 577, 16, 1, (12, 1, 256)),
+                                                        (24, 300, 64, 3, (8, 2, 128)), (5, 8, 1, 2, (16, 8, 64))]:
+        dyn = torch.randn(num_kernels, out_channels, columns, dtype=dtype)
+        cols = torch.randn(batch, columns, pixels, dtype=dtype)
+        pi = torch.softmax(torch.randn(batch, num_kernels, dtype=dtype), -1)
+        packed = kernel.pack_fused_factors(dyn, tiles[0], tiles[2])
+        assert packed.shape == (dyn.numel(),) and torch.equal(packed.sort().values, dyn.flatten().sort().values)
+        for sta in (None, torch.randn(out_channels, columns, dtype=dtype)):
+            rows = kernel.fused_dynamic_conv(cols, pi, dyn, sta, *tiles)
+            got = kernel.fused_dynamic_conv_packed(cols, pi, packed, num_kernels, out_channels, sta, *tiles)
+            assert torch.equal(got, rows), (out_channels, columns, pixels, batch, tiles)
+            expected = torch.einsum("bk,koc,bcl->bol", pi.double(), dyn.double(), cols.double())
+            if sta is not None:
+                expected += torch.einsum("oc,bcl->bol", sta.double(), cols.double())
+            tol = 1e-4 if dtype == torch.float32 else 1e-10
+            torch.testing.assert_close(got.double(), expected, rtol=tol, atol=tol)
+
+
+def test_packed_factors_refuse_bad_arguments(kernel):
+    dyn = torch.randn(2, 6, 20)
+    with pytest.raises(RuntimeError, match="CPU float32/float64 tensor"):
+        kernel.pack_fused_factors(dyn[0], 4, 64)
+    with pytest.raises(RuntimeError, match="CPU float32/float64 tensor"):
+        kernel.pack_fused_factors(dyn.half(), 4, 64)
+    with pytest.raises(RuntimeError, match="chunk of 64, 128 or 256"):
+        kernel.pack_fused_factors(dyn, 4, 100)
+    packed = kernel.pack_fused_factors(dyn, 4, 64)
+    cols, pi = torch.randn(1, 20, 5), torch.rand(1, 2)
+    with pytest.raises(RuntimeError, match="packed must hold"):
+        kernel.fused_dynamic_conv_packed(cols, pi, packed[:-1], 2, 6, None, 4, 1, 64)
+    with pytest.raises(RuntimeError, match="packed must hold"):
+        kernel.fused_dynamic_conv_packed(cols, pi, packed, 2, 5, None, 4, 1, 64)
+    with pytest.raises(RuntimeError, match="one dtype"):
+        kernel.fused_dynamic_conv_packed(cols, pi, packed.double(), 2, 6, None, 4, 1, 64)
 
 
 def test_compiled_bmm_call_refuses_wrong_shapes(kernel):
@@ -1212,6 +1260,62 @@ def test_compiled_fused_call_after_inference_mode_then_no_grad(kernel, tuning, m
     torch.testing.assert_close(double.float(), second, rtol=1e-5, atol=1e-5)
 
 
+def test_batch_one_fused_call_keeps_packed_factors_while_they_are_valid(kernel, tuning, monkeypatch):
+    """The compiled fused call runs on the factors packed for its tiles, kept in the layer's inference cache:
+    packed once, repacked after an optimizer-style in-place update (the output follows the new weights), after
+    a thread-count change (another decision, other tiles) and never with ``cache_weights`` off; an autograd
+    forward frees it; a compact layer keeps its own."""
+    monkeypatch.setattr(autotune, "tune", lambda key, candidates, run, device, budget_s=None:
+                        "fused" if "fused" in candidates else candidates[0])
+    packs = []
+    real_pack = fused.packed_routed_tail
+    from padnet.layers import dynamic_conv as layer_module
+
+    monkeypatch.setattr(layer_module, "packed_routed_tail", lambda dyn, tail: packs.append(1) or real_pack(dyn, tail))
+    calls = spy_routed(monkeypatch)
+    torch.manual_seed(8)
+    layer = DynamicConv2d(6, 10, 3, padding=1, bias=True).eval()
+    x = torch.randn(1, 6, 7, 7)
+
+    def python_path():
+        literal = copy.deepcopy(layer)
+        literal.backend = "weight"
+        with torch.no_grad():
+            return literal(x)
+
+    with torch.no_grad():
+        first, again = layer(x), layer(x)
+    assert len(calls) == 2 and len(packs) == 1 and torch.equal(first, again)
+    assert "fused_packed" in layer.__dict__["_inference_cache"]
+    torch.testing.assert_close(first, python_path(), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        layer.weight_dynamic.mul_(-0.5)  # as an optimizer step: in place
+        updated = layer(x)
+    assert len(packs) == 2 and not torch.allclose(updated, first)
+    torch.testing.assert_close(updated, python_path(), rtol=1e-5, atol=1e-5)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with torch.no_grad():
+            two = layer(x)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(packs) == 3
+    torch.testing.assert_close(two, updated, rtol=1e-6, atol=1e-6)
+    layer(x).sum().backward()  # autograd: the inference cache, packed copy included, is freed
+    assert "fused_packed" not in layer.__dict__.get("_inference_cache", {})
+    compact = CompactDynamicConv2d(layer).eval()
+    with torch.no_grad():
+        compact_out = compact(x)
+    assert len(packs) == 4 and "fused_packed" in compact.__dict__["_inference_cache"]
+    torch.testing.assert_close(compact_out, updated, rtol=1e-5, atol=1e-5)
+    compact.cache_weights = False
+    compact.__dict__.pop("_inference_cache")
+    with torch.no_grad():
+        assert torch.equal(compact(x), compact_out)  # the row layout: the same numbers
+    assert len(packs) == 4 and "fused_packed" not in compact.__dict__.get("_inference_cache", {})
+
+
 def test_compiled_fused_call_above_the_workspace_limit_allocates_fresh(kernel, tuning, monkeypatch):
     from padnet.ops import fused as fused_module
 
@@ -1224,7 +1328,7 @@ def test_compiled_fused_call_above_the_workspace_limit_allocates_fresh(kernel, t
     x = torch.randn(1, 4, 8, 8)
     with torch.no_grad():
         y = layer(x)
-    assert len(calls) == 1 and layer.__dict__["_single_sample_choice"][1][1][1][-1] == 0
+    assert len(calls) == 1 and layer.__dict__["_single_sample_choice"][1][1][1][-2] == 0
     literal = copy.deepcopy(layer)
     literal.backend = "weight"
     with torch.no_grad():

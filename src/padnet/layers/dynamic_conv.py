@@ -16,7 +16,7 @@ from ..ops.backend_selection import BACKENDS, conv_geometry, resolve_single_samp
 from ..ops.channel_split import aligned_static_rows, channel_split_conv2d, channel_split_runs_dense
 from ..ops.dynamic_conv import dynamic_conv2d, mix_bias, single_sample_conv
 from ..ops.exporting import is_exporting
-from ..ops.fused import fused_enabled, routed_call
+from ..ops.fused import fused_enabled, packed_routed_tail, routed_call
 from ..ops.geometry import ConvGeometry, check_conv_hyperparameters
 from ..ops.masked_conv import masked_dynamic_conv2d
 from .modes import (
@@ -280,10 +280,26 @@ class _ConvGeometry:
             router = attention.routing_tensors() if type(attention) is KernelAttention else None
             if router is not None:
                 function, tail = routed
+                if backend == "fused":
+                    tail = self._packed_fused_tail(dyn, tail)
                 return function(x, *router, self._temperature, self.routing != "softmax", dyn, sta, bias_dyn,
                                 bias_sta, *tail)
         return single_sample_conv(x, self._route(x), dyn, sta, bias_dyn, bias_sta, self.stride, self.padding,
                                   self.dilation, self.groups, backend)
+
+    def _packed_fused_tail(self, dyn: Tensor, tail: tuple) -> tuple:
+        """The fused call's ``tail`` with ``dyn`` packed for its tiles (:func:`~padnet.ops.fused.packed_routed_tail`),
+        kept in the inference cache until the tensors ``dyn`` derives from (:meth:`_factor_tensors`) change or the
+        decision's tiles do: a copy as large as ``dyn`` while the layer serves batch-1 inference, freed with the
+        rest of the cache by an autograd forward; none with ``cache_weights`` off."""
+        if not self.__dict__.get("cache_weights", True):
+            return tail  # (no inference copies wanted: the row layout)
+        sources = self._factor_tensors()  # (dyn is derived from them; itself maybe an inference tensor)
+        kept = _cached(self, "fused_packed", sources, lambda: (tail, packed_routed_tail(dyn, tail)))
+        if kept[0] is not tail:  # another decision (thread count, input shape): its tiles
+            self.__dict__["_inference_cache"].pop("fused_packed")
+            kept = _cached(self, "fused_packed", sources, lambda: (tail, packed_routed_tail(dyn, tail)))
+        return kept[1]
 
     def routing_weights(self, x: Tensor) -> Tensor:
         """Routing weights ``[B, K]`` for input ``x [B, C, H, W]``, temperature applied."""
@@ -838,6 +854,11 @@ class CompactDynamicConv2d(_ConvGeometry, CompactLayerMixin, nn.Module):
     def _kernel_shape(self) -> tuple[int, ...]:
         return tuple(self.weight.mask.shape)
 
+    def _factor_tensors(self) -> tuple[Tensor, ...]:
+        """The tensors the dense weight factors are built from (inference cache keys)."""
+        packed = self.weight
+        return packed.static_values, packed.dynamic_values, packed.mask
+
     def dense_factors(self) -> tuple[Tensor | None, Tensor | None]:
         """``(dyn [K, *shape] | None, sta [*shape] | None)`` rebuilt from the packed values.
 
@@ -854,8 +875,7 @@ class CompactDynamicConv2d(_ConvGeometry, CompactLayerMixin, nn.Module):
         grad = torch.is_grad_enabled() and (packed.static_values.requires_grad or packed.dynamic_values.requires_grad)
         if not grad and self.cache_weights:
             with torch.no_grad():
-                return _cached(self, "dense", (packed.static_values, packed.dynamic_values, packed.mask),
-                               lambda: _fold_static_into_dynamic(*self.dense_factors(), routing=self.routing)[:2])
+                return _cached(self, "dense", self._factor_tensors(), lambda: _fold_static_into_dynamic(*self.dense_factors(), routing=self.routing)[:2])
         self.__dict__.get("_inference_cache", {}).pop("dense", None)  # training: free the inference copy
         if packed.all_static:
             return self.dense_factors()  # zero-copy view

@@ -15,7 +15,7 @@ from torch.nn.modules.utils import _pair
 from . import autotune
 from .conv_backends import CONCRETE_BACKENDS, run_backend
 from .exporting import is_exporting
-from .fused import fused_applicable, fused_enabled, fused_mode, library_key, routed_call
+from .fused import fused_applicable, fused_enabled, fused_mode, library_key, packed_routed_tail, routed_call
 from .geometry import ConvGeometry
 
 BACKENDS = ("auto", *CONCRETE_BACKENDS)
@@ -197,6 +197,9 @@ def _single_sample_runner(x, pi, dyn, sta, geom, padding, bias: bool, compiled: 
     pad = padding if isinstance(padding, str) else tuple(_pair(padding))  # (the layers keep a tuple)
     # looked up once, as a layer keeps its decision's compiled call
     calls = {name: routed_call(x, dyn, geom, name, pad) if compiled else None for name in ("weight", "fused", "bmm")}
+    if calls["fused"] is not None:  # the factors packed for the kernel's tiles, as a layer keeps them
+        function, tail = calls["fused"]
+        calls["fused"] = function, packed_routed_tail(dyn, tail)
 
     def run(name: str) -> None:
         with torch.no_grad():

@@ -71,24 +71,30 @@ inline typename Vec<T>::type vzero() {
 #define PADNET_NO_AUTOVEC __attribute__((optimize("no-tree-vectorize")))
 
 
-// w[b][o, c] = sum_k pi[b, k] dyn[k, o0 + o, c0 + c] (+ sta[o0 + o, c0 + c]) for b < nb, o < ot, c < cc:
-// each vector of the K kernels is loaded once and mixed for all nb samples
+// w[b][o, c] = sum_k pi[b, k] d[k * ks + o * os + c] (+ sta[o0 + o, c0 + c]) for b < nb, o < ot, c < cc:
+// each vector of the K kernels is loaded once and mixed for all nb samples. d is the chunk's first entry:
+// dyn + (o0 * CK + c0) in the row layout [K, O, CK] (ks = O * CK, os = CK), or the chunk's block of the packed
+// layout (pack_fused_factors: ks = ot * cc, os = cc). Each load also prefetches, into L2, the entry pf entries
+// further on (the same row's next chunk in the row layout, the next chunk's block in the packed one) unless it
+// lies at or past pf_end (pf 0: none).
 template <typename T>
-void mix_rows(const T* pi, const T* dyn, const T* sta, T* w, int64_t ldw, int64_t wstride, int64_t nb,
-              int64_t K, int64_t O, int64_t CK, int64_t o0, int64_t ot, int64_t c0, int64_t cc, int64_t CC) {
+void mix_rows(const T* pi, const T* d, int64_t ks, int64_t os, int64_t pf, const T* pf_end, const T* sta, T* w,
+              int64_t ldw, int64_t wstride, int64_t nb, int64_t K, int64_t CK, int64_t o0, int64_t ot, int64_t c0,
+              int64_t cc) {
   using V = typename Vec<T>::type;
   constexpr int N = Vec<T>::N;
   constexpr int KMAX = 8;
   for (int64_t o = 0; o < ot; ++o) {
     const T* s = sta ? sta + (o0 + o) * CK + c0 : nullptr;
-    const T* d = dyn + (o0 + o) * CK + c0;
+    const T* dr = d + o * os;
     int64_t c = 0;
     if (K <= KMAX) {
       for (; c + N <= cc; c += N) {
         V dk[KMAX];
-        for (int64_t k = 0; k < K; ++k) dk[k] = vload<T>(d + k * O * CK + c);
-        if (c0 + CC + c < CK)  // the same row's next chunk, into L2
-          for (int64_t k = 0; k < K; ++k) __builtin_prefetch(d + k * O * CK + c + CC, 0, 2);
+        for (int64_t k = 0; k < K; ++k) dk[k] = vload<T>(dr + k * ks + c);
+        if (pf > 0)
+          for (int64_t k = 0; k < K; ++k)
+            if (dr + k * ks + c + pf < pf_end) __builtin_prefetch(dr + k * ks + c + pf, 0, 2);
         const V sv = s ? vload<T>(s + c) : vzero<T>();
         for (int64_t b = 0; b < nb; ++b) {
           V acc = sv;
@@ -101,8 +107,59 @@ void mix_rows(const T* pi, const T* dyn, const T* sta, T* w, int64_t ldw, int64_
     for (; c < cc; ++c) {
       for (int64_t b = 0; b < nb; ++b) {
         T acc = s ? s[c] : T(0);
-        for (int64_t k = 0; k < K; ++k) acc += pi[b * K + k] * d[k * O * CK + c];
+        for (int64_t k = 0; k < K; ++k) acc += pi[b * K + k] * dr[k * ks + c];
         w[b * wstride + o * ldw + c] = acc;
+      }
+    }
+  }
+}
+
+// mix_rows on the packed layout (pack_fused_factors): the chunk's block d holds, per row o < ot, K * cc entries:
+// the nv = cc / N whole vectors of the K kernels interleaved ([v][k][lane]), then the K kernels' last cc - nv * N
+// entries ([k][j]). A work item thus reads one stream in order; each load also prefetches, into L2, the entry
+// pf entries further on (one block ahead) unless it lies at or past pf_end.
+template <typename T>
+void mix_rows_packed(const T* pi, const T* d, int64_t pf, const T* pf_end, const T* sta, T* w, int64_t ldw,
+                     int64_t wstride, int64_t nb, int64_t K, int64_t CK, int64_t o0, int64_t ot, int64_t c0,
+                     int64_t cc) {
+  using V = typename Vec<T>::type;
+  constexpr int N = Vec<T>::N;
+  constexpr int KMAX = 8;
+  constexpr int64_t line = 64 / static_cast<int64_t>(sizeof(T));
+  const int64_t nv = cc / N, rem = cc - nv * N;
+  for (int64_t o = 0; o < ot; ++o) {
+    const T* s = sta ? sta + (o0 + o) * CK + c0 : nullptr;
+    const T* dr = d + o * K * cc;
+    if (K <= KMAX) {
+      for (int64_t v = 0; v < nv; ++v) {
+        const T* dv = dr + v * K * N;
+        V dk[KMAX];
+        for (int64_t k = 0; k < K; ++k) dk[k] = vload<T>(dv + k * N);
+        for (int64_t q = 0; q < K * N; q += line)
+          if (dv + q + pf < pf_end) __builtin_prefetch(dv + q + pf, 0, 2);
+        const V sv = s ? vload<T>(s + v * N) : vzero<T>();
+        for (int64_t b = 0; b < nb; ++b) {
+          V acc = sv;
+          const T* pb = pi + b * K;
+          for (int64_t k = 0; k < K; ++k) acc += dk[k] * pb[k];
+          vstore<T>(w + b * wstride + o * ldw + v * N, acc);
+        }
+      }
+    } else {
+      for (int64_t v = 0; v < nv; ++v)
+        for (int64_t j = 0; j < N; ++j)
+          for (int64_t b = 0; b < nb; ++b) {
+            T acc = s ? s[v * N + j] : T(0);
+            for (int64_t k = 0; k < K; ++k) acc += pi[b * K + k] * dr[(v * K + k) * N + j];
+            w[b * wstride + o * ldw + v * N + j] = acc;
+          }
+    }
+    const T* dt = dr + nv * K * N;
+    for (int64_t j = 0; j < rem; ++j) {
+      for (int64_t b = 0; b < nb; ++b) {
+        T acc = s ? s[nv * N + j] : T(0);
+        for (int64_t k = 0; k < K; ++k) acc += pi[b * K + k] * dt[k * rem + j];
+        w[b * wstride + o * ldw + nv * N + j] = acc;
       }
     }
   }
@@ -248,13 +305,13 @@ void gemm_tile(const T* w, const T* cols_b, T* y_b, int64_t CK, int64_t L, int64
 }
 
 template <typename T, int64_t CC>
-void fused_impl(const torch::Tensor& cols, const torch::Tensor& pi, const torch::Tensor& dyn,
-                const torch::Tensor& sta, torch::Tensor& y, int64_t OT, int64_t SB) {
+void fused_impl(const torch::Tensor& cols, const torch::Tensor& pi, const torch::Tensor& dyn, bool packed, int64_t K,
+                int64_t O, const torch::Tensor& sta, torch::Tensor& y, int64_t OT, int64_t SB) {
   const int64_t B = cols.size(0), CK = cols.size(1), L = cols.size(2);
-  const int64_t K = dyn.size(0), O = dyn.size(1);
   const T* colsp = cols.data_ptr<T>();
   const T* pip = pi.data_ptr<T>();
   const T* dynp = dyn.data_ptr<T>();
+  const T* dyn_end = dynp + K * O * CK;
   const T* stap = sta.defined() ? sta.data_ptr<T>() : nullptr;
   T* yp = y.data_ptr<T>();
   const int64_t tiles = (O + OT - 1) / OT;
@@ -276,7 +333,14 @@ void fused_impl(const torch::Tensor& cols, const torch::Tensor& pi, const torch:
       const int64_t o0 = t * OT, ot = std::min(OT, O - o0), nb = std::min(SB, B - b0);
       for (int64_t c0 = 0; c0 < CK; c0 += CC) {
         const int64_t cc = std::min(CC, CK - c0);
-        mix_rows<T>(pip + b0 * K, dynp, stap, wbase, ldw, wstride, nb, K, O, CK, o0, ot, c0, cc, CC);
+        if (packed) {  // one stream: the chunk's block, then the next chunk's (the next tile's after the last)
+          const T* d = dynp + K * CK * o0 + K * ot * c0;
+          mix_rows_packed<T>(pip + b0 * K, d, K * ot * cc, dyn_end, stap, wbase, ldw, wstride, nb, K, CK, o0, ot,
+                             c0, cc);
+        } else {
+          mix_rows<T>(pip + b0 * K, dynp + o0 * CK + c0, O * CK, CK, c0 + CC < CK ? CC : 0, dyn_end, stap, wbase,
+                      ldw, wstride, nb, K, CK, o0, ot, c0, cc);
+        }
         for (int64_t b = 0; b < nb; ++b)
           gemm_tile<T, ldw>(wbase + b * wstride, colsp + (b0 + b) * CK * L + c0 * L, yp + (b0 + b) * O * L,
                        cc, L, o0, ot, c0 > 0);
@@ -286,11 +350,41 @@ void fused_impl(const torch::Tensor& cols, const torch::Tensor& pi, const torch:
 }
 
 template <typename T>
-void fused_dispatch(const torch::Tensor& cols, const torch::Tensor& pi, const torch::Tensor& dyn,
-                    const torch::Tensor& sta, torch::Tensor& y, int64_t OT, int64_t SB, int64_t CC) {
-  if (CC == 64) fused_impl<T, 64>(cols, pi, dyn, sta, y, OT, SB);
-  else if (CC == 128) fused_impl<T, 128>(cols, pi, dyn, sta, y, OT, SB);
-  else fused_impl<T, 256>(cols, pi, dyn, sta, y, OT, SB);
+void fused_dispatch(const torch::Tensor& cols, const torch::Tensor& pi, const torch::Tensor& dyn, bool packed,
+                    int64_t K, int64_t O, const torch::Tensor& sta, torch::Tensor& y, int64_t OT, int64_t SB,
+                    int64_t CC) {
+  if (CC == 64) fused_impl<T, 64>(cols, pi, dyn, packed, K, O, sta, y, OT, SB);
+  else if (CC == 128) fused_impl<T, 128>(cols, pi, dyn, packed, K, O, sta, y, OT, SB);
+  else fused_impl<T, 256>(cols, pi, dyn, packed, K, O, sta, y, OT, SB);
+}
+
+// The packed layout of the factors dyn [K, O, CK] for fused_dynamic_conv with tiles of OT rows and chunks of CC
+// columns: per tile of rows [o0, o0 + ot) (ot = min(OT, O - o0)) and per chunk of columns [c0, c0 + cc), the K
+// kernels' rows of the chunk, [k][o][c], one block after the other -- the block of (o0, c0) starts at
+// K * CK * o0 + K * ot * c0. A work item then reads one contiguous run instead of K * ot rows of cc entries
+// spread over the factors (at batch 1 the kernel is bound by that read: docs/benchmarks.md).
+template <typename T>
+void pack_impl(const T* dyn, T* out, int64_t K, int64_t O, int64_t CK, int64_t OT, int64_t CC) {
+  constexpr int N = Vec<T>::N;
+  const int64_t tiles = (O + OT - 1) / OT;
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t o0 = t * OT, ot = std::min(OT, O - o0);
+      for (int64_t c0 = 0; c0 < CK; c0 += CC) {
+        const int64_t cc = std::min(CC, CK - c0);
+        T* block = out + K * CK * o0 + K * ot * c0;
+        const int64_t nv = cc / N, rem = cc - nv * N;
+        for (int64_t o = 0; o < ot; ++o) {
+          T* row = block + o * K * cc;
+          for (int64_t k = 0; k < K; ++k) {
+            const T* src = dyn + (k * O + o0 + o) * CK + c0;
+            for (int64_t v = 0; v < nv; ++v) std::memcpy(row + (v * K + k) * N, src + v * N, N * sizeof(T));
+            std::memcpy(row + nv * K * N + k * rem, src + nv * N, rem * sizeof(T));
+          }
+        }
+      }
+    }
+  });
 }
 
 
@@ -449,36 +543,77 @@ void check_factor_args(const char* what, const torch::Tensor& dyn, const torch::
 }  // namespace
 
 // cols [B, CK, L], pi [B, K], dyn [K, O, CK], sta [O, CK] or undefined -> y [B, O, L]
-torch::Tensor fused_dynamic_conv(torch::Tensor cols, torch::Tensor pi, torch::Tensor dyn,
-                                 c10::optional<torch::Tensor> sta_opt, int64_t OT, int64_t SB, int64_t CC) {
-  TORCH_CHECK(cols.dim() == 3 && pi.dim() == 2 && dyn.dim() == 3, "fused_dynamic_conv: bad ranks");
-  TORCH_CHECK(cols.device().is_cpu() && pi.device().is_cpu() && dyn.device().is_cpu(),
-              "fused_dynamic_conv: CPU tensors only");
-  TORCH_CHECK(pi.size(0) == cols.size(0) && pi.size(1) == dyn.size(0) && dyn.size(2) == cols.size(1),
-              "fused_dynamic_conv: shape mismatch");
-  TORCH_CHECK(cols.scalar_type() == pi.scalar_type() && pi.scalar_type() == dyn.scalar_type(),
-              "fused_dynamic_conv: one dtype expected");
-  TORCH_CHECK(OT >= 1 && OT <= 1024 && SB >= 1 && SB <= 256 && (CC == 64 || CC == 128 || CC == 256),
-              "fused_dynamic_conv: tiles must be 1..1024 rows, 1..256 samples and a chunk of 64, 128 or 256 columns");
+namespace {
+
+void check_tiles(const char* what, int64_t OT, int64_t SB, int64_t CC) {
+  TORCH_CHECK(OT >= 1 && OT <= 1024 && SB >= 1 && SB <= 256 && (CC == 64 || CC == 128 || CC == 256), what,
+              ": tiles must be 1..1024 rows, 1..256 samples and a chunk of 64, 128 or 256 columns");
+}
+
+// y [B, O, L] of the fused kernel; dyn is [K, O, CK] (row layout) or, with `packed`, the [K * O * CK] entries of
+// pack_fused_factors(dyn, OT, CC) for these OT and CC
+torch::Tensor fused_call(const char* what, torch::Tensor cols, torch::Tensor pi, torch::Tensor dyn, bool packed,
+                         int64_t K, int64_t O, const c10::optional<torch::Tensor>& sta_opt, int64_t OT, int64_t SB,
+                         int64_t CC) {
+  TORCH_CHECK(cols.dim() == 3 && pi.dim() == 2, what, ": bad ranks");
+  TORCH_CHECK(cols.device().is_cpu() && pi.device().is_cpu() && dyn.device().is_cpu(), what, ": CPU tensors only");
+  TORCH_CHECK(pi.size(0) == cols.size(0) && pi.size(1) == K, what, ": shape mismatch");
+  TORCH_CHECK(cols.scalar_type() == pi.scalar_type() && pi.scalar_type() == dyn.scalar_type(), what,
+              ": one dtype expected");
+  check_tiles(what, OT, SB, CC);
   cols = cols.contiguous();
   pi = pi.contiguous();
   dyn = dyn.contiguous();
+  const int64_t CK = cols.size(1);
   torch::Tensor sta;
   if (sta_opt.has_value() && sta_opt->defined()) {
     sta = sta_opt->contiguous();
-    TORCH_CHECK(sta.dim() == 2 && sta.size(0) == dyn.size(1) && sta.size(1) == dyn.size(2) &&
-                    sta.scalar_type() == dyn.scalar_type() && sta.device().is_cpu(),
-                "fused_dynamic_conv: bad static part");
+    TORCH_CHECK(sta.dim() == 2 && sta.size(0) == O && sta.size(1) == CK && sta.scalar_type() == dyn.scalar_type() &&
+                    sta.device().is_cpu(), what, ": bad static part");
   }
-  auto y = torch::empty({cols.size(0), dyn.size(1), cols.size(2)}, cols.options());
+  auto y = torch::empty({cols.size(0), O, cols.size(2)}, cols.options());
   if (cols.scalar_type() == torch::kFloat) {
-    fused_dispatch<float>(cols, pi, dyn, sta, y, OT, SB, CC);
+    fused_dispatch<float>(cols, pi, dyn, packed, K, O, sta, y, OT, SB, CC);
   } else if (cols.scalar_type() == torch::kDouble) {
-    fused_dispatch<double>(cols, pi, dyn, sta, y, OT, SB, CC);
+    fused_dispatch<double>(cols, pi, dyn, packed, K, O, sta, y, OT, SB, CC);
   } else {
-    TORCH_CHECK(false, "fused_dynamic_conv: float32 or float64 only");
+    TORCH_CHECK(false, what, ": float32 or float64 only");
   }
   return y;
+}
+
+}  // namespace
+
+torch::Tensor fused_dynamic_conv(torch::Tensor cols, torch::Tensor pi, torch::Tensor dyn,
+                                 c10::optional<torch::Tensor> sta_opt, int64_t OT, int64_t SB, int64_t CC) {
+  TORCH_CHECK(dyn.dim() == 3, "fused_dynamic_conv: bad ranks");
+  TORCH_CHECK(cols.dim() == 3 && dyn.size(2) == cols.size(1), "fused_dynamic_conv: shape mismatch");
+  return fused_call("fused_dynamic_conv", cols, pi, dyn, false, dyn.size(0), dyn.size(1), sta_opt, OT, SB, CC);
+}
+
+// dyn [K, O, CK] -> its entries [K * O * CK] in the packed layout of fused_dynamic_conv_packed (pack_impl)
+torch::Tensor pack_fused_factors(torch::Tensor dyn, int64_t OT, int64_t CC) {
+  TORCH_CHECK(dyn.dim() == 3 && dyn.device().is_cpu() &&
+                  (dyn.scalar_type() == torch::kFloat || dyn.scalar_type() == torch::kDouble),
+              "pack_fused_factors: dyn must be a CPU float32/float64 tensor [K, O, CK]");
+  check_tiles("pack_fused_factors", OT, 1, CC);
+  dyn = dyn.contiguous();
+  auto out = torch::empty({dyn.numel()}, dyn.options());
+  if (dyn.scalar_type() == torch::kFloat)
+    pack_impl<float>(dyn.data_ptr<float>(), out.data_ptr<float>(), dyn.size(0), dyn.size(1), dyn.size(2), OT, CC);
+  else
+    pack_impl<double>(dyn.data_ptr<double>(), out.data_ptr<double>(), dyn.size(0), dyn.size(1), dyn.size(2), OT, CC);
+  return out;
+}
+
+// fused_dynamic_conv on packed factors: packed = pack_fused_factors(dyn, OT, CC) of dyn [K, O, CK] (the caller
+// packs with the same OT and CC)
+torch::Tensor fused_dynamic_conv_packed(torch::Tensor cols, torch::Tensor pi, torch::Tensor packed, int64_t K,
+                                        int64_t O, c10::optional<torch::Tensor> sta_opt, int64_t OT, int64_t SB,
+                                        int64_t CC) {
+  TORCH_CHECK(packed.dim() == 1 && cols.dim() == 3 && K >= 1 && O >= 1 && packed.numel() == K * O * cols.size(1),
+              "fused_dynamic_conv_packed: packed must hold K * O * CK entries (pack_fused_factors)");
+  return fused_call("fused_dynamic_conv_packed", cols, pi, packed, true, K, O, sta_opt, OT, SB, CC);
 }
 
 // dyn [K, P], sta [P], mask [P] (0/1 values), ls, ld (doubles) -> out [K, P] (written, returned). dyn and out
@@ -1221,7 +1356,8 @@ torch::Tensor routed_single_sample_conv(
 // The same call where the batch-1 choice is the fused kernel (groups 1, float32/float64, CPU): the router,
 // im2col (a view for a pointwise stride-1 conv), fused_dynamic_conv with the given tiles, the bias, and
 // channels_last output for a channels_last input -- the ops of padnet.ops.dynamic_conv.single_sample_conv's
-// "fused" branch, in its order.
+// "fused" branch, in its order. With `packed` (pack_fused_factors(dyn, OT, CC), which the caller keeps), the
+// kernel reads the factors in that layout: the same numbers to the bit, one stream instead of K * OT rows.
 torch::Tensor routed_fused_single_sample_conv(
     torch::Tensor x, torch::Tensor fc1_weight, c10::optional<torch::Tensor> fc1_bias,
     c10::optional<torch::Tensor> norm_weight, c10::optional<torch::Tensor> norm_bias,
@@ -1230,7 +1366,7 @@ torch::Tensor routed_fused_single_sample_conv(
     torch::Tensor dyn, c10::optional<torch::Tensor> sta, c10::optional<torch::Tensor> bias_dyn,
     c10::optional<torch::Tensor> bias_sta, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t pt, int64_t pb,
     int64_t pl, int64_t pr, int64_t dh, int64_t dw, bool pointwise, int64_t OT, int64_t SB, int64_t CC,
-    int64_t max_buffer_bytes) {
+    int64_t max_buffer_bytes, c10::optional<torch::Tensor> packed) {
   const auto [Ho, Wo] = one_sample_out_hw("routed_fused_single_sample_conv", x, dyn, kh, kw, sh, sw, pt, pb, pl, pr,
                                           dh, dw);
   auto pi = route_one(x, fc1_weight, fc1_bias, norm_weight, norm_bias, norm_mean, norm_var, norm_eps, fc2_weight,
@@ -1239,7 +1375,8 @@ torch::Tensor routed_fused_single_sample_conv(
   const int64_t K = dyn.size(0), O = dyn.size(1);
   c10::optional<torch::Tensor> sta_rows;
   if (sta.has_value()) sta_rows = sta->reshape({O, -1});
-  auto y = fused_dynamic_conv(cols, pi.contiguous(), dyn.reshape({K, O, -1}), sta_rows, OT, SB, CC)
+  auto y = (packed.has_value() ? fused_dynamic_conv_packed(cols, pi.contiguous(), *packed, K, O, sta_rows, OT, SB, CC)
+                               : fused_dynamic_conv(cols, pi.contiguous(), dyn.reshape({K, O, -1}), sta_rows, OT, SB, CC))
                .view({1, O, Ho, Wo});
   return finish_one_sample(y, x, pi, bias_dyn, bias_sta);
 }
@@ -1284,6 +1421,11 @@ torch::Tensor routed_bmm_single_sample_conv(
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fused_dynamic_conv", &fused_dynamic_conv, "fused per-sample dynamic conv (inference, CPU)");
+  m.def("pack_fused_factors", &pack_fused_factors, "factors [K, O, CK] in the fused kernel's packed layout",
+        py::arg("dyn"), py::arg("rows"), py::arg("chunk"));
+  m.def("fused_dynamic_conv_packed", &fused_dynamic_conv_packed, "fused_dynamic_conv on packed factors",
+        py::arg("cols"), py::arg("pi"), py::arg("packed"), py::arg("num_kernels"), py::arg("out_channels"),
+        py::arg("sta"), py::arg("rows"), py::arg("samples"), py::arg("chunk"));
   m.def("im2col", &im2col, "im2col into a given buffer (CPU, float32/float64)");
   m.def("register_block_rows", &block_rows_for,
         "rows of the fused kernel's GEMM register block for this many output pixels and item size",
