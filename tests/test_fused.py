@@ -742,7 +742,7 @@ def test_compiled_router_matches_the_module(kernel, dtype, norm, routing, temper
     from padnet.layers.dynamic_conv import KernelAttention
 
     torch.manual_seed(11)
-    for channels, h, w in [(5, 3, 7), (16, 1, 1), (37, 9, 10), (64, 8, 8)]:
+    for channels, h, w in [(5, 3, 7), (16, 1, 1), (37, 9, 10), (64, 8, 8), (9, 60, 70)]:
         attention = KernelAttention(channels, 6, 4, norm="none" if norm == "none" else "batch").to(dtype).eval()
         with torch.no_grad():
             attention.fc1.bias.uniform_(-1, 1)
@@ -792,6 +792,8 @@ def test_compiled_router_takes_the_aten_ops_where_it_cannot_serve(kernel):
             kernel.route_one(x, *wrong, 1.0, False)
         with pytest.raises(RuntimeError, match="temperature"):
             kernel.route_one(x, *parts, 0.0, False)
+        uniform = kernel.route_one(x, *parts, float("inf"), False)  # as the Python path: logits / inf = 0
+        assert torch.equal(uniform, python_routing(attention, x, temperature=float("inf")))
     graph = kernel.route_one(x, *parts, 1.0, False)  # autograd on: the ATen ops, differentiable
     assert torch.equal(graph, expected) and graph.requires_grad
 
@@ -1309,11 +1311,15 @@ def test_batch_one_fused_call_keeps_packed_factors_while_they_are_valid(kernel, 
         compact_out = compact(x)
     assert len(packs) == 4 and "fused_packed" in compact.__dict__["_inference_cache"]
     torch.testing.assert_close(compact_out, updated, rtol=1e-5, atol=1e-5)
-    compact.cache_weights = False
-    compact.__dict__.pop("_inference_cache")
+    compact(x).sum().backward()  # autograd frees it here too
+    assert "fused_packed" not in compact.__dict__.get("_inference_cache", {})
+    with torch.no_grad():
+        compact(x)
+    assert len(packs) == 5
+    compact.cache_weights = False  # no inference copies: the row layout, the copy dropped
     with torch.no_grad():
         assert torch.equal(compact(x), compact_out)  # the row layout: the same numbers
-    assert len(packs) == 4 and "fused_packed" not in compact.__dict__.get("_inference_cache", {})
+    assert len(packs) == 5 and "fused_packed" not in compact.__dict__.get("_inference_cache", {})
 
 
 def test_compiled_fused_call_above_the_workspace_limit_allocates_fresh(kernel, tuning, monkeypatch):

@@ -293,11 +293,12 @@ class _ConvGeometry:
         decision's tiles do: a copy as large as ``dyn`` while the layer serves batch-1 inference, freed with the
         rest of the cache by an autograd forward; none with ``cache_weights`` off."""
         if not self.__dict__.get("cache_weights", True):
+            self.__dict__.get("_inference_cache", {}).pop("fused_packed", None)
             return tail  # (no inference copies wanted: the row layout)
         sources = self._factor_tensors()  # (dyn is derived from them; itself maybe an inference tensor)
         kept = _cached(self, "fused_packed", sources, lambda: (tail, packed_routed_tail(dyn, tail)))
         if kept[0] is not tail:  # another decision (thread count, input shape): its tiles
-            self.__dict__["_inference_cache"].pop("fused_packed")
+            self.__dict__["_inference_cache"].pop("fused_packed", None)
             kept = _cached(self, "fused_packed", sources, lambda: (tail, packed_routed_tail(dyn, tail)))
         return kept[1]
 
@@ -870,6 +871,8 @@ class CompactDynamicConv2d(_ConvGeometry, CompactLayerMixin, nn.Module):
     def _cached_dense_factors(self) -> tuple[Tensor | None, Tensor | None]:
         """Dense factors (element plans, wide channel plans): cached for inference, index scatter with autograd."""
         packed = self.weight
+        if torch.is_grad_enabled():  # autograd: free the batch-1 packed copy (rebuilt by the next inference call)
+            self.__dict__.get("_inference_cache", {}).pop("fused_packed", None)
         if packed.all_dynamic or is_exporting():
             return self.dense_factors()  # all dynamic: a zero-copy view, nothing worth caching
         grad = torch.is_grad_enabled() and (packed.static_values.requires_grad or packed.dynamic_values.requires_grad)

@@ -217,9 +217,12 @@ def routed_call(x: Tensor, dyn: Tensor, geom: ConvGeometry, backend: str, paddin
     ``function(x, fc1_weight, fc1_bias, norm_weight, norm_bias, norm_mean, norm_var, norm_eps, fc2_weight,
     fc2_bias, temperature, sigmoid, dyn, sta, bias_dyn, bias_sta, *tail) -> [1, O, H', W']`` runs the
     default router, the routing weights and the conv (one plain conv on the sample's mixed kernel, the
-    fused kernel, which never writes it, or one GEMM on it) with the sample's bias, as the same ATen ops
-    and kernels the Python path runs (the same result to the bit), without the interpreter's work between
-    them:
+    fused kernel, which never writes it, or one GEMM on it) with the sample's bias, without the
+    interpreter's work between them. The router is a few hand-written loops (``route_one``: pool, Linear,
+    BatchNorm with running statistics, ReLU, Linear, softmax / sigmoid; as ATen ops they cost tens of
+    microseconds a layer), so the routing weights agree with the Python router's to float rounding; the
+    rest are the ATen ops and kernels the Python path runs, the same result to the bit given the same
+    routing weights:
 
     - ``backend="weight"``: ``routed_single_sample_conv``, one plain conv on the mixed kernel; ``tail`` is
       ``(stride, padding, dilation, groups)`` (``padding`` numbers, not a string);

@@ -12,6 +12,9 @@
 // kernels are never written to memory. OT, SB and CC are arguments (padnet.ops.fused chooses them from
 // the shape and the L2 size; the autotuner times the choices); the buffer's row stride is a compile-time
 // constant per CC, so the broadcasts use immediate offsets.
+// The factors come in their row layout [K, O, CK] or packed for the tiles (pack_fused_factors: per tile and
+// chunk, the K kernels' rows interleaved by vector in one block), which the batch-1 calls use: there the
+// kernel is bound by reading the factors, and a work item then reads one run in order.
 //
 // Portable C++: GCC/Clang vector extensions of the widest width the compiler targets
 // (-march=native: 16 floats with AVX-512, 8 with AVX/AVX2, 4 otherwise); pixel counts that
@@ -72,11 +75,10 @@ inline typename Vec<T>::type vzero() {
 
 
 // w[b][o, c] = sum_k pi[b, k] d[k * ks + o * os + c] (+ sta[o0 + o, c0 + c]) for b < nb, o < ot, c < cc:
-// each vector of the K kernels is loaded once and mixed for all nb samples. d is the chunk's first entry:
-// dyn + (o0 * CK + c0) in the row layout [K, O, CK] (ks = O * CK, os = CK), or the chunk's block of the packed
-// layout (pack_fused_factors: ks = ot * cc, os = cc). Each load also prefetches, into L2, the entry pf entries
-// further on (the same row's next chunk in the row layout, the next chunk's block in the packed one) unless it
-// lies at or past pf_end (pf 0: none).
+// each vector of the K kernels is loaded once and mixed for all nb samples. d is the chunk's first entry in
+// the row layout [K, O, CK]: dyn + (o0 * CK + c0), kernel k ks = O * CK entries on, row o os = CK entries on.
+// Each load also prefetches, into L2, the entry pf entries further on (the same row's next chunk; past a
+// short last chunk, the next row's start) unless it lies at or past pf_end (pf 0: none).
 template <typename T>
 void mix_rows(const T* pi, const T* d, int64_t ks, int64_t os, int64_t pf, const T* pf_end, const T* sta, T* w,
               int64_t ldw, int64_t wstride, int64_t nb, int64_t K, int64_t CK, int64_t o0, int64_t ot, int64_t c0,
@@ -94,7 +96,7 @@ void mix_rows(const T* pi, const T* d, int64_t ks, int64_t os, int64_t pf, const
         for (int64_t k = 0; k < K; ++k) dk[k] = vload<T>(dr + k * ks + c);
         if (pf > 0)
           for (int64_t k = 0; k < K; ++k)
-            if (dr + k * ks + c + pf < pf_end) __builtin_prefetch(dr + k * ks + c + pf, 0, 2);
+            if (pf_end - (dr + k * ks + c) > pf) __builtin_prefetch(dr + k * ks + c + pf, 0, 2);
         const V sv = s ? vload<T>(s + c) : vzero<T>();
         for (int64_t b = 0; b < nb; ++b) {
           V acc = sv;
@@ -136,7 +138,7 @@ void mix_rows_packed(const T* pi, const T* d, int64_t pf, const T* pf_end, const
         V dk[KMAX];
         for (int64_t k = 0; k < K; ++k) dk[k] = vload<T>(dv + k * N);
         for (int64_t q = 0; q < K * N; q += line)
-          if (dv + q + pf < pf_end) __builtin_prefetch(dv + q + pf, 0, 2);
+          if (pf_end - (dv + q) > pf) __builtin_prefetch(dv + q + pf, 0, 2);
         const V sv = s ? vload<T>(s + v * N) : vzero<T>();
         for (int64_t b = 0; b < nb; ++b) {
           V acc = sv;
@@ -1114,7 +1116,7 @@ namespace {
 // two linears, relu, softmax, each allocating its output and setting up its iterator) they cost tens of
 // microseconds a layer, more than the arithmetic, and more still with the caches cold after the conv before
 // them (docs/benchmarks.md). Here they are a few loops over the input and the router's weights, with no
-// allocation but the result. The sums run in another order than ATen's, so pi agrees with the Python
+// tensor allocated but the result. The sums run in another order than ATen's, so pi agrees with the Python
 // router's to float rounding, not to the bit.
 
 // sums[c] = sum over the H*W positions of channel c of x [1, C, H, W] (NCHW or channels_last), accumulated in
@@ -1143,15 +1145,19 @@ void pool_sums(const torch::Tensor& x, double* sums) {
       for (; i < HW; ++i) s += static_cast<double>(row[i]);
       sums[c] = s;
     }
-  } else {  // channels_last: position-major rows of C channels
-    std::vector<T> acc(C, T(0));
-    for (int64_t i = 0; i < HW; ++i) {
-      const T* row = p + i * C;
-      int64_t c = 0;
-      for (; c + N <= C; c += N) vstore<T>(acc.data() + c, vload<T>(acc.data() + c) + vload<T>(row + c));
-      for (; c < C; ++c) acc[c] += row[c];
+  } else {  // channels_last: position-major rows of C channels, summed in blocks of 64 positions in T
+    std::vector<T> acc(C);
+    for (int64_t c = 0; c < C; ++c) sums[c] = 0.0;
+    for (int64_t i0 = 0; i0 < HW; i0 += 64) {
+      std::fill(acc.begin(), acc.end(), T(0));
+      for (int64_t i = i0; i < std::min(HW, i0 + 64); ++i) {
+        const T* row = p + i * C;
+        int64_t c = 0;
+        for (; c + N <= C; c += N) vstore<T>(acc.data() + c, vload<T>(acc.data() + c) + vload<T>(row + c));
+        for (; c < C; ++c) acc[c] += row[c];
+      }
+      for (int64_t c = 0; c < C; ++c) sums[c] += static_cast<double>(acc[c]);
     }
-    for (int64_t c = 0; c < C; ++c) sums[c] = static_cast<double>(acc[c]);
   }
 }
 
@@ -1247,8 +1253,7 @@ torch::Tensor route_one(const torch::Tensor& x, const torch::Tensor& fc1_weight,
                         const c10::optional<torch::Tensor>& norm_var, double norm_eps, const torch::Tensor& fc2_weight,
                         const c10::optional<torch::Tensor>& fc2_bias, double temperature, bool sigmoid) {
   TORCH_CHECK(x.dim() == 4 && x.size(0) == 1, "routed single-sample conv: expected one sample [1, C, H, W]");
-  TORCH_CHECK(std::isfinite(temperature) && temperature > 0.0, "routed single-sample conv: temperature must be a "
-              "positive number, got ", temperature);
+  TORCH_CHECK(temperature > 0.0, "routed single-sample conv: temperature must be > 0, got ", temperature);
   if (route_fast_applies(x, fc1_weight, fc1_bias, norm_weight, norm_bias, norm_mean, norm_var, fc2_weight, fc2_bias)) {
     if (x.scalar_type() == torch::kFloat)
       return route_fast<float>(x, fc1_weight, fc1_bias, norm_weight, norm_bias, norm_mean, norm_var, norm_eps,
@@ -1332,9 +1337,10 @@ torch::Tensor finish_one_sample(torch::Tensor y, const torch::Tensor& x, const t
 // The whole batch-1 inference call of a dynamic conv layer in one call from Python (padnet.ops.fused.
 // routed_call): the default router (global average pool -> Linear [-> BatchNorm with running statistics]
 // -> ReLU -> Linear), routing weights (softmax or sigmoid of logits / temperature), the sample's kernel
-// (pi @ dyn [+ sta]) and bias, and one plain conv. The same ATen ops in the same order as the Python path,
-// so the result is the same to the bit; only the interpreter's work per op is gone (at batch 1 it is a
-// measurable part of the call: docs/benchmarks.md).
+// (pi @ dyn [+ sta]) and bias, and one plain conv. The router is hand-written (route_one: its routing weights
+// agree with the Python router's to float rounding); the rest are the same ATen ops in the same order as the
+// Python path, so given the same routing weights the result is the same to the bit. Only the interpreter's
+// work per op is gone (at batch 1 it is a measurable part of the call: docs/benchmarks.md).
 torch::Tensor routed_single_sample_conv(
     torch::Tensor x, torch::Tensor fc1_weight, c10::optional<torch::Tensor> fc1_bias,
     c10::optional<torch::Tensor> norm_weight, c10::optional<torch::Tensor> norm_bias,
