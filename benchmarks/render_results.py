@@ -251,6 +251,7 @@ def main() -> None:
         ("torch.compile", "compile", variant_table),
         ("fused C++ kernel (an autotune candidate where its build is cached)", "fused", variant_table),
         ("fused kernel tiles, static-part rows, im2col", "fused_tiles", parts_table),
+        ("fused kernel at batch 1, weights cold: row layout against packed factors", "fused_b1", parts_table),
     ]:
         payload = load(prefix + name)
         if payload is None:

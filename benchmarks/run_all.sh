@@ -37,6 +37,7 @@ $F --name moe_gated -- python benchmarks/bench_moe.py --gated --threads 2 --repe
 $F --name compile -- python benchmarks/bench_compile.py --threads 2 --repeats 9 $WAIT
 $F --name fused -- python benchmarks/bench_fused.py --threads 2 --repeats 9 $WAIT
 $F --name fused_tiles -- python benchmarks/bench_fused_tiles.py --threads 2 --repeats 9 $WAIT
+$F --name fused_b1 -- python benchmarks/bench_fused_b1.py --threads 2 --repeats 40 $WAIT
 $F --name micro -- python benchmarks/bench_micro.py --threads 2 --repeats 9 $WAIT
 # allocator sensitivity (sets its own malloc environment per child, by design)
 python benchmarks/bench_allocator.py --threads 2 --repeats 9

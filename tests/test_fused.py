@@ -759,6 +759,7 @@ def test_compiled_router_matches_the_module(kernel, dtype, norm, routing, temper
         if layout == "channels_last":
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.no_grad():
+            assert kernel.route_one_hand_written(x, *attention.routing_tensors())
             expected = python_routing(attention, x, routing, temperature)
             got = kernel.route_one(x, *attention.routing_tensors(), temperature, routing == "sigmoid")
         assert got.shape == expected.shape == (1, 6) and got.dtype == dtype
@@ -780,8 +781,10 @@ def test_compiled_router_takes_the_aten_ops_where_it_cannot_serve(kernel):
         expected = python_routing(attention, x)
         strided = list(parts)
         strided[0] = parts[0].t().contiguous().t()
+        assert kernel.route_one_hand_written(x, *parts) and not kernel.route_one_hand_written(x, *strided)
         assert torch.equal(kernel.route_one(x, *strided, 1.0, False), expected)
         sliced = torch.randn(1, 12, 5, 12)[..., ::2]
+        assert not kernel.route_one_hand_written(sliced, *parts)
         assert torch.equal(kernel.route_one(sliced, *parts, 1.0, False), python_routing(attention, sliced))
         for bad in (x.clone(), x.contiguous(memory_format=torch.channels_last).clone()):
             bad[0, 3, 1, 2] = float("nan")
@@ -794,7 +797,8 @@ def test_compiled_router_takes_the_aten_ops_where_it_cannot_serve(kernel):
             kernel.route_one(x, *parts, 0.0, False)
         uniform = kernel.route_one(x, *parts, float("inf"), False)  # as the Python path: logits / inf = 0
         assert torch.equal(uniform, python_routing(attention, x, temperature=float("inf")))
-    graph = kernel.route_one(x, *parts, 1.0, False)  # autograd on: the ATen ops, differentiable
+    assert not kernel.route_one_hand_written(x, *parts)  # autograd on: the ATen ops, differentiable
+    graph = kernel.route_one(x, *parts, 1.0, False)
     assert torch.equal(graph, expected) and graph.requires_grad
 
 ROUTED_CASES = {

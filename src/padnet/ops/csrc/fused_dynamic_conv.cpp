@@ -1448,6 +1448,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("gw"), py::arg("pi"), py::arg("dyn"), py::arg("sta"), py::arg("mask"), py::arg("ls"), py::arg("ld"),
         py::arg("g"), py::arg("accumulate"), py::arg("finish"), py::arg("need_d"), py::arg("gpi"),
         py::arg("g_sta"));
+  m.def("route_one_hand_written",
+        [](const torch::Tensor& x, const torch::Tensor& fc1_weight, const c10::optional<torch::Tensor>& fc1_bias,
+           const c10::optional<torch::Tensor>& norm_weight, const c10::optional<torch::Tensor>& norm_bias,
+           const c10::optional<torch::Tensor>& norm_mean, const c10::optional<torch::Tensor>& norm_var,
+           double /*norm_eps*/, const torch::Tensor& fc2_weight, const c10::optional<torch::Tensor>& fc2_bias) {
+          return x.dim() == 4 && x.size(0) == 1 &&
+                 route_fast_applies(x, fc1_weight, fc1_bias, norm_weight, norm_bias, norm_mean, norm_var, fc2_weight,
+                                    fc2_bias);
+        },
+        "whether route_one computes this router by its hand-written loops (else the ATen ops)");
   m.def("route_one", &route_one, "routing weights [1, K] of the default router for one sample (CPU)",
         py::arg("x"), py::arg("fc1_weight"), py::arg("fc1_bias"), py::arg("norm_weight"), py::arg("norm_bias"),
         py::arg("norm_mean"), py::arg("norm_var"), py::arg("norm_eps"), py::arg("fc2_weight"), py::arg("fc2_bias"),
