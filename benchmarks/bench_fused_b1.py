@@ -3,7 +3,7 @@
     python benchmarks/bench_fused_b1.py [--threads 2] [--repeats 40]
 
 At batch 1 a deep dynamic layer is bound by reading its K kernels (in a model they come from main memory:
-ResNet-18's 19 dynamic convs hold 213 MiB). Each candidate cycles through 8 copies of its weights, so every
+ResNet-18's 19 dynamic convs hold 170 MiB of them). Each candidate cycles through 8 copies of its weights, so every
 call reads them cold (8 x 4 x 9.4 MiB at 512@4 exceeds a 32 MiB L3), as in a model's forward. Every figure
 is time / the static conv on cold weights (``F.conv2d``, one of 8 weight copies per call), interleaved in one
 process, on the ResNet-18 3x3 shapes with K = 4:
