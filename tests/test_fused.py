@@ -5,6 +5,7 @@ minute of compiler time on an idle 2-core machine).
 """
 
 import copy
+import pickle
 
 import pytest
 import torch
@@ -1293,11 +1294,16 @@ def test_batch_one_fused_call_keeps_packed_factors_while_they_are_valid(kernel, 
         first, again = layer(x), layer(x)
     assert len(calls) == 2 and len(packs) == 1 and torch.equal(first, again)
     assert "fused_packed" in layer.__dict__["_inference_cache"]
+    for clone in (pickle.loads(pickle.dumps(layer)), copy.deepcopy(layer)):  # a per-process cache: not copied
+        assert "_inference_cache" not in clone.__dict__
+        with torch.no_grad():
+            assert torch.equal(clone(x), first)  # (packed again in the clone)
+    assert len(packs) == 3
     torch.testing.assert_close(first, python_path(), rtol=1e-5, atol=1e-5)
     with torch.no_grad():
         layer.weight_dynamic.mul_(-0.5)  # as an optimizer step: in place
         updated = layer(x)
-    assert len(packs) == 2 and not torch.allclose(updated, first)
+    assert len(packs) == 4 and not torch.allclose(updated, first)
     torch.testing.assert_close(updated, python_path(), rtol=1e-5, atol=1e-5)
     threads = torch.get_num_threads()
     try:
@@ -1306,24 +1312,24 @@ def test_batch_one_fused_call_keeps_packed_factors_while_they_are_valid(kernel, 
             two = layer(x)
     finally:
         torch.set_num_threads(threads)
-    assert len(packs) == 3
+    assert len(packs) == 5
     torch.testing.assert_close(two, updated, rtol=1e-6, atol=1e-6)
     layer(x).sum().backward()  # autograd: the inference cache, packed copy included, is freed
     assert "fused_packed" not in layer.__dict__.get("_inference_cache", {})
     compact = CompactDynamicConv2d(layer).eval()
     with torch.no_grad():
         compact_out = compact(x)
-    assert len(packs) == 4 and "fused_packed" in compact.__dict__["_inference_cache"]
+    assert len(packs) == 6 and "fused_packed" in compact.__dict__["_inference_cache"]
     torch.testing.assert_close(compact_out, updated, rtol=1e-5, atol=1e-5)
     compact(x).sum().backward()  # autograd frees it here too
     assert "fused_packed" not in compact.__dict__.get("_inference_cache", {})
     with torch.no_grad():
         compact(x)
-    assert len(packs) == 5
+    assert len(packs) == 7
     compact.cache_weights = False  # no inference copies: the row layout, the copy dropped
     with torch.no_grad():
         assert torch.equal(compact(x), compact_out)  # the row layout: the same numbers
-    assert len(packs) == 5 and "fused_packed" not in compact.__dict__.get("_inference_cache", {})
+    assert len(packs) == 7 and "fused_packed" not in compact.__dict__.get("_inference_cache", {})
 
 
 def test_compiled_fused_call_above_the_workspace_limit_allocates_fresh(kernel, tuning, monkeypatch):
