@@ -296,10 +296,14 @@ class _ConvGeometry:
             self.__dict__.get("_inference_cache", {}).pop("fused_packed", None)
             return tail  # (no inference copies wanted: the row layout)
         sources = self._factor_tensors()  # (dyn is derived from them; itself maybe an inference tensor)
-        kept = _cached(self, "fused_packed", sources, lambda: (tail, packed_routed_tail(dyn, tail)))
+
+        def pack() -> tuple:
+            return tail, packed_routed_tail(dyn, tail)
+
+        kept = _cached(self, "fused_packed", sources, pack)
         if kept[0] is not tail:  # another decision (thread count, input shape): its tiles
             self.__dict__["_inference_cache"].pop("fused_packed", None)
-            kept = _cached(self, "fused_packed", sources, lambda: (tail, packed_routed_tail(dyn, tail)))
+            kept = _cached(self, "fused_packed", sources, pack)
         return kept[1]
 
     def routing_weights(self, x: Tensor) -> Tensor:
@@ -878,7 +882,8 @@ class CompactDynamicConv2d(_ConvGeometry, CompactLayerMixin, nn.Module):
         grad = torch.is_grad_enabled() and (packed.static_values.requires_grad or packed.dynamic_values.requires_grad)
         if not grad and self.cache_weights:
             with torch.no_grad():
-                return _cached(self, "dense", self._factor_tensors(), lambda: _fold_static_into_dynamic(*self.dense_factors(), routing=self.routing)[:2])
+                return _cached(self, "dense", self._factor_tensors(),
+                               lambda: _fold_static_into_dynamic(*self.dense_factors(), routing=self.routing)[:2])
         self.__dict__.get("_inference_cache", {}).pop("dense", None)  # training: free the inference copy
         if packed.all_static:
             return self.dense_factors()  # zero-copy view

@@ -271,8 +271,9 @@ def packed_routed_tail(dyn: Tensor, tail: tuple) -> tuple:
     tiles (``pack_fused_factors``; its last element, ``None`` there, is the packed copy).
 
     At batch 1 the fused kernel is bound by reading the K kernels: in their row layout a work item reads
-    K x (tile rows) short runs spread over the factors, in the packed layout one run in order, 20-25 % faster
-    per deep layer with the weights cold in cache (docs/benchmarks.md). The numbers are the same to the bit.
+    K x (tile rows) short runs spread over the factors, in the packed layout one run in order: 0.80-0.91 of
+    the time at the deep ResNet-18 shapes with the weights cold in cache (``benchmarks/bench_fused_b1.py``,
+    docs/benchmarks.md). The numbers are the same to the bit.
     The copy is as large as ``dyn``; the caller keeps it as long as ``dyn`` does not change (the layers:
     in their inference cache, :func:`padnet.layers.modes.cached_derived`).
     """
